@@ -1,0 +1,745 @@
+//! One video file → its sampled RGB frames with their presentation times, through GStreamer.
+//!
+//! This is the only module that knows GStreamer. It runs two short pipelines per file:
+//! a *probe* (`filesrc ! parsebin`, no decoding) that reads every video packet's presentation
+//! time, the display rotation and the stated duration; then a *fetch* (`filesrc ! parsebin !
+//! decodebin`) that decodes only what it must to return the frames [`crate::sampling`] chose,
+//! seeking when the next one is far. Only the chosen frames are converted to RGB, with the
+//! stream's colour matrix, or BT.601 when the stream says nothing (as ffmpeg assumes).
+//! Every wait has a deadline, and every error becomes a typed [`Rejection`].
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+
+use crate::failure::{FailureKind, Rejection, Stage};
+use crate::sampling::{SamplingConfig, choose_frames};
+
+/// Decoding one next sample that is further away than this seeks instead of decoding through.
+const SEEK_GAP_NS: i64 = 2_500_000_000;
+/// How long one pull waits before the bus and the deadline are checked again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How one file is decoded.
+#[derive(Debug, Clone)]
+pub struct DecodeConfig {
+    pub sampling: SamplingConfig,
+    /// A file that takes longer than this (probe and fetch together) is a `timeout` failure.
+    pub timeout: Duration,
+}
+
+/// A packed 8-bit RGB image, rows of `width * 3` bytes, as displayed (rotation applied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// One frame chosen by the sampling protocol.
+#[derive(Debug, Clone)]
+pub struct SampledFrame {
+    /// Presentation time in seconds from the first frame.
+    pub pts_s: f64,
+    pub image: RgbImage,
+}
+
+/// What decoding one file gives: the frames to embed and what the videos table records.
+#[derive(Debug, Clone)]
+pub struct DecodedVideo {
+    pub frames: Vec<SampledFrame>,
+    /// The last frame's presentation time plus its duration.
+    pub duration_s: f64,
+    /// As displayed, after rotation.
+    pub width: u32,
+    pub height: u32,
+    /// Frames / duration.
+    pub fps: f64,
+}
+
+/// Initialises GStreamer once and checks that the elements the decoder needs are installed.
+pub fn init() -> Result<(), String> {
+    static INIT: Once = Once::new();
+    static mut INIT_ERROR: Option<String> = None;
+    INIT.call_once(|| {
+        let result = gst::init().map_err(|e| e.to_string()).and_then(|()| {
+            let missing: Vec<&str> = ["filesrc", "parsebin", "decodebin", "appsink", "fakesink"]
+                .into_iter()
+                .filter(|name| gst::ElementFactory::find(name).is_none())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "GStreamer elements missing: {}; install gstreamer1.0-plugins-base and gstreamer1.0-plugins-good",
+                    missing.join(", ")
+                ))
+            }
+        });
+        if let Err(e) = result {
+            // SAFETY: written once inside call_once, read only after it completed.
+            unsafe { INIT_ERROR = Some(format!("cannot initialise GStreamer: {e}")) };
+        }
+    });
+    // SAFETY: call_once above has completed, so no write can race this read.
+    match unsafe { (*std::ptr::addr_of!(INIT_ERROR)).clone() } {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Decodes the frames the sampling protocol chooses from the video at `path`.
+pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, Rejection> {
+    let deadline = Instant::now() + config.timeout;
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == 0 => {
+            return Err(Rejection::new(Stage::Probe, FailureKind::Empty, "the file is empty (0 bytes)"));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(io_rejection(&e)),
+    }
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(io_rejection(&e));
+    }
+    init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
+
+    let probe = probe_packets(path, deadline)?;
+    let first_ns = probe.frame_times_ns[0];
+    let relative: Vec<i64> = probe.frame_times_ns.iter().map(|t| t - first_ns).collect();
+    let chosen = choose_frames(&relative, &config.sampling);
+    let targets: Vec<i64> = chosen.iter().map(|&i| probe.frame_times_ns[i]).collect();
+
+    let fetched = fetch_frames(path, &targets, deadline)?;
+    let mut frames = Vec::with_capacity(fetched.len());
+    for (stream_time_ns, image) in fetched {
+        frames.push(SampledFrame {
+            pts_s: (stream_time_ns - first_ns) as f64 / 1e9,
+            image: probe.orientation.apply(image),
+        });
+    }
+    let duration_ns = (relative.last().copied().unwrap_or(0) + probe.last_frame_duration_ns).max(1);
+    let duration_s = duration_ns as f64 / 1e9;
+    let (width, height) = frames.first().map(|f| (f.image.width, f.image.height)).unwrap_or((0, 0));
+    Ok(DecodedVideo {
+        duration_s,
+        width,
+        height,
+        fps: relative.len() as f64 / duration_s,
+        frames,
+    })
+}
+
+fn io_rejection(e: &std::io::Error) -> Rejection {
+    Rejection::new(Stage::Probe, FailureKind::Io, format!("cannot read the file: {e}"))
+}
+
+/// What the probe learns from the demuxed packets, without decoding.
+struct Probe {
+    /// Stream times of every frame, sorted and distinct.
+    frame_times_ns: Vec<i64>,
+    last_frame_duration_ns: i64,
+    orientation: Orientation,
+}
+
+/// Sets the pipeline to `Null` on every exit path, so no streaming thread outlives a file.
+struct PipelineGuard(gst::Pipeline);
+
+impl Drop for PipelineGuard {
+    fn drop(&mut self) {
+        let _ = self.0.set_state(gst::State::Null);
+    }
+}
+
+/// What the `pad-added` handler saw, shared with the thread that pulls samples.
+#[derive(Default)]
+struct PadState {
+    video_sink: Option<gst_app::AppSink>,
+    other_streams: Vec<String>,
+    no_more_pads: bool,
+    orientation: Option<String>,
+}
+
+/// Builds `filesrc ! parsebin` and links the first video stream to an appsink (through a
+/// decodebin when `decode` is set); every other stream goes to a fakesink.
+fn build_pipeline(
+    path: &Path,
+    decode: bool,
+    stage: Stage,
+) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        Rejection::new(stage, FailureKind::UnsupportedCodec, format!("GStreamer could not {what}: {e}"))
+    };
+    let pipeline = gst::Pipeline::new();
+    let guard = PipelineGuard(pipeline.clone());
+    let src = gst::ElementFactory::make("filesrc")
+        .property("location", path.to_string_lossy().as_ref())
+        .build()
+        .map_err(|e| internal("create filesrc", &e))?;
+    let parse = gst::ElementFactory::make("parsebin").build().map_err(|e| internal("create parsebin", &e))?;
+    pipeline.add_many([&src, &parse]).map_err(|e| internal("build the pipeline", &e))?;
+    src.link(&parse).map_err(|e| internal("link filesrc to parsebin", &e))?;
+
+    let state = Arc::new(Mutex::new(PadState::default()));
+    let weak_pipeline = pipeline.downgrade();
+    let pad_state = state.clone();
+    parse.connect_pad_added(move |_, pad| {
+        let Some(pipeline) = weak_pipeline.upgrade() else { return };
+        let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
+        let is_video = caps.structure(0).is_some_and(is_video_structure);
+        let mut state = pad_state.lock().unwrap();
+        if is_video && state.video_sink.is_none() {
+            watch_orientation(pad, pad_state.clone());
+            if let Some(sink) = link_video(&pipeline, pad, decode) {
+                state.video_sink = Some(sink);
+                return;
+            }
+        }
+        if !is_video {
+            state.other_streams.push(caps.structure(0).map(|s| s.name().to_string()).unwrap_or_default());
+        }
+        link_fakesink(&pipeline, pad);
+    });
+    let pad_state = state.clone();
+    parse.connect_no_more_pads(move |_| pad_state.lock().unwrap().no_more_pads = true);
+    Ok((guard, state))
+}
+
+fn is_video_structure(s: &gst::StructureRef) -> bool {
+    let name = s.name();
+    if name.starts_with("video/") {
+        return true;
+    }
+    // Motion JPEG and friends: image caps that carry a real frame rate are a video stream;
+    // a lone PNG or JPEG has none (or 0/1).
+    name.starts_with("image/")
+        && s.get::<gst::Fraction>("framerate").is_ok_and(|f| f.numer() > 0 && f.denom() > 0)
+}
+
+fn new_appsink(decode: bool) -> gst_app::AppSink {
+    let builder = gst_app::AppSink::builder().sync(false).max_buffers(4).drop(false).enable_last_sample(false);
+    if decode {
+        builder.caps(&gst::Caps::builder("video/x-raw").build()).build()
+    } else {
+        builder.build()
+    }
+}
+
+fn link_video(pipeline: &gst::Pipeline, pad: &gst::Pad, decode: bool) -> Option<gst_app::AppSink> {
+    let sink = new_appsink(decode);
+    pipeline.add(&sink).ok()?;
+    if decode {
+        let decodebin = gst::ElementFactory::make("decodebin").build().ok()?;
+        pipeline.add(&decodebin).ok()?;
+        let sink_element = sink.clone().upcast::<gst::Element>();
+        decodebin.connect_pad_added(move |_, decoded_pad| {
+            let raw = decoded_pad
+                .current_caps()
+                .unwrap_or_else(|| decoded_pad.query_caps(None))
+                .structure(0)
+                .is_some_and(|s| s.name() == "video/x-raw");
+            if let (true, Some(sink_pad)) = (raw, sink_element.static_pad("sink"))
+                && !sink_pad.is_linked()
+            {
+                let _ = decoded_pad.link(&sink_pad);
+            }
+        });
+        decodebin.sync_state_with_parent().ok()?;
+        sink.sync_state_with_parent().ok()?;
+        pad.link(&decodebin.static_pad("sink")?).ok()?;
+    } else {
+        sink.sync_state_with_parent().ok()?;
+        pad.link(&sink.static_pad("sink")?).ok()?;
+    }
+    Some(sink)
+}
+
+fn link_fakesink(pipeline: &gst::Pipeline, pad: &gst::Pad) {
+    let Ok(sink) = gst::ElementFactory::make("fakesink").property("sync", false).property("async", false).build()
+    else {
+        return;
+    };
+    if pipeline.add(&sink).is_ok() {
+        let _ = sink.sync_state_with_parent();
+        if let Some(sink_pad) = sink.static_pad("sink") {
+            let _ = pad.link(&sink_pad);
+        }
+    }
+}
+
+/// Records the stream's `image-orientation` tag (the container's display rotation).
+fn watch_orientation(pad: &gst::Pad, state: Arc<Mutex<PadState>>) {
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        if let Some(gst::PadProbeData::Event(event)) = &info.data
+            && let gst::EventView::Tag(tag) = event.view()
+            && let Some(orientation) = tag.tag().get::<gst::tags::ImageOrientation>()
+        {
+            state.lock().unwrap().orientation = Some(orientation.get().to_string());
+        }
+        gst::PadProbeReturn::Ok
+    });
+}
+
+/// Why a pipeline stopped: the first error on the bus, classified.
+fn classify_error(err: &gst::message::Error, stage: Stage, missing_plugin: Option<&str>) -> Rejection {
+    let error = err.error();
+    let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
+    let text = error.message().to_string();
+    let kind = if let Some(e) = error.kind::<gst::StreamError>() {
+        match e {
+            gst::StreamError::TypeNotFound | gst::StreamError::WrongType => FailureKind::NotAVideo,
+            gst::StreamError::CodecNotFound | gst::StreamError::NotImplemented => FailureKind::UnsupportedCodec,
+            _ => FailureKind::Corrupt,
+        }
+    } else if let Some(e) = error.kind::<gst::ResourceError>() {
+        match e {
+            gst::ResourceError::NotFound
+            | gst::ResourceError::OpenRead
+            | gst::ResourceError::Read
+            | gst::ResourceError::Seek
+            | gst::ResourceError::NotAuthorized => FailureKind::Io,
+            _ => FailureKind::Corrupt,
+        }
+    } else if let Some(gst::CoreError::MissingPlugin) = error.kind::<gst::CoreError>() {
+        FailureKind::UnsupportedCodec
+    } else {
+        FailureKind::Corrupt
+    };
+    let message = match (kind, missing_plugin) {
+        (FailureKind::UnsupportedCodec, Some(plugin)) => {
+            format!("no decoder installed for {plugin} (install gstreamer1.0-libav or gstreamer1.0-plugins-bad/ugly)")
+        }
+        (FailureKind::NotAVideo, _) => format!("unrecognised data, not a video GStreamer can read ({text})"),
+        _ if debug.is_empty() => text,
+        _ => format!("{text} ({})", first_line(&debug)),
+    };
+    Rejection::new(stage, kind, message)
+}
+
+fn first_line(s: &str) -> &str {
+    let line = s.lines().last().unwrap_or(s);
+    line.get(..200.min(line.len())).unwrap_or(line)
+}
+
+/// Watches the bus of one pipeline: the first error, the end of stream, missing plugins.
+struct BusWatch {
+    bus: gst::Bus,
+    stage: Stage,
+    missing_plugin: Option<String>,
+    eos: bool,
+}
+
+impl BusWatch {
+    fn new(pipeline: &gst::Pipeline, stage: Stage) -> Self {
+        BusWatch { bus: pipeline.bus().expect("a pipeline has a bus"), stage, missing_plugin: None, eos: false }
+    }
+
+    /// Drains pending messages, waiting at most `wait` for the first one.
+    fn check(&mut self, wait: Duration) -> Result<(), Rejection> {
+        let mut timeout = Some(gst::ClockTime::from_nseconds(wait.as_nanos() as u64));
+        while let Some(msg) = self.bus.timed_pop(timeout.take().unwrap_or(gst::ClockTime::ZERO)) {
+            match msg.view() {
+                gst::MessageView::Error(err) => {
+                    return Err(classify_error(err, self.stage, self.missing_plugin.as_deref()));
+                }
+                gst::MessageView::Eos(_) => self.eos = true,
+                gst::MessageView::Element(element) => {
+                    if let Some(s) = element.structure()
+                        && s.name() == "missing-plugin"
+                    {
+                        let detail = s.get::<String>("name").ok().or_else(|| s.get::<String>("detail").ok());
+                        self.missing_plugin = Some(detail.unwrap_or_else(|| "this stream".to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn timeout_rejection(stage: Stage, deadline_passed_during: &str) -> Rejection {
+    Rejection::new(
+        stage,
+        FailureKind::Timeout,
+        format!("gave up after the per-file deadline while {deadline_passed_during} (raise --decode-timeout if the file is merely slow)"),
+    )
+}
+
+fn start(pipeline: &gst::Pipeline, watch: &mut BusWatch) -> Result<(), Rejection> {
+    if pipeline.set_state(gst::State::Playing).is_err() {
+        // The reason is on the bus; fall back to a generic message if it is not.
+        watch.check(Duration::from_millis(100))?;
+        return Err(Rejection::new(watch.stage, FailureKind::Corrupt, "GStreamer could not start reading the file"));
+    }
+    Ok(())
+}
+
+/// Waits for the video appsink to appear, or for evidence that there is no video stream.
+fn wait_for_video_sink(
+    state: &Mutex<PadState>,
+    watch: &mut BusWatch,
+    deadline: Instant,
+) -> Result<gst_app::AppSink, Rejection> {
+    loop {
+        {
+            let state = state.lock().unwrap();
+            if let Some(sink) = &state.video_sink {
+                return Ok(sink.clone());
+            }
+            if state.no_more_pads || watch.eos {
+                return Err(no_video_rejection(watch.stage, &state.other_streams));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(timeout_rejection(watch.stage, "looking for a video stream"));
+        }
+        watch.check(POLL)?;
+    }
+}
+
+fn no_video_rejection(stage: Stage, other_streams: &[String]) -> Rejection {
+    if other_streams.iter().any(|s| s.starts_with("audio/")) {
+        Rejection::new(stage, FailureKind::NoVideoStream, "the file holds audio but no video stream")
+    } else if let Some(image) = other_streams.iter().find(|s| s.starts_with("image/")) {
+        Rejection::new(stage, FailureKind::NotAVideo, format!("a still image ({image}), not a video"))
+    } else if other_streams.is_empty() {
+        Rejection::new(stage, FailureKind::NoVideoStream, "the container holds no video stream")
+    } else {
+        Rejection::new(
+            stage,
+            FailureKind::NotAVideo,
+            format!("no video stream, only {}", other_streams.join(", ")),
+        )
+    }
+}
+
+/// The sample's presentation time as stream time (what seeks use), or `None` when the
+/// buffer has no timestamp or lies wholly outside the segment (e.g. before an edit list).
+fn stream_time_ns(sample: &gst::Sample) -> Option<(i64, Option<i64>)> {
+    let buffer = sample.buffer()?;
+    let pts = buffer.pts()?;
+    let duration = buffer.duration();
+    let segment = sample.segment().and_then(|s| s.downcast_ref::<gst::ClockTime>().cloned());
+    let stream_time = match &segment {
+        Some(segment) => {
+            let end = duration.map(|d| pts + d).unwrap_or(pts + gst::ClockTime::from_nseconds(1));
+            segment.clip(pts, end)?;
+            segment.to_stream_time(pts.max(segment.start().unwrap_or(pts)))?
+        }
+        None => pts,
+    };
+    Some((stream_time.nseconds() as i64, duration.map(|d| d.nseconds() as i64)))
+}
+
+/// Pass 1: the presentation time of every video packet, read from the demuxer and parser
+/// without decoding. Falls back to decoding when the packets carry no timestamps.
+fn probe_packets(path: &Path, deadline: Instant) -> Result<Probe, Rejection> {
+    match probe_times(path, deadline, false)? {
+        Some(probe) => Ok(probe),
+        None => probe_times(path, deadline, true)?.ok_or_else(|| {
+            Rejection::new(Stage::Decode, FailureKind::Corrupt, "the video stream holds no decodable frame")
+        }),
+    }
+}
+
+fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Probe>, Rejection> {
+    let stage = if decode { Stage::Decode } else { Stage::Probe };
+    let (guard, state) = build_pipeline(path, decode, stage)?;
+    let mut watch = BusWatch::new(&guard.0, stage);
+    start(&guard.0, &mut watch)?;
+    let sink = wait_for_video_sink(&state, &mut watch, deadline)?;
+
+    let mut times: Vec<(i64, Option<i64>)> = Vec::new();
+    let mut untimed = 0usize;
+    loop {
+        if Instant::now() > deadline {
+            return Err(timeout_rejection(stage, "reading the packet times"));
+        }
+        watch.check(Duration::ZERO)?;
+        match sink.try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64)) {
+            Some(sample) => {
+                // Parsers flag a keyframe that carries in-band parameter sets as HEADER too,
+                // so only buffers that are never shown are skipped.
+                let never_shown = sample.buffer().is_some_and(|b| {
+                    b.size() == 0 || b.flags().intersects(gst::BufferFlags::DECODE_ONLY | gst::BufferFlags::GAP)
+                });
+                if never_shown {
+                    continue;
+                }
+                match stream_time_ns(&sample) {
+                    Some(t) => times.push(t),
+                    None if sample.buffer().is_some_and(|b| b.pts().is_none()) => untimed += 1,
+                    None => {}
+                }
+            }
+            None if sink.is_eos() => break,
+            None => {}
+        }
+    }
+    watch.check(Duration::ZERO)?;
+    if untimed > 0 && !decode {
+        // Some containers (raw elementary streams, some AVI and MPEG-PS files) do not
+        // timestamp every packet; the decoder does.
+        return Ok(None);
+    }
+    if times.is_empty() {
+        return Ok(None);
+    }
+    let stated_duration_ns = guard.0.query_duration::<gst::ClockTime>().map(|d| d.nseconds() as i64);
+    times.sort_by_key(|t| t.0);
+    times.dedup_by_key(|t| t.0);
+    let frame_times_ns: Vec<i64> = times.iter().map(|t| t.0).collect();
+    let last_frame_duration_ns = times.last().and_then(|t| t.1).unwrap_or_else(|| average_interval(&frame_times_ns));
+    let video_end_ns = frame_times_ns[frame_times_ns.len() - 1] + last_frame_duration_ns;
+    if let Some(stated) = stated_duration_ns {
+        // A half-uploaded file: the container promises more than the stream delivers.
+        let slack = (stated / 10).max(2_000_000_000);
+        if stated - video_end_ns > slack {
+            return Err(Rejection::new(
+                stage,
+                FailureKind::Corrupt,
+                format!(
+                    "the video stream ends at {:.2} s but the container says {:.2} s: the file looks truncated (it is retried when it changes)",
+                    video_end_ns as f64 / 1e9,
+                    stated as f64 / 1e9
+                ),
+            ));
+        }
+    }
+    let orientation = Orientation::from_tag(state.lock().unwrap().orientation.as_deref());
+    Ok(Some(Probe { frame_times_ns, last_frame_duration_ns, orientation }))
+}
+
+fn average_interval(times: &[i64]) -> i64 {
+    if times.len() < 2 {
+        return 40_000_000; // 25 fps: a single frame still lasts a frame.
+    }
+    (times[times.len() - 1] - times[0]) / (times.len() as i64 - 1)
+}
+
+/// Pass 2: decodes the frames whose stream times are `targets` (sorted), seeking when the
+/// next one is far, converting only those frames to RGB.
+fn fetch_frames(path: &Path, targets: &[i64], deadline: Instant) -> Result<Vec<(i64, RgbImage)>, Rejection> {
+    let stage = Stage::Decode;
+    let (guard, state) = build_pipeline(path, true, stage)?;
+    let mut watch = BusWatch::new(&guard.0, stage);
+    start(&guard.0, &mut watch)?;
+    let sink = wait_for_video_sink(&state, &mut watch, deadline)?;
+
+    let mut out: Vec<(i64, RgbImage)> = Vec::with_capacity(targets.len());
+    let mut converter = RgbConverter::default();
+    // The latest decoded frame not after the next target: the one on screen at that time.
+    let mut on_screen: Option<(i64, gst::Sample)> = None;
+    while out.len() < targets.len() {
+        if Instant::now() > deadline {
+            return Err(timeout_rejection(stage, "decoding the sampled frames"));
+        }
+        watch.check(Duration::ZERO)?;
+        let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64)) else {
+            if sink.is_eos() {
+                break;
+            }
+            continue;
+        };
+        let Some((time, _)) = stream_time_ns(&sample) else { continue };
+        // A frame after the target means the previous frame was on screen at the target.
+        while out.len() < targets.len() && time > targets[out.len()] {
+            let (shown_time, shown) = on_screen.take().unwrap_or((time, sample.clone()));
+            out.push((shown_time, converter.convert(&shown)?));
+        }
+        if out.len() < targets.len() {
+            let target = targets[out.len()];
+            if time == target {
+                out.push((time, converter.convert(&sample)?));
+                on_screen = None;
+            } else {
+                on_screen = Some((time, sample));
+            }
+        }
+        if let Some(&next) = targets.get(out.len())
+            && next - time > SEEK_GAP_NS
+        {
+            let flags = gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE;
+            // A failed seek is harmless: decoding simply continues to the target.
+            if guard.0.seek_simple(flags, gst::ClockTime::from_nseconds(next as u64)).is_ok() {
+                on_screen = None;
+            }
+        }
+    }
+    if out.len() < targets.len()
+        && let Some((time, sample)) = on_screen.take()
+    {
+        out.push((time, converter.convert(&sample)?));
+    }
+    watch.check(Duration::ZERO)?;
+    if out.len() < targets.len() {
+        return Err(Rejection::new(
+            stage,
+            FailureKind::Corrupt,
+            format!(
+                "the decoder stopped before the frame at {:.3} s ({} of {} sampled frames decoded)",
+                targets[out.len()] as f64 / 1e9 - targets[0] as f64 / 1e9,
+                out.len(),
+                targets.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Converts decoded frames to packed RGB with GStreamer's converter, reusing it while the
+/// caps stay the same.
+#[derive(Default)]
+struct RgbConverter {
+    cached: Option<(gst::Caps, gst_video::VideoInfo, gst_video::VideoInfo, gst_video::VideoConverter)>,
+}
+
+impl RgbConverter {
+    fn convert(&mut self, sample: &gst::Sample) -> Result<RgbImage, Rejection> {
+        let failed = |what: &str| Rejection::new(Stage::Decode, FailureKind::Corrupt, format!("cannot convert a decoded frame: {what}"));
+        let caps = sample.caps_owned().ok_or_else(|| failed("no caps"))?;
+        if self.cached.as_ref().is_none_or(|c| c.0 != caps) {
+            let decoded = gst_video::VideoInfo::from_caps(&caps).map_err(|_| failed("unreadable caps"))?;
+            let input = with_assumed_colorimetry(&caps, &decoded).map_err(|_| failed("bad colorimetry"))?;
+            let output = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, input.width(), input.height())
+                .fps(input.fps())
+                .interlace_mode(input.interlace_mode())
+                .build()
+                .map_err(|_| failed("cannot describe RGB output"))?;
+            let converter = gst_video::VideoConverter::new(&input, &output, None).map_err(|_| failed("no converter"))?;
+            self.cached = Some((caps, input, output, converter));
+        }
+        let (_, input, output, converter) = self.cached.as_ref().expect("filled above");
+        let buffer = sample.buffer_owned().ok_or_else(|| failed("no buffer"))?;
+        let frame = gst_video::VideoFrame::from_buffer_readable(buffer, input).map_err(|_| failed("cannot map"))?;
+        let out_buffer = gst::Buffer::with_size(output.size()).map_err(|_| failed("out of memory"))?;
+        let mut out_frame =
+            gst_video::VideoFrame::from_buffer_writable(out_buffer, output).map_err(|_| failed("cannot map output"))?;
+        converter.frame(&frame, &mut out_frame);
+        let (width, height) = (output.width(), output.height());
+        let stride = output.stride()[0] as usize;
+        let plane = out_frame.plane_data(0).map_err(|_| failed("no RGB plane"))?;
+        let row = width as usize * 3;
+        let mut data = Vec::with_capacity(row * height as usize);
+        for y in 0..height as usize {
+            data.extend_from_slice(&plane[y * stride..y * stride + row]);
+        }
+        Ok(RgbImage { width, height, data })
+    }
+}
+
+/// The decoded stream's colorimetry, with BT.601 where the stream does not say (ffmpeg's
+/// assumption; GStreamer would guess BT.709 for HD sizes and move the colours).
+fn with_assumed_colorimetry(
+    caps: &gst::Caps,
+    info: &gst_video::VideoInfo,
+) -> Result<gst_video::VideoInfo, glib_error::BoolError> {
+    let stated = caps.structure(0).and_then(|s| s.get::<String>("colorimetry").ok());
+    let colorimetry = info.colorimetry();
+    let matrix_known = stated.is_some() && colorimetry.matrix() != gst_video::VideoColorMatrix::Unknown;
+    if !info.is_yuv() || matrix_known {
+        return Ok(info.clone());
+    }
+    let range = match (stated.is_some(), colorimetry.range()) {
+        (true, range) if range != gst_video::VideoColorRange::Unknown => range,
+        _ => gst_video::VideoColorRange::Range16_235,
+    };
+    let assumed = gst_video::VideoColorimetry::new(
+        range,
+        gst_video::VideoColorMatrix::Bt601,
+        colorimetry.transfer(),
+        colorimetry.primaries(),
+    );
+    gst_video::VideoInfo::builder_from_info(info).colorimetry(&assumed).build()
+}
+
+use gstreamer::glib as glib_error;
+
+/// The container's display rotation, applied to RGB frames as players do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Orientation {
+    #[default]
+    Identity,
+    /// Rotate clockwise by 90°, 180° or 270°, after an optional horizontal flip.
+    Rotate { flip: bool, quarter_turns: u8 },
+}
+
+impl Orientation {
+    /// Parses GStreamer's `image-orientation` tag (`rotate-90`, `flip-rotate-270`, …).
+    pub fn from_tag(tag: Option<&str>) -> Orientation {
+        let Some(tag) = tag else { return Orientation::Identity };
+        let (flip, rest) = match tag.strip_prefix("flip-") {
+            Some(rest) => (true, rest),
+            None => (false, tag),
+        };
+        let quarter_turns = match rest {
+            "rotate-90" => 1,
+            "rotate-180" => 2,
+            "rotate-270" => 3,
+            _ => 0,
+        };
+        if !flip && quarter_turns == 0 {
+            Orientation::Identity
+        } else {
+            Orientation::Rotate { flip, quarter_turns }
+        }
+    }
+
+    pub fn apply(self, image: RgbImage) -> RgbImage {
+        let Orientation::Rotate { flip, quarter_turns } = self else { return image };
+        let (w, h) = (image.width as usize, image.height as usize);
+        let (out_w, out_h) = if quarter_turns % 2 == 1 { (h, w) } else { (w, h) };
+        let mut data = vec![0u8; image.data.len()];
+        for y in 0..out_h {
+            for x in 0..out_w {
+                // Where output pixel (x, y) comes from in the (flipped) source.
+                let (sx, sy) = match quarter_turns {
+                    1 => (y, h - 1 - x),
+                    2 => (w - 1 - x, h - 1 - y),
+                    3 => (w - 1 - y, x),
+                    _ => (x, y),
+                };
+                let sx = if flip { w - 1 - sx } else { sx };
+                let src = (sy * w + sx) * 3;
+                let dst = (y * out_w + x) * 3;
+                data[dst..dst + 3].copy_from_slice(&image.data[src..src + 3]);
+            }
+        }
+        RgbImage { width: out_w as u32, height: out_h as u32, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image_2x1() -> RgbImage {
+        // Left pixel red, right pixel blue.
+        RgbImage { width: 2, height: 1, data: vec![255, 0, 0, 0, 0, 255] }
+    }
+
+    #[test]
+    fn rotate_90_clockwise_puts_left_on_top() {
+        let rotated = Orientation::from_tag(Some("rotate-90")).apply(image_2x1());
+        assert_eq!((rotated.width, rotated.height), (1, 2));
+        assert_eq!(rotated.data, vec![255, 0, 0, 0, 0, 255]);
+    }
+
+    #[test]
+    fn rotate_270_puts_right_on_top() {
+        let rotated = Orientation::from_tag(Some("rotate-270")).apply(image_2x1());
+        assert_eq!(rotated.data, vec![0, 0, 255, 255, 0, 0]);
+    }
+
+    #[test]
+    fn rotate_180_and_flip() {
+        assert_eq!(Orientation::from_tag(Some("rotate-180")).apply(image_2x1()).data, vec![0, 0, 255, 255, 0, 0]);
+        assert_eq!(Orientation::from_tag(Some("flip-rotate-0")).apply(image_2x1()).data, vec![0, 0, 255, 255, 0, 0]);
+        assert_eq!(Orientation::from_tag(Some("rotate-0")), Orientation::Identity);
+    }
+}

@@ -1,0 +1,181 @@
+//! Frames of many videos → full model batches → per-frame and per-video (meanP) embeddings.
+//!
+//! The encoder takes prepared videos one at a time and packs their frames into batches of a
+//! fixed size regardless of video boundaries, so short videos still fill a batch. A video is
+//! handed back once all its frames are embedded. The model is reached only through the
+//! `embed` function given to [`BatchEncoder::new`], which keeps this module free of candle.
+
+use std::collections::VecDeque;
+
+/// What the videos table records about a decoded video, besides its embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoFacts {
+    pub duration_s: f64,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+    pub content_hash: String,
+}
+
+/// A decoded, preprocessed video waiting for the model.
+#[derive(Debug, Clone)]
+pub struct PreparedVideo<K> {
+    /// Whatever the caller needs to recognise the video when it comes back.
+    pub key: K,
+    pub facts: VideoFacts,
+    /// Presentation time and CHW pixel values of each sampled frame.
+    pub frames: Vec<(f64, Vec<f32>)>,
+}
+
+/// An embedded video: L2-normalised frame embeddings and their meanP pool.
+#[derive(Debug, Clone)]
+pub struct EmbeddedVideo<K> {
+    pub key: K,
+    pub facts: VideoFacts,
+    pub frames: Vec<(f64, Vec<f32>)>,
+    pub embedding: Vec<f32>,
+}
+
+/// CLIP4Clip's meanP: normalise each frame embedding, average, normalise the mean.
+pub fn mean_pool(frames: &[Vec<f32>]) -> Vec<f32> {
+    let dim = frames.first().map_or(0, Vec::len);
+    let mut mean = vec![0f32; dim];
+    for frame in frames {
+        let norm = l2_norm(frame);
+        for (m, v) in mean.iter_mut().zip(frame) {
+            *m += v / norm;
+        }
+    }
+    let norm = l2_norm(&mean);
+    mean.iter_mut().for_each(|m| *m /= norm);
+    mean
+}
+
+fn l2_norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE)
+}
+
+struct InFlight<K> {
+    video: PreparedVideo<K>,
+    embeddings: Vec<Option<Vec<f32>>>,
+    remaining: usize,
+}
+
+/// Packs frames of consecutive videos into batches of `batch_size` for `embed`.
+pub struct BatchEncoder<K, F> {
+    batch_size: usize,
+    embed: F,
+    in_flight: VecDeque<InFlight<K>>,
+    /// (position in `in_flight` counted from `first_slot`, frame index) of queued frames.
+    queue: Vec<(usize, usize)>,
+    first_slot: usize,
+    pixels: Vec<f32>,
+}
+
+impl<K, F> BatchEncoder<K, F>
+where
+    F: FnMut(&[f32], usize) -> Result<Vec<Vec<f32>>, String>,
+{
+    pub fn new(batch_size: usize, embed: F) -> Self {
+        BatchEncoder {
+            batch_size: batch_size.max(1),
+            embed,
+            in_flight: VecDeque::new(),
+            queue: Vec::new(),
+            first_slot: 0,
+            pixels: Vec::new(),
+        }
+    }
+
+    /// Queues a video's frames; returns the videos completed by any batch this filled.
+    pub fn push(&mut self, video: PreparedVideo<K>) -> Result<Vec<EmbeddedVideo<K>>, String> {
+        let slot = self.first_slot + self.in_flight.len();
+        let n = video.frames.len();
+        for (i, (_, pixels)) in video.frames.iter().enumerate() {
+            self.queue.push((slot, i));
+            self.pixels.extend_from_slice(pixels);
+        }
+        self.in_flight.push_back(InFlight { embeddings: vec![None; n], remaining: n, video });
+        let mut done = Vec::new();
+        while self.queue.len() >= self.batch_size {
+            self.run_batch(self.batch_size)?;
+            done.extend(self.take_completed());
+        }
+        Ok(done)
+    }
+
+    /// Embeds whatever is queued and returns every remaining video.
+    pub fn finish(&mut self) -> Result<Vec<EmbeddedVideo<K>>, String> {
+        if !self.queue.is_empty() {
+            self.run_batch(self.queue.len())?;
+        }
+        Ok(self.take_completed())
+    }
+
+    fn run_batch(&mut self, count: usize) -> Result<(), String> {
+        let per_image = self.pixels.len() / self.queue.len();
+        let embeddings = (self.embed)(&self.pixels[..count * per_image], count)?;
+        if embeddings.len() != count {
+            return Err(format!("the model returned {} embeddings for {count} frames", embeddings.len()));
+        }
+        for ((slot, frame), embedding) in self.queue.drain(..count).zip(embeddings) {
+            let video = &mut self.in_flight[slot - self.first_slot];
+            video.embeddings[frame] = Some(embedding);
+            video.remaining -= 1;
+        }
+        self.pixels.drain(..count * per_image);
+        Ok(())
+    }
+
+    fn take_completed(&mut self) -> Vec<EmbeddedVideo<K>> {
+        let mut done = Vec::new();
+        while self.in_flight.front().is_some_and(|v| v.remaining == 0) {
+            let finished = self.in_flight.pop_front().expect("checked above");
+            self.first_slot += 1;
+            let embeddings: Vec<Vec<f32>> = finished.embeddings.into_iter().map(|e| e.expect("all embedded")).collect();
+            let embedding = mean_pool(&embeddings);
+            let frames = finished.video.frames.iter().map(|(t, _)| *t).zip(embeddings).collect();
+            done.push(EmbeddedVideo { key: finished.video.key, facts: finished.video.facts, frames, embedding });
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> VideoFacts {
+        VideoFacts { duration_s: 1.0, width: 2, height: 2, fps: 1.0, content_hash: String::new() }
+    }
+
+    fn video(key: u32, frames: usize) -> PreparedVideo<u32> {
+        PreparedVideo { key, facts: facts(), frames: (0..frames).map(|i| (i as f64, vec![key as f32, i as f32])).collect() }
+    }
+
+    #[test]
+    fn batches_span_videos_and_results_return_in_order() {
+        let mut batch_sizes = Vec::new();
+        let mut encoder = BatchEncoder::new(4, |pixels: &[f32], n: usize| {
+            batch_sizes.push(n);
+            Ok(pixels.chunks(2).map(|p| vec![p[0] + 1.0, p[1] + 1.0]).collect())
+        });
+        let mut done = Vec::new();
+        for (key, frames) in [(1, 3), (2, 1), (3, 5), (4, 2)] {
+            done.extend(encoder.push(video(key, frames)).unwrap());
+        }
+        done.extend(encoder.finish().unwrap());
+        drop(encoder);
+        assert_eq!(batch_sizes, vec![4, 4, 3]);
+        assert_eq!(done.iter().map(|v| v.key).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(done[2].frames.len(), 5);
+        assert_eq!(done[2].frames[4].1, vec![4.0, 5.0]);
+    }
+
+    #[test]
+    fn mean_pool_normalises_before_and_after() {
+        let pooled = mean_pool(&[vec![3.0, 0.0], vec![0.0, 0.5]]);
+        let s = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((pooled[0] - s).abs() < 1e-6 && (pooled[1] - s).abs() < 1e-6, "{pooled:?}");
+    }
+}

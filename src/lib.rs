@@ -1,0 +1,16 @@
+//! vtr-index: index video corpora with CLIP for text-to-video retrieval.
+//!
+//! The library holds every stage; the `vtr-index` binary is a thin shell over [`cli::run`].
+//! See ARCHITECTURE.md for the data flow and the invariants between modules.
+
+pub mod cli;
+pub mod decode;
+pub mod encode;
+pub mod failure;
+pub mod ingest;
+pub mod model;
+pub mod preprocess;
+pub mod progress;
+pub mod sampling;
+pub mod store;
+pub mod walk;

@@ -1,0 +1,299 @@
+//! CLIP's two towers in candle, laid out like the Hugging Face checkpoint they load from:
+//! each struct's `new(vb, &cfg)` reads the tensors under its own name (`vb.pp("…")`), so the
+//! Rust tree follows `vision_model.encoder.layers.N.self_attn.q_proj` and friends.
+//!
+//! ViT with class token and pre-LayerNorm, quick_gelu, causal text mask, text feature at the
+//! first end-of-text token, projections without bias. A missing or misshapen weight is an
+//! error naming the tensor: nothing here ever invents a value.
+
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear, linear_no_bias};
+
+use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+
+/// CLIP's end-of-text token: the text feature is read at its first occurrence.
+pub const END_OF_TEXT: u32 = 49407;
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, width: usize, heads: usize) -> Result<Self> {
+        Ok(Attention {
+            q_proj: linear(width, width, vb.pp("q_proj"))?,
+            k_proj: linear(width, width, vb.pp("k_proj"))?,
+            v_proj: linear(width, width, vb.pp("v_proj"))?,
+            out_proj: linear(width, width, vb.pp("out_proj"))?,
+            heads,
+            head_dim: width / heads,
+        })
+    }
+
+    /// `x`: [batch, tokens, width]; `mask`: additive [tokens, tokens] (causal) or none.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, tokens, width) = x.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((batch, tokens, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = split((self.q_proj.forward(x)? * scale)?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, width))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn new(vb: VarBuilder, width: usize, hidden: usize, activation: Activation) -> Result<Self> {
+        Ok(Mlp { fc1: linear(width, hidden, vb.pp("fc1"))?, fc2: linear(hidden, width, vb.pp("fc2"))?, activation })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?;
+        let h = match self.activation {
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        self.fc2.forward(&h)
+    }
+}
+
+struct EncoderLayer {
+    self_attn: Attention,
+    layer_norm1: LayerNorm,
+    mlp: Mlp,
+    layer_norm2: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, width: usize, heads: usize, hidden: usize, eps: f64, act: Activation) -> Result<Self> {
+        Ok(EncoderLayer {
+            self_attn: Attention::new(vb.pp("self_attn"), width, heads)?,
+            layer_norm1: layer_norm(width, eps, vb.pp("layer_norm1"))?,
+            mlp: Mlp::new(vb.pp("mlp"), width, hidden, act)?,
+            layer_norm2: layer_norm(width, eps, vb.pp("layer_norm2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
+        &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
+    }
+}
+
+struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: VarBuilder,
+        layers: usize,
+        width: usize,
+        heads: usize,
+        hidden: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let vb = vb.pp("layers");
+        let layers = (0..layers)
+            .map(|i| EncoderLayer::new(vb.pp(i), width, heads, hidden, eps, act))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Encoder { layers })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `vision_model.*`: pixels → pooled class-token feature (before the projection).
+pub struct VisionTransformer {
+    /// `embeddings.patch_embedding.weight` flattened to [width, 3 · patch²]: the convolution
+    /// has stride = kernel, so it is one matrix product over non-overlapping patches.
+    patch_weight_t: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    config: VisionConfig,
+}
+
+impl VisionTransformer {
+    pub fn new(vb: VarBuilder, c: &VisionConfig) -> Result<Self> {
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb.get((c.hidden_size, 3, c.patch_size, c.patch_size), "patch_embedding.weight")?;
+        let patch_weight_t = patch_weight.reshape((c.hidden_size, 3 * c.patch_size * c.patch_size))?.t()?.contiguous()?;
+        Ok(VisionTransformer {
+            patch_weight_t,
+            class_embedding: emb.get(c.hidden_size, "class_embedding")?,
+            position_embedding: emb.get((c.num_patches() + 1, c.hidden_size), "position_embedding.weight")?,
+            pre_layrnorm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            encoder: Encoder::new(
+                vb.pp("encoder"),
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.layer_norm_eps,
+                c.hidden_act,
+            )?,
+            post_layernorm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
+            config: c.clone(),
+        })
+    }
+
+    /// `pixels`: [batch, 3, image_size, image_size] → [batch, width].
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let batch = pixels.dim(0)?;
+        let grid = c.image_size / c.patch_size;
+        let p = c.patch_size;
+        let patches = pixels
+            .reshape((batch, 3, grid, p, grid, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((batch, grid * grid, 3 * p * p))?;
+        let patch_embeds = patches.broadcast_matmul(&self.patch_weight_t)?;
+        let class = self.class_embedding.reshape((1, 1, c.hidden_size))?.broadcast_as((batch, 1, c.hidden_size))?;
+        let x = Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.pre_layrnorm.forward(&x)?;
+        let x = self.encoder.forward(&x, None)?;
+        self.post_layernorm.forward(&x.i((.., 0, ..))?)
+    }
+}
+
+/// `text_model.*`: token ids → feature at the end-of-text token (before the projection).
+pub struct TextTransformer {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    config: TextConfig,
+}
+
+impl TextTransformer {
+    pub fn new(vb: VarBuilder, c: &TextConfig) -> Result<Self> {
+        let emb = vb.pp("embeddings");
+        Ok(TextTransformer {
+            token_embedding: emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?,
+            position_embedding: emb.get((c.max_position_embeddings, c.hidden_size), "position_embedding.weight")?,
+            encoder: Encoder::new(
+                vb.pp("encoder"),
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.layer_norm_eps,
+                c.hidden_act,
+            )?,
+            final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// `token_ids`: each sequence from the start token to the end token inclusive.
+    /// Sequences are padded to the longest; the causal mask keeps padding out of each
+    /// sequence's end-of-text feature.
+    pub fn forward(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        let batch = token_ids.len();
+        let longest = token_ids.iter().map(Vec::len).max().unwrap_or(0);
+        if longest == 0 || longest > self.config.max_position_embeddings {
+            candle_core::bail!("token sequences must hold 1 to {} ids", self.config.max_position_embeddings);
+        }
+        let mut flat = vec![0u32; batch * longest];
+        let mut pooled_rows = Vec::with_capacity(batch);
+        for (b, ids) in token_ids.iter().enumerate() {
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                candle_core::bail!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size);
+            }
+            flat[b * longest..b * longest + ids.len()].copy_from_slice(ids);
+            let eot = ids.iter().position(|&id| id == END_OF_TEXT).unwrap_or(ids.len() - 1);
+            pooled_rows.push((b * longest + eot) as u32);
+        }
+        let ids = Tensor::from_vec(flat, (batch * longest,), device)?;
+        let x = self
+            .token_embedding
+            .index_select(&ids, 0)?
+            .reshape((batch, longest, self.config.hidden_size))?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, longest)?)?;
+        let mask = causal_mask(longest, x.dtype(), device)?;
+        let x = self.encoder.forward(&x, Some(&mask))?;
+        let x = self.final_layer_norm.forward(&x)?;
+        let rows = Tensor::from_vec(pooled_rows, (batch,), device)?;
+        x.reshape((batch * longest, self.config.hidden_size))?.index_select(&rows, 0)
+    }
+}
+
+fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (tokens, tokens), device)?.to_dtype(dtype)
+}
+
+/// The whole model: both towers, their projections and the logit scale.
+pub struct ClipModel {
+    pub vision_model: VisionTransformer,
+    pub text_model: TextTransformer,
+    visual_projection: Linear,
+    text_projection: Linear,
+    /// `logit_scale` as stored (the logit multiplier is its exponential).
+    pub logit_scale: f32,
+    pub config: ClipConfig,
+}
+
+impl ClipModel {
+    pub fn new(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
+        Ok(ClipModel {
+            vision_model: VisionTransformer::new(vb.pp("vision_model"), &c.vision)?,
+            text_model: TextTransformer::new(vb.pp("text_model"), &c.text)?,
+            visual_projection: linear_no_bias(c.vision.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
+            text_projection: linear_no_bias(c.text.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
+            logit_scale: vb.get_with_hints_dtype((), "logit_scale", Default::default(), DType::F32)?.to_scalar::<f32>()?,
+            config: c.clone(),
+        })
+    }
+
+    /// L2-normalised image embeddings, [batch, projection_dim].
+    pub fn image_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
+        l2_normalise(&self.visual_projection.forward(&self.vision_model.forward(pixels)?)?)
+    }
+
+    /// L2-normalised text embeddings, [batch, projection_dim].
+    pub fn text_embeddings(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        l2_normalise(&self.text_projection.forward(&self.text_model.forward(token_ids, device)?)?)
+    }
+}
+
+fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}

@@ -1,0 +1,266 @@
+//! CLIP checkpoints and the encoders built from them: the only module that knows candle and
+//! weight formats.
+//!
+//! [`Checkpoint::open`] finds the weights and configuration a `--model` path names and records
+//! the model's identity (the SHA-256 of its weights); [`Clip::load`] builds both towers from it.
+//! Callers hand in plain `f32` pixel values or token ids and get L2-normalised embeddings back
+//! as plain vectors, so no other module sees a tensor.
+
+pub mod clip;
+pub mod config;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use config::ClipConfig;
+
+use crate::preprocess::PreprocessConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: no such checkpoint (give a Hugging Face CLIP folder with config.json and model.safetensors)")]
+    NotFound { path: PathBuf },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: cannot read: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("model computation failed: {0}")]
+    Compute(String),
+}
+
+/// What the manifest records about the model an index was built with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    /// A short name: the checkpoint folder's (or file's) name.
+    pub id: String,
+    /// The path the user gave.
+    pub source: String,
+    /// SHA-256 of the weights file: two copies of the same model match, anything else does not.
+    pub sha256: String,
+    pub embed_dim: usize,
+    pub image_size: usize,
+    /// `logit_scale` as stored; the logit multiplier is `exp(logit_scale)`.
+    pub logit_scale: f32,
+}
+
+/// A checkpoint on disk: where its weights are and what it is.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub source: PathBuf,
+    pub weights: PathBuf,
+    pub config: ClipConfig,
+    pub preprocess: PreprocessConfig,
+    /// How the file is laid out, for `info`.
+    pub layout: &'static str,
+}
+
+impl Checkpoint {
+    /// Resolves `--model`: a Hugging Face folder (`config.json` + `model.safetensors` or
+    /// `pytorch_model.bin`), or one of those weight files with its `config.json` beside it.
+    pub fn open(path: &Path) -> Result<Checkpoint, ModelError> {
+        if !path.exists() {
+            return Err(ModelError::NotFound { path: path.to_path_buf() });
+        }
+        let (folder, weights) = if path.is_dir() {
+            let weights = ["model.safetensors", "pytorch_model.bin"]
+                .iter()
+                .map(|name| path.join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| ModelError::Invalid {
+                    path: path.to_path_buf(),
+                    message: "no model.safetensors or pytorch_model.bin in this folder".into(),
+                })?;
+            (path.to_path_buf(), weights)
+        } else {
+            (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+        };
+        let config_path = folder.join("config.json");
+        let config_text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config = ClipConfig::from_json(&config_text)
+            .map_err(|message| ModelError::Invalid { path: config_path.clone(), message })?;
+        let preprocess = read_preprocessor_config(&folder, config.vision.image_size as u32)?;
+        let layout = if weights.extension().is_some_and(|e| e == "safetensors") {
+            "huggingface-safetensors"
+        } else {
+            "huggingface-pytorch"
+        };
+        Ok(Checkpoint { source: path.to_path_buf(), weights, config, preprocess, layout })
+    }
+
+    /// The model's identity, hashing the weights file.
+    pub fn identity(&self, logit_scale: f32) -> Result<ModelIdentity, ModelError> {
+        let name = self.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(ModelIdentity {
+            id: name,
+            source: self.source.to_string_lossy().into_owned(),
+            sha256: sha256_file(&self.weights)?,
+            embed_dim: self.config.projection_dim,
+            image_size: self.config.vision.image_size,
+            logit_scale,
+        })
+    }
+
+    /// Reads every tensor, as f32, into memory.
+    fn tensors(&self) -> Result<HashMap<String, Tensor>, ModelError> {
+        let weights_error = |e: candle_core::Error| ModelError::Weights {
+            path: self.weights.clone(),
+            message: format!("cannot read the weights ({e}); is the file complete?"),
+        };
+        let raw: Vec<(String, Tensor)> = if self.layout == "huggingface-safetensors" {
+            candle_core::safetensors::load(&self.weights, &Device::Cpu).map_err(weights_error)?.into_iter().collect()
+        } else {
+            candle_core::pickle::read_all(&self.weights).map_err(weights_error)?
+        };
+        raw.into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(DType::F32).map_err(weights_error)?)))
+            .collect()
+    }
+}
+
+fn read_preprocessor_config(folder: &Path, image_size: u32) -> Result<PreprocessConfig, ModelError> {
+    let path = folder.join("preprocessor_config.json");
+    let mut config = PreprocessConfig::clip(image_size);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(config) };
+    let invalid = |message: String| ModelError::Invalid { path: path.clone(), message };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let triple = |key: &str| -> Result<Option<[f32; 3]>, ModelError> {
+        match value.get(key).and_then(|v| v.as_array()) {
+            Some(a) if a.len() == 3 && a.iter().all(|x| x.is_number()) => {
+                Ok(Some([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(0.0) as f32)))
+            }
+            Some(_) => Err(invalid(format!("{key} must be three numbers"))),
+            None => Ok(None),
+        }
+    };
+    if let Some(mean) = triple("image_mean")? {
+        config.mean = mean;
+    }
+    if let Some(std) = triple("image_std")? {
+        config.std = std;
+    }
+    let size_of = |key: &str, inner: &str| -> Option<u32> {
+        let v = value.get(key)?;
+        v.as_u64().or_else(|| v.get(inner).and_then(|x| x.as_u64())).map(|n| n as u32)
+    };
+    if let Some(size) = size_of("size", "shortest_edge") {
+        config.resize = size;
+    }
+    if let Some(crop) = size_of("crop_size", "height") {
+        config.crop = crop;
+    }
+    if config.crop as usize != image_size as usize || config.resize < config.crop {
+        return Err(invalid(format!(
+            "crop {} and resize {} do not fit the model's image size {image_size}",
+            config.crop, config.resize
+        )));
+    }
+    Ok(config)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn parse(text: &str) -> Result<DeviceChoice, String> {
+        match text {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
+                _ => Err(format!("unknown device {other:?}: use cpu, cuda or cuda:N")),
+            },
+        }
+    }
+
+    fn device(self) -> Result<Device, ModelError> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+                ModelError::Compute(format!(
+                    "cannot use CUDA device {n} ({e}); this build encodes on CPU (rebuild with --features cuda-encoder)"
+                ))
+            }),
+        }
+    }
+}
+
+/// A loaded CLIP model, ready to embed images and texts.
+pub struct Clip {
+    model: clip::ClipModel,
+    device: Device,
+    pub checkpoint: Checkpoint,
+    pub identity: ModelIdentity,
+}
+
+impl Clip {
+    pub fn load(checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
+        let device = device.device()?;
+        let tensors = checkpoint.tensors()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
+            path: checkpoint.weights.clone(),
+            message: format!("not a usable CLIP checkpoint: {e}"),
+        })?;
+        let identity = checkpoint.identity(model.logit_scale)?;
+        Ok(Clip { model, device, checkpoint, identity })
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.checkpoint.config.projection_dim
+    }
+
+    /// Embeds `count` preprocessed images (`pixels` holds `count` CHW tensors back to back);
+    /// returns `count × embed_dim` L2-normalised values, row-major.
+    pub fn embed_images(&self, pixels: &[f32], count: usize) -> Result<Vec<f32>, ModelError> {
+        let size = self.checkpoint.config.vision.image_size;
+        let compute = |e: candle_core::Error| ModelError::Compute(e.to_string());
+        let input = Tensor::from_slice(pixels, (count, 3, size, size), &self.device).map_err(compute)?;
+        let out = self.model.image_embeddings(&input).map_err(compute)?;
+        out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(compute)
+    }
+
+    /// Embeds token sequences (start token to end token); returns `n × embed_dim` values.
+    pub fn embed_texts(&self, token_ids: &[Vec<u32>]) -> Result<Vec<f32>, ModelError> {
+        let compute = |e: candle_core::Error| ModelError::Compute(e.to_string());
+        let out = self.model.text_embeddings(token_ids, &self.device).map_err(compute)?;
+        out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(compute)
+    }
+
+    pub fn max_text_tokens(&self) -> usize {
+        self.model.text_model.max_tokens()
+    }
+}

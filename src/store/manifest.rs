@@ -1,0 +1,104 @@
+//! `manifest.json`: the only source of truth about what an index holds.
+//!
+//! A table's rows are exactly those of the shards its manifest entry lists; anything else in
+//! the index folder is invisible. The manifest is replaced atomically (temporary file in the
+//! same folder, synced, renamed, folder synced), so a crash leaves either the old or the new.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StoreError, atomic_write};
+use crate::model::ModelIdentity;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One immutable Parquet file of a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// Relative to the index folder, `/`-separated.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingRecord {
+    pub fps: f64,
+    pub max_frames: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessRecord {
+    /// The resampling filter, always `bicubic-antialias` (Pillow's).
+    pub resize: String,
+    pub shortest_edge: u32,
+    pub crop: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub model: ModelIdentity,
+    pub sampling: SamplingRecord,
+    pub preprocess: PreprocessRecord,
+    /// Every root an ingest has walked, as given.
+    pub roots: Vec<String>,
+    /// Table name (`videos`, `frames`, `failures`, `texts/NAME`) → its shards.
+    pub tables: BTreeMap<String, Vec<ShardInfo>>,
+    /// Unix time in microseconds of the commit that wrote this manifest.
+    #[serde(default)]
+    pub committed_at_us: i64,
+    /// The report of the run that made this commit (`runs/…json`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<String>,
+}
+
+impl Manifest {
+    pub fn shards(&self, table: &str) -> &[ShardInfo] {
+        self.tables.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn rows(&self, table: &str) -> u64 {
+        self.shards(table).iter().map(|s| s.rows).sum()
+    }
+
+    /// Names of the text sets (`texts/NAME` → `NAME`).
+    pub fn text_sets(&self) -> Vec<&str> {
+        self.tables.keys().filter_map(|k| k.strip_prefix("texts/")).collect()
+    }
+
+    /// Reads `INDEX/manifest.json`; `Ok(None)` when the index does not exist yet.
+    pub fn load(index: &Path) -> Result<Option<Manifest>, StoreError> {
+        let path = index.join(MANIFEST);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Io { path, source }),
+        };
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: format!("not a vtr-index manifest: {e}") })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(StoreError::Corrupt {
+                path,
+                message: format!(
+                    "format_version {} is not supported by this vtr-index (it reads version {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
+            });
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Publishes this manifest: the commit point of every change to the index.
+    pub fn commit(&self, index: &Path) -> Result<(), StoreError> {
+        let mut text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
+        text.push('\n');
+        atomic_write(&index.join(MANIFEST), text.as_bytes())
+    }
+}

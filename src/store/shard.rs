@@ -1,0 +1,210 @@
+//! Immutable Parquet shards: the rolling writer that makes them and the reader that checks
+//! them. Writer settings live in one place ([`writer_properties`]).
+
+use std::fs::File;
+use std::io::Read;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+use super::tables::TableRows;
+use super::{ShardInfo, StoreError, io_error, sync_dir};
+
+/// Rows buffered before they are handed to the Parquet writer as one record batch.
+const BATCH_ROWS: usize = 1024;
+
+/// Snappy: fast, and read by pyarrow, DuckDB, Polars and Spark without extra codecs.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder().set_compression(Compression::SNAPPY).set_max_row_group_row_count(Some(64 * 1024)).build()
+}
+
+/// An open shard: rows go to a temporary file until [`ShardWriter::finish`] publishes it.
+struct OpenShard {
+    writer: ArrowWriter<File>,
+    tmp_path: PathBuf,
+    final_rel: String,
+    rows: u64,
+}
+
+/// Writes rows of one table into shards of at most `max_rows` rows each, named
+/// `TABLE/part-TAG-NNNNN.parquet`. Each finished shard is synced and renamed; it becomes part
+/// of the index only when a manifest lists the [`ShardInfo`]s that `finish` returns.
+pub struct ShardWriter<R: TableRows> {
+    index: PathBuf,
+    table: String,
+    tag: String,
+    dim: usize,
+    max_rows: u64,
+    pending: Vec<R>,
+    open: Option<OpenShard>,
+    done: Vec<ShardInfo>,
+    _rows: PhantomData<R>,
+}
+
+impl<R: TableRows> ShardWriter<R> {
+    pub fn new(index: &Path, table: &str, tag: &str, dim: usize, max_rows: u64) -> Result<Self, StoreError> {
+        let folder = index.join(table);
+        std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
+        Ok(ShardWriter {
+            index: index.to_path_buf(),
+            table: table.to_string(),
+            tag: tag.to_string(),
+            dim,
+            max_rows: max_rows.max(1),
+            pending: Vec::new(),
+            open: None,
+            done: Vec::new(),
+            _rows: PhantomData,
+        })
+    }
+
+    pub fn push(&mut self, row: R) -> Result<(), StoreError> {
+        self.pending.push(row);
+        let open_rows = self.open.as_ref().map_or(0, |s| s.rows);
+        if self.pending.len() >= BATCH_ROWS || open_rows + self.pending.len() as u64 >= self.max_rows {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.open.is_none() {
+            self.open = Some(self.open_shard()?);
+        }
+        let shard = self.open.as_mut().expect("opened above");
+        let parquet_error = |path: &Path, e: &dyn std::fmt::Display| StoreError::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let batch = R::to_batch(&self.pending, self.dim).map_err(|e| parquet_error(&shard.tmp_path, &e))?;
+        shard.writer.write(&batch).map_err(|e| parquet_error(&shard.tmp_path, &e))?;
+        shard.rows += self.pending.len() as u64;
+        self.pending.clear();
+        if shard.rows >= self.max_rows {
+            self.close_shard()?;
+        }
+        Ok(())
+    }
+
+    fn open_shard(&self) -> Result<OpenShard, StoreError> {
+        let n = self.done.len();
+        let name = format!("part-{}-{n:05}.parquet", self.tag);
+        let tmp_path = self.index.join(&self.table).join(format!(".tmp-{name}"));
+        let file = File::create(&tmp_path).map_err(io_error(&tmp_path))?;
+        let writer = ArrowWriter::try_new(file, R::schema(self.dim), Some(writer_properties()))
+            .map_err(|e| StoreError::Parquet { path: tmp_path.clone(), message: e.to_string() })?;
+        Ok(OpenShard { writer, tmp_path, final_rel: format!("{}/{name}", self.table), rows: 0 })
+    }
+
+    fn close_shard(&mut self) -> Result<(), StoreError> {
+        let Some(shard) = self.open.take() else { return Ok(()) };
+        let file = shard
+            .writer
+            .into_inner()
+            .map_err(|e| StoreError::Parquet { path: shard.tmp_path.clone(), message: e.to_string() })?;
+        file.sync_all().map_err(io_error(&shard.tmp_path))?;
+        drop(file);
+        let final_path = self.index.join(&shard.final_rel);
+        std::fs::rename(&shard.tmp_path, &final_path).map_err(io_error(&final_path))?;
+        let (bytes, sha256) = size_and_sha256(&final_path)?;
+        self.done.push(ShardInfo { path: shard.final_rel, rows: shard.rows, bytes, sha256 });
+        Ok(())
+    }
+
+    /// Writes what is left and returns every shard written, synced and renamed.
+    pub fn finish(mut self) -> Result<Vec<ShardInfo>, StoreError> {
+        self.write_pending()?;
+        self.close_shard()?;
+        sync_dir(&self.index.join(&self.table))?;
+        Ok(std::mem::take(&mut self.done))
+    }
+}
+
+impl<R: TableRows> Drop for ShardWriter<R> {
+    fn drop(&mut self) {
+        // An abandoned shard was never listed; remove its temporary file now rather than
+        // leaving it to the next run's garbage collection.
+        if let Some(shard) = self.open.take() {
+            drop(shard.writer);
+            let _ = std::fs::remove_file(&shard.tmp_path);
+        }
+    }
+}
+
+fn size_and_sha256(path: &Path) -> Result<(u64, String), StoreError> {
+    let mut file = File::open(path).map_err(io_error(path))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buffer).map_err(io_error(path))?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        hasher.update(&buffer[..n]);
+    }
+    Ok((bytes, crate::model::hex(&hasher.finalize())))
+}
+
+/// Reads every row of a table's shards, in manifest order.
+pub fn read_table<R: TableRows>(index: &Path, shards: &[ShardInfo]) -> Result<Vec<R>, StoreError> {
+    let mut rows = Vec::new();
+    for shard in shards {
+        for_each_batch(index, shard, |batch| {
+            rows.extend(R::from_batch(batch)?);
+            Ok(())
+        })?;
+    }
+    Ok(rows)
+}
+
+/// Calls `f` on each record batch of one shard.
+pub fn for_each_batch(
+    index: &Path,
+    shard: &ShardInfo,
+    mut f: impl FnMut(&arrow::array::RecordBatch) -> Result<(), String>,
+) -> Result<(), StoreError> {
+    let path = index.join(&shard.path);
+    let corrupt = |message: String| StoreError::Corrupt { path: path.clone(), message };
+    let file = File::open(&path).map_err(io_error(&path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| corrupt(format!("not a readable Parquet shard: {e}")))?;
+    for batch in reader {
+        let batch = batch.map_err(|e| corrupt(format!("unreadable row group: {e}")))?;
+        f(&batch).map_err(corrupt)?;
+    }
+    Ok(())
+}
+
+/// Checks one listed shard: present, the recorded size and SHA-256, readable, the recorded
+/// row count. Returns what is wrong, if anything.
+pub fn verify_shard(index: &Path, shard: &ShardInfo) -> Result<(), String> {
+    let path = index.join(&shard.path);
+    let (bytes, sha256) = size_and_sha256(&path).map_err(|e| e.to_string())?;
+    if bytes != shard.bytes {
+        return Err(format!("{}: {bytes} bytes, the manifest records {}", shard.path, shard.bytes));
+    }
+    if sha256 != shard.sha256 {
+        return Err(format!("{}: checksum differs from the manifest's", shard.path));
+    }
+    let mut rows = 0u64;
+    for_each_batch(index, shard, |batch| {
+        rows += batch.num_rows() as u64;
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    if rows != shard.rows {
+        return Err(format!("{}: {rows} rows, the manifest records {}", shard.path, shard.rows));
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Folders → video files: the recursive, sorted, deterministic walk of the ingest roots.
+//!
+//! Owns which files count as videos (by extension, case-insensitively), how a `video_id` is
+//! derived from a path, and the walk-stage failures (symlink loops, unreadable folders,
+//! duplicate ids). It never opens a file's contents.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::failure::{Failure, FailureKind, Stage};
+
+/// File extensions recognised as video, compared case-insensitively (DESIGN §3).
+pub const VIDEO_EXTENSIONS: &[&str] = &[
+    "mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m2v", "ts", "m2ts", "mts", "wmv",
+    "asf", "flv", "ogv", "3gp", "3g2", "mxf",
+];
+
+/// A video file found under one of the roots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoFile {
+    /// The root folder exactly as the user gave it.
+    pub root: String,
+    /// Path relative to `root`, `/`-separated, with extension.
+    pub path: String,
+    /// `path` without its extension: the id the index knows the video by.
+    pub video_id: String,
+    /// Where to open it.
+    pub abs_path: PathBuf,
+    pub size_bytes: u64,
+    pub mtime_ns: i64,
+}
+
+/// Everything one walk over the roots found.
+#[derive(Debug, Default)]
+pub struct WalkOutcome {
+    pub videos: Vec<VideoFile>,
+    pub failures: Vec<Failure>,
+    /// Files without a video extension: skipped, counted, not failures.
+    pub skipped: u64,
+}
+
+/// A root that cannot be walked: the run must stop before changing anything.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("{root}: the folder does not exist (is the disk mounted?)")]
+    Missing { root: String },
+    #[error("{root}: not a folder")]
+    NotAFolder { root: String },
+    #[error("{root}: cannot read the folder: {source}")]
+    Unreadable { root: String, source: std::io::Error },
+}
+
+pub fn is_video_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| VIDEO_EXTENSIONS.iter().any(|v| v.eq_ignore_ascii_case(e)))
+}
+
+/// Checks that every root exists and is a readable folder, before anything else happens.
+pub fn check_roots(roots: &[String]) -> Result<(), WalkError> {
+    for root in roots {
+        let path = Path::new(root);
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(WalkError::Missing { root: root.clone() });
+            }
+            Err(source) => return Err(WalkError::Unreadable { root: root.clone(), source }),
+            Ok(m) if !m.is_dir() => return Err(WalkError::NotAFolder { root: root.clone() }),
+            Ok(_) => {}
+        }
+        if let Err(source) = std::fs::read_dir(path) {
+            return Err(WalkError::Unreadable { root: root.clone(), source });
+        }
+    }
+    Ok(())
+}
+
+/// Walks every root recursively (following symlinks), in sorted order.
+///
+/// A `video_id` seen twice (across roots, or `a.mp4` beside `a.mkv`) keeps its first file;
+/// the others become `duplicate_id` failures.
+pub fn walk_roots(roots: &[String], now_us: i64) -> Result<WalkOutcome, WalkError> {
+    check_roots(roots)?;
+    let mut outcome = WalkOutcome::default();
+    let mut seen_ids: HashMap<String, (String, String)> = HashMap::new();
+    for root in roots {
+        let root_path = Path::new(root);
+        let walker = walkdir::WalkDir::new(root_path)
+            .follow_links(true)
+            .sort_by_file_name();
+        for entry in walker {
+            let failure = |path: &Path, kind: FailureKind, message: String| Failure {
+                root: root.clone(),
+                path: relative_path(root_path, path),
+                stage: Stage::Walk,
+                kind,
+                message,
+                first_seen_us: now_us,
+                attempts: 1,
+                size_bytes: 0,
+                mtime_ns: 0,
+            };
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) => {
+                    let path = err.path().unwrap_or(root_path).to_path_buf();
+                    if let Some(ancestor) = err.loop_ancestor() {
+                        let message = format!(
+                            "symbolic link loop: leads back to {}; the loop was not followed",
+                            ancestor.display()
+                        );
+                        outcome.failures.push(failure(&path, FailureKind::SymlinkLoop, message));
+                    } else {
+                        let message = format!("cannot read: {err}");
+                        outcome.failures.push(failure(&path, FailureKind::Io, message));
+                    }
+                    continue;
+                }
+            };
+            if entry.file_type().is_dir() {
+                continue;
+            }
+            let path = entry.path();
+            if !is_video_path(path) {
+                outcome.skipped += 1;
+                continue;
+            }
+            let metadata = match entry.metadata() {
+                Ok(m) => m,
+                Err(err) => {
+                    let message = format!("cannot read file metadata: {err}");
+                    outcome.failures.push(failure(path, FailureKind::Io, message));
+                    continue;
+                }
+            };
+            if !metadata.is_file() {
+                let message = "not a regular file (a named pipe, socket or device)".to_string();
+                outcome.failures.push(failure(path, FailureKind::Io, message));
+                continue;
+            }
+            let rel = relative_path(root_path, path);
+            let video_id = strip_extension(&rel).to_string();
+            if let Some((first_root, first_path)) = seen_ids.get(&video_id) {
+                let message = format!(
+                    "video_id {video_id:?} is already taken by {first_root}/{first_path}; rename one of the two files"
+                );
+                let mut duplicate = failure(path, FailureKind::DuplicateId, message);
+                duplicate.size_bytes = metadata.len();
+                duplicate.mtime_ns = mtime_ns(&metadata);
+                outcome.failures.push(duplicate);
+                continue;
+            }
+            seen_ids.insert(video_id.clone(), (root.clone(), rel.clone()));
+            outcome.videos.push(VideoFile {
+                root: root.clone(),
+                path: rel,
+                video_id,
+                abs_path: path.to_path_buf(),
+                size_bytes: metadata.len(),
+                mtime_ns: mtime_ns(&metadata),
+            });
+        }
+    }
+    Ok(outcome)
+}
+
+/// Modification time in nanoseconds since the Unix epoch (negative before it).
+pub fn mtime_ns(metadata: &std::fs::Metadata) -> i64 {
+    match metadata.modified() {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(e) => -(e.duration().as_nanos() as i64),
+        },
+        Err(_) => 0,
+    }
+}
+
+fn relative_path(root: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.join("/")
+}
+
+fn strip_extension(rel: &str) -> &str {
+    let file_start = rel.rfind('/').map_or(0, |i| i + 1);
+    match rel[file_start..].rfind('.') {
+        Some(dot) if dot > 0 => &rel[..file_start + dot],
+        _ => rel,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_are_case_insensitive() {
+        assert!(is_video_path(Path::new("a/B.MP4")));
+        assert!(is_video_path(Path::new("clip.WebM")));
+        assert!(!is_video_path(Path::new("notes.txt")));
+        assert!(!is_video_path(Path::new("mp4")));
+    }
+
+    #[test]
+    fn video_id_drops_only_the_last_extension() {
+        assert_eq!(strip_extension("nested/deeper/gradient_h264.mp4"), "nested/deeper/gradient_h264");
+        assert_eq!(strip_extension("a.b/c.tar.mkv"), "a.b/c.tar");
+        assert_eq!(strip_extension("dir.x/.hidden"), "dir.x/.hidden");
+    }
+}

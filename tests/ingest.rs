@@ -1,0 +1,233 @@
+//! Ingest end to end: good videos indexed, hostile files recorded as typed failures, the
+//! tables readable with their DESIGN §4 schemas, re-runs and refusals.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow::datatypes::{DataType, TimeUnit};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use vtr_index::store::Manifest;
+
+use crate::util::*;
+
+/// Makes an audio-only Matroska file with GStreamer.
+fn write_audio_only(path: &Path) {
+    gst::init().unwrap();
+    let description = format!(
+        "audiotestsrc num-buffers=20 ! audioconvert ! vorbisenc ! matroskamux ! filesink location={}",
+        path.display()
+    );
+    let pipeline = gst::parse::launch(&description).unwrap().downcast::<gst::Pipeline>().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(matches!(msg.map(|m| m.type_()), Some(gst::MessageType::Eos)), "made the audio-only file");
+}
+
+/// The fixture corpus plus one file of every hostile kind; returns the expected failures.
+fn hostile_corpus(dir: &Dir) -> HashMap<&'static str, &'static str> {
+    let root = dir.copy(&fixtures().join("videos"), "corpus");
+    dir.create("corpus/bad/empty.mp4", b"");
+    let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    dir.create("corpus/bad/random.mp4", &noise);
+    dir.create("corpus/bad/notes.mkv", "this is a text file, not a video\n".repeat(50).as_bytes());
+    dir.copy(&fixtures().join("reference/images/carphone_176x144.png"), "corpus/bad/still.mp4");
+    write_audio_only(&dir.join("corpus/bad/audio_only.mkv"));
+    let whole = std::fs::read(fixtures().join("videos/long_h264.mp4")).unwrap();
+    dir.create("corpus/bad/truncated.mp4", &whole[..whole.len() / 2]);
+    // The same id as a good video: the first in sorted order wins.
+    dir.copy(&fixtures().join("videos/short_h264.mp4"), "corpus/testsrc2_h264.mkv");
+    std::os::unix::fs::symlink("..", root.join("bad/loop")).unwrap();
+    dir.create("corpus/readme.txt", b"not a video, skipped");
+    HashMap::from([
+        ("bad/empty.mp4", "empty"),
+        ("bad/random.mp4", "not_a_video"),
+        ("bad/notes.mkv", "not_a_video"),
+        ("bad/still.mp4", "not_a_video"),
+        ("bad/audio_only.mkv", "no_video_stream"),
+        ("bad/truncated.mp4", "corrupt"),
+        ("testsrc2_h264.mp4", "duplicate_id"),
+        ("bad/loop", "symlink_loop"),
+    ])
+}
+
+fn failures_by_path(index: &Path) -> HashMap<String, (String, String)> {
+    let manifest = Manifest::load(index).unwrap().unwrap();
+    let mut out = HashMap::new();
+    for shard in manifest.shards("failures") {
+        for batch in read_parquet(&index.join(&shard.path)) {
+            let paths = strings(&batch, "path");
+            let kinds = strings(&batch, "kind");
+            let messages = strings(&batch, "message");
+            for ((p, k), m) in paths.into_iter().zip(kinds).zip(messages) {
+                out.insert(p, (k, m));
+            }
+        }
+    }
+    out
+}
+
+fn indexed_ids(index: &Path) -> Vec<String> {
+    let manifest = Manifest::load(index).unwrap().unwrap();
+    let mut ids: Vec<String> = manifest
+        .shards("videos")
+        .iter()
+        .flat_map(|s| read_parquet(&index.join(&s.path)))
+        .flat_map(|b| strings(&b, "video_id"))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn hostile_files_become_typed_failures_and_the_run_goes_on() {
+    let dir = Dir::new();
+    let expected = hostile_corpus(&dir);
+    let index = dir.join("index");
+    let (code, stderr) = ingest(&index, &[&dir.join("corpus")], &[]);
+    assert_eq!(code, 2, "{stderr}");
+
+    let ids = indexed_ids(&index);
+    assert_eq!(ids.len(), 12, "{ids:?}\n{stderr}");
+    assert!(ids.contains(&"nested/deeper/gradient_h264".to_string()));
+
+    let failures = failures_by_path(&index);
+    // The duplicate is whichever of testsrc2_h264.{mkv,mp4} sorts second.
+    let mut expected: HashMap<String, &str> = expected.into_iter().map(|(p, k)| (p.to_string(), k)).collect();
+    expected.remove("testsrc2_h264.mp4");
+    expected.insert("testsrc2_h264.mp4".into(), "duplicate_id");
+    for (path, kind) in &expected {
+        let (got, message) = failures.get(path).unwrap_or_else(|| panic!("{path} not in failures: {failures:?}\n{stderr}"));
+        assert_eq!(got, kind, "{path}: {message}");
+        assert!(!message.is_empty());
+        assert!(stderr.contains(&format!("{path}: {kind}")), "stderr names {path}:\n{stderr}");
+    }
+    assert_eq!(failures.len(), expected.len(), "{failures:?}");
+    assert!(!stderr.contains("readme.txt"), "non-video files are skipped silently");
+}
+
+#[test]
+fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
+    let dir = Dir::new();
+    hostile_corpus(&dir);
+    let index = dir.join("index");
+    ingest(&index, &[&dir.join("corpus")], &[]);
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    assert_eq!(manifest.format_version, 1);
+    assert_eq!(manifest.model.embed_dim, 32);
+    assert!((manifest.model.logit_scale.exp() - 100.0).abs() < 1e-3);
+    assert_eq!(manifest.sampling.max_frames, 12);
+    assert_eq!(manifest.model.sha256.len(), 64);
+    let embedding = |d| DataType::FixedSizeList(std::sync::Arc::new(arrow::datatypes::Field::new_list_field(DataType::Float32, false)), d);
+    let expect = |table: &str, columns: &[(&str, DataType)]| {
+        let shards = manifest.shards(table);
+        assert!(!shards.is_empty(), "{table} has shards");
+        for shard in shards {
+            let batches = read_parquet(&index.join(&shard.path));
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            assert_eq!(rows as u64, shard.rows, "{}", shard.path);
+            let schema = batches[0].schema();
+            for (name, ty) in columns {
+                let field = schema.field_with_name(name).unwrap_or_else(|_| panic!("{table}.{name} missing"));
+                assert_eq!(field.data_type(), ty, "{table}.{name}");
+            }
+        }
+    };
+    expect(
+        "videos",
+        &[
+            ("video_id", DataType::Utf8),
+            ("root", DataType::Utf8),
+            ("path", DataType::Utf8),
+            ("size_bytes", DataType::UInt64),
+            ("mtime_ns", DataType::Int64),
+            ("content_hash", DataType::Utf8),
+            ("duration_s", DataType::Float64),
+            ("width", DataType::UInt32),
+            ("height", DataType::UInt32),
+            ("fps", DataType::Float64),
+            ("n_frames", DataType::UInt32),
+            ("embedding", embedding(32)),
+        ],
+    );
+    expect(
+        "frames",
+        &[("video_id", DataType::Utf8), ("frame_index", DataType::UInt32), ("pts_s", DataType::Float64), ("embedding", embedding(32))],
+    );
+    expect(
+        "failures",
+        &[
+            ("root", DataType::Utf8),
+            ("path", DataType::Utf8),
+            ("stage", DataType::Utf8),
+            ("kind", DataType::Utf8),
+            ("message", DataType::Utf8),
+            ("first_seen", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))),
+            ("attempts", DataType::UInt32),
+        ],
+    );
+
+    // Displayed sizes: the rotated clip is portrait, frame counts follow the sampling.
+    let videos: Vec<vtr_index::store::VideoRow> =
+        vtr_index::store::read_table(&index, manifest.shards("videos")).unwrap();
+    let by_id: HashMap<_, _> = videos.iter().map(|v| (v.video_id.as_str(), v)).collect();
+    let rotated = by_id["rotated90_h264"];
+    assert_eq!((rotated.width, rotated.height), (160, 240));
+    assert_eq!(by_id["long_h264"].n_frames, 12);
+    assert_eq!(by_id["short_h264"].n_frames, 1);
+    assert!((by_id["long_h264"].duration_s - 20.5).abs() < 0.01, "{}", by_id["long_h264"].duration_s);
+    assert_eq!(by_id["carphone_pristine"].content_hash.len(), 64);
+}
+
+#[test]
+fn rerun_without_changes_commits_nothing_and_keeps_everything() {
+    let dir = Dir::new();
+    let root = dir.copy(&fixtures().join("videos"), "corpus");
+    let index = dir.join("index");
+    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    let first = std::fs::read_to_string(index.join("manifest.json")).unwrap();
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("0 new, 0 changed, 12 unchanged"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(index.join("manifest.json")).unwrap(), first);
+
+    // A deleted file is dropped; a new one is added; the rest stays.
+    std::fs::remove_file(root.join("short_h264.mp4")).unwrap();
+    dir.copy(&fixtures().join("videos/vfr_h264.mp4"), "corpus/more/vfr_copy.mp4");
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("1 new, 0 changed, 11 unchanged, 1 removed"), "{stderr}");
+    let ids = indexed_ids(&index);
+    assert!(ids.contains(&"more/vfr_copy".to_string()) && !ids.contains(&"short_h264".to_string()), "{ids:?}");
+    assert_eq!(ids.len(), 12);
+    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+}
+
+#[test]
+fn missing_root_stops_the_run_and_changes_nothing() {
+    let dir = Dir::new();
+    let root = dir.copy(&fixtures().join("videos/nested"), "corpus");
+    let index = dir.join("index");
+    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    let before = std::fs::read_to_string(index.join("manifest.json")).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(index.join("manifest.json")).unwrap(), before);
+}
+
+#[test]
+fn other_sampling_or_no_model_is_refused() {
+    let dir = Dir::new();
+    let root = dir.copy(&fixtures().join("videos/nested"), "corpus");
+    let index = dir.join("index");
+    let (_, stderr) = TestCommand::new(&["ingest"]).arg(&root).arg("--index").arg(&index).expect_code(1);
+    assert!(stderr.contains("needs --model"), "{stderr}");
+    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    let (code, stderr) = ingest(&index, &[&root], &["--frames", "4"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--frames 12"), "{stderr}");
+}
