@@ -148,7 +148,12 @@ fn print_index_info(index: &Path) -> Result<ExitCode> {
         println!("texts:     {name} ({} rows)", m.rows(&format!("texts/{name}")));
     }
     println!("model:     {} ({}, sha256 {})", m.model.id, m.model.source, m.model.sha256);
-    println!("           embed_dim {}, image_size {}, logit scale {:.4}", m.model.embed_dim, m.model.image_size, m.model.logit_scale.exp());
+    println!(
+        "           embed_dim {}, image_size {}, logit scale {:.4}",
+        m.model.embed_dim,
+        m.model.image_size,
+        m.model.logit_scale.exp()
+    );
     println!("sampling:  {} fps, at most {} frames per video", m.sampling.fps, m.sampling.max_frames);
     println!("roots:     {}", m.roots.join(", "));
     println!("size:      {} bytes in {} shards", index_bytes(&m), m.tables.values().map(Vec::len).sum::<usize>());
@@ -168,7 +173,13 @@ fn print_model_info(model: &Path) -> Result<ExitCode> {
     println!("weights:    {}", checkpoint.weights.display());
     println!(
         "vision:     width {}, layers {}, heads {}, patch {}, image size {}, mlp {}, {:?}",
-        v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size, v.intermediate_size, v.hidden_act
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.patch_size,
+        v.image_size,
+        v.intermediate_size,
+        v.hidden_act
     );
     println!(
         "text:       width {}, layers {}, heads {}, context {}, vocabulary {}",

@@ -125,13 +125,7 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
     let duration_ns = (relative.last().copied().unwrap_or(0) + probe.last_frame_duration_ns).max(1);
     let duration_s = duration_ns as f64 / 1e9;
     let (width, height) = frames.first().map(|f| (f.image.width, f.image.height)).unwrap_or((0, 0));
-    Ok(DecodedVideo {
-        duration_s,
-        width,
-        height,
-        fps: relative.len() as f64 / duration_s,
-        frames,
-    })
+    Ok(DecodedVideo { duration_s, width, height, fps: relative.len() as f64 / duration_s, frames })
 }
 
 fn io_rejection(e: &std::io::Error) -> Rejection {
@@ -166,11 +160,7 @@ struct PadState {
 
 /// Builds `filesrc ! parsebin` and links the first video stream to an appsink (through a
 /// decodebin when `decode` is set); every other stream goes to a fakesink.
-fn build_pipeline(
-    path: &Path,
-    decode: bool,
-    stage: Stage,
-) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
+fn build_pipeline(path: &Path, decode: bool, stage: Stage) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
     let internal = |what: &str, e: &dyn std::fmt::Display| {
         Rejection::new(stage, FailureKind::UnsupportedCodec, format!("GStreamer could not {what}: {e}"))
     };
@@ -216,17 +206,12 @@ fn is_video_structure(s: &gst::StructureRef) -> bool {
     }
     // Motion JPEG and friends: image caps that carry a real frame rate are a video stream;
     // a lone PNG or JPEG has none (or 0/1).
-    name.starts_with("image/")
-        && s.get::<gst::Fraction>("framerate").is_ok_and(|f| f.numer() > 0 && f.denom() > 0)
+    name.starts_with("image/") && s.get::<gst::Fraction>("framerate").is_ok_and(|f| f.numer() > 0 && f.denom() > 0)
 }
 
 fn new_appsink(decode: bool) -> gst_app::AppSink {
     let builder = gst_app::AppSink::builder().sync(false).max_buffers(4).drop(false).enable_last_sample(false);
-    if decode {
-        builder.caps(&gst::Caps::builder("video/x-raw").build()).build()
-    } else {
-        builder.build()
-    }
+    if decode { builder.caps(&gst::Caps::builder("video/x-raw").build()).build() } else { builder.build() }
 }
 
 fn link_video(pipeline: &gst::Pipeline, pad: &gst::Pad, decode: bool) -> Option<gst_app::AppSink> {
@@ -366,7 +351,9 @@ fn timeout_rejection(stage: Stage, deadline_passed_during: &str) -> Rejection {
     Rejection::new(
         stage,
         FailureKind::Timeout,
-        format!("gave up after the per-file deadline while {deadline_passed_during} (raise --decode-timeout if the file is merely slow)"),
+        format!(
+            "gave up after the per-file deadline while {deadline_passed_during} (raise --decode-timeout if the file is merely slow)"
+        ),
     )
 }
 
@@ -410,11 +397,7 @@ fn no_video_rejection(stage: Stage, other_streams: &[String]) -> Rejection {
     } else if other_streams.is_empty() {
         Rejection::new(stage, FailureKind::NoVideoStream, "the container holds no video stream")
     } else {
-        Rejection::new(
-            stage,
-            FailureKind::NotAVideo,
-            format!("no video stream, only {}", other_streams.join(", ")),
-        )
+        Rejection::new(stage, FailureKind::NotAVideo, format!("no video stream, only {}", other_streams.join(", ")))
     }
 }
 
@@ -601,7 +584,9 @@ struct RgbConverter {
 
 impl RgbConverter {
     fn convert(&mut self, sample: &gst::Sample) -> Result<RgbImage, Rejection> {
-        let failed = |what: &str| Rejection::new(Stage::Decode, FailureKind::Corrupt, format!("cannot convert a decoded frame: {what}"));
+        let failed = |what: &str| {
+            Rejection::new(Stage::Decode, FailureKind::Corrupt, format!("cannot convert a decoded frame: {what}"))
+        };
         let caps = sample.caps_owned().ok_or_else(|| failed("no caps"))?;
         if self.cached.as_ref().is_none_or(|c| c.0 != caps) {
             let decoded = gst_video::VideoInfo::from_caps(&caps).map_err(|_| failed("unreadable caps"))?;
@@ -611,7 +596,8 @@ impl RgbConverter {
                 .interlace_mode(input.interlace_mode())
                 .build()
                 .map_err(|_| failed("cannot describe RGB output"))?;
-            let converter = gst_video::VideoConverter::new(&input, &output, None).map_err(|_| failed("no converter"))?;
+            let converter =
+                gst_video::VideoConverter::new(&input, &output, None).map_err(|_| failed("no converter"))?;
             self.cached = Some((caps, input, output, converter));
         }
         let (_, input, output, converter) = self.cached.as_ref().expect("filled above");
@@ -683,11 +669,7 @@ impl Orientation {
             "rotate-270" => 3,
             _ => 0,
         };
-        if !flip && quarter_turns == 0 {
-            Orientation::Identity
-        } else {
-            Orientation::Rotate { flip, quarter_turns }
-        }
+        if !flip && quarter_turns == 0 { Orientation::Identity } else { Orientation::Rotate { flip, quarter_turns } }
     }
 
     pub fn apply(self, image: RgbImage) -> RgbImage {

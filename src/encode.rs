@@ -150,7 +150,11 @@ mod tests {
     }
 
     fn video(key: u32, frames: usize) -> PreparedVideo<u32> {
-        PreparedVideo { key, facts: facts(), frames: (0..frames).map(|i| (i as f64, vec![key as f32, i as f32])).collect() }
+        PreparedVideo {
+            key,
+            facts: facts(),
+            frames: (0..frames).map(|i| (i as f64, vec![key as f32, i as f32])).collect(),
+        }
     }
 
     #[test]

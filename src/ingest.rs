@@ -162,12 +162,12 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         )));
     }
     crate::decode::init().map_err(IngestError::Refused)?;
-    std::fs::create_dir_all(&options.index)
-        .map_err(|source| StoreError::Io { path: options.index.clone(), source })?;
+    std::fs::create_dir_all(&options.index).map_err(|source| StoreError::Io { path: options.index.clone(), source })?;
     collect_garbage(&options.index, previous.as_ref())?;
 
     let walked = walk_roots(&options.roots, started_at_us)?;
-    let mut report = IngestReport { started_at_us, roots: options.roots.clone(), skipped: walked.skipped, ..Default::default() };
+    let mut report =
+        IngestReport { started_at_us, roots: options.roots.clone(), skipped: walked.skipped, ..Default::default() };
     let old_videos: Vec<VideoRow> = match &previous {
         Some(m) => read_table(&options.index, m.shards("videos"))?,
         None => Vec::new(),
@@ -187,8 +187,18 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let mut frames_out = ShardWriter::<FrameRow>::new(&options.index, "frames", &tag, dim, FRAME_SHARD_ROWS)?;
     let mut kept_shards: BTreeMap<&str, Vec<ShardInfo>> = BTreeMap::new();
     if let Some(manifest) = &previous {
-        kept_shards.insert("videos", carry_over(&options.index, manifest.shards("videos"), &plan.keep_ids, &mut videos_out, |r: &VideoRow| &r.video_id)?);
-        kept_shards.insert("frames", carry_over(&options.index, manifest.shards("frames"), &plan.keep_ids, &mut frames_out, |r: &FrameRow| &r.video_id)?);
+        kept_shards.insert(
+            "videos",
+            carry_over(&options.index, manifest.shards("videos"), &plan.keep_ids, &mut videos_out, |r: &VideoRow| {
+                &r.video_id
+            })?,
+        );
+        kept_shards.insert(
+            "frames",
+            carry_over(&options.index, manifest.shards("frames"), &plan.keep_ids, &mut frames_out, |r: &FrameRow| {
+                &r.video_id
+            })?,
+        );
     }
 
     let mut failures: Vec<Failure> = plan.kept_failures.clone();
@@ -199,47 +209,40 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     }
     let decode_config = DecodeConfig { sampling, timeout: options.decode_timeout };
     let processed = plan.to_process.len();
-    run_pipeline(
-        plan.to_process,
-        options,
-        &decode_config,
-        &preprocess,
-        &clip,
-        |outcome| {
-            match outcome {
-                Encoded::Video(video) => {
-                    let frames = video.frames.len() as u64;
-                    report.frames += frames;
-                    report.video_seconds += video.facts.duration_s;
-                    if plan.replaced.contains(&(video.key.root.clone(), video.key.path.clone())) {
-                        report.changed += 1;
-                    } else {
-                        report.new += 1;
-                    }
-                    write_video(video, &mut videos_out, &mut frames_out)?;
-                    progress.advance(frames);
+    run_pipeline(plan.to_process, options, &decode_config, &preprocess, &clip, |outcome| {
+        match outcome {
+            Encoded::Video(video) => {
+                let frames = video.frames.len() as u64;
+                report.frames += frames;
+                report.video_seconds += video.facts.duration_s;
+                if plan.replaced.contains(&(video.key.root.clone(), video.key.path.clone())) {
+                    report.changed += 1;
+                } else {
+                    report.new += 1;
                 }
-                Encoded::Failed(file, rejection) => {
-                    let previous_failure = old_failures.iter().find(|f| f.root == file.root && f.path == file.path);
-                    let failure = Failure {
-                        first_seen_us: previous_failure.map_or(started_at_us, |f| f.first_seen_us),
-                        attempts: previous_failure.map_or(1, |f| f.attempts + 1),
-                        root: file.root,
-                        path: file.path,
-                        stage: rejection.stage,
-                        kind: rejection.kind,
-                        message: rejection.message,
-                        size_bytes: file.size_bytes,
-                        mtime_ns: file.mtime_ns,
-                    };
-                    progress.println(&failure_line(&failure));
-                    failures.push(failure);
-                    progress.advance(0);
-                }
+                write_video(video, &mut videos_out, &mut frames_out)?;
+                progress.advance(frames);
             }
-            Ok(())
-        },
-    )?;
+            Encoded::Failed(file, rejection) => {
+                let previous_failure = old_failures.iter().find(|f| f.root == file.root && f.path == file.path);
+                let failure = Failure {
+                    first_seen_us: previous_failure.map_or(started_at_us, |f| f.first_seen_us),
+                    attempts: previous_failure.map_or(1, |f| f.attempts + 1),
+                    root: file.root,
+                    path: file.path,
+                    stage: rejection.stage,
+                    kind: rejection.kind,
+                    message: rejection.message,
+                    size_bytes: file.size_bytes,
+                    mtime_ns: file.mtime_ns,
+                };
+                progress.println(&failure_line(&failure));
+                failures.push(failure);
+                progress.advance(0);
+            }
+        }
+        Ok(())
+    })?;
     progress.finish();
 
     for failure in &failures {

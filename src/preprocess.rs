@@ -44,11 +44,7 @@ impl PreprocessConfig {
 /// The size of the resized image: shorter side `target`, longer side `trunc(target · long / short)`.
 pub fn resized_size(width: u32, height: u32, target: u32) -> (u32, u32) {
     let scale = |long: u32, short: u32| ((target as u64 * long as u64) / short as u64) as u32;
-    if width <= height {
-        (target, scale(height, width))
-    } else {
-        (scale(width, height), target)
-    }
+    if width <= height { (target, scale(height, width)) } else { (scale(width, height), target) }
 }
 
 /// Makes the CHW float tensor values CLIP takes for one RGB image.

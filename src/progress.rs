@@ -46,7 +46,10 @@ impl Progress {
             bar.set_message(format!("{} frames  {fps:.1} frames/s", self.frames));
         } else if self.last_line.elapsed() >= LOG_EVERY {
             self.last_line = Instant::now();
-            eprintln!("vtr-index: ingest: {}/{} videos, {} frames, {fps:.1} frames/s", self.videos, self.total, self.frames);
+            eprintln!(
+                "vtr-index: ingest: {}/{} videos, {} frames, {fps:.1} frames/s",
+                self.videos, self.total, self.frames
+            );
         }
     }
 

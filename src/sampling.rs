@@ -70,11 +70,8 @@ pub fn thin_evenly<T: Copy>(items: Vec<T>, max: usize) -> Vec<T> {
     }
     (0..max)
         .map(|i| {
-            let position = if i == max - 1 {
-                len - 1
-            } else {
-                (i as f64 * (len - 1) as f64 / (max - 1) as f64) as usize
-            };
+            let position =
+                if i == max - 1 { len - 1 } else { (i as f64 * (len - 1) as f64 / (max - 1) as f64) as usize };
             items[position]
         })
         .collect()
@@ -89,10 +86,7 @@ mod tests {
     }
 
     fn chosen_seconds(frame_times: &[i64], config: &SamplingConfig) -> Vec<f64> {
-        choose_frames(frame_times, config)
-            .into_iter()
-            .map(|i| frame_times[i] as f64 / 1e9)
-            .collect()
+        choose_frames(frame_times, config).into_iter().map(|i| frame_times[i] as f64 / 1e9).collect()
     }
 
     #[test]

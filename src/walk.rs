@@ -11,8 +11,8 @@ use crate::failure::{Failure, FailureKind, Stage};
 
 /// File extensions recognised as video, compared case-insensitively (DESIGN §3).
 pub const VIDEO_EXTENSIONS: &[&str] = &[
-    "mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m2v", "ts", "m2ts", "mts", "wmv",
-    "asf", "flv", "ogv", "3gp", "3g2", "mxf",
+    "mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m2v", "ts", "m2ts", "mts", "wmv", "asf", "flv", "ogv",
+    "3gp", "3g2", "mxf",
 ];
 
 /// A video file found under one of the roots.
@@ -85,9 +85,7 @@ pub fn walk_roots(roots: &[String], now_us: i64) -> Result<WalkOutcome, WalkErro
     let mut seen_ids: HashMap<String, (String, String)> = HashMap::new();
     for root in roots {
         let root_path = Path::new(root);
-        let walker = walkdir::WalkDir::new(root_path)
-            .follow_links(true)
-            .sort_by_file_name();
+        let walker = walkdir::WalkDir::new(root_path).follow_links(true).sort_by_file_name();
         for entry in walker {
             let failure = |path: &Path, kind: FailureKind, message: String| Failure {
                 root: root.clone(),
@@ -177,10 +175,7 @@ pub fn mtime_ns(metadata: &std::fs::Metadata) -> i64 {
 
 fn relative_path(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    let parts: Vec<String> = rel
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
+    let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     parts.join("/")
 }
 

@@ -67,8 +67,8 @@ fn preprocessing_matches_clip_image_processor() {
         let rgb = load_png(&image.name);
         let ours = pixel_values(&rgb, &clip.checkpoint.preprocess).unwrap();
         assert_eq!(ours.len(), image.pixel_values.len(), "{}", image.name);
-        let mad: f64 = ours.iter().zip(&image.pixel_values).map(|(a, b)| (a - b).abs() as f64).sum::<f64>()
-            / ours.len() as f64;
+        let mad: f64 =
+            ours.iter().zip(&image.pixel_values).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / ours.len() as f64;
         assert!(mad <= 0.01, "{}: mean absolute difference {mad}", image.name);
         let embedding = clip.embed_images(&ours, 1).unwrap();
         let c = cosine(&embedding, &image.embedding);
@@ -177,4 +177,3 @@ fn ingest_matches_pyav_and_transformers_reference() {
     assert_eq!(checked, 12);
     assert!(ours.is_empty(), "indexed videos the reference does not have: {:?}", ours.keys());
 }
-

@@ -21,7 +21,8 @@ fn write_audio_only(path: &Path) {
     let pipeline = gst::parse::launch(&description).unwrap().downcast::<gst::Pipeline>().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     let bus = pipeline.bus().unwrap();
-    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(20), &[gst::MessageType::Eos, gst::MessageType::Error]);
     pipeline.set_state(gst::State::Null).unwrap();
     assert!(matches!(msg.map(|m| m.type_()), Some(gst::MessageType::Eos)), "made the audio-only file");
 }
@@ -86,7 +87,7 @@ fn hostile_files_become_typed_failures_and_the_run_goes_on() {
     let dir = Dir::new();
     let expected = hostile_corpus(&dir);
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&dir.join("corpus")], &[]);
+    let (code, stderr) = ingest(&index, &[&dir.join("corpus")], &["--decode-timeout", "60"]);
     assert_eq!(code, 2, "{stderr}");
 
     let ids = indexed_ids(&index);
@@ -99,7 +100,8 @@ fn hostile_files_become_typed_failures_and_the_run_goes_on() {
     expected.remove("testsrc2_h264.mp4");
     expected.insert("testsrc2_h264.mp4".into(), "duplicate_id");
     for (path, kind) in &expected {
-        let (got, message) = failures.get(path).unwrap_or_else(|| panic!("{path} not in failures: {failures:?}\n{stderr}"));
+        let (got, message) =
+            failures.get(path).unwrap_or_else(|| panic!("{path} not in failures: {failures:?}\n{stderr}"));
         assert_eq!(got, kind, "{path}: {message}");
         assert!(!message.is_empty());
         assert!(stderr.contains(&format!("{path}: {kind}")), "stderr names {path}:\n{stderr}");
@@ -120,7 +122,12 @@ fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
     assert!((manifest.model.logit_scale.exp() - 100.0).abs() < 1e-3);
     assert_eq!(manifest.sampling.max_frames, 12);
     assert_eq!(manifest.model.sha256.len(), 64);
-    let embedding = |d| DataType::FixedSizeList(std::sync::Arc::new(arrow::datatypes::Field::new_list_field(DataType::Float32, false)), d);
+    let embedding = |d| {
+        DataType::FixedSizeList(
+            std::sync::Arc::new(arrow::datatypes::Field::new_list_field(DataType::Float32, false)),
+            d,
+        )
+    };
     let expect = |table: &str, columns: &[(&str, DataType)]| {
         let shards = manifest.shards(table);
         assert!(!shards.is_empty(), "{table} has shards");
@@ -154,7 +161,12 @@ fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
     );
     expect(
         "frames",
-        &[("video_id", DataType::Utf8), ("frame_index", DataType::UInt32), ("pts_s", DataType::Float64), ("embedding", embedding(32))],
+        &[
+            ("video_id", DataType::Utf8),
+            ("frame_index", DataType::UInt32),
+            ("pts_s", DataType::Float64),
+            ("embedding", embedding(32)),
+        ],
     );
     expect(
         "failures",

@@ -106,7 +106,6 @@ pub fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
     (0..a.len()).map(|i| a.value(i).to_string()).collect()
 }
 
-
 /// A `list<double>` column as one vector per row, in f32.
 pub fn f64_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<f32>> {
     let lists = batch.column_by_name(name).unwrap().as_list::<i32>();

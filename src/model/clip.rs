@@ -147,7 +147,8 @@ impl VisionTransformer {
     pub fn new(vb: VarBuilder, c: &VisionConfig) -> Result<Self> {
         let emb = vb.pp("embeddings");
         let patch_weight = emb.get((c.hidden_size, 3, c.patch_size, c.patch_size), "patch_embedding.weight")?;
-        let patch_weight_t = patch_weight.reshape((c.hidden_size, 3 * c.patch_size * c.patch_size))?.t()?.contiguous()?;
+        let patch_weight_t =
+            patch_weight.reshape((c.hidden_size, 3 * c.patch_size * c.patch_size))?.t()?.contiguous()?;
         Ok(VisionTransformer {
             patch_weight_t,
             class_embedding: emb.get(c.hidden_size, "class_embedding")?,
@@ -254,9 +255,8 @@ impl TextTransformer {
 }
 
 fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..tokens)
-        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let values: Vec<f32> =
+        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(values, (tokens, tokens), device)?.to_dtype(dtype)
 }
 
@@ -278,7 +278,9 @@ impl ClipModel {
             text_model: TextTransformer::new(vb.pp("text_model"), &c.text)?,
             visual_projection: linear_no_bias(c.vision.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
             text_projection: linear_no_bias(c.text.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
-            logit_scale: vb.get_with_hints_dtype((), "logit_scale", Default::default(), DType::F32)?.to_scalar::<f32>()?,
+            logit_scale: vb
+                .get_with_hints_dtype((), "logit_scale", Default::default(), DType::F32)?
+                .to_scalar::<f32>()?,
             config: c.clone(),
         })
     }

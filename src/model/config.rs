@@ -83,7 +83,8 @@ impl ClipConfig {
             }
         };
         let get_f64 = |v: &Value, key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
-        let get_act = |v: &Value| Activation::parse(v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu"));
+        let get_act =
+            |v: &Value| Activation::parse(v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu"));
         let vision = VisionConfig {
             hidden_size: get_usize(&vision, "hidden_size", 768)?,
             intermediate_size: get_usize(&vision, "intermediate_size", 3072)?,

@@ -83,10 +83,8 @@ impl Checkpoint {
             (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
         };
         let config_path = folder.join("config.json");
-        let config_text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
         let config = ClipConfig::from_json(&config_text)
             .map_err(|message| ModelError::Invalid { path: config_path.clone(), message })?;
         let preprocess = read_preprocessor_config(&folder, config.vision.image_size as u32)?;
@@ -122,9 +120,7 @@ impl Checkpoint {
         } else {
             candle_core::pickle::read_all(&self.weights).map_err(weights_error)?
         };
-        raw.into_iter()
-            .map(|(name, t)| Ok((name, t.to_dtype(DType::F32).map_err(weights_error)?)))
-            .collect()
+        raw.into_iter().map(|(name, t)| Ok((name, t.to_dtype(DType::F32).map_err(weights_error)?))).collect()
     }
 }
 

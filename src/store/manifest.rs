@@ -81,8 +81,10 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: format!("not a vtr-index manifest: {e}") })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            message: format!("not a vtr-index manifest: {e}"),
+        })?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(StoreError::Corrupt {
                 path,

@@ -12,10 +12,11 @@ mod tables;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use manifest::{MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, FORMAT_VERSION};
+pub use manifest::{FORMAT_VERSION, MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo};
 pub use shard::{ShardWriter, for_each_batch, read_table, verify_shard};
 pub use tables::{
-    FrameRow, TableRows, TextRow, VideoRow, embedding_values, failures_schema, frames_schema, texts_schema, videos_schema,
+    FrameRow, TableRows, TextRow, VideoRow, embedding_values, failures_schema, frames_schema, texts_schema,
+    videos_schema,
 };
 
 /// Folders that hold table shards; the only places garbage collection touches.
@@ -58,9 +59,8 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 /// runs that crashed before their commit, temporary files, shards replaced by later commits).
 /// Returns how many files were removed.
 pub fn collect_garbage(index: &Path, manifest: Option<&Manifest>) -> Result<usize, StoreError> {
-    let listed: std::collections::HashSet<&str> = manifest
-        .map(|m| m.tables.values().flatten().map(|s| s.path.as_str()).collect())
-        .unwrap_or_default();
+    let listed: std::collections::HashSet<&str> =
+        manifest.map(|m| m.tables.values().flatten().map(|s| s.path.as_str()).collect()).unwrap_or_default();
     let mut removed = 0;
     for dir in TABLE_DIRS {
         let root = index.join(dir);

@@ -20,7 +20,10 @@ const BATCH_ROWS: usize = 1024;
 
 /// Snappy: fast, and read by pyarrow, DuckDB, Polars and Spark without extra codecs.
 fn writer_properties() -> WriterProperties {
-    WriterProperties::builder().set_compression(Compression::SNAPPY).set_max_row_group_row_count(Some(64 * 1024)).build()
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(64 * 1024))
+        .build()
 }
 
 /// An open shard: rows go to a temporary file until [`ShardWriter::finish`] publishes it.

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array, Int64Array,
-    ListArray, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{
@@ -121,7 +121,10 @@ fn embeddings_array<'a>(rows: impl Iterator<Item = &'a [f32]>, dim: usize) -> Re
     let mut values = Vec::new();
     for e in rows {
         if e.len() != dim {
-            return Err(ArrowError::InvalidArgumentError(format!("embedding of width {} in a table of width {dim}", e.len())));
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "embedding of width {} in a table of width {dim}",
+                e.len()
+            )));
         }
         values.extend_from_slice(e);
     }
@@ -305,7 +308,8 @@ impl TableRows for Failure {
                     "write" => Stage::Write,
                     other => return Err(format!("unknown stage {other:?}")),
                 };
-                let kind = FailureKind::parse(kinds.value(i)).ok_or_else(|| format!("unknown kind {:?}", kinds.value(i)))?;
+                let kind =
+                    FailureKind::parse(kinds.value(i)).ok_or_else(|| format!("unknown kind {:?}", kinds.value(i)))?;
                 Ok(Failure {
                     root: roots.value(i).to_string(),
                     path: paths.value(i).to_string(),
@@ -330,8 +334,12 @@ impl TableRows for TextRow {
     fn to_batch(rows: &[Self], dim: usize) -> Result<RecordBatch, ArrowError> {
         let offsets = OffsetBuffer::from_lengths(rows.iter().map(|r| r.token_ids.len()));
         let tokens = Int32Array::from_iter_values(rows.iter().flat_map(|r| r.token_ids.iter().copied()));
-        let token_lists =
-            ListArray::try_new(Arc::new(Field::new_list_field(DataType::Int32, false)), offsets, Arc::new(tokens), None)?;
+        let token_lists = ListArray::try_new(
+            Arc::new(Field::new_list_field(DataType::Int32, false)),
+            offsets,
+            Arc::new(tokens),
+            None,
+        )?;
         RecordBatch::try_new(
             texts_schema(dim),
             vec![
@@ -354,7 +362,8 @@ impl TableRows for TextRow {
             .zip(embeddings)
             .map(|(i, embedding)| {
                 let list = tokens.value(i);
-                let token_ids = list.as_primitive_opt::<Int32Type>().ok_or("token_ids are not int32")?.values().to_vec();
+                let token_ids =
+                    list.as_primitive_opt::<Int32Type>().ok_or("token_ids are not int32")?.values().to_vec();
                 Ok(TextRow {
                     text_id: ids.value(i),
                     text: texts.value(i).to_string(),
