@@ -105,7 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run_ingest(args: IngestArgs) -> Result<ExitCode> {
-    if !(args.decode_timeout > 0.0) {
+    if args.decode_timeout.is_nan() || args.decode_timeout <= 0.0 {
         bail!("--decode-timeout must be positive");
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -10,8 +10,10 @@ use serde::Serialize;
 
 use crate::decode::RgbImage;
 
-/// OpenAI CLIP's normalisation constants, used when a checkpoint names none.
+/// OpenAI CLIP's normalisation constants, used when a checkpoint names none (written as
+/// published, even where f32 cannot hold every digit).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The preprocessing a checkpoint expects; recorded in the manifest.
