@@ -243,3 +243,19 @@ fn other_sampling_or_no_model_is_refused() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--frames 12"), "{stderr}");
 }
+
+#[test]
+fn a_file_past_its_deadline_is_a_timeout_failure_and_the_run_goes_on() {
+    let dir = Dir::new();
+    let root = dir.copy(&fixtures().join("videos/nested"), "corpus");
+    let index = dir.join("index");
+    let (code, stderr) = ingest(&index, &[&root], &["--decode-timeout", "0.001"]);
+    assert_eq!(code, 2, "{stderr}");
+    let failures = failures_by_path(&index);
+    assert_eq!(failures["deeper/gradient_h264.mp4"].0, "timeout", "{failures:?}");
+    // The failure is retried once the deadline is reasonable again.
+    let (code, stderr) = ingest(&index, &[&root], &["--retry-failed"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(indexed_ids(&index), vec!["deeper/gradient_h264".to_string()]);
+    assert!(failures_by_path(&index).is_empty());
+}
