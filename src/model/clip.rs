@@ -103,20 +103,37 @@ struct Encoder {
     layers: Vec<EncoderLayer>,
 }
 
+/// The shape of one tower's transformer, as both configs describe it.
+struct TowerShape {
+    layers: usize,
+    width: usize,
+    heads: usize,
+    mlp: usize,
+    eps: f64,
+    activation: Activation,
+}
+
+impl From<&VisionConfig> for TowerShape {
+    fn from(c: &VisionConfig) -> Self {
+        let (layers, width, heads, mlp) =
+            (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size);
+        TowerShape { layers, width, heads, mlp, eps: c.layer_norm_eps, activation: c.hidden_act }
+    }
+}
+
+impl From<&TextConfig> for TowerShape {
+    fn from(c: &TextConfig) -> Self {
+        let (layers, width, heads, mlp) =
+            (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size);
+        TowerShape { layers, width, heads, mlp, eps: c.layer_norm_eps, activation: c.hidden_act }
+    }
+}
+
 impl Encoder {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        vb: VarBuilder,
-        layers: usize,
-        width: usize,
-        heads: usize,
-        hidden: usize,
-        eps: f64,
-        act: Activation,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, shape: TowerShape) -> Result<Self> {
         let vb = vb.pp("layers");
-        let layers = (0..layers)
-            .map(|i| EncoderLayer::new(vb.pp(i), width, heads, hidden, eps, act))
+        let layers = (0..shape.layers)
+            .map(|i| EncoderLayer::new(vb.pp(i), shape.width, shape.heads, shape.mlp, shape.eps, shape.activation))
             .collect::<Result<Vec<_>>>()?;
         Ok(Encoder { layers })
     }
@@ -154,15 +171,7 @@ impl VisionTransformer {
             class_embedding: emb.get(c.hidden_size, "class_embedding")?,
             position_embedding: emb.get((c.num_patches() + 1, c.hidden_size), "position_embedding.weight")?,
             pre_layrnorm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(
-                vb.pp("encoder"),
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.num_attention_heads,
-                c.intermediate_size,
-                c.layer_norm_eps,
-                c.hidden_act,
-            )?,
+            encoder: Encoder::new(vb.pp("encoder"), TowerShape::from(c))?,
             post_layernorm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             config: c.clone(),
         })
@@ -203,15 +212,7 @@ impl TextTransformer {
         Ok(TextTransformer {
             token_embedding: emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?,
             position_embedding: emb.get((c.max_position_embeddings, c.hidden_size), "position_embedding.weight")?,
-            encoder: Encoder::new(
-                vb.pp("encoder"),
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.num_attention_heads,
-                c.intermediate_size,
-                c.layer_norm_eps,
-                c.hidden_act,
-            )?,
+            encoder: Encoder::new(vb.pp("encoder"), TowerShape::from(c))?,
             final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
             config: c.clone(),
         })
