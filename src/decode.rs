@@ -9,10 +9,11 @@
 //! Every wait has a deadline, and every error becomes a typed [`Rejection`].
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
+use gstreamer::glib;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
@@ -64,33 +65,23 @@ pub struct DecodedVideo {
 
 /// Initialises GStreamer once and checks that the elements the decoder needs are installed.
 pub fn init() -> Result<(), String> {
-    static INIT: Once = Once::new();
-    static mut INIT_ERROR: Option<String> = None;
-    INIT.call_once(|| {
-        let result = gst::init().map_err(|e| e.to_string()).and_then(|()| {
-            let missing: Vec<&str> = ["filesrc", "parsebin", "decodebin", "appsink", "fakesink"]
-                .into_iter()
-                .filter(|name| gst::ElementFactory::find(name).is_none())
-                .collect();
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "GStreamer elements missing: {}; install gstreamer1.0-plugins-base and gstreamer1.0-plugins-good",
-                    missing.join(", ")
-                ))
-            }
-        });
-        if let Err(e) = result {
-            // SAFETY: written once inside call_once, read only after it completed.
-            unsafe { INIT_ERROR = Some(format!("cannot initialise GStreamer: {e}")) };
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        gst::init().map_err(|e| format!("cannot initialise GStreamer: {e}"))?;
+        let missing: Vec<&str> = ["filesrc", "parsebin", "decodebin", "appsink", "fakesink"]
+            .into_iter()
+            .filter(|name| gst::ElementFactory::find(name).is_none())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "GStreamer elements missing: {}; install gstreamer1.0-plugins-base and gstreamer1.0-plugins-good",
+                missing.join(", ")
+            ))
         }
-    });
-    // SAFETY: call_once above has completed, so no write can race this read.
-    match unsafe { (*std::ptr::addr_of!(INIT_ERROR)).clone() } {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    })
+    .clone()
 }
 
 /// Decodes the frames the sampling protocol chooses from the video at `path`.
@@ -624,7 +615,7 @@ impl RgbConverter {
 fn with_assumed_colorimetry(
     caps: &gst::Caps,
     info: &gst_video::VideoInfo,
-) -> Result<gst_video::VideoInfo, glib_error::BoolError> {
+) -> Result<gst_video::VideoInfo, glib::BoolError> {
     let stated = caps.structure(0).and_then(|s| s.get::<String>("colorimetry").ok());
     let colorimetry = info.colorimetry();
     let matrix_known = stated.is_some() && colorimetry.matrix() != gst_video::VideoColorMatrix::Unknown;
@@ -643,8 +634,6 @@ fn with_assumed_colorimetry(
     );
     gst_video::VideoInfo::builder_from_info(info).colorimetry(&assumed).build()
 }
-
-use gstreamer::glib as glib_error;
 
 /// The container's display rotation, applied to RGB frames as players do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
