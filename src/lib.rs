@@ -3,6 +3,7 @@
 //! The library holds every stage; the `vtr-index` binary is a thin shell over [`cli::run`].
 //! See ARCHITECTURE.md for the data flow and the invariants between modules.
 
+pub mod checksum;
 pub mod cli;
 pub mod decode;
 pub mod encode;

@@ -10,13 +10,11 @@ pub mod clip;
 pub mod config;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub use config::ClipConfig;
 
@@ -165,22 +163,9 @@ fn read_preprocessor_config(folder: &Path, image_size: u32) -> Result<Preprocess
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::checksum::sha256_file(path)
+        .map(|(_, sha256)| sha256)
+        .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 
 /// Where the model runs.

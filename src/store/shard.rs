@@ -2,7 +2,6 @@
 //! them. Writer settings live in one place ([`writer_properties`]).
 
 use std::fs::File;
-use std::io::Read;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +9,6 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use sha2::{Digest, Sha256};
 
 use super::tables::TableRows;
 use super::{ShardInfo, StoreError, io_error, sync_dir};
@@ -143,19 +141,7 @@ impl<R: TableRows> Drop for ShardWriter<R> {
 }
 
 fn size_and_sha256(path: &Path) -> Result<(u64, String), StoreError> {
-    let mut file = File::open(path).map_err(io_error(path))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = file.read(&mut buffer).map_err(io_error(path))?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        hasher.update(&buffer[..n]);
-    }
-    Ok((bytes, crate::model::hex(&hasher.finalize())))
+    crate::checksum::sha256_file(path).map_err(io_error(path))
 }
 
 /// Reads every row of a table's shards, in manifest order.
