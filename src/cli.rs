@@ -8,8 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::encode_text::{EncodeTextOptions, encode_text};
 use crate::ingest::{IngestOptions, ingest};
 use crate::model::{Checkpoint, DeviceChoice};
+use crate::score::Revision;
+use crate::score::command::{ScoreCommand, run_score as run_score_command};
+use crate::search::{SearchCommand, search};
 use crate::store::{Manifest, index_bytes, verify_shard};
 
 #[derive(Debug, Parser)]
@@ -23,6 +27,12 @@ pub struct Cli {
 pub enum Command {
     /// Embed every video under the given folders into the index (only new or changed files).
     Ingest(IngestArgs),
+    /// Encode captions or queries (CSV, JSON Lines or plain text) into a text set of the index.
+    EncodeText(EncodeTextArgs),
+    /// Score a text set against every video: top-k, retrieval metrics, optional dense matrices.
+    Score(ScoreArgs),
+    /// Top videos for one query, with the time of each one's best-matching frame.
+    Search(SearchArgs),
     /// Show what an index holds, or what a checkpoint is.
     Info(InfoArgs),
     /// Check every shard the manifest lists: present, readable, right size, rows and checksum.
@@ -64,6 +74,80 @@ pub struct IngestArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct EncodeTextArgs {
+    /// Captions: CSV/TSV with a header (`video_id`, `sentence`|`caption`|`text`), JSON Lines, or
+    /// plain text with one query per line.
+    #[arg(value_name = "CAPTIONS")]
+    pub captions: PathBuf,
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    /// Name of the text set [default: the file's stem].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Another copy of the index's model, if the recorded path is gone.
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// Texts per model batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    /// The text set to score (rows of the matrix).
+    #[arg(long, value_name = "NAME")]
+    pub texts: String,
+    /// How the logit matrix is revised before ranking.
+    #[arg(long, value_enum, default_value = "none")]
+    pub revise: Revision,
+    /// QB-Norm's query bank: another text set of the index.
+    #[arg(long, value_name = "NAME")]
+    pub bank: Option<String>,
+    /// Softmax temperature τ of the dual softmax, on logits.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// QB-Norm's β, on cosines.
+    #[arg(long, default_value_t = 20.0)]
+    pub beta: f64,
+    /// Videos kept per text in topk.parquet.
+    #[arg(long, short = 'k', default_value_t = 10)]
+    pub top_k: usize,
+    /// Also write the full matrices: t2v.npy, v2t.npy and videos.txt.
+    #[arg(long)]
+    pub dense: bool,
+    /// Logit multiplier [default: exp(logit_scale) of the index's model].
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Memory (MiB) for keeping the logits between the two passes; past it they are recomputed.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub cache_mib: usize,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The query text.
+    pub query: String,
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    #[arg(long, short = 'k', default_value_t = 10)]
+    pub top_k: usize,
+    /// Another copy of the index's model, if the recorded path is gone.
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct InfoArgs {
     #[arg(long, value_name = "INDEX")]
     pub index: Option<PathBuf>,
@@ -99,6 +183,9 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Ingest(args) => run_ingest(args),
+        Command::EncodeText(args) => run_encode_text(args),
+        Command::Score(args) => run_score(args),
+        Command::Search(args) => run_search(args),
         Command::Info(args) => run_info(args),
         Command::Verify(args) => run_verify(args),
     }
@@ -124,6 +211,64 @@ fn run_ingest(args: IngestArgs) -> Result<ExitCode> {
     let report = ingest(&options)?;
     eprintln!("vtr-index: {}", report.summary());
     Ok(if report.failed_total() > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn run_encode_text(args: EncodeTextArgs) -> Result<ExitCode> {
+    let options = EncodeTextOptions {
+        captions: args.captions,
+        index: args.index,
+        name: args.name,
+        model: args.model,
+        batch: args.batch.max(1),
+        device: DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?,
+    };
+    let report = encode_text(&options)?;
+    eprintln!("vtr-index: {}", report.summary());
+    Ok(if report.skipped_lines.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn run_score(args: ScoreArgs) -> Result<ExitCode> {
+    if !(args.temperature > 0.0) || !(args.beta > 0.0) || args.scale.is_some_and(|s| !(s > 0.0)) {
+        bail!("--temperature, --beta and --scale must be positive");
+    }
+    let command = ScoreCommand {
+        index: args.index,
+        texts: args.texts,
+        revise: args.revise,
+        bank: args.bank,
+        temperature: args.temperature,
+        beta: args.beta,
+        top_k: args.top_k,
+        dense: args.dense,
+        out: args.out,
+        scale: args.scale,
+        cache_bytes: args.cache_mib.saturating_mul(1 << 20),
+    };
+    let report = run_score_command(&command)?;
+    eprintln!("vtr-index: {}", report.summary());
+    for file in &report.files {
+        println!("{}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_search(args: SearchArgs) -> Result<ExitCode> {
+    let command = SearchCommand {
+        query: args.query,
+        index: args.index,
+        top_k: args.top_k,
+        model: args.model,
+        device: DeviceChoice::Cpu,
+    };
+    for hit in search(&command)? {
+        if args.json {
+            println!("{}", serde_json::to_string(&hit)?);
+        } else {
+            let frame = hit.best_frame_s.map_or_else(|| "-".to_string(), |t| format!("{t:.2}s"));
+            println!("{:>3}  {:>8.4}  {:>8}  {}", hit.rank, hit.score, frame, hit.video_id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_info(args: InfoArgs) -> Result<ExitCode> {

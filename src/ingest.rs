@@ -23,7 +23,7 @@ use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
 use crate::store::{
     FrameRow, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, ShardWriter, StoreError, TableRows, VideoRow,
-    collect_garbage, read_table,
+    WriterLock, collect_garbage, read_table,
 };
 use crate::walk::{VideoFile, WalkError, walk_roots};
 
@@ -130,10 +130,22 @@ enum Encoded {
 
 /// Runs one ingest. Per-file failures are data in the report; an `Err` means nothing useful
 /// could be done and the index is as it was.
+/// Takes the index's writer lock, saying so when a crashed writer left it behind.
+fn lock_index(index: &Path) -> Result<WriterLock, StoreError> {
+    let lock = WriterLock::acquire(index, "ingest")?;
+    if let Some(stale) = &lock.taken_over_from {
+        eprintln!("vtr-index: took over the lock of a writer that did not finish ({stale})");
+    }
+    Ok(lock)
+}
+
 pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let started_at_us = now_us();
     crate::walk::check_roots(&options.roots)?;
+    // Lock before reading the manifest, so no other writer commits between our read and ours.
+    // A new index is locked once its folder exists (below), after the model checks pass.
+    let mut lock = options.index.is_dir().then(|| lock_index(&options.index)).transpose()?;
     let previous = Manifest::load(&options.index)?;
 
     let model_path = match (&options.model, &previous) {
@@ -162,7 +174,17 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         )));
     }
     crate::decode::init().map_err(IngestError::Refused)?;
-    std::fs::create_dir_all(&options.index).map_err(|source| StoreError::Io { path: options.index.clone(), source })?;
+    if lock.is_none() {
+        std::fs::create_dir_all(&options.index)
+            .map_err(|source| StoreError::Io { path: options.index.clone(), source })?;
+        lock = Some(lock_index(&options.index)?);
+        if Manifest::load(&options.index)?.is_some() {
+            return Err(IngestError::Refused(format!(
+                "{}: another ingest created this index while this one started; run again",
+                options.index.display()
+            )));
+        }
+    }
     collect_garbage(&options.index, previous.as_ref())?;
 
     let walked = walk_roots(&options.roots, started_at_us)?;
@@ -302,6 +324,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         drop(frames_out);
         write_run_report(&options.index, &tag, &report)?;
     }
+    drop(lock);
     Ok(report)
 }
 

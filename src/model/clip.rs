@@ -10,9 +10,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear, linear_no_bias};
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
-
-/// CLIP's end-of-text token: the text feature is read at its first occurrence.
-pub const END_OF_TEXT: u32 = 49407;
+use super::tokenizer::END_OF_TEXT;
 
 struct Attention {
     q_proj: Linear,

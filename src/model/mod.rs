@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod tokenizer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ pub enum ModelError {
     Weights { path: PathBuf, message: String },
     #[error("model computation failed: {0}")]
     Compute(String),
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 /// What the manifest records about the model an index was built with.
@@ -218,6 +221,34 @@ impl Clip {
         })?;
         let identity = checkpoint.identity(model.logit_scale)?;
         Ok(Clip { model, device, checkpoint, identity })
+    }
+
+    /// Loads the model an index records: from `path` when given (another copy of it), else from
+    /// the recorded source. Anything whose weights differ from the recorded SHA-256 is refused.
+    pub fn load_recorded(
+        recorded: &ModelIdentity,
+        path: Option<&Path>,
+        device: DeviceChoice,
+    ) -> Result<Clip, ModelError> {
+        let source = path.map_or_else(|| PathBuf::from(&recorded.source), Path::to_path_buf);
+        let checkpoint = Checkpoint::open(&source).map_err(|e| match (e, path) {
+            (ModelError::NotFound { path: missing }, None) => ModelError::Mismatch(format!(
+                "{}: the index's model is no longer there; give --model with a copy of it (sha256 {})",
+                missing.display(),
+                recorded.sha256
+            )),
+            (e, _) => e,
+        })?;
+        let clip = Clip::load(checkpoint, device)?;
+        if clip.identity.sha256 != recorded.sha256 {
+            return Err(ModelError::Mismatch(format!(
+                "{} is not the model this index was built with ({}, sha256 {}…); texts and videos must share one model",
+                source.display(),
+                recorded.source,
+                &recorded.sha256[..12.min(recorded.sha256.len())]
+            )));
+        }
+        Ok(clip)
     }
 
     pub fn embed_dim(&self) -> usize {

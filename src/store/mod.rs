@@ -5,14 +5,20 @@
 //! synced and renamed, and becomes visible only when a new manifest naming it is committed
 //! ([`Manifest::commit`]). [`collect_garbage`] removes what no manifest names.
 
+mod lock;
 mod manifest;
+mod scores;
 mod shard;
 mod tables;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use lock::{LOCK_FILE, WriterLock};
 pub use manifest::{FORMAT_VERSION, MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo};
+pub use scores::{
+    Embeddings, TextSet, TopKRow, read_frames_of, read_text_embeddings, read_video_embeddings, topk_schema, write_topk,
+};
 pub use shard::{ShardWriter, for_each_batch, read_table, verify_shard};
 pub use tables::{
     FrameRow, TableRows, TextRow, VideoRow, embedding_values, failures_schema, frames_schema, texts_schema,
@@ -28,6 +34,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("{index}: another writer holds this index ({holder}); wait for it to finish")]
+    Locked { index: PathBuf, holder: String },
     #[error("{path}: cannot write Parquet: {message}")]
     Parquet { path: PathBuf, message: String },
 }

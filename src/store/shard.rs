@@ -17,7 +17,7 @@ use super::{ShardInfo, StoreError, io_error, sync_dir};
 const BATCH_ROWS: usize = 1024;
 
 /// Snappy: fast, and read by pyarrow, DuckDB, Polars and Spark without extra codecs.
-fn writer_properties() -> WriterProperties {
+pub(super) fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))

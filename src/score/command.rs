@@ -1,0 +1,261 @@
+//! `vtr-index score`: reads a text set and the videos of an index, scores them with
+//! [`score`](super::score), and writes `topk.parquet`, `metrics.json` and, with `--dense`,
+//! `t2v.npy`, `v2t.npy` and `videos.txt` into the output folder (DESIGN §3–5).
+//!
+//! Columns are the videos in ascending `video_id` byte order; rows are texts in `text_id`
+//! order. Each output file is written under a temporary name and renamed when complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use super::npy::NpyWriter;
+use super::{Metrics, Problem, Revision, RowSink, ScoreOptions, score};
+use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, write_topk};
+
+#[derive(Debug, Clone)]
+pub struct ScoreCommand {
+    pub index: PathBuf,
+    pub texts: String,
+    pub revise: Revision,
+    pub bank: Option<String>,
+    pub temperature: f64,
+    pub beta: f64,
+    pub top_k: usize,
+    pub dense: bool,
+    pub out: PathBuf,
+    /// Overrides the model's `exp(logit_scale)`.
+    pub scale: Option<f64>,
+    pub cache_bytes: usize,
+}
+
+/// `metrics.json` (DESIGN §5) with the settings that produced it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsFile {
+    pub t2v: Option<Metrics>,
+    pub v2t: Option<Metrics>,
+    pub revise: Revision,
+    pub temperature: f64,
+    pub scale: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bank: Option<String>,
+    pub texts: String,
+    pub n_texts: usize,
+    pub n_videos: usize,
+    /// Texts whose `video_id` is not in the index: not queries.
+    pub n_texts_unmatched: usize,
+    /// Texts with no `video_id` at all (plain queries).
+    pub n_texts_without_video_id: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScoreReport {
+    pub metrics: MetricsFile,
+    pub files: Vec<PathBuf>,
+    pub seconds: f64,
+}
+
+impl ScoreReport {
+    pub fn summary(&self) -> String {
+        let m = &self.metrics;
+        let mut text = format!(
+            "scored {} texts × {} videos ({}) in {:.1} s",
+            m.n_texts,
+            m.n_videos,
+            m.revise.name(),
+            self.seconds
+        );
+        for (name, metrics) in [("t2v", m.t2v), ("v2t", m.v2t)] {
+            if let Some(x) = metrics {
+                text.push_str(&format!(
+                    "\n  {name}: R@1 {:.1}  R@5 {:.1}  R@10 {:.1}  MdR {:.1}  MnR {:.2}  (n = {})",
+                    x.r1, x.r5, x.r10, x.mdr, x.mnr, x.n
+                ));
+            }
+        }
+        if m.n_texts_unmatched > 0 {
+            text.push_str(&format!("\n  {} texts name a video that is not in the index", m.n_texts_unmatched));
+        }
+        text
+    }
+}
+
+/// Writes the dense matrices as the second pass produces their rows.
+struct DenseFiles {
+    t2v: NpyWriter,
+    v2t: NpyWriter,
+    /// Rows are texts in `text_id` order; the engine's rows are in text-set order.
+    row_of_text: Vec<usize>,
+}
+
+impl RowSink for DenseFiles {
+    fn row(&self, text: usize, t2v: &[f64], v2t: &[f64]) -> std::io::Result<()> {
+        self.t2v.write_row(self.row_of_text[text], t2v)?;
+        self.v2t.write_row(self.row_of_text[text], v2t)
+    }
+}
+
+fn temporary(path: &Path) -> PathBuf {
+    path.with_file_name(format!(".tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
+}
+
+pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
+    let started = Instant::now();
+    let manifest = Manifest::load(&command.index)?
+        .with_context(|| format!("{}: not a vtr-index index (no manifest.json)", command.index.display()))?;
+    let text_shards = text_set(&manifest, &command.texts)?;
+    let bank_shards = match (command.revise, &command.bank) {
+        (Revision::Qbnorm, Some(bank)) => Some(text_set(&manifest, bank)?),
+        (Revision::Qbnorm, None) => {
+            bail!("--revise qbnorm needs --bank NAME, a text set of bank queries (for example training captions)")
+        }
+        (_, Some(_)) => bail!("--bank is used only by --revise qbnorm"),
+        (_, None) => None,
+    };
+    if command.top_k == 0 && !command.dense {
+        eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
+    }
+
+    let (video_ids, videos) = read_video_embeddings(&command.index, manifest.shards("videos"))?;
+    if video_ids.is_empty() {
+        bail!("{}: the index holds no videos yet; run `vtr-index ingest` first", command.index.display());
+    }
+    // Columns in ascending video_id byte order.
+    let mut columns: Vec<usize> = (0..video_ids.len()).collect();
+    columns.sort_by(|&a, &b| video_ids[a].as_bytes().cmp(video_ids[b].as_bytes()));
+    let dim = videos.dim;
+    let video_matrix: Vec<f32> =
+        columns.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
+    let sorted_ids: Vec<&str> = columns.iter().map(|&v| video_ids[v].as_str()).collect();
+    let column_of: HashMap<&str, u32> = sorted_ids.iter().enumerate().map(|(c, id)| (*id, c as u32)).collect();
+
+    let texts = read_text_embeddings(&command.index, text_shards)?;
+    if texts.text_ids.is_empty() {
+        bail!("text set {} is empty", command.texts);
+    }
+    if texts.embeddings.dim != dim {
+        bail!("text set {} has embeddings of width {}, the videos {dim}", command.texts, texts.embeddings.dim);
+    }
+    let text_video: Vec<Option<u32>> =
+        texts.video_ids.iter().map(|v| v.as_deref().and_then(|id| column_of.get(id).copied())).collect();
+    let n_texts_without_video_id = texts.video_ids.iter().filter(|v| v.is_none()).count();
+    let n_texts_unmatched = text_video.iter().filter(|c| c.is_none()).count() - n_texts_without_video_id;
+    let bank = match bank_shards {
+        Some(shards) => {
+            let bank = read_text_embeddings(&command.index, shards)?;
+            if bank.embeddings.dim != dim || bank.text_ids.is_empty() {
+                bail!("bank {} must be a non-empty text set of width {dim}", command.bank.as_deref().unwrap_or(""));
+            }
+            Some(bank.embeddings.values)
+        }
+        None => None,
+    };
+
+    let scale = command.scale.unwrap_or_else(|| f64::from(manifest.model.logit_scale).exp());
+    let options = ScoreOptions {
+        revision: command.revise,
+        scale,
+        temperature: command.temperature,
+        beta: command.beta,
+        top_k: command.top_k,
+        cache_bytes: command.cache_bytes,
+        ..ScoreOptions::default()
+    };
+    let problem = Problem {
+        texts: &texts.embeddings.values,
+        videos: &video_matrix,
+        dim,
+        text_video: &text_video,
+        bank: bank.as_deref(),
+    };
+
+    std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
+    let mut files = Vec::new();
+    let dense = if command.dense {
+        let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
+        by_id.sort_by_key(|&i| texts.text_ids[i]);
+        let mut row_of_text = vec![0; by_id.len()];
+        for (row, &text) in by_id.iter().enumerate() {
+            row_of_text[text] = row;
+        }
+        let (n, m) = (texts.text_ids.len(), sorted_ids.len());
+        let create = |name: &str| {
+            let path = temporary(&command.out.join(name));
+            NpyWriter::create(&path, n, m).with_context(|| format!("{}: cannot create", path.display()))
+        };
+        Some(DenseFiles { t2v: create("t2v.npy")?, v2t: create("v2t.npy")?, row_of_text })
+    } else {
+        None
+    };
+
+    let outcome = score(&problem, &options, dense.as_ref().map(|d| d as &dyn RowSink))?;
+
+    if let Some(dense) = dense {
+        for (writer, name) in [(dense.t2v, "t2v.npy"), (dense.v2t, "v2t.npy")] {
+            let tmp = writer.finish()?;
+            let path = command.out.join(name);
+            std::fs::rename(&tmp, &path)?;
+            files.push(path);
+        }
+        let path = command.out.join("videos.txt");
+        let mut list = sorted_ids.join("\n");
+        list.push('\n');
+        crate::store::atomic_write(&path, list.as_bytes())?;
+        files.push(path);
+    }
+
+    let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
+    by_id.sort_by_key(|&i| texts.text_ids[i]);
+    let (text_ids, column_ids) = (&texts.text_ids, &sorted_ids);
+    let rows = by_id.iter().flat_map(|&i| {
+        outcome.top[i].iter().enumerate().map(move |(r, &(col, score))| TopKRow {
+            text_id: text_ids[i],
+            rank: r as u32 + 1,
+            video_id: column_ids[col as usize],
+            score,
+        })
+    });
+    let topk_path = command.out.join("topk.parquet");
+    write_topk(&topk_path, rows)?;
+    files.push(topk_path);
+
+    let metrics = MetricsFile {
+        t2v: outcome.t2v_metrics(),
+        v2t: outcome.v2t_metrics(),
+        revise: command.revise,
+        temperature: command.temperature,
+        scale,
+        beta: (command.revise == Revision::Qbnorm).then_some(command.beta),
+        bank: command.bank.clone(),
+        texts: command.texts.clone(),
+        n_texts: texts.text_ids.len(),
+        n_videos: sorted_ids.len(),
+        n_texts_unmatched,
+        n_texts_without_video_id,
+    };
+    if metrics.t2v.is_some() {
+        let path = command.out.join("metrics.json");
+        let mut json = serde_json::to_string_pretty(&metrics)?;
+        json.push('\n');
+        crate::store::atomic_write(&path, json.as_bytes())?;
+        files.push(path);
+    }
+    Ok(ScoreReport { metrics, files, seconds: started.elapsed().as_secs_f64() })
+}
+
+fn text_set<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m [crate::store::ShardInfo]> {
+    let table = format!("texts/{name}");
+    if !manifest.tables.contains_key(&table) {
+        let sets = manifest.text_sets();
+        bail!(
+            "no text set named {name} in this index ({}); make one with `vtr-index encode-text CAPTIONS --name {name}`",
+            if sets.is_empty() { "it has none".to_string() } else { format!("it has: {}", sets.join(", ")) }
+        );
+    }
+    Ok(manifest.shards(&table))
+}

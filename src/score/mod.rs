@@ -1,0 +1,579 @@
+//! Scoring: text × video logits, their revision (none, CAMoE's dual softmax, CLIP2TV's
+//! symmetric form, QB-Norm), each text's top-k and the ranks behind the metrics (DESIGN §1, §5).
+//!
+//! The full N × M matrix is never required. Texts are cut into strips of rows whose logits
+//! are one GEMM each. A first pass over the strips gathers what the revision needs from the
+//! whole matrix (column softmax statistics, each text's own score); a second pass revises each
+//! strip, keeps each row's top-k, counts each row's rank and, for video-to-text, the caption
+//! groups that beat each video's own. Strips are recomputed in the second pass unless the
+//! first pass could keep them within the cache budget, so a matrix that fits in memory costs
+//! one GEMM and one that does not costs two, with memory bounded by the strip size.
+//!
+//! Texts are ordered by their video before cutting strips, and strips end on group
+//! boundaries, so all captions of a video sit in one strip: V2T scores a video against each
+//! caption group by the group's best caption, which one strip can then compute alone.
+
+pub mod command;
+pub mod kernels;
+pub mod metrics;
+pub mod npy;
+pub mod topk;
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+
+pub use metrics::Metrics;
+
+use kernels::{SoftmaxStats, argmax, count_greater, dual_softmax, inverted_softmax, strip_gemm};
+use topk::TopK;
+
+/// The matrix revision applied before ranking (DESIGN §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Revision {
+    /// The logits as they are.
+    None,
+    /// CAMoE's dual softmax: `S ⊙ softmax_over_texts(S/τ)`, one matrix for both directions.
+    Dsl,
+    /// CLIP2TV's symmetric form: the column prior for T2V, the row prior for V2T.
+    DslSym,
+    /// QB-Norm's dynamic inverted softmax with a query bank.
+    Qbnorm,
+}
+
+impl Revision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Revision::None => "none",
+            Revision::Dsl => "dsl",
+            Revision::DslSym => "dsl-sym",
+            Revision::Qbnorm => "qbnorm",
+        }
+    }
+}
+
+/// Embeddings to score: row-major, L2-normalised, `dim` wide.
+pub struct Problem<'a> {
+    pub texts: &'a [f32],
+    pub videos: &'a [f32],
+    pub dim: usize,
+    /// For each text, the column of its video, if that video is in the index.
+    pub text_video: &'a [Option<u32>],
+    /// The query bank, for QB-Norm.
+    pub bank: Option<&'a [f32]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    pub revision: Revision,
+    /// The logit multiplier, `exp(logit_scale)`.
+    pub scale: f64,
+    /// τ of the dual softmax, on logits.
+    pub temperature: f64,
+    /// β of QB-Norm, on cosines.
+    pub beta: f64,
+    pub top_k: usize,
+    /// Strips the first pass may keep for the second instead of recomputing them.
+    pub cache_bytes: usize,
+    /// The size of one strip of logits (f32): the unit of work and of memory per thread.
+    pub strip_bytes: usize,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions {
+            revision: Revision::None,
+            scale: 100.0,
+            temperature: 1.0,
+            beta: 20.0,
+            top_k: 10,
+            cache_bytes: 1 << 30,
+            strip_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Receives every revised row (T2V and V2T values, texts × videos orientation) for `--dense`.
+pub trait RowSink: Sync {
+    fn row(&self, text: usize, t2v: &[f64], v2t: &[f64]) -> std::io::Result<()>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// For each text, in input order: `(column, score)`, best first.
+    pub top: Vec<Vec<(u32, f64)>>,
+    /// `(text, rank)` for each text whose video is a column, in text order.
+    pub t2v_ranks: Vec<(usize, u32)>,
+    /// `(column, rank)` for each video with at least one text, in column order.
+    pub v2t_ranks: Vec<(u32, u32)>,
+}
+
+impl Outcome {
+    pub fn t2v_metrics(&self) -> Option<Metrics> {
+        Metrics::from_ranks(&self.t2v_ranks.iter().map(|&(_, r)| r).collect::<Vec<_>>())
+    }
+
+    pub fn v2t_metrics(&self) -> Option<Metrics> {
+        Metrics::from_ranks(&self.v2t_ranks.iter().map(|&(_, r)| r).collect::<Vec<_>>())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot write the dense matrices: {0}")]
+    Dense(#[from] std::io::Error),
+}
+
+/// Texts in strip order and the strips cut from them.
+struct Layout {
+    /// Position → text index: texts grouped by video column, unmatched texts last.
+    order: Vec<usize>,
+    /// Position → the column of the text's video.
+    group: Vec<Option<u32>>,
+    strips: Vec<Range<usize>>,
+}
+
+impl Layout {
+    fn new(text_video: &[Option<u32>], columns: usize, strip_bytes: usize) -> Layout {
+        let mut order: Vec<usize> = (0..text_video.len()).collect();
+        order.sort_by_key(|&i| (text_video[i].map_or(u64::MAX, u64::from), i));
+        let group: Vec<Option<u32>> = order.iter().map(|&i| text_video[i]).collect();
+        let target = (strip_bytes / (4 * columns.max(1))).clamp(8, 1024);
+        let mut strips = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = (start + target).min(order.len());
+            while end < order.len() && group[end].is_some() && group[end] == group[end - 1] {
+                end += 1;
+            }
+            strips.push(start..end);
+            start = end;
+        }
+        Layout { order, group, strips }
+    }
+
+    fn starts_group(&self, pos: usize) -> bool {
+        pos == 0 || self.group[pos - 1] != self.group[pos]
+    }
+
+    fn ends_group(&self, pos: usize) -> bool {
+        pos + 1 == self.group.len() || self.group[pos + 1] != self.group[pos]
+    }
+}
+
+/// Per-column softmax statistics, accumulated strip by strip.
+#[derive(Clone)]
+struct ColumnStats {
+    max: Vec<f64>,
+    sum: Vec<f64>,
+}
+
+impl ColumnStats {
+    fn new(columns: usize) -> ColumnStats {
+        ColumnStats { max: vec![f64::NEG_INFINITY; columns], sum: vec![0.0; columns] }
+    }
+
+    /// Adds the rows of one strip, given as `x = factor · s` (τ and scale folded in).
+    fn add_strip(&mut self, strip: &[f32], columns: usize, to_x: impl Fn(f32) -> f64, row: &mut [f64]) {
+        let mut strip_max = vec![f64::NEG_INFINITY; columns];
+        for s in strip.chunks_exact(columns) {
+            for (m, &v) in strip_max.iter_mut().zip(s) {
+                *m = m.max(to_x(v));
+            }
+        }
+        for j in 0..columns {
+            let max = self.max[j].max(strip_max[j]);
+            self.sum[j] *= kernels::exp(self.max[j] - max);
+            self.max[j] = max;
+        }
+        for s in strip.chunks_exact(columns) {
+            for ((x, &v), &m) in row.iter_mut().zip(s).zip(&self.max) {
+                *x = kernels::exp(to_x(v) - m);
+            }
+            for (sum, &x) in self.sum.iter_mut().zip(row.iter()) {
+                *sum += x;
+            }
+        }
+    }
+
+    fn merge(mut self, other: ColumnStats) -> ColumnStats {
+        for j in 0..self.max.len() {
+            let merged = SoftmaxStats { max: self.max[j], sum: self.sum[j] }
+                .merge(SoftmaxStats { max: other.max[j], sum: other.sum[j] });
+            (self.max[j], self.sum[j]) = (merged.max, merged.sum);
+        }
+        self
+    }
+
+    /// `(max, 1/sum)` per column.
+    fn finish(self) -> (Vec<f64>, Vec<f64>) {
+        let inverse = self.sum.iter().map(|&s| 1.0 / s).collect();
+        (self.max, inverse)
+    }
+}
+
+/// What the second pass needs to revise any element: the revision and its statistics.
+struct Reviser {
+    revision: Revision,
+    scale: f64,
+    inv_tau: f64,
+    beta: f64,
+    /// Column statistics: of `S/τ` over texts (dual softmax), or of `β·cos` over the bank (QB-Norm).
+    col_max: Vec<f64>,
+    col_inv_sum: Vec<f64>,
+    /// Row statistics of `S/τ` over videos, by position (symmetric dual softmax).
+    row_stats: Vec<SoftmaxStats>,
+    /// QB-Norm: the columns that are some bank query's top-1 (the activation set).
+    active_columns: Vec<bool>,
+}
+
+impl Reviser {
+    /// Whether a QB-Norm row is revised: its own top-1 video is in the activation set.
+    fn row_is_active(&self, s_row: &[f32]) -> bool {
+        self.revision == Revision::Qbnorm && self.active_columns[argmax(s_row)]
+    }
+
+    #[inline(always)]
+    fn t2v_value(&self, s: f32, col: usize, active: bool) -> f64 {
+        match self.revision {
+            Revision::None => self.scale * s as f64,
+            Revision::Dsl | Revision::DslSym => {
+                dual_softmax(self.scale * s as f64, self.inv_tau, self.col_max[col], self.col_inv_sum[col])
+            }
+            Revision::Qbnorm if active => {
+                inverted_softmax(s as f64, self.beta, self.col_max[col], self.col_inv_sum[col])
+            }
+            Revision::Qbnorm => s as f64,
+        }
+    }
+
+    #[inline(always)]
+    fn v2t_value(&self, s: f32, col: usize, pos: usize, active: bool) -> f64 {
+        match self.revision {
+            Revision::DslSym => {
+                let stats = self.row_stats[pos];
+                dual_softmax(self.scale * s as f64, self.inv_tau, stats.max, 1.0 / stats.sum)
+            }
+            _ => self.t2v_value(s, col, active),
+        }
+    }
+
+    /// The T2V row; the loops are written per revision so that each vectorises, and each
+    /// computes exactly [`Self::t2v_value`].
+    fn t2v_row(&self, s_row: &[f32], active: bool, out: &mut [f64]) {
+        let (scale, inv_tau, beta) = (self.scale, self.inv_tau, self.beta);
+        match self.revision {
+            Revision::None => kernels::logits(s_row, scale, out),
+            Revision::Dsl | Revision::DslSym => {
+                for (((o, &s), &m), &inv) in out.iter_mut().zip(s_row).zip(&self.col_max).zip(&self.col_inv_sum) {
+                    *o = dual_softmax(scale * s as f64, inv_tau, m, inv);
+                }
+            }
+            Revision::Qbnorm if active => {
+                for (((o, &s), &m), &inv) in out.iter_mut().zip(s_row).zip(&self.col_max).zip(&self.col_inv_sum) {
+                    *o = inverted_softmax(s as f64, beta, m, inv);
+                }
+            }
+            Revision::Qbnorm => {
+                for (o, &s) in out.iter_mut().zip(s_row) {
+                    *o = s as f64;
+                }
+            }
+        }
+    }
+
+    /// The symmetric form's V2T row (other revisions rank V2T on the T2V row).
+    fn v2t_row(&self, s_row: &[f32], pos: usize, out: &mut [f64]) {
+        let stats = self.row_stats[pos];
+        let (scale, inv_tau, inv_sum) = (self.scale, self.inv_tau, 1.0 / stats.sum);
+        for (o, &s) in out.iter_mut().zip(s_row) {
+            *o = dual_softmax(scale * s as f64, inv_tau, stats.max, inv_sum);
+        }
+    }
+}
+
+/// What the first pass learns from one strip.
+#[derive(Default)]
+struct StripFacts {
+    /// `(position, own logit's cosine, row active under QB-Norm)` for rows with a video.
+    truths: Vec<(usize, f32, bool)>,
+    /// `(position, row statistics)`, for the symmetric form.
+    row_stats: Vec<(usize, SoftmaxStats)>,
+}
+
+/// What the second pass produces from one strip.
+struct StripResults {
+    top: Vec<(usize, Vec<(u32, f64)>)>,
+    t2v_ranks: Vec<(usize, u32)>,
+}
+
+/// Per-thread state of the second pass.
+struct PassTwoState {
+    /// For each column, how many caption groups beat the column's own captions.
+    v2t_beaten: Vec<u32>,
+    group_max: Vec<f64>,
+    t2v: Vec<f64>,
+    v2t: Vec<f64>,
+    results: Vec<StripResults>,
+}
+
+struct Engine<'a> {
+    problem: &'a Problem<'a>,
+    options: &'a ScoreOptions,
+    layout: Layout,
+    columns: usize,
+    cache: Vec<Mutex<Option<Vec<f32>>>>,
+    cached_bytes: AtomicUsize,
+}
+
+impl Engine<'_> {
+    /// The cosines of one strip's rows against every video.
+    fn compute_strip(&self, range: &Range<usize>) -> Vec<f32> {
+        let dim = self.problem.dim;
+        let mut rows = Vec::with_capacity(range.len() * dim);
+        for &text in &self.layout.order[range.clone()] {
+            rows.extend_from_slice(&self.problem.texts[text * dim..(text + 1) * dim]);
+        }
+        let mut out = vec![0f32; range.len() * self.columns];
+        strip_gemm(&rows, self.problem.videos, dim, &mut out);
+        out
+    }
+
+    fn keep_if_room(&self, strip_index: usize, strip: Vec<f32>) {
+        let bytes = strip.len() * 4;
+        if self.cached_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.options.cache_bytes {
+            *self.cache[strip_index].lock().expect("cache lock") = Some(strip);
+        } else {
+            self.cached_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn strip(&self, strip_index: usize) -> Vec<f32> {
+        let cached = self.cache[strip_index].lock().expect("cache lock").take();
+        cached.unwrap_or_else(|| self.compute_strip(&self.layout.strips[strip_index]))
+    }
+
+    /// QB-Norm's bank statistics: `(max, 1/sum)` of `β·cos` per column and the activation set.
+    fn bank_statistics(&self, bank: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<bool>) {
+        let (dim, columns, beta) = (self.problem.dim, self.columns, self.options.beta);
+        let rows_per_strip = (self.options.strip_bytes / (4 * columns.max(1))).clamp(8, 1024);
+        let (stats, active) = bank
+            .par_chunks(rows_per_strip * dim)
+            .fold(
+                || (ColumnStats::new(columns), vec![false; columns], vec![0f64; columns]),
+                |(mut stats, mut active, mut row), rows| {
+                    let mut strip = vec![0f32; rows.len() / dim * columns];
+                    strip_gemm(rows, self.problem.videos, dim, &mut strip);
+                    for s_row in strip.chunks_exact(columns) {
+                        active[argmax(s_row)] = true;
+                    }
+                    stats.add_strip(&strip, columns, |c| beta * c as f64, &mut row);
+                    (stats, active, row)
+                },
+            )
+            .map(|(stats, active, _)| (stats, active))
+            .reduce(
+                || (ColumnStats::new(columns), vec![false; columns]),
+                |(a, mut active_a), (b, active_b)| {
+                    for (x, y) in active_a.iter_mut().zip(active_b) {
+                        *x |= y;
+                    }
+                    (a.merge(b), active_a)
+                },
+            );
+        let (max, inv_sum) = stats.finish();
+        (max, inv_sum, active)
+    }
+}
+
+/// Scores every text against every video. `sink` receives every revised row (`--dense`).
+pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
+    let dim = problem.dim;
+    if dim == 0 || problem.texts.len() % dim != 0 || problem.videos.len() % dim != 0 {
+        return Err(ScoreError::Invalid(format!("embeddings are not rows of width {dim}")));
+    }
+    let (n, columns) = (problem.texts.len() / dim, problem.videos.len() / dim);
+    if problem.text_video.len() != n || problem.text_video.iter().flatten().any(|&c| c as usize >= columns) {
+        return Err(ScoreError::Invalid("each text needs one entry in text_video, a column or none".into()));
+    }
+    if !(options.temperature > 0.0) || !(options.scale > 0.0) || !(options.beta > 0.0) {
+        return Err(ScoreError::Invalid("the scale, temperature and beta must be positive".into()));
+    }
+    let bank = match (options.revision, problem.bank) {
+        (Revision::Qbnorm, Some(bank)) if !bank.is_empty() && bank.len() % dim == 0 => Some(bank),
+        (Revision::Qbnorm, _) => return Err(ScoreError::Invalid("QB-Norm needs a non-empty query bank".into())),
+        _ => None,
+    };
+    let layout = Layout::new(problem.text_video, columns, options.strip_bytes);
+    let engine = Engine {
+        problem,
+        options,
+        cache: (0..layout.strips.len()).map(|_| Mutex::new(None)).collect(),
+        layout,
+        columns,
+        cached_bytes: AtomicUsize::new(0),
+    };
+    let mut reviser = Reviser {
+        revision: options.revision,
+        scale: options.scale,
+        inv_tau: 1.0 / options.temperature,
+        beta: options.beta,
+        col_max: Vec::new(),
+        col_inv_sum: Vec::new(),
+        row_stats: Vec::new(),
+        active_columns: Vec::new(),
+    };
+    if let Some(bank) = bank {
+        (reviser.col_max, reviser.col_inv_sum, reviser.active_columns) = engine.bank_statistics(bank);
+    }
+
+    // First pass, when anything needs the whole matrix first.
+    let needs_column_stats = matches!(options.revision, Revision::Dsl | Revision::DslSym);
+    let has_matches = engine.layout.group.iter().any(Option::is_some);
+    let mut truths: Vec<(usize, f32, bool)> = Vec::new();
+    if needs_column_stats || has_matches {
+        let (scale, inv_tau) = (options.scale, reviser.inv_tau);
+        let symmetric = options.revision == Revision::DslSym;
+        let (stats, facts) = (0..engine.layout.strips.len())
+            .into_par_iter()
+            .fold(
+                || (needs_column_stats.then(|| ColumnStats::new(columns)), Vec::new(), vec![0f64; columns]),
+                |(mut stats, mut facts, mut row), index| {
+                    let range = engine.layout.strips[index].clone();
+                    let strip = engine.compute_strip(&range);
+                    if let Some(stats) = stats.as_mut() {
+                        stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau, &mut row);
+                    }
+                    let mut strip_facts = StripFacts::default();
+                    for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+                        if symmetric {
+                            kernels::logits(s_row, scale, &mut row);
+                            strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
+                        }
+                        if let Some(col) = engine.layout.group[pos] {
+                            let active = reviser.row_is_active(s_row);
+                            strip_facts.truths.push((pos, s_row[col as usize], active));
+                        }
+                    }
+                    facts.push(strip_facts);
+                    engine.keep_if_room(index, strip);
+                    (stats, facts, row)
+                },
+            )
+            .map(|(stats, facts, _)| (stats, facts))
+            .reduce(
+                || (needs_column_stats.then(|| ColumnStats::new(columns)), Vec::new()),
+                |(a, mut fa), (b, fb)| {
+                    fa.extend(fb);
+                    (a.zip(b).map(|(a, b)| a.merge(b)), fa)
+                },
+            );
+        if let Some(stats) = stats {
+            (reviser.col_max, reviser.col_inv_sum) = stats.finish();
+        }
+        if symmetric {
+            reviser.row_stats = vec![SoftmaxStats::EMPTY; n];
+            for (pos, stats) in facts.iter().flat_map(|f| &f.row_stats) {
+                reviser.row_stats[*pos] = *stats;
+            }
+        }
+        truths = facts.into_iter().flat_map(|f| f.truths).collect();
+        truths.sort_unstable_by_key(|t| t.0);
+    }
+
+    // Each matched text's own revised score, and each video's best own caption for V2T.
+    let mut t2v_truth = vec![f64::INFINITY; n];
+    let mut v2t_truth = vec![f64::INFINITY; columns];
+    for &(pos, s, active) in &truths {
+        let col = engine.layout.group[pos].expect("truths are matched rows") as usize;
+        t2v_truth[pos] = reviser.t2v_value(s, col, active);
+        let v = reviser.v2t_value(s, col, pos, active);
+        v2t_truth[col] = if engine.layout.starts_group(pos) { v } else { v2t_truth[col].max(v) };
+    }
+
+    // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
+    let top_k = options.top_k.min(columns);
+    let symmetric = options.revision == Revision::DslSym;
+    let state = (0..engine.layout.strips.len())
+        .into_par_iter()
+        .try_fold(
+            || PassTwoState {
+                v2t_beaten: vec![0; columns],
+                group_max: vec![0.0; columns],
+                t2v: vec![0.0; columns],
+                v2t: vec![0.0; columns],
+                results: Vec::new(),
+            },
+            |mut st, index| -> Result<PassTwoState, std::io::Error> {
+                let range = engine.layout.strips[index].clone();
+                let strip = engine.strip(index);
+                let mut results = StripResults { top: Vec::with_capacity(range.len()), t2v_ranks: Vec::new() };
+                for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+                    let active = reviser.row_is_active(s_row);
+                    reviser.t2v_row(s_row, active, &mut st.t2v);
+                    let mut top = TopK::new(top_k);
+                    top.scan(&st.t2v, 0);
+                    results.top.push((engine.layout.order[pos], top.into_sorted()));
+                    if symmetric {
+                        reviser.v2t_row(s_row, pos, &mut st.v2t);
+                    }
+                    let v2t = if symmetric { &st.v2t } else { &st.t2v };
+                    if let Some(sink) = sink {
+                        sink.row(engine.layout.order[pos], &st.t2v, v2t)?;
+                    }
+                    if engine.layout.group[pos].is_none() {
+                        continue;
+                    }
+                    results.t2v_ranks.push((engine.layout.order[pos], 1 + count_greater(&st.t2v, t2v_truth[pos])));
+                    if engine.layout.starts_group(pos) {
+                        st.group_max.copy_from_slice(v2t);
+                    } else {
+                        for (g, &v) in st.group_max.iter_mut().zip(v2t) {
+                            *g = g.max(v);
+                        }
+                    }
+                    if engine.layout.ends_group(pos) {
+                        for ((beaten, &g), &own) in st.v2t_beaten.iter_mut().zip(&st.group_max).zip(&v2t_truth) {
+                            *beaten += u32::from(g > own);
+                        }
+                    }
+                }
+                st.results.push(results);
+                Ok(st)
+            },
+        )
+        .map(|st| st.map(|st| (st.v2t_beaten, st.results)))
+        .try_reduce(
+            || (vec![0; columns], Vec::new()),
+            |(mut beaten, mut results), (other_beaten, other_results)| {
+                for (a, b) in beaten.iter_mut().zip(other_beaten) {
+                    *a += b;
+                }
+                results.extend(other_results);
+                Ok((beaten, results))
+            },
+        )?;
+    let (beaten, results) = state;
+
+    let mut top = vec![Vec::new(); n];
+    let mut t2v_ranks = Vec::new();
+    for strip in results {
+        for (text, items) in strip.top {
+            top[text] = items;
+        }
+        t2v_ranks.extend(strip.t2v_ranks);
+    }
+    t2v_ranks.sort_unstable();
+    let mut has_texts = vec![false; columns];
+    for col in engine.layout.group.iter().flatten() {
+        has_texts[*col as usize] = true;
+    }
+    let v2t_ranks =
+        (0..columns).filter(|&c| has_texts[c]).map(|c| (c as u32, 1 + beaten[c])).collect::<Vec<(u32, u32)>>();
+    Ok(Outcome { top, t2v_ranks, v2t_ranks })
+}

@@ -1,0 +1,87 @@
+//! `vtr-index search "a query"`: one query against every video of an index, answered with the
+//! top videos and, for each, the time of its frame that matches the query best.
+//!
+//! Ranking is by the logit `scale · cos(query, video)` (one query has no dual-softmax prior);
+//! the best frame is the sampled frame whose embedding has the highest cosine with the query.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{Clip, DeviceChoice};
+use crate::score::{Problem, Revision, ScoreOptions, score};
+use crate::store::{Manifest, read_frames_of, read_video_embeddings};
+
+#[derive(Debug, Clone)]
+pub struct SearchCommand {
+    pub query: String,
+    pub index: PathBuf,
+    pub top_k: usize,
+    pub model: Option<PathBuf>,
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Hit {
+    pub rank: usize,
+    pub video_id: String,
+    /// `scale · cos(query, video)`.
+    pub score: f64,
+    /// The presentation time of the best-matching sampled frame, in seconds.
+    pub best_frame_s: Option<f64>,
+    pub best_frame_cosine: Option<f64>,
+}
+
+pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
+    if ClipTokenizer::is_blank(&command.query) {
+        bail!("the query is empty");
+    }
+    let manifest = Manifest::load(&command.index)?
+        .with_context(|| format!("{}: not a vtr-index index (no manifest.json)", command.index.display()))?;
+    let clip = Clip::load_recorded(&manifest.model, command.model.as_deref(), command.device)?;
+    let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(&command.query);
+    let query = clip.embed_texts(&[tokens])?;
+
+    let (ids, videos) = read_video_embeddings(&command.index, manifest.shards("videos"))?;
+    if ids.is_empty() {
+        bail!("{}: the index holds no videos yet", command.index.display());
+    }
+    let mut columns: Vec<usize> = (0..ids.len()).collect();
+    columns.sort_by(|&a, &b| ids[a].as_bytes().cmp(ids[b].as_bytes()));
+    let dim = videos.dim;
+    let matrix: Vec<f32> =
+        columns.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
+    let options = ScoreOptions {
+        revision: Revision::None,
+        scale: f64::from(manifest.model.logit_scale).exp(),
+        top_k: command.top_k,
+        ..ScoreOptions::default()
+    };
+    let problem = Problem { texts: &query, videos: &matrix, dim, text_video: &[None], bank: None };
+    let outcome = score(&problem, &options, None)?;
+    let top: Vec<(&str, f64)> =
+        outcome.top[0].iter().map(|&(col, score)| (ids[columns[col as usize]].as_str(), score)).collect();
+
+    let wanted: HashSet<&str> = top.iter().map(|&(id, _)| id).collect();
+    let mut best: HashMap<String, (f64, f64)> = HashMap::new();
+    for frame in read_frames_of(&command.index, manifest.shards("frames"), &wanted)? {
+        let cosine: f64 = frame.embedding.iter().zip(&query).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        let entry = best.entry(frame.video_id).or_insert((f64::NEG_INFINITY, frame.pts_s));
+        if cosine > entry.0 {
+            *entry = (cosine, frame.pts_s);
+        }
+    }
+    Ok(top
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, score))| Hit {
+            rank: i + 1,
+            video_id: id.to_string(),
+            score,
+            best_frame_s: best.get(id).map(|b| b.1),
+            best_frame_cosine: best.get(id).map(|b| b.0),
+        })
+        .collect())
+}

@@ -1,0 +1,154 @@
+//! What scoring reads from an index (video and text embeddings, only the columns it needs)
+//! and the score table it writes (`topk.parquet`: `text_id`, `rank`, `video_id`, `score`).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+
+use super::shard::for_each_batch;
+use super::tables::{FrameRow, TableRows, embedding_values, string_column, u64_column};
+use super::{ShardInfo, StoreError, io_error};
+
+/// Embeddings of one table, row-major, in manifest order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Embeddings {
+    pub values: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Embeddings {
+    fn append(&mut self, values: Vec<f32>, dim: usize) -> Result<(), String> {
+        if self.values.is_empty() {
+            self.dim = dim;
+        } else if dim != self.dim {
+            return Err(format!("embedding width {dim} where earlier shards have {}", self.dim));
+        }
+        self.values.extend(values);
+        Ok(())
+    }
+}
+
+/// `video_id` and `embedding` of every video.
+pub fn read_video_embeddings(index: &Path, shards: &[ShardInfo]) -> Result<(Vec<String>, Embeddings), StoreError> {
+    let mut ids = Vec::new();
+    let mut embeddings = Embeddings::default();
+    for shard in shards {
+        for_each_batch(index, shard, |batch| {
+            let column = string_column(batch, "video_id")?;
+            ids.extend((0..batch.num_rows()).map(|i| column.value(i).to_string()));
+            let (values, dim) = embedding_values(batch)?;
+            embeddings.append(values, dim)
+        })?;
+    }
+    Ok((ids, embeddings))
+}
+
+/// The texts of a text set, for scoring: ids, optional video ids and embeddings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TextSet {
+    pub text_ids: Vec<u64>,
+    pub video_ids: Vec<Option<String>>,
+    pub embeddings: Embeddings,
+}
+
+pub fn read_text_embeddings(index: &Path, shards: &[ShardInfo]) -> Result<TextSet, StoreError> {
+    let mut set = TextSet::default();
+    for shard in shards {
+        for_each_batch(index, shard, |batch| {
+            let ids = u64_column(batch, "text_id")?;
+            let videos = string_column(batch, "video_id")?;
+            set.text_ids.extend(ids.values().iter().copied());
+            set.video_ids
+                .extend((0..batch.num_rows()).map(|i| videos.is_valid(i).then(|| videos.value(i).to_string())));
+            let (values, dim) = embedding_values(batch)?;
+            set.embeddings.append(values, dim)
+        })?;
+    }
+    Ok(set)
+}
+
+/// The frames of the videos in `wanted` (for `search`'s best-matching frame).
+pub fn read_frames_of(
+    index: &Path,
+    shards: &[ShardInfo],
+    wanted: &std::collections::HashSet<&str>,
+) -> Result<Vec<FrameRow>, StoreError> {
+    let mut rows = Vec::new();
+    for shard in shards {
+        for_each_batch(index, shard, |batch| {
+            let ids = string_column(batch, "video_id")?;
+            if (0..batch.num_rows()).any(|i| wanted.contains(ids.value(i))) {
+                rows.extend(FrameRow::from_batch(batch)?.into_iter().filter(|r| wanted.contains(r.video_id.as_str())));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(rows)
+}
+
+/// One row of `topk.parquet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKRow<'a> {
+    pub text_id: u64,
+    pub rank: u32,
+    pub video_id: &'a str,
+    pub score: f64,
+}
+
+pub fn topk_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("text_id", DataType::UInt64, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("video_id", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+    ]))
+}
+
+/// Writes `topk.parquet` at `path` (a temporary file, synced, renamed), in batches.
+pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<u64, StoreError> {
+    const BATCH: usize = 64 * 1024;
+    let tmp = path.with_file_name(format!(
+        ".tmp-{}",
+        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    ));
+    let parquet_error =
+        |e: &dyn std::fmt::Display| StoreError::Parquet { path: path.to_path_buf(), message: e.to_string() };
+    let file = File::create(&tmp).map_err(io_error(&tmp))?;
+    let mut writer = ArrowWriter::try_new(file, topk_schema(), Some(super::shard::writer_properties()))
+        .map_err(|e| parquet_error(&e))?;
+    let mut pending: Vec<TopKRow> = Vec::with_capacity(BATCH);
+    let mut written = 0u64;
+    let mut flush = |pending: &mut Vec<TopKRow>, writer: &mut ArrowWriter<File>| -> Result<(), StoreError> {
+        let batch = RecordBatch::try_new(
+            topk_schema(),
+            vec![
+                Arc::new(UInt64Array::from_iter_values(pending.iter().map(|r| r.text_id))),
+                Arc::new(UInt32Array::from_iter_values(pending.iter().map(|r| r.rank))),
+                Arc::new(StringArray::from_iter_values(pending.iter().map(|r| r.video_id))),
+                Arc::new(Float64Array::from_iter_values(pending.iter().map(|r| r.score))),
+            ],
+        )
+        .map_err(|e| parquet_error(&e))?;
+        writer.write(&batch).map_err(|e| parquet_error(&e))?;
+        written += pending.len() as u64;
+        pending.clear();
+        Ok(())
+    };
+    for row in rows {
+        pending.push(row);
+        if pending.len() == BATCH {
+            flush(&mut pending, &mut writer)?;
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending, &mut writer)?;
+    }
+    let file = writer.into_inner().map_err(|e| parquet_error(&e))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))?;
+    Ok(written)
+}
