@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
 use vtr_index::decode::RgbImage;
+use vtr_index::model::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use vtr_index::model::{Checkpoint, Clip, DeviceChoice};
 use vtr_index::preprocess::pixel_values;
 
@@ -176,4 +179,46 @@ fn ingest_matches_pyav_and_transformers_reference() {
     }
     assert_eq!(checked, 12);
     assert!(ours.is_empty(), "indexed videos the reference does not have: {:?}", ours.keys());
+}
+
+struct ReferenceText {
+    text: String,
+    token_ids: Vec<u32>,
+    embedding: Vec<f32>,
+}
+
+fn reference_texts() -> Vec<ReferenceText> {
+    let mut out = Vec::new();
+    for batch in read_parquet(&fixtures().join("reference/text_tiny.parquet")) {
+        let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
+        let texts = strings(&batch, "text");
+        let embeddings = f64_lists(&batch, "embedding");
+        for (i, (text, embedding)) in texts.into_iter().zip(embeddings).enumerate() {
+            let ids = tokens.value(i).as_primitive::<Int64Type>().values().iter().map(|&t| t as u32).collect();
+            out.push(ReferenceText { text, token_ids: ids, embedding });
+        }
+    }
+    assert!(out.len() >= 40, "the text references are there");
+    out
+}
+
+#[test]
+fn tokenizer_gives_the_official_clip_token_ids() {
+    let tokenizer = ClipTokenizer::new(CONTEXT_LENGTH);
+    for reference in reference_texts() {
+        assert_eq!(tokenizer.encode(&reference.text), reference.token_ids, "{:?}", reference.text);
+    }
+}
+
+#[test]
+fn text_tower_matches_transformers_on_identical_tokens() {
+    let clip = tiny_clip();
+    let references = reference_texts();
+    let tokens: Vec<Vec<u32>> = references.iter().map(|r| r.token_ids.clone()).collect();
+    // One batch: sequences of different lengths padded together must not disturb each other.
+    let embeddings = clip.embed_texts(&tokens).unwrap();
+    for (reference, embedding) in references.iter().zip(embeddings.chunks(clip.embed_dim())) {
+        let c = cosine(embedding, &reference.embedding);
+        assert!(c >= 0.99999, "{:?}: cosine {c}", reference.text);
+    }
 }

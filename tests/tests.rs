@@ -6,3 +6,5 @@ mod util;
 mod cli;
 mod fidelity;
 mod ingest;
+mod score;
+mod texts;

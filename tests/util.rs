@@ -81,6 +81,11 @@ impl TestCommand {
         self
     }
 
+    pub fn args(mut self, args: &[&str]) -> TestCommand {
+        self.cmd.args(args);
+        self
+    }
+
     pub fn output(mut self) -> Output {
         self.cmd.output().expect("the binary runs")
     }
@@ -148,4 +153,31 @@ pub fn ingest(index: &Path, roots: &[&Path], extra: &[&str]) -> (i32, String) {
     }
     let out = cmd.output();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A NumPy `.npy` array (little-endian `<f4`, `<f8` or `<i8`, C order) as f64 values and its shape.
+pub fn read_npy(path: &Path) -> (Vec<f64>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not an npy file", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> =
+        shape_text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    let data = &bytes[start + header_len..];
+    let values: Vec<f64> = if header.contains("'<f4'") {
+        data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    } else if header.contains("'<f8'") {
+        data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+    } else if header.contains("'<i8'") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    } else {
+        panic!("{}: unsupported dtype in {header}", path.display())
+    };
+    assert_eq!(values.len(), shape.iter().product::<usize>());
+    (values, shape)
 }

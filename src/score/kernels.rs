@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn exp_is_accurate_over_the_range_used() {
         let mut worst = 0f64;
-        let mut x = -745.0;
+        let mut x: f64 = -745.0;
         while x < 700.0 {
             let want = x.exp();
             if want > 1e-300 {

@@ -1,0 +1,279 @@
+//! Scoring against the reference cases of `fixtures/reference/score` (metrics to 1e-6, the
+//! symmetric dual-softmax matrices to 1e-5 of their largest value), and the tiled two-pass
+//! path against the single-strip one on matrices far larger than one strip.
+
+use std::sync::Mutex;
+
+use vtr_index::score::{Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
+
+use crate::util::*;
+
+struct Case {
+    name: String,
+    texts: Vec<f32>,
+    videos: Vec<f32>,
+    dim: usize,
+    text_video: Vec<Option<u32>>,
+    bank: Vec<f32>,
+}
+
+fn load_case(name: &str) -> Case {
+    let dir = fixtures().join("reference/score");
+    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let (texts, shape) = read_npy(&dir.join(format!("{name}_texts.npy")));
+    let (videos, _) = read_npy(&dir.join(format!("{name}_videos.npy")));
+    let (text_video, _) = read_npy(&dir.join(format!("{name}_text_video.npy")));
+    let (bank, _) = read_npy(&dir.join(format!("{name}_bank.npy")));
+    Case {
+        name: name.to_string(),
+        texts: f32s(texts),
+        videos: f32s(videos),
+        dim: shape[1],
+        text_video: text_video.into_iter().map(|c| Some(c as u32)).collect(),
+        bank: f32s(bank),
+    }
+}
+
+fn problem(case: &Case) -> Problem<'_> {
+    Problem {
+        texts: &case.texts,
+        videos: &case.videos,
+        dim: case.dim,
+        text_video: &case.text_video,
+        bank: Some(&case.bank),
+    }
+}
+
+/// Collects the dense rows the engine hands out.
+struct DenseRows {
+    columns: usize,
+    t2v: Mutex<Vec<f64>>,
+    v2t: Mutex<Vec<f64>>,
+}
+
+impl DenseRows {
+    fn new(rows: usize, columns: usize) -> DenseRows {
+        DenseRows {
+            columns,
+            t2v: Mutex::new(vec![f64::NAN; rows * columns]),
+            v2t: Mutex::new(vec![f64::NAN; rows * columns]),
+        }
+    }
+}
+
+impl RowSink for DenseRows {
+    fn row(&self, text: usize, t2v: &[f64], v2t: &[f64]) -> std::io::Result<()> {
+        let range = text * self.columns..(text + 1) * self.columns;
+        self.t2v.lock().unwrap()[range.clone()].copy_from_slice(t2v);
+        self.v2t.lock().unwrap()[range].copy_from_slice(v2t);
+        Ok(())
+    }
+}
+
+fn reference_metrics(case: &str, revision: Revision, direction: &str) -> Metrics {
+    let text = std::fs::read_to_string(fixtures().join("reference/score/metrics.json")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let entry = cases.as_array().unwrap().iter().find(|c| c["name"] == case).unwrap();
+    serde_json::from_value(entry["results"][revision.name()][direction].clone()).unwrap()
+}
+
+fn assert_metrics_equal(got: Option<Metrics>, want: Metrics, what: &str) {
+    let got = got.unwrap_or_else(|| panic!("{what}: no metrics"));
+    let pairs = [(got.r1, want.r1), (got.r5, want.r5), (got.r10, want.r10), (got.mdr, want.mdr), (got.mnr, want.mnr)];
+    for (g, w) in pairs {
+        assert!((g - w).abs() <= 1e-6, "{what}: got {got:?}, want {want:?}");
+    }
+    assert_eq!(got.n, want.n, "{what}");
+}
+
+const REVISIONS: [Revision; 4] = [Revision::None, Revision::Dsl, Revision::DslSym, Revision::Qbnorm];
+
+/// Strips of a few rows and no cache: every case runs through many strips and recomputes
+/// each one in the second pass, the path large corpora take.
+fn small_strips(revision: Revision) -> ScoreOptions {
+    ScoreOptions { revision, scale: 100.0, cache_bytes: 0, strip_bytes: 1, ..ScoreOptions::default() }
+}
+
+#[test]
+fn metrics_equal_the_reference_for_every_case_and_revision() {
+    for name in ["square_small", "multi_caption", "square_hubs"] {
+        let case = load_case(name);
+        for revision in REVISIONS {
+            for options in [ScoreOptions { revision, scale: 100.0, ..ScoreOptions::default() }, small_strips(revision)]
+            {
+                let outcome = score(&problem(&case), &options, None).unwrap();
+                let what = format!("{} {} (strips of {} bytes)", case.name, revision.name(), options.strip_bytes);
+                assert_metrics_equal(
+                    outcome.t2v_metrics(),
+                    reference_metrics(name, revision, "t2v"),
+                    &format!("{what} t2v"),
+                );
+                assert_metrics_equal(
+                    outcome.v2t_metrics(),
+                    reference_metrics(name, revision, "v2t"),
+                    &format!("{what} v2t"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn symmetric_dual_softmax_matrices_match_the_reference() {
+    for name in ["square_small", "multi_caption", "square_hubs"] {
+        let case = load_case(name);
+        let rows = case.text_video.len();
+        let columns = case.videos.len() / case.dim;
+        let sink = DenseRows::new(rows, columns);
+        score(&problem(&case), &small_strips(Revision::DslSym), Some(&sink)).unwrap();
+        for (direction, got) in [("t2v", sink.t2v.into_inner().unwrap()), ("v2t", sink.v2t.into_inner().unwrap())] {
+            let (want, shape) = read_npy(&fixtures().join(format!("reference/score/{name}_dslsym_{direction}.npy")));
+            assert_eq!(shape, [rows, columns]);
+            let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+            assert!(worst <= 1e-5 * largest, "{name} {direction}: max |M − R| = {worst}, max |R| = {largest}");
+        }
+    }
+}
+
+/// A deterministic corpus with several captions per video, texts without a video, and
+/// duplicated videos (exact ties, which must go to the lower column).
+fn synthetic(texts: usize, videos: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Option<u32>>) {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+    };
+    let normalise = |v: &mut [f32]| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+    };
+    let mut video_matrix: Vec<f32> = (0..videos * dim).map(|_| next()).collect();
+    video_matrix.chunks_mut(dim).for_each(normalise);
+    for v in (0..videos).step_by(97).skip(1) {
+        let (head, tail) = video_matrix.split_at_mut(v * dim);
+        tail[..dim].copy_from_slice(&head[(v - 1) * dim..v * dim]);
+    }
+    let mut text_video = Vec::with_capacity(texts);
+    let mut text_matrix = Vec::with_capacity(texts * dim);
+    for t in 0..texts {
+        let video = (t * 7 + t / 3) % videos;
+        let mut e: Vec<f32> = (0..dim).map(|k| video_matrix[video * dim + k] + 1.5 * next()).collect();
+        normalise(&mut e);
+        text_matrix.extend(e);
+        text_video.push(if t % 23 == 5 { None } else { Some(video as u32) });
+    }
+    (text_matrix, video_matrix, text_video)
+}
+
+fn assert_same_outcome(a: &Outcome, b: &Outcome, what: &str) {
+    assert_eq!(a.t2v_ranks, b.t2v_ranks, "{what}: T2V ranks");
+    assert_eq!(a.v2t_ranks, b.v2t_ranks, "{what}: V2T ranks");
+    for (t, (x, y)) in a.top.iter().zip(&b.top).enumerate() {
+        assert_eq!(x.len(), y.len(), "{what}: text {t}");
+        for (p, q) in x.iter().zip(y) {
+            assert_eq!(p.0, q.0, "{what}: text {t}: top-k columns {x:?} vs {y:?}");
+            assert!((p.1 - q.1).abs() <= 1e-12 * p.1.abs().max(1e-300), "{what}: text {t}: {p:?} vs {q:?}");
+        }
+    }
+}
+
+fn tiled_equals_single_strip(texts: usize, videos: usize) {
+    let dim = 32;
+    let (text_matrix, video_matrix, text_video) = synthetic(texts, videos, dim, 7);
+    let bank: Vec<f32> = text_matrix[..200 * dim].to_vec();
+    let problem =
+        Problem { texts: &text_matrix, videos: &video_matrix, dim, text_video: &text_video, bank: Some(&bank) };
+    for revision in REVISIONS {
+        let whole = ScoreOptions {
+            revision,
+            scale: 100.0,
+            top_k: 10,
+            strip_bytes: usize::MAX / 8,
+            cache_bytes: usize::MAX,
+            ..ScoreOptions::default()
+        };
+        let tiled = ScoreOptions { strip_bytes: 64 * 4 * videos, cache_bytes: 0, ..whole.clone() };
+        let a = score(&problem, &whole, None).unwrap();
+        let b = score(&problem, &tiled, None).unwrap();
+        assert_same_outcome(&a, &b, &format!("{texts}×{videos} {}", revision.name()));
+        assert_eq!(a.t2v_metrics(), b.t2v_metrics());
+        assert_eq!(a.v2t_metrics(), b.v2t_metrics());
+        // Exact ties (duplicated videos) are ordered by the lower column.
+        for items in &a.top {
+            for pair in items.windows(2) {
+                assert!(pair[0].1 > pair[1].1 || (pair[0].1 == pair[1].1 && pair[0].0 < pair[1].0), "{pair:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tiled_scoring_equals_one_strip_at_4000_by_4000() {
+    tiled_equals_single_strip(4000, 4000);
+}
+
+/// 20,000 × 20,000: run with `VTR_INDEX_LARGE_TESTS=1`.
+#[test]
+fn tiled_scoring_equals_one_strip_at_20000_by_20000() {
+    if std::env::var_os("VTR_INDEX_LARGE_TESTS").is_none() {
+        eprintln!("skipped: set VTR_INDEX_LARGE_TESTS=1 to score 20,000 × 20,000");
+        return;
+    }
+    tiled_equals_single_strip(20_000, 20_000);
+}
+
+/// Ranks from the definitions of DESIGN §5, by brute force over a matrix held whole.
+#[test]
+fn ranks_and_top_k_follow_the_definitions() {
+    let dim = 16;
+    let (texts, videos, text_video) = synthetic(300, 120, dim, 3);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    let sink = DenseRows::new(300, 120);
+    let options =
+        ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 7, strip_bytes: 1, ..ScoreOptions::default() };
+    let outcome = score(&problem, &options, Some(&sink)).unwrap();
+    let matrix = sink.t2v.into_inner().unwrap();
+    let row = |t: usize| &matrix[t * 120..(t + 1) * 120];
+    let mut t2v = Vec::new();
+    for (t, video) in text_video.iter().enumerate() {
+        let mut order: Vec<usize> = (0..120).collect();
+        order.sort_by(|&a, &b| row(t)[b].total_cmp(&row(t)[a]).then(a.cmp(&b)));
+        let top: Vec<u32> = outcome.top[t].iter().map(|&(c, _)| c).collect();
+        assert_eq!(top, order[..7].iter().map(|&c| c as u32).collect::<Vec<_>>(), "text {t}");
+        if let Some(v) = video {
+            let own = row(t)[*v as usize];
+            t2v.push((t, 1 + row(t).iter().filter(|&&x| x > own).count() as u32));
+        }
+    }
+    assert_eq!(outcome.t2v_ranks, t2v);
+    let mut v2t = Vec::new();
+    for video in 0..120u32 {
+        let groups: Vec<u32> = (0..120u32).filter(|g| text_video.contains(&Some(*g))).collect();
+        if !groups.contains(&video) {
+            continue;
+        }
+        let best = |g: u32| {
+            (0..300)
+                .filter(|&t| text_video[t] == Some(g))
+                .map(|t| row(t)[video as usize])
+                .fold(f64::NEG_INFINITY, f64::max)
+        };
+        let own = best(video);
+        v2t.push((video, 1 + groups.iter().filter(|&&g| best(g) > own).count() as u32));
+    }
+    assert_eq!(outcome.v2t_ranks, v2t);
+}
+
+#[test]
+fn invalid_problems_are_refused() {
+    let case = load_case("square_small");
+    let mut p = problem(&case);
+    p.bank = None;
+    let err = score(&p, &ScoreOptions { revision: Revision::Qbnorm, ..ScoreOptions::default() }, None).unwrap_err();
+    assert!(err.to_string().contains("query bank"), "{err}");
+    let bad = [Some(999)];
+    let p =
+        Problem { texts: &case.texts[..case.dim], videos: &case.videos, dim: case.dim, text_video: &bad, bank: None };
+    assert!(score(&p, &ScoreOptions::default(), None).is_err());
+}
