@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Score time: `vtr-index score` against the numpy code users run today, on the same embeddings.
+
+For each size N (texts = videos = N, D = 512, text i describes video i) this script
+  1. makes random unit embeddings and writes them as a vtr-index index (videos and texts
+     tables in the project's Parquet schema, a manifest listing them);
+  2. runs `vtr-index score --revise dsl` on it (wall time and peak RSS from /usr/bin/time);
+  3. runs, on the same float32 embeddings, the numpy path of CLIP4Clip-style evaluation:
+     `S = 100 · T @ V.T`, `S * softmax(S, axis=0)`, then `compute_metrics` (sort every row of
+     -S, find the diagonal), for T2V and V2T; and, separately, the bare matrix product;
+  4. checks that both sides give the same R@1/5/10, MdR and MnR, and prints the ratios.
+
+Usage: python3 benchmarks/score_vs_numpy.py [--binary target/release/vtr-index] [--sizes 4000 20000]
+       [--no-numpy-above N] [--cache-mib M]
+Needs numpy and pyarrow (`pip install numpy pyarrow`).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DIM = 512
+
+
+def unit_rows(rng, n, dim):
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_corpus(n, seed=0):
+    """Videos, and one caption per video correlated with it, as retrieval data is."""
+    rng = np.random.default_rng(seed)
+    videos = unit_rows(rng, n, DIM)
+    texts = videos + 1.6 * unit_rows(rng, n, DIM)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    return texts.astype(np.float32), videos
+
+
+def embedding_array(matrix):
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), DIM)
+
+
+def write_shard(index, rel, table):
+    path = index / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="snappy")
+    data = path.read_bytes()
+    return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_index(index, texts, videos):
+    if index.exists():
+        shutil.rmtree(index)
+    n = len(videos)
+    ids = [f"video{i:07d}" for i in range(n)]
+    video_table = pa.table({"video_id": pa.array(ids), "embedding": embedding_array(videos)})
+    text_table = pa.table({
+        "text_id": pa.array(np.arange(len(texts), dtype=np.uint64)),
+        "text": pa.array([f"caption {i}" for i in range(len(texts))]),
+        "video_id": pa.array(ids),
+        "embedding": embedding_array(texts),
+    })
+    manifest = {
+        "format_version": 1,
+        "model": {"id": "synthetic", "source": "synthetic", "sha256": "0" * 64, "embed_dim": DIM,
+                  "image_size": 224, "logit_scale": float(np.log(np.float32(100.0)))},
+        "sampling": {"fps": 1.0, "max_frames": 12},
+        "preprocess": {"resize": "bicubic-antialias", "shortest_edge": 224, "crop": 224,
+                       "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+        "roots": [],
+        "tables": {
+            "videos": [write_shard(index, "videos/part-0.parquet", video_table)],
+            "texts/bench": [write_shard(index, "texts/bench/part-0.parquet", text_table)],
+        },
+    }
+    (index / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def run_vtr(binary, index, out, cache_mib):
+    cmd = ["/usr/bin/time", "-v", str(binary), "score", "--index", str(index), "--texts", "bench",
+           "--revise", "dsl", "--scale", "100", "--cache-mib", str(cache_mib), "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"vtr-index failed:\n{proc.stderr}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return wall, rss_kib / 1024, metrics
+
+
+def softmax(x, axis):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def compute_metrics(x):
+    """CLIP4Clip's metrics: sort every row, find where the diagonal landed."""
+    sx = np.sort(-x, axis=1)
+    d = np.diag(-x)[:, np.newaxis]
+    ind = np.where(sx - d == 0)[1]
+    return {"r1": 100 * float(np.sum(ind == 0)) / len(ind), "r5": 100 * float(np.sum(ind < 5)) / len(ind),
+            "r10": 100 * float(np.sum(ind < 10)) / len(ind), "mdr": float(np.median(ind)) + 1,
+            "mnr": float(np.mean(ind)) + 1}
+
+
+def run_numpy(texts, videos):
+    start = time.perf_counter()
+    sim = 100.0 * (texts @ videos.T)
+    sim = sim * softmax(sim, axis=0)
+    t2v = compute_metrics(sim)
+    v2t = compute_metrics(sim.T)
+    total = time.perf_counter() - start
+    del sim
+    start = time.perf_counter()
+    product = texts @ videos.T
+    matmul = time.perf_counter() - start
+    del product
+    return total, matmul, t2v, v2t
+
+
+def same_metrics(a, b):
+    return all(abs(a[k] - b[k]) < 1e-6 for k in ("r1", "r5", "r10", "mdr", "mnr"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", default="target/release/vtr-index")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 10000, 20000])
+    parser.add_argument("--no-numpy-above", type=int, default=20000)
+    parser.add_argument("--cache-mib", type=int, default=1024)
+    parser.add_argument("--work", default="benchmarks/work")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"cores: {os.cpu_count()}, numpy {np.__version__}, D = {DIM}, vtr-index cache {args.cache_mib} MiB")
+    print("| N × N | vtr-index score (dsl) | peak RSS | numpy dsl + metrics | numpy matmul alone | "
+          "numpy / vtr-index | vtr-index / numpy matmul | metrics agree |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        texts, videos = make_corpus(n)
+        index = work / f"index-{n}"
+        write_index(index, texts, videos)
+        wall, rss, metrics = run_vtr(args.binary, index, work / f"out-{n}", args.cache_mib)
+        if n <= args.no_numpy_above:
+            total, matmul, t2v, v2t = run_numpy(texts, videos)
+            agree = same_metrics(metrics["t2v"], t2v) and same_metrics(metrics["v2t"], v2t)
+            print(f"| {n:,} | {wall:.2f} s | {rss:.0f} MiB | {total:.2f} s | {matmul:.2f} s | "
+                  f"{total / wall:.1f}× | {wall / matmul:.2f}× | {'yes' if agree else 'NO'} |", flush=True)
+            if not agree:
+                print(f"  vtr-index {metrics['t2v']} {metrics['v2t']}\n  numpy     {t2v} {v2t}")
+        else:
+            print(f"| {n:,} | {wall:.2f} s | {rss:.0f} MiB | – | – | – | – | – |", flush=True)
+        shutil.rmtree(index)
+
+
+if __name__ == "__main__":
+    main()
