@@ -359,10 +359,12 @@ fn start(pipeline: &gst::Pipeline, watch: &mut BusWatch) -> Result<(), Rejection
 
 /// Waits for the video appsink to appear, or for evidence that there is no video stream.
 fn wait_for_video_sink(
+    pipeline: &gst::Pipeline,
     state: &Mutex<PadState>,
     watch: &mut BusWatch,
     deadline: Instant,
 ) -> Result<gst_app::AppSink, Rejection> {
+    let mut stalled_polls = 0;
     loop {
         {
             let state = state.lock().unwrap();
@@ -377,7 +379,39 @@ fn wait_for_video_sink(
             return Err(timeout_rejection(watch.stage, "looking for a video stream"));
         }
         watch.check(POLL)?;
+        stalled_polls = if streaming_stopped(pipeline) { stalled_polls + 1 } else { 0 };
+        if stalled_polls >= STALLED_POLLS {
+            return Err(Rejection::new(
+                watch.stage,
+                FailureKind::Corrupt,
+                "the demuxer stopped without finding a stream (the file is damaged or truncated)",
+            ));
+        }
     }
+}
+
+/// Polls (of `POLL`) in a row with every streaming thread paused before a pipeline that has
+/// not found its video stream is declared dead.
+const STALLED_POLLS: u32 = 10;
+
+/// Whether every streaming thread of the pipeline has stopped for good: some pad has a paused
+/// task and none has a running one. A demuxer that hits an error pauses its task and posts the
+/// error, but parsebin drops errors from an element it is still adding (a race in GStreamer),
+/// so without this the pipeline would sit there until the deadline. A slow read keeps its task
+/// running, so it is never mistaken for this.
+fn streaming_stopped(pipeline: &gst::Pipeline) -> bool {
+    let (mut paused, mut running) = (false, false);
+    let mut elements = pipeline.iterate_recurse();
+    while let Ok(Some(element)) = elements.next() {
+        for pad in element.pads() {
+            match pad.task_state() {
+                gst::TaskState::Started => running = true,
+                gst::TaskState::Paused => paused = true,
+                _ => {}
+            }
+        }
+    }
+    paused && !running
 }
 
 fn no_video_rejection(stage: Stage, other_streams: &[String]) -> Rejection {
@@ -426,7 +460,7 @@ fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Pr
     let (guard, state) = build_pipeline(path, decode, stage)?;
     let mut watch = BusWatch::new(&guard.0, stage);
     start(&guard.0, &mut watch)?;
-    let sink = wait_for_video_sink(&state, &mut watch, deadline)?;
+    let sink = wait_for_video_sink(&guard.0, &state, &mut watch, deadline)?;
 
     let mut times: Vec<(i64, Option<i64>)> = Vec::new();
     let mut untimed = 0usize;
@@ -503,7 +537,7 @@ fn fetch_frames(path: &Path, targets: &[i64], deadline: Instant) -> Result<Vec<(
     let (guard, state) = build_pipeline(path, true, stage)?;
     let mut watch = BusWatch::new(&guard.0, stage);
     start(&guard.0, &mut watch)?;
-    let sink = wait_for_video_sink(&state, &mut watch, deadline)?;
+    let sink = wait_for_video_sink(&guard.0, &state, &mut watch, deadline)?;
 
     let mut out: Vec<(i64, RgbImage)> = Vec::with_capacity(targets.len());
     let mut converter = RgbConverter::default();
