@@ -106,7 +106,7 @@ fn load_error_after(edit: impl FnOnce(&mut HashMap<String, candle_core::Tensor>)
     let dir = Dir::new();
     dir.copy(&fixtures().join("tiny-clip/config.json"), "model/config.json");
     candle_core::safetensors::save(&tensors, dir.join("model/model.safetensors")).unwrap();
-    match Clip::load(Checkpoint::open(&dir.join("model")).unwrap(), DeviceChoice::Cpu) {
+    match Checkpoint::open(&dir.join("model")).and_then(|c| Clip::load(c, DeviceChoice::Cpu)) {
         Ok(_) => panic!("a damaged checkpoint loaded"),
         Err(e) => e.to_string(),
     }

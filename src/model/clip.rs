@@ -284,17 +284,19 @@ impl ClipModel {
         })
     }
 
-    /// L2-normalised image embeddings, [batch, projection_dim].
+    /// L2-normalised f32 image embeddings, [batch, projection_dim].
     pub fn image_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
         l2_normalise(&self.visual_projection.forward(&self.vision_model.forward(pixels)?)?)
     }
 
-    /// L2-normalised text embeddings, [batch, projection_dim].
+    /// L2-normalised f32 text embeddings, [batch, projection_dim].
     pub fn text_embeddings(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
         l2_normalise(&self.text_projection.forward(&self.text_model.forward(token_ids, device)?)?)
     }
 }
 
+/// Normalises in f32 whatever the model's dtype: embeddings are always written as f32.
 fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }

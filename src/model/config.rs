@@ -111,7 +111,7 @@ impl ClipConfig {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let v = &self.vision;
         if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size));

@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod layout;
 pub mod tokenizer;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub use config::ClipConfig;
+pub use layout::{Layout, Precision};
 
 use crate::preprocess::PreprocessConfig;
 
@@ -50,22 +52,47 @@ pub struct ModelIdentity {
     pub image_size: usize,
     /// `logit_scale` as stored; the logit multiplier is `exp(logit_scale)`.
     pub logit_scale: f32,
+    /// The dtype embeddings are computed in (indexes from before this field are f32).
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
-/// A checkpoint on disk: where its weights are and what it is.
-#[derive(Debug, Clone)]
+/// A checkpoint on disk, read: its weights under Hugging Face names, its configuration (from
+/// `config.json`, or inferred from the tensor shapes) and what it is.
+#[derive(Clone)]
 pub struct Checkpoint {
     pub source: PathBuf,
     pub weights: PathBuf,
     pub config: ClipConfig,
     pub preprocess: PreprocessConfig,
-    /// How the file is laid out, for `info`.
-    pub layout: &'static str,
+    pub layout: Layout,
+    /// Whether `config` was inferred from the tensor shapes (no `config.json` applied).
+    pub config_inferred: bool,
+    /// The dtypes the weights are stored in (`f16`, `f32`, …).
+    pub stored_dtypes: Vec<String>,
+    /// Parameters in the two towers and projections.
+    pub parameters: usize,
+    /// Tensors recognised and not used (CLIP4Clip's temporal heads, saved buffers).
+    pub ignored: Vec<String>,
+    /// The dtype the model will run in.
+    pub precision: Precision,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// How a weights file is encoded, from its first bytes (names such as `pytorch_model.bin.1`
+/// say nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightFormat {
+    Safetensors,
+    TorchZip,
 }
 
 impl Checkpoint {
-    /// Resolves `--model`: a Hugging Face folder (`config.json` + `model.safetensors` or
-    /// `pytorch_model.bin`), or one of those weight files with its `config.json` beside it.
+    /// Resolves and reads `--model`: a Hugging Face folder (`model.safetensors` or
+    /// `pytorch_model.bin`, with `config.json`), or one weights file (`.safetensors`, or a
+    /// PyTorch file such as `.pt`, `.pth`, `.bin`, `pytorch_model.bin.N`) in any layout
+    /// `layout.rs` knows. A `config.json` beside a Hugging Face file describes it; otherwise
+    /// the shapes do.
     pub fn open(path: &Path) -> Result<Checkpoint, ModelError> {
         if !path.exists() {
             return Err(ModelError::NotFound { path: path.to_path_buf() });
@@ -83,18 +110,44 @@ impl Checkpoint {
         } else {
             (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
         };
+        let weights_error = |message: String| ModelError::Weights { path: weights.clone(), message };
+        let (raw, from_state_dict) = read_tensors(&weights)?;
+        let normalised = layout::normalise(raw, from_state_dict).map_err(weights_error)?;
         let config_path = folder.join("config.json");
-        let config_text = std::fs::read_to_string(&config_path)
-            .map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
-        let config = ClipConfig::from_json(&config_text)
-            .map_err(|message| ModelError::Invalid { path: config_path.clone(), message })?;
-        let preprocess = read_preprocessor_config(&folder, config.vision.image_size as u32)?;
-        let layout = if weights.extension().is_some_and(|e| e == "safetensors") {
-            "huggingface-safetensors"
+        let use_config = normalised.layout == Layout::HuggingFace && config_path.is_file();
+        let config = if use_config {
+            let config_text = std::fs::read_to_string(&config_path)
+                .map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
+            ClipConfig::from_json(&config_text)
+                .map_err(|message| ModelError::Invalid { path: config_path.clone(), message })?
         } else {
-            "huggingface-pytorch"
+            layout::infer_config(&normalised.tensors).map_err(weights_error)?
         };
-        Ok(Checkpoint { source: path.to_path_buf(), weights, config, preprocess, layout })
+        let parameters = layout::check(&normalised, &config).map_err(weights_error)?;
+        let preprocess = if use_config {
+            read_preprocessor_config(&folder, config.vision.image_size as u32)?
+        } else {
+            PreprocessConfig::clip(config.vision.image_size as u32)
+        };
+        Ok(Checkpoint {
+            source: path.to_path_buf(),
+            weights,
+            config,
+            preprocess,
+            layout: normalised.layout,
+            config_inferred: !use_config,
+            stored_dtypes: normalised.stored_dtypes.into_iter().collect(),
+            parameters,
+            ignored: normalised.ignored,
+            precision: Precision::F32,
+            tensors: normalised.tensors,
+        })
+    }
+
+    /// The same checkpoint, to run in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Checkpoint {
+        self.precision = precision;
+        self
     }
 
     /// The model's identity, hashing the weights file.
@@ -107,22 +160,68 @@ impl Checkpoint {
             embed_dim: self.config.projection_dim,
             image_size: self.config.vision.image_size,
             logit_scale,
+            dtype: self.precision,
         })
     }
+}
 
-    /// Reads every tensor, as f32, into memory.
-    fn tensors(&self) -> Result<HashMap<String, Tensor>, ModelError> {
-        let weights_error = |e: candle_core::Error| ModelError::Weights {
-            path: self.weights.clone(),
-            message: format!("cannot read the weights ({e}); is the file complete?"),
-        };
-        let raw: Vec<(String, Tensor)> = if self.layout == "huggingface-safetensors" {
-            candle_core::safetensors::load(&self.weights, &Device::Cpu).map_err(weights_error)?.into_iter().collect()
-        } else {
-            candle_core::pickle::read_all(&self.weights).map_err(weights_error)?
-        };
-        raw.into_iter().map(|(name, t)| Ok((name, t.to_dtype(DType::F32).map_err(weights_error)?))).collect()
+/// Reads every tensor of a weights file as stored, and whether they came from a training
+/// checkpoint's `state_dict` entry.
+fn read_tensors(weights: &Path) -> Result<(Vec<(String, Tensor)>, bool), ModelError> {
+    let weights_error = |e: candle_core::Error| ModelError::Weights {
+        path: weights.to_path_buf(),
+        message: format!("cannot read the weights ({e}); is the file complete?"),
+    };
+    match sniff_format(weights)? {
+        WeightFormat::Safetensors => {
+            let tensors = candle_core::safetensors::load(weights, &Device::Cpu).map_err(weights_error)?;
+            Ok((tensors.into_iter().collect(), false))
+        }
+        WeightFormat::TorchZip => {
+            let top = candle_core::pickle::read_all_with_key(weights, None).map_err(weights_error)?;
+            if !top.is_empty() {
+                return Ok((top, false));
+            }
+            // open_clip's training checkpoints hold the weights under `state_dict`, beside the
+            // epoch and optimiser state.
+            match candle_core::pickle::read_all_with_key(weights, Some("state_dict")) {
+                Ok(inner) if !inner.is_empty() => Ok((inner, true)),
+                _ => Err(ModelError::Weights {
+                    path: weights.to_path_buf(),
+                    message:
+                        "a PyTorch file without tensors (neither a state dict nor a checkpoint with a state_dict entry)"
+                            .into(),
+                }),
+            }
+        }
     }
+}
+
+fn sniff_format(weights: &Path) -> Result<WeightFormat, ModelError> {
+    use std::io::Read;
+    let io = |source| ModelError::Io { path: weights.to_path_buf(), source };
+    let mut head = [0u8; 9];
+    let mut file = std::fs::File::open(weights).map_err(io)?;
+    let mut read = 0;
+    while read < head.len() {
+        match file.read(&mut head[read..]).map_err(io)? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    if head[..read].starts_with(b"PK\x03\x04") {
+        return Ok(WeightFormat::TorchZip);
+    }
+    // safetensors: an 8-byte little-endian header length, then the JSON header.
+    if read == head.len() && head[8] == b'{' {
+        return Ok(WeightFormat::Safetensors);
+    }
+    Err(ModelError::Weights {
+        path: weights.to_path_buf(),
+        message: "neither a safetensors file nor a PyTorch zip checkpoint (files saved by torch.save before \
+                  PyTorch 1.6 must be re-saved with a current version)"
+            .into(),
+    })
 }
 
 fn read_preprocessor_config(folder: &Path, image_size: u32) -> Result<PreprocessConfig, ModelError> {
@@ -206,21 +305,25 @@ impl DeviceChoice {
 pub struct Clip {
     model: clip::ClipModel,
     device: Device,
+    dtype: DType,
     pub checkpoint: Checkpoint,
     pub identity: ModelIdentity,
 }
 
 impl Clip {
-    pub fn load(checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
+    pub fn load(mut checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
         let device = device.device()?;
-        let tensors = checkpoint.tensors()?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let dtype = checkpoint.precision.dtype();
+        // The VarBuilder converts each tensor to `dtype` as the towers read it; `logit_scale`
+        // is read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
+        let tensors = std::mem::take(&mut checkpoint.tensors);
+        let vb = VarBuilder::from_tensors(tensors, dtype, &device);
         let model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
             path: checkpoint.weights.clone(),
             message: format!("not a usable CLIP checkpoint: {e}"),
         })?;
         let identity = checkpoint.identity(model.logit_scale)?;
-        Ok(Clip { model, device, checkpoint, identity })
+        Ok(Clip { model, device, dtype, checkpoint, identity })
     }
 
     /// Loads the model an index records: from `path` when given (another copy of it), else from
@@ -239,7 +342,7 @@ impl Clip {
             )),
             (e, _) => e,
         })?;
-        let clip = Clip::load(checkpoint, device)?;
+        let clip = Clip::load(checkpoint.with_precision(recorded.dtype), device)?;
         if clip.identity.sha256 != recorded.sha256 {
             return Err(ModelError::Mismatch(format!(
                 "{} is not the model this index was built with ({}, sha256 {}…); texts and videos must share one model",
@@ -260,7 +363,9 @@ impl Clip {
     pub fn embed_images(&self, pixels: &[f32], count: usize) -> Result<Vec<f32>, ModelError> {
         let size = self.checkpoint.config.vision.image_size;
         let compute = |e: candle_core::Error| ModelError::Compute(e.to_string());
-        let input = Tensor::from_slice(pixels, (count, 3, size, size), &self.device).map_err(compute)?;
+        let input = Tensor::from_slice(pixels, (count, 3, size, size), &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(compute)?;
         let out = self.model.image_embeddings(&input).map_err(compute)?;
         out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(compute)
     }

@@ -1,0 +1,282 @@
+//! Every checkpoint layout users bring: OpenAI / open_clip and CLIP4Clip files with no config
+//! against transformers' outputs on the same float16-rounded weights, Hugging Face weights in
+//! f16 and bf16, other ViT shapes, and the messages for broken or foreign files.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use vtr_index::model::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use vtr_index::model::{Checkpoint, Clip, DeviceChoice, Layout, Precision};
+
+use crate::util::*;
+
+fn openai_format() -> std::path::PathBuf {
+    fixtures().join("openai-format")
+}
+
+/// `openai_reference.parquet`: (kind, input) → embedding.
+fn openai_reference() -> Vec<(String, String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for batch in read_parquet(&openai_format().join("openai_reference.parquet")) {
+        let kinds = strings(&batch, "kind");
+        let inputs = strings(&batch, "input");
+        for ((kind, input), embedding) in kinds.into_iter().zip(inputs).zip(f64_lists(&batch, "embedding")) {
+            out.push((kind, input, embedding));
+        }
+    }
+    assert!(out.iter().any(|r| r.0 == "text") && out.iter().any(|r| r.0 == "image"));
+    out
+}
+
+/// The preprocessed pixels of the reference images, by file name.
+fn reference_pixels() -> HashMap<String, Vec<f32>> {
+    let mut out = HashMap::new();
+    for batch in read_parquet(&fixtures().join("reference/images/images.parquet")) {
+        out.extend(strings(&batch, "image").into_iter().zip(f64_lists(&batch, "pixel_values")));
+    }
+    out
+}
+
+/// The lowest cosine between `clip`'s embeddings and the OpenAI-format references.
+fn lowest_cosine_to_openai_reference(clip: &Clip) -> f64 {
+    let tokenizer = ClipTokenizer::new(CONTEXT_LENGTH);
+    let pixels = reference_pixels();
+    let mut lowest = f64::INFINITY;
+    for (kind, input, expected) in openai_reference() {
+        let got = match kind.as_str() {
+            "text" => clip.embed_texts(&[tokenizer.encode(&input)]).unwrap(),
+            _ => clip.embed_images(&pixels[&input], 1).unwrap(),
+        };
+        lowest = lowest.min(cosine(&got, &expected));
+    }
+    lowest
+}
+
+#[test]
+fn openai_and_clip4clip_files_without_config_match_transformers() {
+    for (file, layout) in [("tiny-openai.pt", Layout::OpenAi), ("tiny-clip4clip.bin.1", Layout::Clip4Clip)] {
+        let checkpoint = Checkpoint::open(&openai_format().join(file)).unwrap();
+        assert_eq!(checkpoint.layout, layout, "{file}");
+        assert!(checkpoint.config_inferred, "{file}");
+        let c = &checkpoint.config;
+        assert_eq!((c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.num_attention_heads), (64, 2, 1));
+        assert_eq!((c.vision.patch_size, c.vision.image_size, c.projection_dim), (32, 224, 32));
+        assert_eq!((c.text.vocab_size, c.text.max_position_embeddings), (49408, 77));
+        assert_eq!(checkpoint.stored_dtypes, ["f16", "f32"], "{file}: linear weights f16, norms f32");
+        let clip = Clip::load(checkpoint, DeviceChoice::Cpu).unwrap();
+        assert!((clip.identity.logit_scale.exp() - 100.0).abs() < 1e-3);
+        let lowest = lowest_cosine_to_openai_reference(&clip);
+        assert!(lowest >= 0.99999, "{file}: lowest cosine {lowest}");
+    }
+}
+
+/// The tiny Hugging Face checkpoint with every floating tensor stored as `dtype`.
+fn tiny_clip_stored_as(dtype: DType) -> Dir {
+    let tensors = candle_core::safetensors::load(fixtures().join("tiny-clip/model.safetensors"), &Device::Cpu).unwrap();
+    let converted: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(name, t)| (name, t.to_dtype(dtype).unwrap())).collect();
+    let dir = Dir::new();
+    dir.copy(&fixtures().join("tiny-clip/config.json"), "model/config.json");
+    candle_core::safetensors::save(&converted, dir.join("model/model.safetensors")).unwrap();
+    dir
+}
+
+/// Lowest cosine, over the reference images and captions, between f32 tiny-clip and `other`.
+fn lowest_cosine_to_f32(other: &Clip) -> f64 {
+    let reference = Clip::load(Checkpoint::open(&fixtures().join("tiny-clip")).unwrap(), DeviceChoice::Cpu).unwrap();
+    let tokenizer = ClipTokenizer::new(CONTEXT_LENGTH);
+    let mut lowest = f64::INFINITY;
+    for pixels in reference_pixels().values() {
+        let a = reference.embed_images(pixels, 1).unwrap();
+        lowest = lowest.min(cosine(&a, &other.embed_images(pixels, 1).unwrap()));
+    }
+    for text in std::fs::read_to_string(fixtures().join("reference/captions.txt")).unwrap().lines() {
+        let ids = [tokenizer.encode(text)];
+        lowest = lowest.min(cosine(&reference.embed_texts(&ids).unwrap(), &other.embed_texts(&ids).unwrap()));
+    }
+    lowest
+}
+
+/// Half-precision weights: upcast to f32 they lose only their own rounding; run in their own
+/// dtype they also round every activation. The bounds are what each dtype allows, checked
+/// against the lowest cosine measured over the reference images and captions: f16 weights
+/// upcast ≥ 0.99999 (measured 0.999996), run in f16 ≥ 0.9999 (0.999982); bf16 (3 fewer
+/// mantissa bits than f16) upcast ≥ 0.9995 (0.999891), run in bf16 ≥ 0.999 (0.999527).
+#[test]
+fn half_precision_checkpoints_load_and_match_within_their_precision() {
+    for (dtype, stored, upcast_bound, native_bound, precision) in
+        [(DType::F16, "f16", 0.99999, 0.9999, Precision::F16), (DType::BF16, "bf16", 0.9995, 0.999, Precision::Bf16)]
+    {
+        let dir = tiny_clip_stored_as(dtype);
+        let checkpoint = Checkpoint::open(&dir.join("model")).unwrap();
+        assert_eq!(checkpoint.stored_dtypes, [stored]);
+        assert!(!checkpoint.config_inferred);
+        let upcast = Clip::load(checkpoint.clone(), DeviceChoice::Cpu).unwrap();
+        let lowest = lowest_cosine_to_f32(&upcast);
+        eprintln!("{stored} weights, run in f32: lowest cosine {lowest:.6}");
+        assert!(lowest >= upcast_bound, "{stored} upcast: lowest cosine {lowest}");
+        let native = Clip::load(checkpoint.with_precision(precision), DeviceChoice::Cpu).unwrap();
+        let lowest = lowest_cosine_to_f32(&native);
+        eprintln!("{stored} weights, run in {stored}: lowest cosine {lowest:.6}");
+        assert!(lowest >= native_bound, "{stored} native: lowest cosine {lowest}");
+    }
+}
+
+/// A random OpenAI-layout state dict of a given shape, as a safetensors file.
+fn random_openai_checkpoint(dir: &Dir, width: usize, patch: usize, grid: usize, layers: usize) -> std::path::PathBuf {
+    let mut tensors = HashMap::new();
+    let mut seed = 0u64;
+    let mut add = |name: String, shape: &[usize]| {
+        seed += 1;
+        let t = Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap();
+        tensors.insert(name, (t + seed as f64 * 1e-6).unwrap());
+    };
+    let (embed, vocab, context) = (32, 49408, 77);
+    add("visual.conv1.weight".into(), &[width, 3, patch, patch]);
+    add("visual.class_embedding".into(), &[width]);
+    add("visual.positional_embedding".into(), &[grid * grid + 1, width]);
+    add("visual.proj".into(), &[width, embed]);
+    for norm in ["visual.ln_pre", "visual.ln_post", "ln_final"] {
+        add(format!("{norm}.weight"), &[width]);
+        add(format!("{norm}.bias"), &[width]);
+    }
+    for tower in ["visual.transformer", "transformer"] {
+        for layer in 0..layers {
+            let p = format!("{tower}.resblocks.{layer}");
+            add(format!("{p}.attn.in_proj_weight"), &[3 * width, width]);
+            add(format!("{p}.attn.in_proj_bias"), &[3 * width]);
+            add(format!("{p}.attn.out_proj.weight"), &[width, width]);
+            add(format!("{p}.attn.out_proj.bias"), &[width]);
+            for norm in ["ln_1", "ln_2"] {
+                add(format!("{p}.{norm}.weight"), &[width]);
+                add(format!("{p}.{norm}.bias"), &[width]);
+            }
+            add(format!("{p}.mlp.c_fc.weight"), &[4 * width, width]);
+            add(format!("{p}.mlp.c_fc.bias"), &[4 * width]);
+            add(format!("{p}.mlp.c_proj.weight"), &[width, 4 * width]);
+            add(format!("{p}.mlp.c_proj.bias"), &[width]);
+        }
+    }
+    add("token_embedding.weight".into(), &[vocab, width]);
+    add("positional_embedding".into(), &[context, width]);
+    add("text_projection".into(), &[width, embed]);
+    tensors.insert("logit_scale".into(), Tensor::new(100f32.ln(), &Device::Cpu).unwrap());
+    let path = dir.join(&format!("vit-{patch}-{}.safetensors", grid * patch));
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// ViT-B/16 and ViT-L/14 at 336 px patching (narrow, so the test stays fast): the image size
+/// and preprocessing follow the checkpoint, and a frame of that size encodes.
+#[test]
+fn other_vit_shapes_take_their_image_size_from_the_checkpoint() {
+    let dir = Dir::new();
+    for (patch, grid, heads_width) in [(16, 14, 128), (14, 24, 64)] {
+        let path = random_openai_checkpoint(&dir, heads_width, patch, grid, 1);
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let size = patch * grid;
+        assert_eq!(checkpoint.layout, Layout::OpenAi);
+        assert_eq!((checkpoint.config.vision.patch_size, checkpoint.config.vision.image_size), (patch, size));
+        assert_eq!(checkpoint.config.vision.num_attention_heads, heads_width / 64);
+        assert_eq!((checkpoint.preprocess.resize, checkpoint.preprocess.crop), (size as u32, size as u32));
+        let clip = Clip::load(checkpoint, DeviceChoice::Cpu).unwrap();
+        let embedding = clip.embed_images(&vec![0.1; 3 * size * size], 1).unwrap();
+        assert_eq!(embedding.len(), 32);
+        let norm: f32 = embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+}
+
+fn open_error(path: &std::path::Path) -> String {
+    match Checkpoint::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_truncated_checkpoint_is_refused_as_incomplete() {
+    let dir = Dir::new();
+    for file in ["tiny-openai.pt", "tiny-clip4clip.bin.1"] {
+        let bytes = std::fs::read(openai_format().join(file)).unwrap();
+        let cut = dir.create(file, &bytes[..bytes.len() / 2]);
+        let message = open_error(&cut);
+        assert!(message.contains(file) && message.contains("is the file complete?"), "{message}");
+    }
+    let bytes = std::fs::read(fixtures().join("tiny-clip/model.safetensors")).unwrap();
+    let cut = dir.create("model.safetensors", &bytes[..bytes.len() - 1000]);
+    let message = open_error(&cut);
+    assert!(message.contains("is the file complete?"), "{message}");
+}
+
+#[test]
+fn a_wrong_shape_tensor_is_named_with_both_shapes() {
+    let mut tensors =
+        candle_core::safetensors::load(openai_format().join("../tiny-clip/model.safetensors"), &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((64, 63), DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("vision_model.encoder.layers.1.self_attn.k_proj.weight".into(), bad);
+    tensors.remove("text_model.final_layer_norm.bias");
+    tensors.insert("vision_model.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    let dir = Dir::new();
+    dir.copy(&fixtures().join("tiny-clip/config.json"), "model/config.json");
+    candle_core::safetensors::save(&tensors, dir.join("model/model.safetensors")).unwrap();
+    let message = open_error(&dir.join("model"));
+    assert!(
+        message.contains("vision_model.encoder.layers.1.self_attn.k_proj.weight is [64, 63], expected [64, 64]"),
+        "{message}"
+    );
+    assert!(message.contains("missing tensors: text_model.final_layer_norm.bias"), "{message}");
+    assert!(message.contains("unexpected tensors: vision_model.extra.weight"), "{message}");
+}
+
+#[test]
+fn a_non_clip_state_dict_is_refused_clearly() {
+    let dir = Dir::new();
+    let mut tensors = HashMap::new();
+    for name in ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"] {
+        tensors.insert(name.to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+    }
+    let path = dir.join("resnet.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let message = open_error(&path);
+    assert!(message.contains("not a CLIP checkpoint"), "{message}");
+    let text = dir.create("notes.pt", b"these are not weights at all");
+    let message = open_error(&text);
+    assert!(message.contains("neither a safetensors file nor a PyTorch zip checkpoint"), "{message}");
+}
+
+#[test]
+fn info_reports_what_was_detected() {
+    let (stdout, _) =
+        TestCommand::new(&["info", "--model"]).arg(openai_format().join("tiny-clip4clip.bin.1")).expect_code(0);
+    for expected in
+        ["layout:     clip4clip", "inferred from the tensor shapes", "f16 + f32", "patch 32", "image size 224"]
+    {
+        assert!(stdout.contains(expected), "{expected:?} not in:\n{stdout}");
+    }
+    let parameters: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("parameters: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a parameter count");
+    // The token embedding alone is 49,408 × 64.
+    assert!(parameters > 49408 * 64 && parameters < 4_000_000, "{parameters}");
+}
+
+#[test]
+fn an_index_built_in_f16_keeps_its_dtype() {
+    let dir = Dir::new();
+    let index = dir.join("index");
+    let video = fixtures().join("videos/short_h264.mp4");
+    let root = dir.join("videos");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&video, root.join("short.mp4")).unwrap();
+    let (code, stderr) = ingest(&index, &[&root], &["--dtype", "f16"]);
+    assert_eq!(code, 0, "{stderr}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(index.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model"]["dtype"], "f16");
+    let (code, stderr) = ingest(&index, &[&root], &["--dtype", "f32"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("built with --dtype f16"), "{stderr}");
+}
