@@ -10,9 +10,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::encode_text::{EncodeTextOptions, encode_text};
 use crate::ingest::{IngestOptions, ingest};
-use crate::model::{Checkpoint, DeviceChoice};
-use crate::score::Revision;
+use crate::model::{Checkpoint, DeviceChoice, Precision};
 use crate::score::command::{ScoreCommand, run_score as run_score_command};
+use crate::score::{Revision, is_positive};
 use crate::search::{SearchCommand, search};
 use crate::store::{Manifest, index_bytes, verify_shard};
 
@@ -37,6 +37,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Check every shard the manifest lists: present, readable, right size, rows and checksum.
     Verify(VerifyArgs),
+    /// Run a job file: ingest, then encode-text and score when configured.
+    Run(RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +64,10 @@ pub struct IngestArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The dtype the model runs in: f32, f16 or bf16 (embeddings are stored as f32); fixed when
+    /// the index is created [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
@@ -71,6 +77,12 @@ pub struct IngestArgs {
     /// Retry files that failed before even if they did not change.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Commit the work done so far every N finished files (a crash keeps what was committed).
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub commit_every: u64,
+    /// …and at least this often.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub commit_interval: f64,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +168,14 @@ pub struct InfoArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file (TOML): [ingest], [encode_text] and [score] tables whose keys are the
+    /// commands' long flags with _ for -, plus `roots` and `captions`.
+    #[arg(value_name = "JOB.toml")]
+    pub job: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[arg(long, value_name = "INDEX")]
     pub index: PathBuf,
@@ -172,7 +192,7 @@ pub fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(code) => code,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vtr-index: {e:#}");
             ExitCode::from(1)
@@ -180,8 +200,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub fn run(cli: Cli) -> Result<ExitCode> {
+/// Runs one command; returns its exit code (0 all done, 2 done but some inputs failed).
+pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
+        Command::Run(args) => run_job(&args.job),
         Command::Ingest(args) => run_ingest(args),
         Command::EncodeText(args) => run_encode_text(args),
         Command::Score(args) => run_score(args),
@@ -191,9 +213,25 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_ingest(args: IngestArgs) -> Result<ExitCode> {
-    if args.decode_timeout.is_nan() || args.decode_timeout <= 0.0 {
-        bail!("--decode-timeout must be positive");
+/// Runs a job's steps in order; a step that could do nothing useful (exit 1) stops the job.
+fn run_job(job: &Path) -> Result<u8> {
+    let lines = crate::job::command_lines(job)?;
+    let mut worst = 0;
+    for line in lines {
+        eprintln!("vtr-index: run: {}", line[1..].join(" "));
+        let cli = Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        if matches!(cli.command, Command::Run(_)) {
+            bail!("a job cannot run another job");
+        }
+        let code = run(cli).with_context(|| format!("{}: step `{}` failed", job.display(), line[1]))?;
+        worst = worst.max(code);
+    }
+    Ok(worst)
+}
+
+fn run_ingest(args: IngestArgs) -> Result<u8> {
+    if !(args.decode_timeout > 0.0 && args.commit_interval > 0.0) || args.commit_every == 0 {
+        bail!("--decode-timeout, --commit-interval and --commit-every must be positive");
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let options = IngestOptions {
@@ -204,16 +242,19 @@ fn run_ingest(args: IngestArgs) -> Result<ExitCode> {
         fps: args.fps,
         batch: args.batch.max(1),
         device: DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?,
+        dtype: args.dtype.as_deref().map(Precision::parse).transpose().map_err(anyhow::Error::msg)?,
         decode_timeout: Duration::from_secs_f64(args.decode_timeout),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
         retry_failed: args.retry_failed,
+        commit_every: args.commit_every,
+        commit_interval: Duration::try_from_secs_f64(args.commit_interval).unwrap_or(Duration::MAX),
     };
     let report = ingest(&options)?;
     eprintln!("vtr-index: {}", report.summary());
-    Ok(if report.failed_total() > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if report.failed_total() > 0 { 2 } else { 0 })
 }
 
-fn run_encode_text(args: EncodeTextArgs) -> Result<ExitCode> {
+fn run_encode_text(args: EncodeTextArgs) -> Result<u8> {
     let options = EncodeTextOptions {
         captions: args.captions,
         index: args.index,
@@ -224,11 +265,11 @@ fn run_encode_text(args: EncodeTextArgs) -> Result<ExitCode> {
     };
     let report = encode_text(&options)?;
     eprintln!("vtr-index: {}", report.summary());
-    Ok(if report.skipped_lines.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if report.skipped_lines.is_empty() { 0 } else { 2 })
 }
 
-fn run_score(args: ScoreArgs) -> Result<ExitCode> {
-    if !(args.temperature > 0.0) || !(args.beta > 0.0) || args.scale.is_some_and(|s| !(s > 0.0)) {
+fn run_score(args: ScoreArgs) -> Result<u8> {
+    if ![args.temperature, args.beta, args.scale.unwrap_or(1.0)].into_iter().all(is_positive) {
         bail!("--temperature, --beta and --scale must be positive");
     }
     let command = ScoreCommand {
@@ -249,10 +290,10 @@ fn run_score(args: ScoreArgs) -> Result<ExitCode> {
     for file in &report.files {
         println!("{}", file.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn run_search(args: SearchArgs) -> Result<ExitCode> {
+fn run_search(args: SearchArgs) -> Result<u8> {
     let command = SearchCommand {
         query: args.query,
         index: args.index,
@@ -268,10 +309,10 @@ fn run_search(args: SearchArgs) -> Result<ExitCode> {
             println!("{:>3}  {:>8.4}  {:>8}  {}", hit.rank, hit.score, frame, hit.video_id);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn run_info(args: InfoArgs) -> Result<ExitCode> {
+fn run_info(args: InfoArgs) -> Result<u8> {
     match (args.index, args.model) {
         (Some(index), None) => print_index_info(&index),
         (None, Some(model)) => print_model_info(&model),
@@ -283,7 +324,7 @@ fn load_manifest(index: &Path) -> Result<Manifest> {
     Manifest::load(index)?.with_context(|| format!("{}: not a vtr-index index (no manifest.json)", index.display()))
 }
 
-fn print_index_info(index: &Path) -> Result<ExitCode> {
+fn print_index_info(index: &Path) -> Result<u8> {
     let m = load_manifest(index)?;
     println!("index:     {}", index.display());
     println!("videos:    {}", m.rows("videos"));
@@ -292,7 +333,7 @@ fn print_index_info(index: &Path) -> Result<ExitCode> {
     for name in m.text_sets() {
         println!("texts:     {name} ({} rows)", m.rows(&format!("texts/{name}")));
     }
-    println!("model:     {} ({}, sha256 {})", m.model.id, m.model.source, m.model.sha256);
+    println!("model:     {} ({}, sha256 {}, {})", m.model.id, m.model.source, m.model.sha256, m.model.dtype.name());
     println!(
         "           embed_dim {}, image_size {}, logit scale {:.4}",
         m.model.embed_dim,
@@ -305,17 +346,30 @@ fn print_index_info(index: &Path) -> Result<ExitCode> {
     if let Some(run) = &m.last_run {
         println!("last run:  {run}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn print_model_info(model: &Path) -> Result<ExitCode> {
+fn print_model_info(model: &Path) -> Result<u8> {
     let checkpoint = Checkpoint::open(model)?;
     let c = &checkpoint.config;
     let v = &c.vision;
     let t = &c.text;
     println!("checkpoint: {}", checkpoint.source.display());
-    println!("layout:     {}", checkpoint.layout);
+    println!("layout:     {}", checkpoint.layout.name());
     println!("weights:    {}", checkpoint.weights.display());
+    println!(
+        "config:     {}",
+        if checkpoint.config_inferred { "inferred from the tensor shapes" } else { "config.json" }
+    );
+    println!("dtype:      {} (as stored)", checkpoint.stored_dtypes.join(" + "));
+    println!("parameters: {}", checkpoint.parameters);
+    if !checkpoint.ignored.is_empty() {
+        println!(
+            "ignored:    {} tensors not used by CLIP meanP: {}",
+            checkpoint.ignored.len(),
+            summarise(&checkpoint.ignored)
+        );
+    }
     println!(
         "vision:     width {}, layers {}, heads {}, patch {}, image size {}, mlp {}, {:?}",
         v.hidden_size,
@@ -333,10 +387,20 @@ fn print_model_info(model: &Path) -> Result<ExitCode> {
     println!("embed dim:  {}", c.projection_dim);
     let p = &checkpoint.preprocess;
     println!("preprocess: resize {} bicubic-antialias, crop {}, mean {:?}, std {:?}", p.resize, p.crop, p.mean, p.std);
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn run_verify(args: VerifyArgs) -> Result<ExitCode> {
+/// The first few names of a long list, and how many more there are.
+fn summarise(names: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut text = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(", … ({} more)", names.len() - SHOWN));
+    }
+    text
+}
+
+fn run_verify(args: VerifyArgs) -> Result<u8> {
     let m = load_manifest(&args.index)?;
     let mut problems = 0;
     let mut checked = 0;
@@ -349,8 +413,8 @@ fn run_verify(args: VerifyArgs) -> Result<ExitCode> {
     }
     if problems > 0 {
         eprintln!("vtr-index: verify: {problems} of {checked} shards are damaged or missing");
-        return Ok(ExitCode::from(1));
+        return Ok(1);
     }
     println!("verify: {checked} shards OK ({} videos, {} frames)", m.rows("videos"), m.rows("frames"));
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }

@@ -1,14 +1,18 @@
 //! `vtr-index ingest`: wires walk → decode → encode → store and commits the result.
 //!
 //! Owns no domain logic. It decides which files need work (new or changed since the last
-//! commit, failed files only when they changed), runs the stages on their own threads joined
-//! by bounded channels (the bounds are the backpressure that keeps memory flat), and
-//! publishes the new rows with one manifest commit. Existing shards that still hold only
-//! kept videos are listed again untouched; a shard with a removed or replaced video is
-//! rewritten without it. A panic in any stage fails the run before anything is committed.
+//! commit, failed files only when they changed; a file whose bytes an indexed video already
+//! has reuses that video's rows), runs the stages on their own threads joined by bounded
+//! channels (the bounds are the backpressure that keeps memory flat), and publishes the new
+//! rows with manifest commits: every `--commit-every` files or `--commit-interval`, and at the
+//! end. Existing shards that still hold only kept videos are listed again untouched; a shard
+//! with a removed or replaced video is rewritten without it. A panic in any stage fails the
+//! run with only its earlier periodic commits published. Decode workers journal the files in
+//! flight, so the run after a crash can tell which file the process died on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -17,13 +21,13 @@ use serde::Serialize;
 use crate::decode::{DecodeConfig, decode_video};
 use crate::encode::{BatchEncoder, EmbeddedVideo, PreparedVideo, VideoFacts};
 use crate::failure::{Failure, FailureKind, Rejection, Stage};
-use crate::model::{Checkpoint, Clip, DeviceChoice, ModelError};
+use crate::model::{Checkpoint, Clip, DeviceChoice, ModelError, Precision};
 use crate::preprocess::{PreprocessConfig, pixel_values};
 use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
 use crate::store::{
-    FrameRow, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, ShardWriter, StoreError, TableRows, VideoRow,
-    WriterLock, collect_garbage, read_table,
+    FrameRow, InFlightJournal, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, ShardWriter, StoreError, Suspect,
+    VideoRow, WriterLock, collect_garbage, crashed_runs, read_table, read_video_ids,
 };
 use crate::walk::{VideoFile, WalkError, walk_roots};
 
@@ -42,9 +46,15 @@ pub struct IngestOptions {
     pub fps: Option<f64>,
     pub batch: usize,
     pub device: DeviceChoice,
+    /// The dtype the model runs in; fixed when the index is created [default: f32].
+    pub dtype: Option<Precision>,
     pub decode_timeout: Duration,
     pub decode_workers: usize,
     pub retry_failed: bool,
+    /// Commit the work done so far after this many finished files…
+    pub commit_every: u64,
+    /// …or after this long, whichever comes first.
+    pub commit_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +78,9 @@ pub struct IngestReport {
     pub roots: Vec<String>,
     pub new: u64,
     pub changed: u64,
+    /// Renamed, copied or touched files whose bytes an indexed video already had: its rows
+    /// were reused, nothing was decoded.
+    pub reused: u64,
     pub unchanged: u64,
     pub removed: u64,
     /// Files that failed in this run or earlier and still fail, by kind.
@@ -81,7 +94,21 @@ pub struct IngestReport {
     pub wall_s: f64,
     pub frames_per_s: f64,
     pub videos_per_s: f64,
+    /// Wall time of each stage; decode, encode and write are busy time summed over threads.
+    pub stage_seconds: StageSeconds,
+    /// Commits made, the periodic ones included.
+    pub commits: u64,
     pub committed: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageSeconds {
+    pub walk: f64,
+    /// Reading the old index, hashing possibly renamed files, carrying rows over.
+    pub plan: f64,
+    pub decode: f64,
+    pub encode: f64,
+    pub write: f64,
 }
 
 impl IngestReport {
@@ -97,9 +124,10 @@ impl IngestReport {
             format!("{} failed ({})", self.failed_total(), kinds.join(", "))
         };
         format!(
-            "ingest: {} new, {} changed, {} unchanged, {} removed, {failed}, {} skipped (not video); {} frames from {:.1} s of video in {:.1} s ({:.1} frames/s, {:.2} videos/s)",
+            "ingest: {} new, {} changed, {} reused, {} unchanged, {} removed, {failed}, {} skipped (not video); {} frames from {:.1} s of video in {:.1} s ({:.1} frames/s, {:.2} videos/s)",
             self.new,
             self.changed,
+            self.reused,
             self.unchanged,
             self.removed,
             self.skipped,
@@ -159,21 +187,25 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         }
     };
     let sampling = resolve_sampling(options, previous.as_ref())?;
-    let checkpoint = Checkpoint::open(&model_path)?;
-    let preprocess = checkpoint.preprocess.clone();
-    let clip = Clip::load(checkpoint, options.device)?;
-    if let Some(manifest) = &previous
-        && manifest.model.sha256 != clip.identity.sha256
-    {
-        return Err(IngestError::Refused(format!(
-            "{}: this index was built with the model at {} (sha256 {}…); {} is a different model. Build a new index for a new model.",
-            options.index.display(),
-            manifest.model.source,
-            &manifest.model.sha256[..12.min(manifest.model.sha256.len())],
-            model_path.display()
-        )));
-    }
-    crate::decode::init().map_err(IngestError::Refused)?;
+    let precision = resolve_precision(options, previous.as_ref())?;
+    let load_model = || -> Result<Clip, IngestError> {
+        let clip = Clip::load(Checkpoint::open(&model_path)?.with_precision(precision), options.device)?;
+        if let Some(manifest) = &previous
+            && manifest.model.sha256 != clip.identity.sha256
+        {
+            return Err(IngestError::Refused(format!(
+                "{}: this index was built with the model at {} (sha256 {}…); {} is a different model. Build a new index for a new model.",
+                options.index.display(),
+                manifest.model.source,
+                &manifest.model.sha256[..12.min(manifest.model.sha256.len())],
+                model_path.display()
+            )));
+        }
+        Ok(clip)
+    };
+    // A re-run with the index's own model loads it only when there is something to embed, so
+    // a run that finds nothing to do stays fast however large the model.
+    let mut clip = if options.model.is_some() || previous.is_none() { Some(load_model()?) } else { None };
     if lock.is_none() {
         std::fs::create_dir_all(&options.index)
             .map_err(|source| StoreError::Io { path: options.index.clone(), source })?;
@@ -186,10 +218,25 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         }
     }
     collect_garbage(&options.index, previous.as_ref())?;
+    // Files in flight when earlier runs died: counted once per crash, on top of the counts
+    // the manifest carries; at two crashes a file becomes a `crashed_decoder` failure.
+    let (crash_counts, crashed_journals) = crashed_runs(&options.index)?;
+    let mut suspects: BTreeMap<(String, String), u32> = previous
+        .as_ref()
+        .map(|m| m.suspects.iter().map(|s| ((s.root.clone(), s.path.clone()), s.crashes)).collect())
+        .unwrap_or_default();
+    for (file, crashes) in crash_counts {
+        *suspects.entry(file).or_insert(0) += crashes;
+    }
+    let suspects_before = suspects.clone();
+    let journal = JournalGuard(Some(InFlightJournal::create(&options.index, &started_at_us.to_string())?));
 
+    let walk_started = Instant::now();
     let walked = walk_roots(&options.roots, started_at_us)?;
     let mut report =
         IngestReport { started_at_us, roots: options.roots.clone(), skipped: walked.skipped, ..Default::default() };
+    report.stage_seconds.walk = walk_started.elapsed().as_secs_f64();
+    let plan_started = Instant::now();
     let old_videos: Vec<VideoRow> = match &previous {
         Some(m) => read_table(&options.index, m.shards("videos"))?,
         None => Vec::new(),
@@ -198,41 +245,93 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         Some(m) => read_table(&options.index, m.shards("failures"))?,
         None => Vec::new(),
     };
-    let plan = Plan::new(&options.roots, walked.videos, &old_videos, &old_failures, options.retry_failed);
+    let mut plan = Plan::new(&options.roots, walked.videos, &old_videos, &old_failures, options.retry_failed);
+    let crashed = plan.set_aside_crashing(&mut suspects, options.retry_failed, started_at_us);
+    let reused = plan.find_reusable(&old_videos);
     report.unchanged = plan.unchanged;
     report.removed = plan.removed;
     report.failed_not_retried = plan.kept_failures.len() as u64;
+    if clip.is_none() && !plan.to_process.is_empty() {
+        clip = Some(load_model()?);
+    }
+    if !plan.to_process.is_empty() {
+        crate::decode::init().map_err(IngestError::Refused)?;
+    }
+    let (model, preprocess_record) = match (&clip, &previous) {
+        (Some(clip), _) => {
+            let p = &clip.checkpoint.preprocess;
+            let record = PreprocessRecord {
+                resize: "bicubic-antialias".into(),
+                shortest_edge: p.resize,
+                crop: p.crop,
+                mean: p.mean,
+                std: p.std,
+            };
+            (clip.identity.clone(), record)
+        }
+        (None, Some(manifest)) => (manifest.model.clone(), manifest.preprocess.clone()),
+        (None, None) => unreachable!("a new index loads its model first"),
+    };
 
     let tag = started_at_us.to_string();
-    let dim = clip.embed_dim();
-    let mut videos_out = ShardWriter::<VideoRow>::new(&options.index, "videos", &tag, dim, VIDEO_SHARD_ROWS)?;
-    let mut frames_out = ShardWriter::<FrameRow>::new(&options.index, "frames", &tag, dim, FRAME_SHARD_ROWS)?;
-    let mut kept_shards: BTreeMap<&str, Vec<ShardInfo>> = BTreeMap::new();
-    if let Some(manifest) = &previous {
-        kept_shards.insert(
-            "videos",
-            carry_over(&options.index, manifest.shards("videos"), &plan.keep_ids, &mut videos_out, |r: &VideoRow| {
-                &r.video_id
-            })?,
-        );
-        kept_shards.insert(
-            "frames",
-            carry_over(&options.index, manifest.shards("frames"), &plan.keep_ids, &mut frames_out, |r: &FrameRow| {
-                &r.video_id
-            })?,
-        );
+    let dim = model.embed_dim;
+    let mut base_tables: BTreeMap<String, Vec<ShardInfo>> =
+        previous.as_ref().map(|m| m.tables.clone()).unwrap_or_default();
+    let mut writers = RowWriters::new(&options.index, &tag, dim)?;
+    for table in ["videos", "frames"] {
+        let old = previous.as_ref().map_or(&[][..], |m| m.shards(table));
+        let kept = carry_over(&options.index, table, old, &old_videos, &plan.keep_ids, &mut writers)?;
+        base_tables.insert(table.to_string(), kept);
     }
+    if !reused.is_empty() {
+        let old = previous.as_ref().map_or(&[][..], |m| m.shards("frames"));
+        write_reused(&options.index, old, &reused, &mut writers)?;
+        report.reused = reused.len() as u64;
+    }
+    report.stage_seconds.plan = plan_started.elapsed().as_secs_f64();
 
     let mut failures: Vec<Failure> = plan.kept_failures.clone();
     failures.extend(walked.failures.iter().cloned());
+    failures.extend(crashed);
+    // Old failures of files being retried stay listed until their retry ends.
+    let mut retried_failures: HashMap<(String, String), Failure> = plan
+        .to_process
+        .iter()
+        .filter_map(|f| old_failures.iter().find(|o| o.root == f.root && o.path == f.path))
+        .map(|f| ((f.root.clone(), f.path.clone()), f.clone()))
+        .collect();
     let mut progress = Progress::new(plan.to_process.len() as u64);
-    for failure in &walked.failures {
+    for failure in failures.iter().filter(|f| f.kind == FailureKind::CrashedDecoder || f.stage == Stage::Walk) {
         progress.println(&failure_line(failure));
     }
     let decode_config = DecodeConfig { sampling, timeout: options.decode_timeout };
     let processed = plan.to_process.len();
-    run_pipeline(plan.to_process, options, &decode_config, &preprocess, &clip, |outcome| {
-        match outcome {
+    let mut committer = Committer {
+        index: &options.index,
+        template: Manifest {
+            format_version: crate::store::FORMAT_VERSION,
+            model,
+            sampling: SamplingRecord { fps: sampling.fps, max_frames: sampling.max_frames },
+            preprocess: preprocess_record,
+            roots: merged_roots(previous.as_ref(), &options.roots),
+            tables: base_tables,
+            committed_at_us: 0,
+            last_run: None,
+            suspects: Vec::new(),
+        },
+        tag: tag.clone(),
+        crashed_journals,
+        every_videos: options.commit_every.max(1),
+        every: options.commit_interval,
+        last_commit: Instant::now(),
+        since_commit: 0,
+        commits: 0,
+    };
+    let stage_nanos = StageNanos::default();
+    let files = std::mem::take(&mut plan.to_process);
+    let consume = |outcome| {
+        let write_started = Instant::now();
+        let key = match outcome {
             Encoded::Video(video) => {
                 let frames = video.frames.len() as u64;
                 report.frames += frames;
@@ -242,8 +341,10 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
                 } else {
                     report.new += 1;
                 }
-                write_video(video, &mut videos_out, &mut frames_out)?;
+                let key = (video.key.root.clone(), video.key.path.clone());
+                writers.write_video(video)?;
                 progress.advance(frames);
+                key
             }
             Encoded::Failed(file, rejection) => {
                 let previous_failure = old_failures.iter().find(|f| f.root == file.root && f.path == file.path);
@@ -259,13 +360,34 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
                     mtime_ns: file.mtime_ns,
                 };
                 progress.println(&failure_line(&failure));
+                let key = (failure.root.clone(), failure.path.clone());
                 failures.push(failure);
                 progress.advance(0);
+                key
             }
+        };
+        retried_failures.remove(&key);
+        suspects.remove(&key);
+        committer.since_commit += 1;
+        stage_nanos.add(&stage_nanos.write, write_started);
+        if committer.due() {
+            let listed: Vec<Failure> = failures.iter().chain(retried_failures.values()).cloned().collect();
+            report.wall_s = started.elapsed().as_secs_f64();
+            committer.commit(&mut writers, listed, &suspects, &report, false)?;
         }
         Ok(())
-    })?;
+    };
+    if let Some(clip) = &clip
+        && !files.is_empty()
+    {
+        let preprocess = &clip.checkpoint.preprocess;
+        let pipeline = Pipeline { options, decode: &decode_config, preprocess, clip, journal: journal.get() };
+        pipeline.run(files, &stage_nanos, consume)?;
+    }
     progress.finish();
+    report.stage_seconds.decode = stage_nanos.seconds(&stage_nanos.decode);
+    report.stage_seconds.encode = stage_nanos.seconds(&stage_nanos.encode);
+    report.stage_seconds.write = stage_nanos.seconds(&stage_nanos.write);
 
     for failure in &failures {
         *report.failed.entry(failure.kind.as_str().to_string()).or_default() += 1;
@@ -277,53 +399,26 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         old != new
     };
     let roots_changed = previous.as_ref().is_none_or(|m| options.roots.iter().any(|r| !m.roots.contains(r)));
-    let needs_commit = processed > 0 || report.removed > 0 || failures_changed || roots_changed;
+    let needs_commit = processed > 0
+        || report.removed > 0
+        || report.reused > 0
+        || failures_changed
+        || roots_changed
+        || suspects != suspects_before
+        || !committer.crashed_journals.is_empty();
 
     report.wall_s = started.elapsed().as_secs_f64();
     report.frames_per_s = report.frames as f64 / report.wall_s.max(1e-9);
     report.videos_per_s = (report.new + report.changed) as f64 / report.wall_s.max(1e-9);
     if needs_commit {
-        let mut tables: BTreeMap<String, Vec<ShardInfo>> =
-            previous.as_ref().map(|m| m.tables.clone()).unwrap_or_default();
-        for (name, writer_shards) in [("videos", videos_out.finish()?), ("frames", frames_out.finish()?)] {
-            let mut shards = kept_shards.remove(name).unwrap_or_default();
-            shards.extend(writer_shards);
-            tables.insert(name.to_string(), shards);
-        }
         failures.sort_by(|a, b| (&a.root, &a.path).cmp(&(&b.root, &b.path)));
-        let mut failures_out = ShardWriter::<Failure>::new(&options.index, "failures", &tag, 0, u64::MAX)?;
-        for failure in failures {
-            failures_out.push(failure)?;
-        }
-        tables.insert("failures".to_string(), failures_out.finish()?);
-        let mut roots = previous.as_ref().map(|m| m.roots.clone()).unwrap_or_default();
-        roots.extend(options.roots.iter().filter(|r| !roots.contains(r)).cloned().collect::<Vec<_>>());
         report.committed = true;
-        let run_file = write_run_report(&options.index, &tag, &report)?;
-        let manifest = Manifest {
-            format_version: crate::store::FORMAT_VERSION,
-            model: clip.identity.clone(),
-            sampling: SamplingRecord { fps: sampling.fps, max_frames: sampling.max_frames },
-            preprocess: PreprocessRecord {
-                resize: "bicubic-antialias".into(),
-                shortest_edge: preprocess.resize,
-                crop: preprocess.crop,
-                mean: preprocess.mean,
-                std: preprocess.std,
-            },
-            roots,
-            tables,
-            committed_at_us: now_us(),
-            last_run: Some(run_file),
-        };
-        manifest.commit(&options.index)?;
-        // Shards the new manifest no longer lists (rewritten ones) can go now.
-        collect_garbage(&options.index, Some(&manifest))?;
+        committer.commit(&mut writers, failures, &suspects, &report, true)?;
     } else {
-        drop(videos_out);
-        drop(frames_out);
+        drop(writers);
         write_run_report(&options.index, &tag, &report)?;
     }
+    drop(journal);
     drop(lock);
     Ok(report)
 }
@@ -348,6 +443,20 @@ fn resolve_sampling(options: &IngestOptions, previous: Option<&Manifest>) -> Res
         )));
     }
     Ok(built)
+}
+
+/// The model's dtype: the flag for a new index, the manifest's afterwards (mixing precisions
+/// in one index would make its embeddings subtly inconsistent).
+fn resolve_precision(options: &IngestOptions, previous: Option<&Manifest>) -> Result<Precision, IngestError> {
+    match (options.dtype, previous) {
+        (asked, None) => Ok(asked.unwrap_or_default()),
+        (Some(asked), Some(manifest)) if asked != manifest.model.dtype => Err(IngestError::Refused(format!(
+            "this index was built with --dtype {}; build a new index to embed in {}",
+            manifest.model.dtype.name(),
+            asked.name()
+        ))),
+        (_, Some(manifest)) => Ok(manifest.model.dtype),
+    }
 }
 
 /// Which walked files need work, and what of the old index stays.
@@ -416,59 +525,292 @@ impl Plan {
         plan.kept_failures.extend(old_failures.iter().filter(|f| !roots.contains(&f.root)).cloned());
         plan
     }
+
+    /// Takes out of the work the files that were in flight at two or more crashes and returns
+    /// their `crashed_decoder` failures (with `--retry-failed` they are tried once more).
+    fn set_aside_crashing(
+        &mut self,
+        suspects: &mut BTreeMap<(String, String), u32>,
+        retry_failed: bool,
+        now_us: i64,
+    ) -> Vec<Failure> {
+        if retry_failed {
+            return Vec::new();
+        }
+        let mut failures = Vec::new();
+        self.to_process.retain(|file| {
+            let key = (file.root.clone(), file.path.clone());
+            let crashes = suspects.get(&key).copied().unwrap_or(0);
+            if crashes < 2 {
+                return true;
+            }
+            suspects.remove(&key);
+            failures.push(Failure {
+                root: file.root.clone(),
+                path: file.path.clone(),
+                stage: Stage::Decode,
+                kind: FailureKind::CrashedDecoder,
+                message: format!(
+                    "the process died while decoding this file in {crashes} runs; it is tried again when it changes or with --retry-failed"
+                ),
+                first_seen_us: now_us,
+                attempts: crashes,
+                size_bytes: file.size_bytes,
+                mtime_ns: file.mtime_ns,
+            });
+            false
+        });
+        failures
+    }
+
+    /// Takes out of the work the files whose bytes an old video already had (a renamed,
+    /// copied or touched file) and returns them with that video's row. Only files whose size
+    /// equals an old video's are hashed (BLAKE3), so new content costs nothing here.
+    fn find_reusable(&mut self, old_videos: &[VideoRow]) -> Vec<(VideoFile, VideoRow)> {
+        let mut by_size: HashMap<u64, Vec<&VideoRow>> = HashMap::new();
+        for old in old_videos {
+            by_size.entry(old.size_bytes).or_default().push(old);
+        }
+        let mut reused = Vec::new();
+        let mut rest = Vec::with_capacity(self.to_process.len());
+        for file in std::mem::take(&mut self.to_process) {
+            let same = by_size.get(&file.size_bytes).and_then(|candidates| {
+                let hash = hash_file(&file.abs_path).ok()?;
+                candidates.iter().find(|old| old.content_hash == hash).map(|old| (*old).clone())
+            });
+            match same {
+                Some(old) => reused.push((file, old)),
+                None => rest.push(file),
+            }
+        }
+        self.to_process = rest;
+        reused
+    }
 }
 
-/// Lists again the old shards whose rows all stay, and copies the kept rows of the others
-/// into `writer`. Returns the shards listed unchanged.
-fn carry_over<R: TableRows>(
+/// The open shard writers of the two per-video tables.
+struct RowWriters {
+    videos: ShardWriter<VideoRow>,
+    frames: ShardWriter<FrameRow>,
+}
+
+impl RowWriters {
+    fn new(index: &Path, tag: &str, dim: usize) -> Result<RowWriters, StoreError> {
+        Ok(RowWriters {
+            videos: ShardWriter::new(index, "videos", tag, dim, VIDEO_SHARD_ROWS)?,
+            frames: ShardWriter::new(index, "frames", tag, dim, FRAME_SHARD_ROWS)?,
+        })
+    }
+
+    fn write_video(&mut self, video: EmbeddedVideo<VideoFile>) -> Result<(), StoreError> {
+        let file = video.key;
+        for (index, (pts_s, embedding)) in video.frames.iter().enumerate() {
+            self.frames.push(FrameRow {
+                video_id: file.video_id.clone(),
+                frame_index: index as u32,
+                pts_s: *pts_s,
+                embedding: embedding.clone(),
+            })?;
+        }
+        self.videos.push(VideoRow {
+            video_id: file.video_id,
+            root: file.root,
+            path: file.path,
+            size_bytes: file.size_bytes,
+            mtime_ns: file.mtime_ns,
+            content_hash: video.facts.content_hash,
+            duration_s: video.facts.duration_s,
+            width: video.facts.width,
+            height: video.facts.height,
+            fps: video.facts.fps,
+            n_frames: video.frames.len() as u32,
+            embedding: video.embedding,
+        })
+    }
+}
+
+/// Lists again the old shards of `table` whose rows all stay, and copies the kept rows of the
+/// others into `writers`. Returns the shards listed unchanged. When every old video stays (a
+/// run that only adds, or finds nothing to do) no shard is read at all; otherwise a frames
+/// shard is read whole only if its `video_id` column names a dropped video.
+fn carry_over(
     index: &Path,
+    table: &str,
     shards: &[ShardInfo],
+    old_videos: &[VideoRow],
     keep_ids: &HashSet<String>,
-    writer: &mut ShardWriter<R>,
-    video_id: impl Fn(&R) -> &String,
+    writers: &mut RowWriters,
 ) -> Result<Vec<ShardInfo>, StoreError> {
+    if old_videos.iter().all(|v| keep_ids.contains(&v.video_id)) {
+        return Ok(shards.to_vec());
+    }
     let mut unchanged = Vec::new();
     for shard in shards {
-        let rows: Vec<R> = read_table(index, std::slice::from_ref(shard))?;
-        if rows.iter().all(|r| keep_ids.contains(video_id(r))) {
+        if read_video_ids(index, shard)?.iter().all(|id| keep_ids.contains(id)) {
             unchanged.push(shard.clone());
             continue;
         }
-        for row in rows.into_iter().filter(|r| keep_ids.contains(video_id(r))) {
-            writer.push(row)?;
+        let one = std::slice::from_ref(shard);
+        if table == "videos" {
+            for row in read_table::<VideoRow>(index, one)?.into_iter().filter(|r| keep_ids.contains(&r.video_id)) {
+                writers.videos.push(row)?;
+            }
+        } else {
+            for row in read_table::<FrameRow>(index, one)?.into_iter().filter(|r| keep_ids.contains(&r.video_id)) {
+                writers.frames.push(row)?;
+            }
         }
     }
     Ok(unchanged)
 }
 
-fn write_video(
-    video: EmbeddedVideo<VideoFile>,
-    videos_out: &mut ShardWriter<VideoRow>,
-    frames_out: &mut ShardWriter<FrameRow>,
+/// Writes the rows of files whose bytes an old video already had, under their new identity:
+/// the old video's row and frames, with the new id, location, size and mtime.
+fn write_reused(
+    index: &Path,
+    old_frame_shards: &[ShardInfo],
+    reused: &[(VideoFile, VideoRow)],
+    writers: &mut RowWriters,
 ) -> Result<(), StoreError> {
-    let file = video.key;
-    for (index, (pts_s, embedding)) in video.frames.iter().enumerate() {
-        frames_out.push(FrameRow {
+    let mut new_ids_of: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (file, old) in reused {
+        new_ids_of.entry(old.video_id.as_str()).or_default().push(file.video_id.as_str());
+    }
+    for shard in old_frame_shards {
+        if !read_video_ids(index, shard)?.iter().any(|id| new_ids_of.contains_key(id.as_str())) {
+            continue;
+        }
+        for row in read_table::<FrameRow>(index, std::slice::from_ref(shard))? {
+            for new_id in new_ids_of.get(row.video_id.as_str()).into_iter().flatten() {
+                writers.frames.push(FrameRow { video_id: new_id.to_string(), ..row.clone() })?;
+            }
+        }
+    }
+    for (file, old) in reused {
+        writers.videos.push(VideoRow {
             video_id: file.video_id.clone(),
-            frame_index: index as u32,
-            pts_s: *pts_s,
-            embedding: embedding.clone(),
+            root: file.root.clone(),
+            path: file.path.clone(),
+            size_bytes: file.size_bytes,
+            mtime_ns: file.mtime_ns,
+            ..old.clone()
         })?;
     }
-    videos_out.push(VideoRow {
-        video_id: file.video_id,
-        root: file.root,
-        path: file.path,
-        size_bytes: file.size_bytes,
-        mtime_ns: file.mtime_ns,
-        content_hash: video.facts.content_hash,
-        duration_s: video.facts.duration_s,
-        width: video.facts.width,
-        height: video.facts.height,
-        fps: video.facts.fps,
-        n_frames: video.frames.len() as u32,
-        embedding: video.embedding,
-    })
+    Ok(())
+}
+
+/// Every root the index has walked: the manifest's, then this run's new ones.
+fn merged_roots(previous: Option<&Manifest>, roots: &[String]) -> Vec<String> {
+    let mut merged = previous.map(|m| m.roots.clone()).unwrap_or_default();
+    for root in roots {
+        if !merged.contains(root) {
+            merged.push(root.clone());
+        }
+    }
+    merged
+}
+
+/// Publishes the run's work: periodically while it runs (so a crash late in a long run keeps
+/// most of it), and once at the end.
+struct Committer<'a> {
+    index: &'a Path,
+    /// The manifest to publish, less this run's new shards, failures and suspects.
+    template: Manifest,
+    tag: String,
+    /// Journals of crashed runs, removed once a commit has recorded their counts.
+    crashed_journals: Vec<PathBuf>,
+    every_videos: u64,
+    every: Duration,
+    last_commit: Instant,
+    since_commit: u64,
+    commits: u64,
+}
+
+impl Committer<'_> {
+    fn due(&self) -> bool {
+        self.since_commit >= self.every_videos || self.last_commit.elapsed() >= self.every
+    }
+
+    /// Closes the open shards, commits a manifest listing them with every shard committed
+    /// before, and opens new writers. The final commit also removes what no manifest names.
+    fn commit(
+        &mut self,
+        writers: &mut RowWriters,
+        failures: Vec<Failure>,
+        suspects: &BTreeMap<(String, String), u32>,
+        report: &IngestReport,
+        last: bool,
+    ) -> Result<(), StoreError> {
+        self.commits += 1;
+        let dim = writers.videos.dim();
+        let next_tag = format!("{}-{}", self.tag, self.commits);
+        let done = std::mem::replace(writers, RowWriters::new(self.index, &next_tag, dim)?);
+        for (table, shards) in [("videos", done.videos.finish()?), ("frames", done.frames.finish()?)] {
+            self.template.tables.entry(table.to_string()).or_default().extend(shards);
+        }
+        let mut manifest = self.template.clone();
+        let mut failures_out = ShardWriter::<Failure>::new(self.index, "failures", &next_tag, 0, u64::MAX)?;
+        for failure in failures {
+            failures_out.push(failure)?;
+        }
+        manifest.tables.insert("failures".to_string(), failures_out.finish()?);
+        manifest.suspects = suspects
+            .iter()
+            .map(|((root, path), &crashes)| Suspect { root: root.clone(), path: path.clone(), crashes })
+            .collect();
+        let mut report = report.clone();
+        report.commits = self.commits;
+        report.committed = true;
+        manifest.last_run = Some(write_run_report(self.index, &self.tag, &report)?);
+        manifest.committed_at_us = now_us();
+        manifest.commit(self.index)?;
+        for journal in self.crashed_journals.drain(..) {
+            let _ = std::fs::remove_file(journal);
+        }
+        if last {
+            // Shards the new manifest no longer lists (rewritten ones) can go now. Periodic
+            // commits keep them: rows still to be reused may be read from them.
+            collect_garbage(self.index, Some(&manifest))?;
+        }
+        self.last_commit = Instant::now();
+        self.since_commit = 0;
+        Ok(())
+    }
+}
+
+/// This run's in-flight journal, removed whenever the run ends without the process dying.
+struct JournalGuard(Option<InFlightJournal>);
+
+impl JournalGuard {
+    fn get(&self) -> &InFlightJournal {
+        self.0.as_ref().expect("the journal lives as long as its guard")
+    }
+}
+
+impl Drop for JournalGuard {
+    fn drop(&mut self) {
+        if let Some(journal) = self.0.take() {
+            journal.remove();
+        }
+    }
+}
+
+/// Busy time per stage, summed over the threads of each.
+#[derive(Default)]
+struct StageNanos {
+    decode: AtomicU64,
+    encode: AtomicU64,
+    write: AtomicU64,
+}
+
+impl StageNanos {
+    fn add(&self, counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn seconds(&self, counter: &AtomicU64) -> f64 {
+        counter.load(Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 pub fn failure_line(failure: &Failure) -> String {
@@ -520,99 +862,118 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Runs decode workers and the encoder on their own threads, joined by bounded channels,
-/// and hands every outcome to `consume` on the calling thread.
-fn run_pipeline(
-    files: Vec<VideoFile>,
-    options: &IngestOptions,
-    decode: &DecodeConfig,
-    preprocess: &PreprocessConfig,
-    clip: &Clip,
-    mut consume: impl FnMut(Encoded) -> Result<(), StoreError>,
-) -> Result<(), IngestError> {
-    let workers = options.decode_workers.max(1);
-    let (task_tx, task_rx) = bounded::<VideoFile>(workers * 2);
-    let (decoded_tx, decoded_rx) = bounded::<Decoded>(workers + 2);
-    let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
-    let dim = clip.embed_dim();
-    std::thread::scope(|scope| {
-        let feeder = std::thread::Builder::new()
-            .name("feed".into())
-            .spawn_scoped(scope, move || {
-                for file in files {
-                    if task_tx.send(file).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawn a thread");
-        let decoders: Vec<_> = (0..workers)
-            .map(|i| {
-                let tasks = task_rx.clone();
-                let out = decoded_tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("decode-{i}"))
-                    .spawn_scoped(scope, move || {
-                        for file in tasks {
-                            if out.send(prepare(file, decode, preprocess)).is_err() {
-                                break;
-                            }
+/// The decode workers and the encoder of one run, on their own threads joined by bounded
+/// channels.
+struct Pipeline<'a> {
+    options: &'a IngestOptions,
+    decode: &'a DecodeConfig,
+    preprocess: &'a PreprocessConfig,
+    clip: &'a Clip,
+    journal: &'a InFlightJournal,
+}
+
+impl Pipeline<'_> {
+    /// Runs `files` through decode and encode and hands every outcome to `consume` on the
+    /// calling thread.
+    fn run(
+        &self,
+        files: Vec<VideoFile>,
+        nanos: &StageNanos,
+        mut consume: impl FnMut(Encoded) -> Result<(), StoreError>,
+    ) -> Result<(), IngestError> {
+        let workers = self.options.decode_workers.max(1);
+        let (task_tx, task_rx) = bounded::<VideoFile>(workers * 2);
+        let (decoded_tx, decoded_rx) = bounded::<Decoded>(workers + 2);
+        let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
+        let dim = self.clip.embed_dim();
+        std::thread::scope(|scope| {
+            let feeder = std::thread::Builder::new()
+                .name("feed".into())
+                .spawn_scoped(scope, move || {
+                    for file in files {
+                        if task_tx.send(file).is_err() {
+                            break;
                         }
-                    })
-                    .expect("spawn a thread")
-            })
-            .collect();
-        drop(task_rx);
-        drop(decoded_tx);
-        let encoder = std::thread::Builder::new()
-            .name("encode".into())
-            .spawn_scoped(scope, move || -> Result<(), String> {
-                let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
-                    let flat = clip.embed_images(pixels, count).map_err(|e| e.to_string())?;
-                    Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
-                };
-                let mut encoder = BatchEncoder::new(options.batch, embed);
-                for item in decoded_rx {
-                    let done = match item {
-                        Decoded::Video(video) => encoder.push(video)?,
-                        Decoded::Failed(file, rejection) => {
-                            if encoded_tx.send(Encoded::Failed(file, rejection)).is_err() {
+                    }
+                })
+                .expect("spawn a thread");
+            let decoders: Vec<_> = (0..workers)
+                .map(|i| {
+                    let tasks = task_rx.clone();
+                    let out = decoded_tx.clone();
+                    std::thread::Builder::new()
+                        .name(format!("decode-{i}"))
+                        .spawn_scoped(scope, move || {
+                            for file in tasks {
+                                let started = Instant::now();
+                                self.journal.started(&file.root, &file.path);
+                                crate::fault::point(&format!("decode:{}", file.path));
+                                let (root, path) = (file.root.clone(), file.path.clone());
+                                let decoded = prepare(file, self.decode, self.preprocess);
+                                self.journal.finished(&root, &path);
+                                nanos.add(&nanos.decode, started);
+                                if out.send(decoded).is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                        .expect("spawn a thread")
+                })
+                .collect();
+            drop(task_rx);
+            drop(decoded_tx);
+            let encoder = std::thread::Builder::new()
+                .name("encode".into())
+                .spawn_scoped(scope, move || -> Result<(), String> {
+                    let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
+                        let started = Instant::now();
+                        let flat = self.clip.embed_images(pixels, count).map_err(|e| e.to_string())?;
+                        nanos.add(&nanos.encode, started);
+                        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+                    };
+                    let mut encoder = BatchEncoder::new(self.options.batch, embed);
+                    for item in decoded_rx {
+                        let done = match item {
+                            Decoded::Video(video) => encoder.push(video)?,
+                            Decoded::Failed(file, rejection) => {
+                                if encoded_tx.send(Encoded::Failed(file, rejection)).is_err() {
+                                    return Ok(());
+                                }
+                                continue;
+                            }
+                        };
+                        for video in done {
+                            if encoded_tx.send(Encoded::Video(video)).is_err() {
                                 return Ok(());
                             }
-                            continue;
                         }
-                    };
-                    for video in done {
+                    }
+                    for video in encoder.finish()? {
                         if encoded_tx.send(Encoded::Video(video)).is_err() {
                             return Ok(());
                         }
                     }
-                }
-                for video in encoder.finish()? {
-                    if encoded_tx.send(Encoded::Video(video)).is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(())
-            })
-            .expect("spawn a thread");
+                    Ok(())
+                })
+                .expect("spawn a thread");
 
-        let mut written: Result<(), IngestError> = Ok(());
-        for outcome in &encoded_rx {
-            if let Err(e) = consume(outcome) {
-                written = Err(e.into());
-                break;
+            let mut written: Result<(), IngestError> = Ok(());
+            for outcome in &encoded_rx {
+                if let Err(e) = consume(outcome) {
+                    written = Err(e.into());
+                    break;
+                }
             }
-        }
-        // Stops the upstream stages if writing failed: their sends now fail.
-        drop(encoded_rx);
-        let panicked = |stage: &'static str| IngestError::Stage(stage, "a worker thread panicked".into());
-        let encoded = encoder.join().map_err(|_| panicked("encode"))?;
-        for decoder in decoders {
-            decoder.join().map_err(|_| panicked("decode"))?;
-        }
-        feeder.join().map_err(|_| panicked("feed"))?;
-        written?;
-        encoded.map_err(|e| IngestError::Stage("encode", e))
-    })
+            // Stops the upstream stages if writing failed: their sends now fail.
+            drop(encoded_rx);
+            let panicked = |stage: &'static str| IngestError::Stage(stage, "a worker thread panicked".into());
+            let encoded = encoder.join().map_err(|_| panicked("encode"))?;
+            for decoder in decoders {
+                decoder.join().map_err(|_| panicked("decode"))?;
+            }
+            feeder.join().map_err(|_| panicked("feed"))?;
+            written?;
+            encoded.map_err(|e| IngestError::Stage("encode", e))
+        })
+    }
 }

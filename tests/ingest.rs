@@ -202,15 +202,15 @@ fn rerun_without_changes_commits_nothing_and_keeps_everything() {
     let first = std::fs::read_to_string(index.join("manifest.json")).unwrap();
     let (code, stderr) = ingest(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("0 new, 0 changed, 12 unchanged"), "{stderr}");
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 12 unchanged"), "{stderr}");
     assert_eq!(std::fs::read_to_string(index.join("manifest.json")).unwrap(), first);
 
-    // A deleted file is dropped; a new one is added; the rest stays.
+    // A deleted file is dropped; a copy of an indexed file reuses its rows; the rest stays.
     std::fs::remove_file(root.join("short_h264.mp4")).unwrap();
     dir.copy(&fixtures().join("videos/vfr_h264.mp4"), "corpus/more/vfr_copy.mp4");
     let (code, stderr) = ingest(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("1 new, 0 changed, 11 unchanged, 1 removed"), "{stderr}");
+    assert!(stderr.contains("0 new, 0 changed, 1 reused, 11 unchanged, 1 removed"), "{stderr}");
     let ids = indexed_ids(&index);
     assert!(ids.contains(&"more/vfr_copy".to_string()) && !ids.contains(&"short_h264".to_string()), "{ids:?}");
     assert_eq!(ids.len(), 12);

@@ -3,8 +3,10 @@
 
 mod util;
 
+mod checkpoints;
 mod cli;
 mod fidelity;
 mod ingest;
+mod nightly;
 mod score;
 mod texts;

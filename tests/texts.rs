@@ -61,10 +61,10 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
         let texts = strings(batch, "text");
         let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
         let embeddings = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
-        for i in 0..batch.num_rows() {
+        for (i, text) in texts.iter().enumerate() {
             assert_eq!(ids.value(i), rows as u64);
-            assert_eq!(texts[i], sentences[rows]);
-            let want: Vec<i32> = tokenizer.encode(&texts[i]).into_iter().map(|t| t as i32).collect();
+            assert_eq!(*text, sentences[rows]);
+            let want: Vec<i32> = tokenizer.encode(text).into_iter().map(|t| t as i32).collect();
             assert_eq!(tokens.value(i).as_primitive::<Int32Type>().values().to_vec(), want);
             let e = embeddings.value(i);
             let norm: f32 = e.as_primitive::<Float32Type>().values().iter().map(|x| x * x).sum();

@@ -81,6 +81,11 @@ impl TestCommand {
         self
     }
 
+    pub fn env(mut self, key: &str, value: &str) -> TestCommand {
+        self.cmd.env(key, value);
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> TestCommand {
         self.cmd.args(args);
         self

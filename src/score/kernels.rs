@@ -49,7 +49,7 @@ pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
 #[inline(always)]
 pub fn exp(x: f64) -> f64 {
     const SHIFT: f64 = 6755399441055744.0; // 1.5 · 2^52: adding it rounds to an integer
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     let x = x.clamp(-708.0, 709.0);
     let k = x * std::f64::consts::LOG2_E + SHIFT;

@@ -186,10 +186,10 @@ impl ColumnStats {
                 *m = m.max(to_x(v));
             }
         }
-        for j in 0..columns {
-            let max = self.max[j].max(strip_max[j]);
-            self.sum[j] *= kernels::exp(self.max[j] - max);
-            self.max[j] = max;
+        for ((old_max, sum), &new) in self.max.iter_mut().zip(self.sum.iter_mut()).zip(&strip_max) {
+            let max = old_max.max(new);
+            *sum *= kernels::exp(*old_max - max);
+            *old_max = max;
         }
         for s in strip.chunks_exact(columns) {
             for ((x, &v), &m) in row.iter_mut().zip(s).zip(&self.max) {
@@ -392,16 +392,21 @@ impl Engine<'_> {
 }
 
 /// Scores every text against every video. `sink` receives every revised row (`--dense`).
+/// `x > 0`, false for NaN.
+pub fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
     let dim = problem.dim;
-    if dim == 0 || problem.texts.len() % dim != 0 || problem.videos.len() % dim != 0 {
+    if dim == 0 || !problem.texts.len().is_multiple_of(dim) || !problem.videos.len().is_multiple_of(dim) {
         return Err(ScoreError::Invalid(format!("embeddings are not rows of width {dim}")));
     }
     let (n, columns) = (problem.texts.len() / dim, problem.videos.len() / dim);
     if problem.text_video.len() != n || problem.text_video.iter().flatten().any(|&c| c as usize >= columns) {
         return Err(ScoreError::Invalid("each text needs one entry in text_video, a column or none".into()));
     }
-    if !(options.temperature > 0.0) || !(options.scale > 0.0) || !(options.beta > 0.0) {
+    if ![options.temperature, options.scale, options.beta].into_iter().all(is_positive) {
         return Err(ScoreError::Invalid("the scale, temperature and beta must be positive".into()));
     }
     let bank = match (options.revision, problem.bank) {

@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{StoreError, io_error};
 
@@ -65,7 +65,7 @@ impl Drop for WriterLock {
     }
 }
 
-fn write_holder(file: &mut File, path: &PathBuf, text: &str) -> Result<(), StoreError> {
+fn write_holder(file: &mut File, path: &Path, text: &str) -> Result<(), StoreError> {
     file.set_len(0).map_err(io_error(path))?;
     file.seek(SeekFrom::Start(0)).map_err(io_error(path))?;
     file.write_all(text.as_bytes()).map_err(io_error(path))?;

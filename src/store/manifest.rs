@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, atomic_write};
+use super::{StoreError, atomic_write_with};
 use crate::model::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -57,6 +57,18 @@ pub struct Manifest {
     /// The report of the run that made this commit (`runs/…json`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<String>,
+    /// Files that were being decoded when an ingest died, with how many times: at two, the
+    /// file is recorded as a `crashed_decoder` failure instead of being tried again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspects: Vec<Suspect>,
+}
+
+/// A file in flight when an ingest process died.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspect {
+    pub root: String,
+    pub path: String,
+    pub crashes: u32,
 }
 
 impl Manifest {
@@ -101,6 +113,8 @@ impl Manifest {
     pub fn commit(&self, index: &Path) -> Result<(), StoreError> {
         let mut text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
         text.push('\n');
-        atomic_write(&index.join(MANIFEST), text.as_bytes())
+        atomic_write_with(&index.join(MANIFEST), text.as_bytes(), "manifest-written")?;
+        crate::fault::point("committed");
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! synced and renamed, and becomes visible only when a new manifest naming it is committed
 //! ([`Manifest::commit`]). [`collect_garbage`] removes what no manifest names.
 
+mod journal;
 mod lock;
 mod manifest;
 mod scores;
@@ -14,12 +15,13 @@ mod tables;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use journal::{InFlightJournal, crashed_runs};
 pub use lock::{LOCK_FILE, WriterLock};
-pub use manifest::{FORMAT_VERSION, MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo};
+pub use manifest::{FORMAT_VERSION, MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, Suspect};
 pub use scores::{
     Embeddings, TextSet, TopKRow, read_frames_of, read_text_embeddings, read_video_embeddings, topk_schema, write_topk,
 };
-pub use shard::{ShardWriter, for_each_batch, read_table, verify_shard};
+pub use shard::{ShardWriter, for_each_batch, read_table, read_video_ids, verify_shard};
 pub use tables::{
     FrameRow, TableRows, TextRow, VideoRow, embedding_values, failures_schema, frames_schema, texts_schema,
     videos_schema,
@@ -47,6 +49,12 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// Writes `bytes` to `path` atomically: temporary file in the same folder, synced, renamed,
 /// and the folder synced so the rename itself survives a power cut.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    atomic_write_with(path, bytes, "")
+}
+
+/// [`atomic_write`], reaching the failure-injection point `before_rename` (see `fault`)
+/// between the sync and the rename.
+fn atomic_write_with(path: &Path, bytes: &[u8], before_rename: &str) -> Result<(), StoreError> {
     let folder = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = folder.join(format!(".tmp-{}-{name}", std::process::id()));
@@ -55,6 +63,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         file.write_all(bytes).map_err(io_error(&tmp))?;
         file.sync_all().map_err(io_error(&tmp))?;
     }
+    crate::fault::point(before_rename);
     std::fs::rename(&tmp, path).map_err(io_error(path))?;
     sync_dir(folder)
 }

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
+use arrow::array::AsArray;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -64,6 +65,11 @@ impl<R: TableRows> ShardWriter<R> {
         })
     }
 
+    /// The embedding width of the rows.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     pub fn push(&mut self, row: R) -> Result<(), StoreError> {
         self.pending.push(row);
         let open_rows = self.open.as_ref().map_or(0, |s| s.rows);
@@ -112,9 +118,11 @@ impl<R: TableRows> ShardWriter<R> {
             .into_inner()
             .map_err(|e| StoreError::Parquet { path: shard.tmp_path.clone(), message: e.to_string() })?;
         file.sync_all().map_err(io_error(&shard.tmp_path))?;
+        crate::fault::point("shard-written");
         drop(file);
         let final_path = self.index.join(&shard.final_rel);
         std::fs::rename(&shard.tmp_path, &final_path).map_err(io_error(&final_path))?;
+        crate::fault::point("shard-renamed");
         let (bytes, sha256) = size_and_sha256(&final_path)?;
         self.done.push(ShardInfo { path: shard.final_rel, rows: shard.rows, bytes, sha256 });
         Ok(())
@@ -154,6 +162,27 @@ pub fn read_table<R: TableRows>(index: &Path, shards: &[ShardInfo]) -> Result<Ve
         })?;
     }
     Ok(rows)
+}
+
+/// The `video_id` column of one shard, read alone (a frames shard's embeddings are most of its
+/// bytes; deciding whether a shard must be rewritten needs only its ids).
+pub fn read_video_ids(index: &Path, shard: &ShardInfo) -> Result<Vec<String>, StoreError> {
+    let path = index.join(&shard.path);
+    let corrupt = |message: String| StoreError::Corrupt { path: path.clone(), message };
+    let file = File::open(&path).map_err(io_error(&path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| corrupt(format!("not a readable Parquet shard: {e}")))?;
+    let column = builder.schema().index_of("video_id").map_err(|_| corrupt("no video_id column".into()))?;
+    let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [column]);
+    let reader = builder.with_projection(mask).build().map_err(|e| corrupt(e.to_string()))?;
+    let mut ids = Vec::with_capacity(shard.rows as usize);
+    for batch in reader {
+        let batch = batch.map_err(|e| corrupt(format!("unreadable row group: {e}")))?;
+        let values =
+            batch.column(0).as_string_opt::<i32>().ok_or_else(|| corrupt("video_id is not a string column".into()))?;
+        ids.extend(values.iter().map(|v| v.unwrap_or_default().to_string()));
+    }
+    Ok(ids)
 }
 
 /// Calls `f` on each record batch of one shard.

@@ -1,0 +1,146 @@
+//! `vtr-index run JOB.toml`: a job file for nightly batches, one table per step.
+//!
+//! `[ingest]`, `[encode_text]` and `[score]` take the long flag names of their command with
+//! `-` written `_`, and the positional arguments by name (`roots`, `captions`). Each table is
+//! turned into that command's arguments and parsed by the same clap definitions as the
+//! command line, so a job file accepts exactly what the flags accept. Unknown tables and keys
+//! are errors naming them. `index` may be given once, in `[ingest]`, for every step.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, Parser};
+use toml::{Table, Value};
+
+use crate::cli::Cli;
+
+/// The steps a job can have, in the order they run: (table, subcommand, positional key).
+const STEPS: [(&str, &str, Option<&str>); 3] =
+    [("ingest", "ingest", Some("roots")), ("encode_text", "encode-text", Some("captions")), ("score", "score", None)];
+
+/// Reads a job file into the command lines of its steps, in order.
+pub fn command_lines(path: &Path) -> Result<Vec<Vec<String>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the job file", path.display()))?;
+    let job: Table = text.parse().with_context(|| format!("{}: not a valid TOML job file", path.display()))?;
+    if let Some(unknown) = job.keys().find(|k| !STEPS.iter().any(|(table, _, _)| table == k)) {
+        bail!("{}: unknown table [{unknown}] (a job has [ingest], [encode_text] and [score])", path.display());
+    }
+    let shared_index = job.get("ingest").and_then(|t| t.get("index")).cloned();
+    let mut lines = Vec::new();
+    for (table, subcommand, positional) in STEPS {
+        let Some(step) = job.get(table) else { continue };
+        let Value::Table(step) = step else { bail!("{}: [{table}] must be a table", path.display()) };
+        let mut step = step.clone();
+        if let Some(index) = &shared_index {
+            step.entry("index").or_insert_with(|| index.clone());
+        }
+        let line =
+            step_arguments(subcommand, positional, &step).with_context(|| format!("{}: [{table}]", path.display()))?;
+        lines.push(line);
+    }
+    if lines.is_empty() {
+        bail!("{}: the job has no steps ([ingest], [encode_text] or [score])", path.display());
+    }
+    Ok(lines)
+}
+
+/// One table → `vtr-index SUBCOMMAND …`, checked against the subcommand's arguments.
+fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> Result<Vec<String>> {
+    let command = Cli::command();
+    let definition = command.find_subcommand(subcommand).expect("every step is a subcommand");
+    let mut line = vec!["vtr-index".to_string(), subcommand.to_string()];
+    let mut positionals = Vec::new();
+    for (key, value) in step {
+        if Some(key.as_str()) == positional {
+            positionals.extend(scalars(key, value)?);
+            continue;
+        }
+        let flag = key.replace('_', "-");
+        let known = definition.get_arguments().any(|a| a.get_long() == Some(flag.as_str()));
+        if !known || key.contains('-') {
+            bail!("unknown key {key:?} (keys are the long flags of `vtr-index {subcommand}` with _ for -)");
+        }
+        match value {
+            Value::Boolean(true) => line.push(format!("--{flag}")),
+            Value::Boolean(false) => {}
+            other => {
+                for scalar in scalars(key, other)? {
+                    line.push(format!("--{flag}"));
+                    line.push(scalar);
+                }
+            }
+        }
+    }
+    if !positionals.is_empty() {
+        line.push("--".to_string());
+        line.extend(positionals);
+    }
+    // Parse now, so a bad value is reported before any step runs.
+    Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+    Ok(line)
+}
+
+/// A value, or each value of an array, as command-line text.
+fn scalars(key: &str, value: &Value) -> Result<Vec<String>> {
+    match value {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Integer(n) => Ok(vec![n.to_string()]),
+        Value::Float(x) => Ok(vec![x.to_string()]),
+        Value::Boolean(b) => Ok(vec![b.to_string()]),
+        Value::Array(values) => values.iter().map(|v| scalars(key, v).map(|mut s| s.remove(0))).collect(),
+        _ => bail!("{key}: expected a string, a number, a boolean or an array of them"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(text: &str) -> Result<Vec<Vec<String>>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        command_lines(&path)
+    }
+
+    #[test]
+    fn tables_become_the_command_lines_of_their_steps() {
+        let lines = lines_of(
+            r#"
+            [ingest]
+            roots = ["/a", "/b"]
+            index = "/i"
+            model = "/m"
+            retry_failed = true
+            commit_every = 100
+            [encode_text]
+            captions = "/c.csv"
+            name = "msrvtt"
+            [score]
+            texts = "msrvtt"
+            revise = "dsl"
+            out = "/o"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0][1], "ingest");
+        assert!(lines[0].ends_with(&["--".into(), "/a".into(), "/b".into()]));
+        assert!(lines[0].contains(&"--retry-failed".to_string()));
+        assert!(lines[1].contains(&"/i".to_string()), "index is shared: {:?}", lines[1]);
+        assert!(lines[2].windows(2).any(|w| w == ["--revise", "dsl"]));
+    }
+
+    #[test]
+    fn unknown_tables_keys_and_values_are_errors_naming_them() {
+        let e = lines_of("[ingest]\nroots = [\"/a\"]\nindex = \"/i\"\nframez = 3\n").unwrap_err();
+        assert!(format!("{e:#}").contains("\"framez\""), "{e:#}");
+        let e = lines_of("[injest]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("[injest]"), "{e:#}");
+        let e = lines_of("[score]\nindex = \"/i\"\ntexts = \"t\"\nout = \"/o\"\nrevise = \"sinkhorn\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("sinkhorn"), "{e:#}");
+        let e = lines_of("[ingest]\nroots = [\"/a\"]\nindex = \"/i\"\nretry-failed = true\n").unwrap_err();
+        assert!(format!("{e:#}").contains("retry-failed"), "{e:#}");
+    }
+}

@@ -1,0 +1,319 @@
+//! Nightly jobs: incremental re-runs (add, modify, delete, rename, touch), periodic commits,
+//! crash safety under `SIGKILL` at every point of the write path, decoder crashes, the writer
+//! lock, and job files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use vtr_index::store::{FrameRow, Manifest, VideoRow, read_table};
+
+use crate::util::*;
+
+/// Small, quick clips of the fixture corpus.
+const CLIPS: [&str; 5] =
+    ["short_h264.mp4", "rotated90_h264.mp4", "nested/deeper/gradient_h264.mp4", "vfr_h264.mp4", "bars_mpeg4.avi"];
+
+/// Copies `clips` into `DIR/rel`, writable (the fixtures are read-only).
+fn corpus(dir: &Dir, rel: &str, clips: &[&str]) -> PathBuf {
+    for clip in clips {
+        let to = dir.copy(&fixtures().join("videos").join(clip), &format!("{rel}/{clip}"));
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    dir.join(rel)
+}
+
+/// What an index holds, as its manifest lists it.
+#[derive(Debug, Clone, PartialEq)]
+struct Snapshot {
+    videos: BTreeMap<String, Vec<f32>>,
+    frames: BTreeMap<(String, u32), (f64, Vec<f32>)>,
+    failures: BTreeSet<(String, String)>,
+}
+
+fn snapshot(index: &Path) -> Option<Snapshot> {
+    let manifest = Manifest::load(index).unwrap()?;
+    let videos: Vec<VideoRow> = read_table(index, manifest.shards("videos")).unwrap();
+    let frames: Vec<FrameRow> = read_table(index, manifest.shards("frames")).unwrap();
+    let failures: Vec<vtr_index::failure::Failure> = read_table(index, manifest.shards("failures")).unwrap();
+    Some(Snapshot {
+        videos: videos.into_iter().map(|v| (v.video_id, v.embedding)).collect(),
+        frames: frames.into_iter().map(|f| ((f.video_id, f.frame_index), (f.pts_s, f.embedding))).collect(),
+        failures: failures.into_iter().map(|f| (f.path, f.kind.as_str().to_string())).collect(),
+    })
+}
+
+/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ 0.99999 (batches
+/// may be composed differently), frame times equal.
+fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
+    assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
+    assert_eq!(got.frames.keys().collect::<Vec<_>>(), want.frames.keys().collect::<Vec<_>>(), "{what}: frames");
+    assert_eq!(got.failures, want.failures, "{what}: failures");
+    for (id, embedding) in &got.videos {
+        let c = cosine(embedding, &want.videos[id]);
+        assert!(c >= 0.99999, "{what}: {id}: cosine {c}");
+    }
+    for (key, (pts, embedding)) in &got.frames {
+        let (want_pts, want_embedding) = &want.frames[key];
+        assert_eq!(pts, want_pts, "{what}: {key:?}");
+        assert!(cosine(embedding, want_embedding) >= 0.99999, "{what}: {key:?}");
+    }
+}
+
+fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
+    let mut cmd = TestCommand::new(&["ingest"])
+        .arg(root)
+        .arg("--index")
+        .arg(index)
+        .arg("--model")
+        .arg(sample().join("model"))
+        .args(&["--decode-workers", "1"])
+        .args(extra);
+    if let Some(point) = kill_at {
+        cmd = cmd.env("VTR_INDEX_KILL_AT", point);
+    }
+    cmd.output()
+}
+
+fn summary(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn set_mtime(path: &Path, seconds_later: u64) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    file.set_modified(mtime + std::time::Duration::from_secs(seconds_later)).unwrap();
+}
+
+#[test]
+fn reruns_add_modify_delete_rename_and_touch() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..3]);
+    let index = dir.join("index");
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let first = snapshot(&index).unwrap();
+    assert_eq!(first.videos.len(), 3);
+
+    // Rename: the bytes are known, so the rows are reused under the new id; nothing is decoded.
+    std::fs::rename(root.join("short_h264.mp4"), root.join("renamed.mp4")).unwrap();
+    let out = run_ingest(&index, &root, &[], None);
+    assert!(summary(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 1 removed"), "{}", summary(&out));
+    let renamed = snapshot(&index).unwrap();
+    assert!(!renamed.videos.contains_key("short_h264"));
+    assert_eq!(renamed.videos["renamed"], first.videos["short_h264"], "the embedding moved as it was");
+    assert_eq!(renamed.frames[&("renamed".to_string(), 0)], first.frames[&("short_h264".to_string(), 0)]);
+
+    // Touch: same bytes, new mtime → reused in place.
+    set_mtime(&root.join("rotated90_h264.mp4"), 60);
+    let out = run_ingest(&index, &root, &[], None);
+    assert!(summary(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 0 removed"), "{}", summary(&out));
+    assert_eq!(snapshot(&index).unwrap().videos["rotated90_h264"], first.videos["rotated90_h264"]);
+
+    // Modify: other bytes under the same name replace the old rows.
+    std::fs::copy(fixtures().join("videos/vfr_h264.mp4"), root.join("rotated90_h264.mp4")).unwrap();
+    let out = run_ingest(&index, &root, &[], None);
+    assert!(summary(&out).contains("0 new, 1 changed, 0 reused, 2 unchanged"), "{}", summary(&out));
+    let modified = snapshot(&index).unwrap();
+    assert!(cosine(&modified.videos["rotated90_h264"], &first.videos["rotated90_h264"]) < 0.999);
+
+    // Add and delete.
+    std::fs::remove_file(root.join("renamed.mp4")).unwrap();
+    dir.copy(&fixtures().join("videos/bars_mpeg4.avi"), "videos/bars_mpeg4.avi");
+    let out = run_ingest(&index, &root, &[], None);
+    assert!(summary(&out).contains("1 new, 0 changed, 0 reused, 2 unchanged, 1 removed"), "{}", summary(&out));
+    let last = snapshot(&index).unwrap();
+    assert_eq!(last.videos.keys().collect::<Vec<_>>(), ["bars_mpeg4", "nested/deeper/gradient_h264", "rotated90_h264"]);
+    assert!(last.frames.keys().all(|(id, _)| last.videos.contains_key(id)), "no orphan frames");
+    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+}
+
+/// Every failure-injection point of the write path, each hit early and late. After the kill
+/// the index must open, verify, and hold exactly a committed state (the one before the run,
+/// or a periodic commit of it: only whole videos, each as an uninterrupted run makes it); a
+/// re-run must then end where an uninterrupted run ends.
+#[test]
+fn sigkill_at_any_point_keeps_the_last_commit_and_a_rerun_completes() {
+    let reference_dir = Dir::new();
+    let reference_root = corpus(&reference_dir, "videos", &CLIPS);
+    let reference_index = reference_dir.join("index");
+    let out = run_ingest(&reference_index, &reference_root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let reference = snapshot(&reference_index).unwrap();
+
+    let points = [
+        ("decode:vfr_h264.mp4", false),
+        ("shard-written", true),
+        ("shard-written:3", false),
+        ("shard-renamed", true),
+        ("shard-renamed:4", false),
+        ("manifest-written", true),
+        ("manifest-written:2", false),
+        ("committed", false),
+    ];
+    for (point, nothing_committed_yet) in points {
+        let dir = Dir::new();
+        // The index before the run: two videos, committed by an earlier run.
+        let root = corpus(&dir, "videos", &CLIPS[..2]);
+        let index = dir.join("index");
+        assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+        let before = snapshot(&index).unwrap();
+        corpus(&dir, "videos", &CLIPS[2..]);
+
+        // One frame per model batch, so each video finishes, and is committed, on its own.
+        let out = run_ingest(&index, &root, &["--commit-every", "1", "--batch", "1"], Some(point));
+        assert_eq!(out.status.code(), None, "{point}: the process was killed\n{}", summary(&out));
+        TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+        let after = snapshot(&index).unwrap();
+        for (id, embedding) in &before.videos {
+            assert_eq!(after.videos.get(id), Some(embedding), "{point}: {id} was indexed and must stay");
+        }
+        for (id, embedding) in &after.videos {
+            assert!(cosine(embedding, &reference.videos[id]) >= 0.99999, "{point}: {id}");
+            let frames = after.frames.keys().filter(|(v, _)| v == id).count();
+            let want = reference.frames.keys().filter(|(v, _)| v == id).count();
+            assert_eq!(frames, want, "{point}: {id} has all its frames or none");
+        }
+        if nothing_committed_yet {
+            assert_eq!(after, before, "{point}: killed before the first commit");
+        }
+
+        let out = run_ingest(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{point}: re-run\n{}", summary(&out));
+        assert_same_index(&snapshot(&index).unwrap(), &reference, point);
+        let leftovers: Vec<_> = ["videos", "frames", "failures"]
+            .iter()
+            .flat_map(|t| std::fs::read_dir(index.join(t)).unwrap())
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{point}: temporary files collected");
+    }
+}
+
+/// A file the process dies on twice is set aside as `crashed_decoder`; everything else is
+/// indexed, and `--retry-failed` tries it again.
+#[test]
+fn a_file_in_flight_at_two_crashes_is_a_crashed_decoder_failure() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..3]);
+    let index = dir.join("index");
+    for crash in 1..=2 {
+        let out = run_ingest(&index, &root, &[], Some("decode:rotated90_h264.mp4"));
+        assert_eq!(out.status.code(), None, "crash {crash}");
+    }
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
+    assert!(summary(&out).contains("rotated90_h264.mp4: crashed_decoder"), "{}", summary(&out));
+    let state = snapshot(&index).unwrap();
+    assert_eq!(state.videos.keys().collect::<Vec<_>>(), ["nested/deeper/gradient_h264", "short_h264"]);
+    assert!(state.failures.contains(&("rotated90_h264.mp4".to_string(), "crashed_decoder".to_string())));
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    assert!(manifest.suspects.is_empty(), "the crash counts became the failure: {:?}", manifest.suspects);
+
+    // Unchanged, it stays set aside; retried on request, it indexes (it never really crashed).
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run_ingest(&index, &root, &["--retry-failed"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(snapshot(&index).unwrap().videos.len(), 3);
+}
+
+#[test]
+fn one_crash_is_forgiven_and_the_file_retried() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    assert_eq!(run_ingest(&index, &root, &[], Some("decode:short_h264.mp4")).status.code(), None);
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(snapshot(&index).unwrap().videos.len(), 2);
+    assert!(Manifest::load(&index).unwrap().unwrap().suspects.is_empty());
+    let journals = std::fs::read_dir(index.join("runs")).unwrap();
+    assert!(journals.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "inflight")).count() == 0);
+}
+
+#[test]
+fn a_second_writer_is_refused_and_a_stale_lock_taken_over() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    let index = dir.join("index");
+    assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+    corpus(&dir, "videos", &CLIPS[1..2]);
+    let held = vtr_index::store::WriterLock::acquire(&index, "ingest").unwrap();
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(summary(&out).contains("another writer holds this index"), "{}", summary(&out));
+    drop(held);
+    // A writer killed while holding the lock leaves its description behind; the next one
+    // takes over and says so.
+    assert_eq!(run_ingest(&index, &root, &[], Some("decode:rotated90_h264.mp4")).status.code(), None);
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert!(summary(&out).contains("took over the lock"), "{}", summary(&out));
+}
+
+#[test]
+fn a_named_pipe_with_a_video_extension_cannot_hang_the_run() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    let fifo = root.join("stuck.mp4");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let index = dir.join("index");
+    let started = std::time::Instant::now();
+    let out = run_ingest(&index, &root, &["--decode-timeout", "3"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
+    assert!(started.elapsed().as_secs() < 60);
+    let state = snapshot(&index).unwrap();
+    assert_eq!(state.videos.len(), 1);
+    let kind = state.failures.iter().find(|(p, _)| p == "stuck.mp4").map(|(_, k)| k.clone());
+    assert!(matches!(kind.as_deref(), Some("timeout") | Some("io")), "{:?}", state.failures);
+}
+
+#[test]
+fn a_run_report_counts_and_times_every_stage() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    let out = run_ingest(&index, &root, &["--commit-every", "1"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(index.join(manifest.last_run.unwrap())).unwrap()).unwrap();
+    assert_eq!(report["new"], 2);
+    assert_eq!(report["commits"], 3, "one per file and the last: {report}");
+    for stage in ["walk", "plan", "decode", "encode", "write"] {
+        assert!(report["stage_seconds"][stage].as_f64().unwrap() >= 0.0, "{stage}");
+    }
+    assert!(report["stage_seconds"]["decode"].as_f64().unwrap() > 0.0);
+    assert!(report["frames_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_job_file_runs_ingest_encode_text_and_score() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..3]);
+    let captions = dir.create(
+        "captions.csv",
+        b"video_id,sentence\nshort_h264,a short clip\nrotated90_h264,a rotated clip\nnested/deeper/gradient_h264,a gradient\n",
+    );
+    let job = format!(
+        "[ingest]\nroots = [{root:?}]\nindex = {index:?}\nmodel = {model:?}\n\n[encode_text]\ncaptions = {captions:?}\n\n[score]\ntexts = \"captions\"\nrevise = \"dsl\"\nout = {out:?}\n",
+        root = root.to_str().unwrap(),
+        index = dir.join("index").to_str().unwrap(),
+        model = sample().join("model").to_str().unwrap(),
+        captions = captions.to_str().unwrap(),
+        out = dir.join("scores").to_str().unwrap(),
+    );
+    let job = dir.create("nightly.toml", job.as_bytes());
+    TestCommand::new(&["run"]).arg(&job).expect_code(0);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scores/metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["t2v"]["n"], 3);
+    assert_eq!(metrics["revise"], "dsl");
+
+    let bad = dir.create("bad.toml", b"[ingest]\nroots = [\"/x\"]\nindex = \"/i\"\nfps_sample = 2\n");
+    let (_, stderr) = TestCommand::new(&["run"]).arg(&bad).expect_code(1);
+    assert!(stderr.contains("unknown key \"fps_sample\""), "{stderr}");
+}
