@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from synthetic_index import embedding_array, write_shard
+from synthetic_index import manifest as synthetic_manifest
 
 DIM = 512
 FRAMES = 12
@@ -36,15 +38,7 @@ FRAMES = 12
 def embeddings(rng, n):
     x = rng.standard_normal((n, DIM), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), DIM)
-
-
-def write_shard(index, rel, table):
-    path = index / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="snappy")
-    data = path.read_bytes()
-    return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return embedding_array(x)
 
 
 def make_corpus(work, n):
@@ -94,17 +88,8 @@ def make_index(work, root, rows):
             "embedding": embeddings(rng, len(chunk) * FRAMES),
         })
         frame_shards.append(write_shard(index, f"frames/part-synthetic-{part:05d}.parquet", frames))
-    manifest = {
-        "format_version": 1,
-        "model": {"id": "synthetic", "source": "/nonexistent/synthetic-model", "sha256": "0" * 64,
-                  "embed_dim": DIM, "image_size": 224, "logit_scale": 4.6052},
-        "sampling": {"fps": 1.0, "max_frames": FRAMES},
-        "preprocess": {"resize": "bicubic-antialias", "shortest_edge": 224, "crop": 224,
-                       "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-        "roots": [str(root)],
-        "tables": {"videos": [write_shard(index, "videos/part-synthetic-00000.parquet", videos)],
-                   "frames": frame_shards},
-    }
+    tables = {"videos": [write_shard(index, "videos/part-synthetic-00000.parquet", videos)], "frames": frame_shards}
+    manifest = synthetic_manifest(DIM, [str(root)], tables, max_frames=FRAMES)
     (index / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return index
 

@@ -16,7 +16,6 @@ Needs numpy and pyarrow (`pip install numpy pyarrow`).
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from synthetic_index import embedding_array, write_shard
+from synthetic_index import manifest as synthetic_manifest
 
 DIM = 512
 
@@ -48,18 +49,6 @@ def make_corpus(n, seed=0):
     return texts.astype(np.float32), videos
 
 
-def embedding_array(matrix):
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), DIM)
-
-
-def write_shard(index, rel, table):
-    path = index / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="snappy")
-    data = path.read_bytes()
-    return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def write_index(index, texts, videos):
     if index.exists():
         shutil.rmtree(index)
@@ -72,19 +61,11 @@ def write_index(index, texts, videos):
         "video_id": pa.array(ids),
         "embedding": embedding_array(texts),
     })
-    manifest = {
-        "format_version": 1,
-        "model": {"id": "synthetic", "source": "synthetic", "sha256": "0" * 64, "embed_dim": DIM,
-                  "image_size": 224, "logit_scale": float(np.log(np.float32(100.0)))},
-        "sampling": {"fps": 1.0, "max_frames": 12},
-        "preprocess": {"resize": "bicubic-antialias", "shortest_edge": 224, "crop": 224,
-                       "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-        "roots": [],
-        "tables": {
-            "videos": [write_shard(index, "videos/part-0.parquet", video_table)],
-            "texts/bench": [write_shard(index, "texts/bench/part-0.parquet", text_table)],
-        },
+    tables = {
+        "videos": [write_shard(index, "videos/part-0.parquet", video_table)],
+        "texts/bench": [write_shard(index, "texts/bench/part-0.parquet", text_table)],
     }
+    manifest = synthetic_manifest(DIM, [], tables, logit_scale=float(np.log(np.float32(100.0))))
     (index / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

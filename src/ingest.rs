@@ -414,6 +414,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         failures.sort_by(|a, b| (&a.root, &a.path).cmp(&(&b.root, &b.path)));
         report.committed = true;
         committer.commit(&mut writers, failures, &suspects, &report, true)?;
+        report.commits = committer.commits;
     } else {
         drop(writers);
         write_run_report(&options.index, &tag, &report)?;

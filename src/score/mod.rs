@@ -391,12 +391,12 @@ impl Engine<'_> {
     }
 }
 
-/// Scores every text against every video. `sink` receives every revised row (`--dense`).
 /// `x > 0`, false for NaN.
 pub fn is_positive(x: f64) -> bool {
     x > 0.0
 }
 
+/// Scores every text against every video. `sink` receives every revised row (`--dense`).
 pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
     let dim = problem.dim;
     if dim == 0 || !problem.texts.len().is_multiple_of(dim) || !problem.videos.len().is_multiple_of(dim) {
