@@ -179,6 +179,7 @@ impl ColumnStats {
     }
 
     /// Adds the rows of one strip, given as `x = factor · s` (τ and scale folded in).
+    #[inline(always)]
     fn add_strip(&mut self, strip: &[f32], columns: usize, to_x: impl Fn(f32) -> f64, row: &mut [f64]) {
         let mut strip_max = vec![f64::NEG_INFINITY; columns];
         for s in strip.chunks_exact(columns) {
@@ -234,6 +235,7 @@ struct Reviser {
 
 impl Reviser {
     /// Whether a QB-Norm row is revised: its own top-1 video is in the activation set.
+    #[inline(always)]
     fn row_is_active(&self, s_row: &[f32]) -> bool {
         self.revision == Revision::Qbnorm && self.active_columns[argmax(s_row)]
     }
@@ -265,6 +267,7 @@ impl Reviser {
 
     /// The T2V row; the loops are written per revision so that each vectorises, and each
     /// computes exactly [`Self::t2v_value`].
+    #[inline(always)]
     fn t2v_row(&self, s_row: &[f32], active: bool, out: &mut [f64]) {
         let (scale, inv_tau, beta) = (self.scale, self.inv_tau, self.beta);
         match self.revision {
@@ -288,6 +291,7 @@ impl Reviser {
     }
 
     /// The symmetric form's V2T row (other revisions rank V2T on the T2V row).
+    #[inline(always)]
     fn v2t_row(&self, s_row: &[f32], pos: usize, out: &mut [f64]) {
         let stats = self.row_stats[pos];
         let (scale, inv_tau, inv_sum) = (self.scale, self.inv_tau, 1.0 / stats.sum);
@@ -391,6 +395,62 @@ impl Engine<'_> {
     }
 }
 
+/// Each matched text's own revised score (by position, T2V) and each video's best own caption
+/// (V2T): what a row's values are ranked against.
+struct Truths {
+    t2v: Vec<f64>,
+    v2t: Vec<f64>,
+}
+
+/// The second pass over one strip: revise each row, keep its top-k, count its T2V rank, and
+/// fold its caption group into the count of groups that beat each video's own.
+#[inline(always)]
+fn second_pass_strip(
+    engine: &Engine,
+    reviser: &Reviser,
+    st: &mut PassTwoState,
+    range: Range<usize>,
+    strip: &[f32],
+    truth: &Truths,
+    sink: Option<&dyn RowSink>,
+) -> Result<StripResults, std::io::Error> {
+    let columns = engine.columns;
+    let top_k = engine.options.top_k.min(columns);
+    let symmetric = reviser.revision == Revision::DslSym;
+    let mut results = StripResults { top: Vec::with_capacity(range.len()), t2v_ranks: Vec::new() };
+    for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+        let active = reviser.row_is_active(s_row);
+        reviser.t2v_row(s_row, active, &mut st.t2v);
+        let mut top = TopK::new(top_k);
+        top.scan(&st.t2v, 0);
+        results.top.push((engine.layout.order[pos], top.into_sorted()));
+        if symmetric {
+            reviser.v2t_row(s_row, pos, &mut st.v2t);
+        }
+        let v2t = if symmetric { &st.v2t } else { &st.t2v };
+        if let Some(sink) = sink {
+            sink.row(engine.layout.order[pos], &st.t2v, v2t)?;
+        }
+        if engine.layout.group[pos].is_none() {
+            continue;
+        }
+        results.t2v_ranks.push((engine.layout.order[pos], 1 + count_greater(&st.t2v, truth.t2v[pos])));
+        if engine.layout.starts_group(pos) {
+            st.group_max.copy_from_slice(v2t);
+        } else {
+            for (g, &v) in st.group_max.iter_mut().zip(v2t) {
+                *g = g.max(v);
+            }
+        }
+        if engine.layout.ends_group(pos) {
+            for ((beaten, &g), &own) in st.v2t_beaten.iter_mut().zip(&st.group_max).zip(&truth.v2t) {
+                *beaten += u32::from(g > own);
+            }
+        }
+    }
+    Ok(results)
+}
+
 /// `x > 0`, false for NaN.
 pub fn is_positive(x: f64) -> bool {
     x > 0.0
@@ -451,20 +511,26 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 |(mut stats, mut facts, mut row), index| {
                     let range = engine.layout.strips[index].clone();
                     let strip = engine.compute_strip(&range);
-                    if let Some(stats) = stats.as_mut() {
-                        stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau, &mut row);
-                    }
-                    let mut strip_facts = StripFacts::default();
-                    for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
-                        if symmetric {
-                            kernels::logits(s_row, scale, &mut row);
-                            strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
-                        }
-                        if let Some(col) = engine.layout.group[pos] {
-                            let active = reviser.row_is_active(s_row);
-                            strip_facts.truths.push((pos, s_row[col as usize], active));
-                        }
-                    }
+                    let strip_facts = kernels::with_wide_vectors(
+                        #[inline(always)]
+                        || {
+                            if let Some(stats) = stats.as_mut() {
+                                stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau, &mut row);
+                            }
+                            let mut strip_facts = StripFacts::default();
+                            for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+                                if symmetric {
+                                    kernels::logits(s_row, scale, &mut row);
+                                    strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
+                                }
+                                if let Some(col) = engine.layout.group[pos] {
+                                    let active = reviser.row_is_active(s_row);
+                                    strip_facts.truths.push((pos, s_row[col as usize], active));
+                                }
+                            }
+                            strip_facts
+                        },
+                    );
                     facts.push(strip_facts);
                     engine.keep_if_room(index, strip);
                     (stats, facts, row)
@@ -492,18 +558,15 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     }
 
     // Each matched text's own revised score, and each video's best own caption for V2T.
-    let mut t2v_truth = vec![f64::INFINITY; n];
-    let mut v2t_truth = vec![f64::INFINITY; columns];
+    let mut truth = Truths { t2v: vec![f64::INFINITY; n], v2t: vec![f64::INFINITY; columns] };
     for &(pos, s, active) in &truths {
         let col = engine.layout.group[pos].expect("truths are matched rows") as usize;
-        t2v_truth[pos] = reviser.t2v_value(s, col, active);
+        truth.t2v[pos] = reviser.t2v_value(s, col, active);
         let v = reviser.v2t_value(s, col, pos, active);
-        v2t_truth[col] = if engine.layout.starts_group(pos) { v } else { v2t_truth[col].max(v) };
+        truth.v2t[col] = if engine.layout.starts_group(pos) { v } else { truth.v2t[col].max(v) };
     }
 
     // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
-    let top_k = options.top_k.min(columns);
-    let symmetric = options.revision == Revision::DslSym;
     let state = (0..engine.layout.strips.len())
         .into_par_iter()
         .try_fold(
@@ -517,37 +580,10 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
             |mut st, index| -> Result<PassTwoState, std::io::Error> {
                 let range = engine.layout.strips[index].clone();
                 let strip = engine.strip(index);
-                let mut results = StripResults { top: Vec::with_capacity(range.len()), t2v_ranks: Vec::new() };
-                for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
-                    let active = reviser.row_is_active(s_row);
-                    reviser.t2v_row(s_row, active, &mut st.t2v);
-                    let mut top = TopK::new(top_k);
-                    top.scan(&st.t2v, 0);
-                    results.top.push((engine.layout.order[pos], top.into_sorted()));
-                    if symmetric {
-                        reviser.v2t_row(s_row, pos, &mut st.v2t);
-                    }
-                    let v2t = if symmetric { &st.v2t } else { &st.t2v };
-                    if let Some(sink) = sink {
-                        sink.row(engine.layout.order[pos], &st.t2v, v2t)?;
-                    }
-                    if engine.layout.group[pos].is_none() {
-                        continue;
-                    }
-                    results.t2v_ranks.push((engine.layout.order[pos], 1 + count_greater(&st.t2v, t2v_truth[pos])));
-                    if engine.layout.starts_group(pos) {
-                        st.group_max.copy_from_slice(v2t);
-                    } else {
-                        for (g, &v) in st.group_max.iter_mut().zip(v2t) {
-                            *g = g.max(v);
-                        }
-                    }
-                    if engine.layout.ends_group(pos) {
-                        for ((beaten, &g), &own) in st.v2t_beaten.iter_mut().zip(&st.group_max).zip(&v2t_truth) {
-                            *beaten += u32::from(g > own);
-                        }
-                    }
-                }
+                let results = kernels::with_wide_vectors(
+                    #[inline(always)]
+                    || second_pass_strip(&engine, &reviser, &mut st, range, &strip, &truth, sink),
+                )?;
                 st.results.push(results);
                 Ok(st)
             },

@@ -21,6 +21,7 @@ impl TopK {
     }
 
     /// Offers `row[j]` for column `first_column + j`, in ascending column order.
+    #[inline(always)]
     pub fn scan(&mut self, row: &[f64], first_column: u32) {
         if self.k == 0 {
             return;
