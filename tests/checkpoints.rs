@@ -280,3 +280,49 @@ fn an_index_built_in_f16_keeps_its_dtype() {
     assert_eq!(code, 1);
     assert!(stderr.contains("built with --dtype f16"), "{stderr}");
 }
+
+/// `tests/data/open_clip_training_tiny.pt`: an open_clip training checkpoint made with
+/// `torch.save` (`{"epoch", "name", "state_dict": {"module.visual.…": …}, "optimizer"}`), a
+/// random tiny CLIP of vocabulary 100 in OpenAI names, f16 linear weights.
+#[test]
+fn an_open_clip_training_checkpoint_loads_from_its_state_dict() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/open_clip_training_tiny.pt");
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    assert_eq!(checkpoint.layout, Layout::OpenClipTraining);
+    let c = &checkpoint.config;
+    assert_eq!(
+        (c.vision.hidden_size, c.vision.num_hidden_layers, c.text.vocab_size, c.projection_dim),
+        (64, 1, 100, 32)
+    );
+    let clip = Clip::load(checkpoint, DeviceChoice::Cpu).unwrap();
+    let text = clip.embed_texts(&[vec![0, 5, 99]]).unwrap();
+    let image = clip.embed_images(&vec![0.2; 3 * 224 * 224], 1).unwrap();
+    for embedding in [text, image] {
+        let norm: f32 = embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{embedding:?}");
+    }
+}
+
+/// CLIP4Clip's seqTransf head sits beside `clip.*`: recognised, reported and left out (meanP
+/// does not use it); anything else unknown is an error naming it.
+#[test]
+fn clip4clip_head_tensors_are_recognised_and_other_extras_refused() {
+    let openai = candle_core::pickle::read_all(openai_format().join("tiny-openai.pt")).unwrap();
+    let mut tensors: HashMap<String, Tensor> = openai.into_iter().map(|(k, v)| (format!("clip.{k}"), v)).collect();
+    let small = || Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("frame_position_embeddings.weight".into(), small());
+    tensors.insert("transformerClip.resblocks.0.attn.in_proj_weight".into(), small());
+    let dir = Dir::new();
+    let path = dir.join("clip4clip_seqtransf.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    assert_eq!(checkpoint.layout, Layout::Clip4Clip);
+    assert_eq!(checkpoint.ignored.len(), 2, "{:?}", checkpoint.ignored);
+    let (stdout, _) = TestCommand::new(&["info", "--model"]).arg(&path).expect_code(0);
+    assert!(stdout.contains("frame_position_embeddings.weight"), "{stdout}");
+
+    tensors.insert("loss_head.weight".into(), small());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let message = open_error(&path);
+    assert!(message.contains("unexpected tensors: loss_head.weight"), "{message}");
+}
