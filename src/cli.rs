@@ -49,7 +49,8 @@ pub struct IngestArgs {
     /// The index folder (created if it does not exist).
     #[arg(long, value_name = "INDEX")]
     pub index: PathBuf,
-    /// CLIP checkpoint folder; required for a new index, defaults to the index's model.
+    /// CLIP checkpoint: a Hugging Face folder, or a weights file in any layout `info --model`
+    /// recognises; required for a new index, defaults to the index's model.
     #[arg(long, value_name = "M")]
     pub model: Option<PathBuf>,
     /// At most this many frames per video [default: 12].
@@ -243,7 +244,7 @@ fn run_ingest(args: IngestArgs) -> Result<u8> {
         batch: args.batch.max(1),
         device: DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?,
         dtype: args.dtype.as_deref().map(Precision::parse).transpose().map_err(anyhow::Error::msg)?,
-        decode_timeout: Duration::from_secs_f64(args.decode_timeout),
+        decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
         retry_failed: args.retry_failed,
         commit_every: args.commit_every,

@@ -181,7 +181,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         (None, Some(manifest)) => PathBuf::from(&manifest.model.source),
         (None, None) => {
             return Err(IngestError::Refused(format!(
-                "{}: a new index needs --model (a CLIP checkpoint folder)",
+                "{}: a new index needs --model (a CLIP checkpoint folder or weights file)",
                 options.index.display()
             )));
         }

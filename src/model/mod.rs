@@ -1,8 +1,11 @@
 //! CLIP checkpoints and the encoders built from them: the only module that knows candle and
 //! weight formats.
 //!
-//! [`Checkpoint::open`] finds the weights and configuration a `--model` path names and records
-//! the model's identity (the SHA-256 of its weights); [`Clip::load`] builds both towers from it.
+//! [`Checkpoint::open`] reads the weights a `--model` path names (a Hugging Face folder, or a
+//! safetensors or PyTorch file in any layout `layout.rs` knows), brings them to one set of
+//! names, takes the configuration from `config.json` or from the tensor shapes, and checks every
+//! tensor against it; the model's identity is the SHA-256 of its weights file. [`Clip::load`]
+//! builds both towers from it in the dtype asked for.
 //! Callers hand in plain `f32` pixel values or token ids and get L2-normalised embeddings back
 //! as plain vectors, so no other module sees a tensor.
 
@@ -25,7 +28,9 @@ use crate::preprocess::PreprocessConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: no such checkpoint (give a Hugging Face CLIP folder with config.json and model.safetensors)")]
+    #[error(
+        "{path}: no such checkpoint (give a Hugging Face CLIP folder, or a .safetensors, .pt, .pth or .bin weights file)"
+    )]
     NotFound { path: PathBuf },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
