@@ -216,14 +216,10 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 /// Runs a job's steps in order; a step that could do nothing useful (exit 1) stops the job.
 fn run_job(job: &Path) -> Result<u8> {
-    let lines = crate::job::command_lines(job)?;
+    let steps = crate::job::steps(job)?;
     let mut worst = 0;
-    for line in lines {
+    for (line, cli) in steps {
         eprintln!("vtr-index: run: {}", line[1..].join(" "));
-        let cli = Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
-        if matches!(cli.command, Command::Run(_)) {
-            bail!("a job cannot run another job");
-        }
         let code = run(cli).with_context(|| format!("{}: step `{}` failed", job.display(), line[1]))?;
         worst = worst.max(code);
     }
@@ -368,7 +364,7 @@ fn print_model_info(model: &Path) -> Result<u8> {
         println!(
             "ignored:    {} tensors not used by CLIP meanP: {}",
             checkpoint.ignored.len(),
-            summarise(&checkpoint.ignored)
+            crate::model::layout::name_list(&checkpoint.ignored, 4)
         );
     }
     println!(
@@ -389,16 +385,6 @@ fn print_model_info(model: &Path) -> Result<u8> {
     let p = &checkpoint.preprocess;
     println!("preprocess: resize {} bicubic-antialias, crop {}, mean {:?}, std {:?}", p.resize, p.crop, p.mean, p.std);
     Ok(0)
-}
-
-/// The first few names of a long list, and how many more there are.
-fn summarise(names: &[String]) -> String {
-    const SHOWN: usize = 4;
-    let mut text = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
-    if names.len() > SHOWN {
-        text.push_str(&format!(", … ({} more)", names.len() - SHOWN));
-    }
-    text
 }
 
 fn run_verify(args: VerifyArgs) -> Result<u8> {

@@ -245,6 +245,8 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         Some(m) => read_table(&options.index, m.shards("failures"))?,
         None => Vec::new(),
     };
+    let old_failure_at: HashMap<(&str, &str), &Failure> =
+        old_failures.iter().map(|f| ((f.root.as_str(), f.path.as_str()), f)).collect();
     let mut plan = Plan::new(&options.roots, walked.videos, &old_videos, &old_failures, options.retry_failed);
     let crashed = plan.set_aside_crashing(&mut suspects, options.retry_failed, started_at_us);
     let reused = plan.find_reusable(&old_videos);
@@ -297,7 +299,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let mut retried_failures: HashMap<(String, String), Failure> = plan
         .to_process
         .iter()
-        .filter_map(|f| old_failures.iter().find(|o| o.root == f.root && o.path == f.path))
+        .filter_map(|f| old_failure_at.get(&(f.root.as_str(), f.path.as_str())).copied())
         .map(|f| ((f.root.clone(), f.path.clone()), f.clone()))
         .collect();
     let mut progress = Progress::new(plan.to_process.len() as u64);
@@ -347,7 +349,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
                 key
             }
             Encoded::Failed(file, rejection) => {
-                let previous_failure = old_failures.iter().find(|f| f.root == file.root && f.path == file.path);
+                let previous_failure = old_failure_at.get(&(file.root.as_str(), file.path.as_str()));
                 let failure = Failure {
                     first_seen_us: previous_failure.map_or(started_at_us, |f| f.first_seen_us),
                     attempts: previous_failure.map_or(1, |f| f.attempts + 1),

@@ -18,8 +18,8 @@ use crate::cli::Cli;
 const STEPS: [(&str, &str, Option<&str>); 3] =
     [("ingest", "ingest", Some("roots")), ("encode_text", "encode-text", Some("captions")), ("score", "score", None)];
 
-/// Reads a job file into the command lines of its steps, in order.
-pub fn command_lines(path: &Path) -> Result<Vec<Vec<String>>> {
+/// Reads a job file into its steps, in order: each one's command line and its parse.
+pub fn steps(path: &Path) -> Result<Vec<(Vec<String>, Cli)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the job file", path.display()))?;
     let job: Table = text.parse().with_context(|| format!("{}: not a valid TOML job file", path.display()))?;
@@ -35,9 +35,9 @@ pub fn command_lines(path: &Path) -> Result<Vec<Vec<String>>> {
         if let Some(index) = &shared_index {
             step.entry("index").or_insert_with(|| index.clone());
         }
-        let line =
+        let step =
             step_arguments(subcommand, positional, &step).with_context(|| format!("{}: [{table}]", path.display()))?;
-        lines.push(line);
+        lines.push(step);
     }
     if lines.is_empty() {
         bail!("{}: the job has no steps ([ingest], [encode_text] or [score])", path.display());
@@ -45,8 +45,9 @@ pub fn command_lines(path: &Path) -> Result<Vec<Vec<String>>> {
     Ok(lines)
 }
 
-/// One table → `vtr-index SUBCOMMAND …`, checked against the subcommand's arguments.
-fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> Result<Vec<String>> {
+/// One table → `vtr-index SUBCOMMAND …`, checked against the subcommand's arguments, and
+/// parsed, so a bad value is reported before any step runs.
+fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> Result<(Vec<String>, Cli)> {
     let command = Cli::command();
     let definition = command.find_subcommand(subcommand).expect("every step is a subcommand");
     let mut line = vec!["vtr-index".to_string(), subcommand.to_string()];
@@ -76,9 +77,8 @@ fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> R
         line.push("--".to_string());
         line.extend(positionals);
     }
-    // Parse now, so a bad value is reported before any step runs.
-    Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
-    Ok(line)
+    let cli = Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+    Ok((line, cli))
 }
 
 /// A value, or each value of an array, as command-line text.
@@ -101,7 +101,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();
-        command_lines(&path)
+        steps(&path).map(|steps| steps.into_iter().map(|(line, _)| line).collect())
     }
 
     #[test]

@@ -356,14 +356,7 @@ pub fn check(n: &Normalised, config: &ClipConfig) -> Result<usize, String> {
     if missing.is_empty() && misshapen.is_empty() && extra.is_empty() {
         return Ok(parameters);
     }
-    let list = |names: &[String]| {
-        const SHOWN: usize = 6;
-        let mut text = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
-        if names.len() > SHOWN {
-            text.push_str(&format!(" and {} more", names.len() - SHOWN));
-        }
-        text
-    };
+    let list = |names: &[String]| name_list(names, 6);
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("missing tensors: {}", list(&missing)));
@@ -375,6 +368,15 @@ pub fn check(n: &Normalised, config: &ClipConfig) -> Result<usize, String> {
         problems.push(format!("unexpected tensors: {}", list(&extra)));
     }
     Err(format!("{} checkpoint does not match its configuration: {}", n.layout.name(), problems.join("; ")))
+}
+
+/// The first `shown` of `names`, comma-separated, and how many more there are.
+pub fn name_list(names: &[String], shown: usize) -> String {
+    let mut text = names.iter().take(shown).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > shown {
+        text.push_str(&format!(" and {} more", names.len() - shown));
+    }
+    text
 }
 
 /// The dtype models run in, and embeddings are computed in (they are always written as f32).
