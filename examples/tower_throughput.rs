@@ -12,6 +12,7 @@ use std::time::Instant;
 use vtr_index::model::{Checkpoint, Clip, DeviceChoice, Precision};
 
 fn main() -> anyhow::Result<()> {
+    vtr_index::model::keep_freed_activation_memory();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() >= 6, "usage: tower_throughput MODEL PIXELS.f32 COUNT BATCH OUT.f32 [DTYPE]");
     let precision = Precision::parse(args.get(6).map_or("f32", String::as_str)).map_err(anyhow::Error::msg)?;

@@ -184,6 +184,7 @@ pub struct VerifyArgs {
 
 /// The binary's entry point: every error ends as one line on stderr and exit code 1.
 pub fn main() -> ExitCode {
+    crate::model::keep_freed_activation_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

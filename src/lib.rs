@@ -19,5 +19,6 @@ pub mod progress;
 pub mod sampling;
 pub mod score;
 pub mod search;
+pub mod simd;
 pub mod store;
 pub mod walk;

@@ -7,70 +7,62 @@
 //! error naming the tensor: nothing here ever invents a value.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear, linear_no_bias};
+use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear_no_bias};
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use super::fused::{self, Dense, Epilogue};
 use super::tokenizer::END_OF_TEXT;
 
+/// `self_attn.*`. The checkpoint's `q_proj`, `k_proj` and `v_proj` are read by their names and
+/// kept as one layer: a single matrix product gives the packed `q | k | v` rows that
+/// [`fused::attention`] reads.
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    qkv_proj: Dense,
+    out_proj: Dense,
     heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
     fn new(vb: VarBuilder, width: usize, heads: usize) -> Result<Self> {
+        let projections = ["q_proj", "k_proj", "v_proj"].map(|name| Dense::new(vb.pp(name), width, width));
+        let [q, k, v] = projections;
         Ok(Attention {
-            q_proj: linear(width, width, vb.pp("q_proj"))?,
-            k_proj: linear(width, width, vb.pp("k_proj"))?,
-            v_proj: linear(width, width, vb.pp("v_proj"))?,
-            out_proj: linear(width, width, vb.pp("out_proj"))?,
+            qkv_proj: Dense::concat(&[q?, k?, v?])?,
+            out_proj: Dense::new(vb.pp("out_proj"), width, width)?,
             heads,
-            head_dim: width / heads,
         })
     }
 
-    /// `x`: [batch, tokens, width]; `mask`: additive [tokens, tokens] (causal) or none.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (batch, tokens, width) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((batch, tokens, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
-        };
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split((self.q_proj.forward(x)? * scale)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, width))?;
-        self.out_proj.forward(&out)
+    /// `x + attention(normed)`, with `x` and `normed` [batch, tokens, width].
+    fn forward_onto(&self, x: &Tensor, normed: &Tensor, causal: bool) -> Result<Tensor> {
+        let qkv = self.qkv_proj.forward(normed, Epilogue::None)?;
+        let heads = fused::attention(&qkv, self.heads, causal)?;
+        self.out_proj.forward(&heads, Epilogue::Residual(x))
     }
 }
 
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     activation: Activation,
 }
 
 impl Mlp {
     fn new(vb: VarBuilder, width: usize, hidden: usize, activation: Activation) -> Result<Self> {
-        Ok(Mlp { fc1: linear(width, hidden, vb.pp("fc1"))?, fc2: linear(hidden, width, vb.pp("fc2"))?, activation })
+        Ok(Mlp {
+            fc1: Dense::new(vb.pp("fc1"), width, hidden)?,
+            fc2: Dense::new(vb.pp("fc2"), hidden, width)?,
+            activation,
+        })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x)?;
+    /// `x + mlp(normed)`.
+    fn forward_onto(&self, x: &Tensor, normed: &Tensor) -> Result<Tensor> {
         let h = match self.activation {
-            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-            Activation::Gelu => h.gelu_erf()?,
+            Activation::QuickGelu => self.fc1.forward(normed, Epilogue::QuickGelu)?,
+            Activation::Gelu => self.fc1.forward(normed, Epilogue::None)?.gelu_erf()?,
         };
-        self.fc2.forward(&h)
+        self.fc2.forward(&h, Epilogue::Residual(x))
     }
 }
 
@@ -91,9 +83,9 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let x = self.self_attn.forward_onto(x, &self.layer_norm1.forward(x)?, causal)?;
+        self.mlp.forward_onto(&x, &self.layer_norm2.forward(&x)?)
     }
 }
 
@@ -136,10 +128,10 @@ impl Encoder {
         Ok(Encoder { layers })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, mask)?;
+            x = layer.forward(&x, causal)?;
         }
         Ok(x)
     }
@@ -190,7 +182,7 @@ impl VisionTransformer {
         let class = self.class_embedding.reshape((1, 1, c.hidden_size))?.broadcast_as((batch, 1, c.hidden_size))?;
         let x = Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x)?;
-        let x = self.encoder.forward(&x, None)?;
+        let x = self.encoder.forward(&x, false)?;
         self.post_layernorm.forward(&x.i((.., 0, ..))?)
     }
 }
@@ -245,18 +237,11 @@ impl TextTransformer {
             .index_select(&ids, 0)?
             .reshape((batch, longest, self.config.hidden_size))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, longest)?)?;
-        let mask = causal_mask(longest, x.dtype(), device)?;
-        let x = self.encoder.forward(&x, Some(&mask))?;
+        let x = self.encoder.forward(&x, true)?;
         let x = self.final_layer_norm.forward(&x)?;
         let rows = Tensor::from_vec(pooled_rows, (batch,), device)?;
         x.reshape((batch * longest, self.config.hidden_size))?.index_select(&rows, 0)
     }
-}
-
-fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> =
-        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(values, (tokens, tokens), device)?.to_dtype(dtype)
 }
 
 /// The whole model: both towers, their projections and the logit scale.

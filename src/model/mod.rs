@@ -11,6 +11,7 @@
 
 pub mod clip;
 pub mod config;
+mod fused;
 pub mod layout;
 pub mod tokenizer;
 
@@ -42,6 +43,20 @@ pub enum ModelError {
     Compute(String),
     #[error("{0}")]
     Mismatch(String),
+}
+
+/// Tells glibc's allocator to keep freed memory for reuse instead of handing it back to the
+/// kernel. Each encoder layer allocates and frees activations of tens of MB; with glibc's
+/// defaults many of them come back as fresh pages that the kernel zeroes again, about 5 % of
+/// the image tower's time. Memory stays bounded: what is kept is reused by the next batch.
+/// Call once at start-up.
+pub fn keep_freed_activation_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; any values are valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
 }
 
 /// What the manifest records about the model an index was built with.

@@ -511,7 +511,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 |(mut stats, mut facts, mut row), index| {
                     let range = engine.layout.strips[index].clone();
                     let strip = engine.compute_strip(&range);
-                    let strip_facts = kernels::with_wide_vectors(
+                    let strip_facts = crate::simd::with_wide_vectors(
                         #[inline(always)]
                         || {
                             if let Some(stats) = stats.as_mut() {
@@ -580,7 +580,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
             |mut st, index| -> Result<PassTwoState, std::io::Error> {
                 let range = engine.layout.strips[index].clone();
                 let strip = engine.strip(index);
-                let results = kernels::with_wide_vectors(
+                let results = crate::simd::with_wide_vectors(
                     #[inline(always)]
                     || second_pass_strip(&engine, &reviser, &mut st, range, &strip, &truth, sink),
                 )?;
