@@ -26,6 +26,15 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 
+def random_vit_b32(work):
+    """The benchmark model: transformers' default CLIPConfig (ViT-B/32), random weights, seed 0."""
+    model_dir = work / "clip-vit-b32-random"
+    if not (model_dir / "model.safetensors").exists():
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig()).save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=128)
@@ -36,10 +45,7 @@ def main():
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / "clip-vit-b32-random"
-    torch.manual_seed(0)
-    if not (model_dir / "model.safetensors").exists():
-        CLIPModel(CLIPConfig()).save_pretrained(model_dir, safe_serialization=True)
+    model_dir = random_vit_b32(work)
     model = CLIPModel.from_pretrained(model_dir).eval()
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1.8, 2.1, size=(args.frames, 3, 224, 224)).astype(np.float32)

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""End-to-end ingest: vtr-index against the Python pipeline users run today, on one corpus.
+
+The script makes everything it measures and runs both sides in one run on the same machine:
+
+  1. a ViT-B/32-shaped CLIP with random weights (transformers, seed 0; the one
+     `tower_vs_pytorch.py` makes), which both sides load;
+  2. a corpus written with PyAV's libx264 (x264's default GOP of 250 frames, no colour tags, so
+     both sides convert with BT.601 as ffmpeg does): short clips like MSR-VTT's (10-30 s,
+     320x240 to 1280x720, 30 fps) and one long clip (10 min, 1920x1080, 25 fps);
+  3. the Python pipeline, as a researcher writes it: PyAV decodes every frame (frame threading
+     on), CLIP4Clip's frame choice (the frame on screen at each whole second, distinct frames,
+     then `linspace` down to 12), `CLIPImageProcessor`, `CLIPModel.get_image_features` per video,
+     meanP; against `vtr-index ingest` (release build) on the same folder: once for the short
+     clips, once for the long one. It prints wall time,
+     videos/s, frames/s and peak RSS for each side and their ratio, and checks that both chose
+     the same frame times (within 1 ms) and that per-video embeddings agree (cosine);
+  4. the long clip alone: the time vtr-index takes to sample its 12 frames (the decode module,
+     as ingest runs it) against PyAV decoding every frame of it (no conversion);
+  5. peak RSS of `vtr-index ingest` over 10 and over 1,000 distinct small clips with the
+     bundled tiny CLIP (`--tiny-model`), to show memory does not grow with the corpus.
+
+Usage: benchmarks/.venv/bin/python benchmarks/ingest_vs_pyav.py [--clips 24] [--steps e2e e2e-long long rss]
+Set up once: python3 -m venv benchmarks/.venv &&
+  benchmarks/.venv/bin/pip install torch transformers av pillow numpy pyarrow
+The corpus is written once under benchmarks/work/ingest (about 1 GB) and reused.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from transformers import CLIPImageProcessor, CLIPModel
+
+from tower_vs_pytorch import random_vit_b32
+
+MAX_FRAMES = 12
+SHORT_SIZES = [(320, 240), (480, 360), (640, 480), (1280, 720)]
+
+
+def write_clip(path, width, height, seconds, fps, seed, preset):
+    """A moving, textured H.264 clip (written as yuv420p planes, so no conversion is timed)."""
+    rng = np.random.default_rng(seed)
+    # Flat 32-pixel tiles of random grey that pan 2 pixels a frame and change brightness every
+    # second: real motion for the encoder and new content each second, at a bit rate like
+    # camera footage (pure noise would make gigabyte files that no decoder sees in practice).
+    tiles = rng.integers(16, 240, size=(height // 32 + 4, width // 32 + 4), dtype=np.uint8)
+    texture = np.kron(tiles, np.ones((32, 32), dtype=np.uint8))
+    chroma = np.kron(rng.integers(64, 192, size=(2, height // 64 + 1, width // 64 + 1), dtype=np.uint8),
+                     np.ones((1, 32, 32), dtype=np.uint8))[:, :height // 2, :width // 2]
+    tmp = path.with_suffix(".partial.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": preset, "crf": "26"}
+        planes = np.empty((height * 3 // 2, width), dtype=np.uint8)
+        planes[height:] = chroma.reshape(height // 2, width)
+        for i in range(int(seconds * fps)):
+            if i % fps == 0:
+                brighter = np.clip(texture.astype(np.int16) + (i // fps) * 9 % 80 - 40, 0, 255).astype(np.uint8)
+            shift = (2 * i) % 64
+            planes[:height] = brighter[shift:shift + height, shift:shift + width]
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.rename(path)
+
+
+def make_corpus(work, clips):
+    short = work / "corpus" / "short"
+    long_dir = work / "corpus" / "long"
+    rss = work / "rss" / "1000"
+    for d in (short, long_dir, rss):
+        d.mkdir(parents=True, exist_ok=True)
+    for i in range(clips):
+        path = short / f"clip_{i:03d}.mp4"
+        if not path.exists():
+            width, height = SHORT_SIZES[i % len(SHORT_SIZES)]
+            write_clip(path, width, height, 10 + (i * 7) % 21, 30, seed=i, preset="veryfast")
+    long_path = long_dir / "long_1080p.mp4"
+    if not long_path.exists():
+        print("writing the 10-minute 1080p clip (a few minutes, once)", flush=True)
+        write_clip(long_path, 1920, 1080, 600, 25, seed=10_000, preset="ultrafast")
+    for i in range(1000):
+        path = rss / f"small_{i:04d}.mp4"
+        if not path.exists():
+            write_clip(path, 160, 120, 3, 10, seed=20_000 + i, preset="ultrafast")
+    rss10 = work / "rss" / "10"
+    rss10.mkdir(parents=True, exist_ok=True)
+    for i in range(10):
+        target = rss10 / f"small_{i:04d}.mp4"
+        if not target.exists():
+            shutil.copyfile(rss / f"small_{i:04d}.mp4", target)
+    return short, long_path
+
+
+def on_screen_each_second(container):
+    """CLIP4Clip's choice, streamed: the frame on screen at t = 0, 1, 2, ... s (the last one
+    whose time is <= t), distinct frames only. Yields (time from the first frame, frame)."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    first = previous = None
+    next_t = 0.0
+    for frame in container.decode(stream):
+        t = float(frame.pts * frame.time_base)
+        first = t if first is None else first
+        t -= first
+        if previous is not None:
+            prev_t, prev_frame = previous
+            taken = False
+            while next_t < t:
+                if not taken and next_t >= prev_t:
+                    yield prev_t, prev_frame
+                    taken = True
+                next_t += 1.0
+        previous = (t, frame)
+    if previous is not None and next_t <= previous[0]:
+        yield previous
+
+
+def python_pipeline(paths, model_dir):
+    """What users run today. Returns {name: (frame times, meanP embedding)}, frames."""
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPImageProcessor()
+    results, frames = {}, 0
+    with torch.inference_mode():
+        for path in paths:
+            times, pixels = [], []
+            with av.open(str(path)) as container:
+                for t, frame in on_screen_each_second(container):
+                    times.append(t)
+                    pixels.append(processor(images=frame.to_image(), return_tensors="np")["pixel_values"][0])
+            keep = np.linspace(0, len(times) - 1, min(MAX_FRAMES, len(times)), dtype=int)
+            batch = torch.from_numpy(np.stack([pixels[i] for i in keep]))
+            out = model.get_image_features(pixel_values=batch)
+            out = out.pooler_output if hasattr(out, "pooler_output") else out
+            out = torch.nn.functional.normalize(out, dim=-1).mean(0)
+            results[path.name] = ([times[i] for i in keep], torch.nn.functional.normalize(out, dim=0).numpy())
+            frames += len(keep)
+    return results, frames
+
+
+def run_ingest(binary, root, index, model):
+    shutil.rmtree(index, ignore_errors=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kib=%M wall_s=%e", binary, "ingest", str(root),
+                           "--index", str(index), "--model", str(model)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"vtr-index ingest failed ({proc.returncode}):\n{proc.stderr}")
+    rss = int(re.search(r"peak_rss_kib=(\d+)", proc.stderr).group(1)) / 1024
+    wall = float(re.search(r"wall_s=([\d.]+)", proc.stderr).group(1))
+    return wall, rss
+
+
+def read_index(index):
+    manifest = json.loads((index / "manifest.json").read_text())
+    videos = [pq.read_table(index / s["path"]) for s in manifest["tables"]["videos"]]
+    frames = [pq.read_table(index / s["path"]) for s in manifest["tables"]["frames"]]
+    out = {}
+    for table in videos:
+        for path, emb in zip(table.column("path").to_pylist(), table.column("embedding").to_pylist()):
+            out[Path(path).name] = ([], np.asarray(emb, dtype=np.float32))
+    ids = {}
+    for table in videos:
+        for vid, path in zip(table.column("video_id").to_pylist(), table.column("path").to_pylist()):
+            ids[vid] = Path(path).name
+    for table in frames:
+        rows = sorted(zip(table.column("video_id").to_pylist(), table.column("frame_index").to_pylist(),
+                          table.column("pts_s").to_pylist()))
+        for vid, _, pts in rows:
+            out[ids[vid]][0].append(pts)
+    return out
+
+
+def end_to_end(args, binary, model_dir, root, label):
+    paths = sorted(root.glob("*.mp4"))
+    start = time.perf_counter()
+    reference, frames = python_pipeline(paths, model_dir)
+    py_wall = time.perf_counter() - start
+    py_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    index = args.work / f"index-{label}"
+    ours_wall, ours_rss = run_ingest(binary, root, index, model_dir)
+    ours = read_index(index)
+    worst_dt = max(abs(a - b) for name, (times, _) in reference.items()
+                   for a, b in zip(times, ours[name][0]))
+    same_counts = all(len(times) == len(ours[name][0]) for name, (times, _) in reference.items())
+    cosines = [float(np.dot(emb, ours[name][1])) for name, (_, emb) in reference.items()]
+    n = len(paths)
+    print(f"\n{label}: {n} videos, {frames} frames")
+    print("| side | wall | videos/s | frames/s | peak RSS |")
+    print("|---|---|---|---|---|")
+    print(f"| Python (PyAV + transformers) | {py_wall:.1f} s | {n / py_wall:.3f} | {frames / py_wall:.2f} | "
+          f"{py_rss:.0f} MiB |")
+    print(f"| vtr-index ingest | {ours_wall:.1f} s | {n / ours_wall:.3f} | {frames / ours_wall:.2f} | "
+          f"{ours_rss:.0f} MiB |")
+    print(f"vtr-index / Python speed: {py_wall / ours_wall:.2f}x; same frame counts: {same_counts}; "
+          f"largest frame-time difference: {worst_dt * 1000:.3f} ms; per-video cosine: lowest "
+          f"{min(cosines):.5f}, median {float(np.median(cosines)):.5f}", flush=True)
+
+
+def long_video(long_path, runs):
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "sample_video"], check=True)
+    print(f"\n{long_path.name}: 12 frames sampled by vtr-index vs every frame decoded by PyAV")
+    print("| run | vtr-index: sample 12 frames | PyAV: decode every frame | frames decoded by PyAV | ratio |")
+    print("|---|---|---|---|---|")
+    for run in range(1, runs + 1):
+        proc = subprocess.run(["target/release/examples/sample_video", str(long_path)], capture_output=True,
+                              text=True, check=True)
+        ours = float(re.search(r"seconds=([\d.]+)", proc.stdout).group(1))
+        start = time.perf_counter()
+        decoded = 0
+        with av.open(str(long_path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in container.decode(stream):
+                decoded += 1
+        full = time.perf_counter() - start
+        print(f"| {run} | {ours:.2f} s | {full:.2f} s | {decoded} | {ours / full * 100:.1f} % |", flush=True)
+
+
+def rss_growth(binary, work, tiny_model):
+    print("\npeak RSS of vtr-index ingest against corpus size (tiny CLIP, 160x120 clips of 3 s)")
+    print("| videos | wall | peak RSS |")
+    print("|---|---|---|")
+    for n in (10, 1000):
+        wall, rss = run_ingest(binary, work / "rss" / str(n), work / f"index-rss-{n}", tiny_model)
+        print(f"| {n} | {wall:.1f} s | {rss:.0f} MiB |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clips", type=int, default=24)
+    steps = ["e2e", "e2e-long", "long", "rss"]
+    parser.add_argument("--steps", nargs="+", default=steps, choices=steps)
+    parser.add_argument("--long-runs", type=int, default=3)
+    parser.add_argument("--tiny-model", default="../shared/fixtures/tiny-clip")
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/work/ingest"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = random_vit_b32(Path("benchmarks/work/tower"))
+    short, long_path = make_corpus(args.work, args.clips)
+    subprocess.run(["cargo", "build", "--quiet", "--release"], check=True)
+    binary = "target/release/vtr-index"
+    print(f"cores: {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads), av {av.__version__}")
+    if "e2e" in args.steps:
+        end_to_end(args, binary, model_dir, short, "short clips")
+    if "e2e-long" in args.steps:
+        end_to_end(args, binary, model_dir, long_path.parent, "long clip")
+    if "long" in args.steps:
+        long_video(long_path, args.long_runs)
+    if "rss" in args.steps:
+        rss_growth(binary, args.work, args.tiny_model)
+
+
+if __name__ == "__main__":
+    main()
