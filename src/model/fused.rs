@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::simd::exp_f32;
+
 /// What a [`Dense`] layer does after `x · Wᵀ + b`.
 pub enum Epilogue<'a> {
     None,
@@ -224,33 +226,8 @@ fn parallelism() -> gemm::Parallelism {
 #[inline(always)]
 fn quick_gelu_in_place(values: &mut [f32]) {
     for h in values {
-        *h /= 1.0 + exp(-1.702 * *h);
+        *h /= 1.0 + exp_f32(-1.702 * *h);
     }
-}
-
-/// e^x in f32 to within about 2 units in the last place, branch-free so loops over it
-/// vectorise (libm's `expf` is a call per element). Clamped to the finite range.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    // ln 2 split so that n · LN2_HI is exact for every n in range (Cody and Waite).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let k = x * std::f32::consts::LOG2_E + SHIFT;
-    let n = k - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor series to degree 7 on |r| ≤ ln2/2: the remainder is below 1e-9 relative.
-    let mut p = 1.0 / 5_040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let exponent = (k.to_bits().wrapping_sub(SHIFT.to_bits()) as i32).wrapping_add(127);
-    p * f32::from_bits((exponent as u32) << 23)
 }
 
 struct FusedAttention {
@@ -352,7 +329,7 @@ fn softmax_rows(scores: &mut [f32], tokens: usize, causal: bool) {
         let max = kept.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0.0;
         for s in kept.iter_mut() {
-            *s = exp(*s - max);
+            *s = exp_f32(*s - max);
             sum += *s;
         }
         let inverse = 1.0 / sum;
@@ -384,17 +361,6 @@ mod tests {
 
     fn plain_dense(d: &Dense, x: &Tensor) -> Tensor {
         x.broadcast_matmul(&d.weight_t).unwrap().broadcast_add(&d.bias).unwrap()
-    }
-
-    #[test]
-    fn exp_is_accurate_over_the_range_used() {
-        let mut worst = 0f64;
-        for i in -8700..=8800 {
-            let x = i as f32 * 0.01;
-            let exact = (x as f64).exp();
-            worst = worst.max(((exp(x) as f64) - exact).abs() / exact);
-        }
-        assert!(worst < 4e-7, "worst relative error {worst}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! on its own and compared with the same value recomputed inside the row, and the two must
 //! be equal for ranks to count correctly.
 
+pub use crate::simd::exp_f64 as exp;
+
 /// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread.
 /// The same call on the same inputs always gives the same bits, which the second pass
 /// relies on when it recomputes a strip.
@@ -43,35 +45,6 @@ pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
             gemm::Parallelism::None,
         );
     }
-}
-
-/// e^x to within a few units in the last place, branch-free (clamped to the finite range).
-#[inline(always)]
-pub fn exp(x: f64) -> f64 {
-    const SHIFT: f64 = 6755399441055744.0; // 1.5 · 2^52: adding it rounds to an integer
-    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    let x = x.clamp(-708.0, 709.0);
-    let k = x * std::f64::consts::LOG2_E + SHIFT;
-    let n = k - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor series to degree 13 on |r| ≤ ln2/2: the remainder is below 1e-17.
-    let mut p = 1.0 / 6_227_020_800.0;
-    p = p * r + 1.0 / 479_001_600.0;
-    p = p * r + 1.0 / 39_916_800.0;
-    p = p * r + 1.0 / 3_628_800.0;
-    p = p * r + 1.0 / 362_880.0;
-    p = p * r + 1.0 / 40_320.0;
-    p = p * r + 1.0 / 5_040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let exponent = (k.to_bits().wrapping_sub(SHIFT.to_bits()) as i64).wrapping_add(1023);
-    p * f64::from_bits((exponent as u64) << 52)
 }
 
 /// Running softmax statistics of one axis: the maximum and the sum of `exp(x − max)`.
@@ -151,22 +124,6 @@ pub fn argmax(row: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_accurate_over_the_range_used() {
-        let mut worst = 0f64;
-        let mut x: f64 = -745.0;
-        while x < 700.0 {
-            let want = x.exp();
-            if want > 1e-300 {
-                worst = worst.max(((exp(x) - want) / want).abs());
-            }
-            x += 0.0137;
-        }
-        assert!(worst < 1e-15, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(-1e9), exp(-708.0));
-    }
 
     #[test]
     fn merged_statistics_equal_one_pass() {
