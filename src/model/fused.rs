@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::simd::exp_f32;
+use crate::simd::{Strided, exp_f32, gemm_f32};
 
 /// What a [`Dense`] layer does after `x · Wᵀ + b`.
 pub enum Epilogue<'a> {
@@ -184,25 +184,13 @@ impl CustomOp1 for FusedDense<'_> {
             // SAFETY: `x` is [rows, in], `weight_t` [in, out], `dst` [rows, out], all
             // row-major and sized above; `dst` is a fresh buffer.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    out_dim,
-                    in_dim,
-                    dst.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
+                gemm_f32(
+                    (rows, out_dim, in_dim),
+                    Strided::rows(dst.as_mut_ptr(), out_dim),
                     true,
-                    x.as_ptr(),
-                    1,
-                    in_dim as isize,
-                    weight_t.as_ptr(),
-                    1,
-                    out_dim as isize,
+                    Strided::rows(x.as_ptr(), in_dim),
+                    Strided::rows(weight_t.as_ptr(), out_dim),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     parallelism(),
                 );
             }
@@ -266,49 +254,26 @@ impl CustomOp1 for FusedAttention {
                 // `qkv`; `scores` is [tokens, tokens]; this task's output block, [tokens,
                 // head_dim] with row stride `width`, is written by no other task.
                 unsafe {
-                    gemm::gemm(
-                        tokens,
-                        tokens,
-                        head_dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        tokens as isize,
+                    gemm_f32(
+                        (tokens, tokens, head_dim),
+                        Strided::rows(scores.as_mut_ptr(), tokens),
                         false,
-                        q.as_ptr(),
-                        1,
-                        packed as isize,
-                        k.as_ptr(),
-                        packed as isize,
-                        1,
-                        0.0,
+                        Strided::rows(q.as_ptr(), packed),
+                        Strided::transposed(k.as_ptr(), packed),
                         self.scale,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     );
                 }
                 crate::simd::with_wide_vectors(|| softmax_rows(scores, tokens, self.causal));
+                // SAFETY: as above; the weights in `scores` times `v` land in this task's block.
                 unsafe {
-                    gemm::gemm(
-                        tokens,
-                        head_dim,
-                        tokens,
-                        out_block.0.add(image * tokens * width + head * head_dim),
-                        1,
-                        width as isize,
+                    gemm_f32(
+                        (tokens, head_dim, tokens),
+                        Strided::rows(out_block.0.add(image * tokens * width + head * head_dim), width),
                         false,
-                        scores.as_ptr(),
-                        1,
-                        tokens as isize,
-                        v.as_ptr(),
-                        1,
-                        packed as isize,
-                        0.0,
+                        Strided::rows(scores.as_ptr(), tokens),
+                        Strided::rows(v.as_ptr(), packed),
                         1.0,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     );
                 }

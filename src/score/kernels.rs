@@ -9,6 +9,7 @@
 //! be equal for ranks to count correctly.
 
 pub use crate::simd::exp_f64 as exp;
+use crate::simd::{Strided, gemm_f32};
 
 /// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread.
 /// The same call on the same inputs always gives the same bits, which the second pass
@@ -23,25 +24,13 @@ pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
     // SAFETY: the pointers and strides describe exactly the three slices above, whose lengths
     // were checked; `dst` does not alias the inputs.
     unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            dim,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
+        gemm_f32(
+            (rows, cols, dim),
+            Strided::rows(dst.as_mut_ptr(), cols),
             false,
-            a.as_ptr(),
-            1,
-            dim as isize,
-            videos.as_ptr(),
-            dim as isize,
-            1,
-            0.0,
+            Strided::rows(a.as_ptr(), dim),
+            Strided::transposed(videos.as_ptr(), dim),
             1.0,
-            false,
-            false,
-            false,
             gemm::Parallelism::None,
         );
     }
