@@ -170,14 +170,12 @@ def read_index(index):
     manifest = json.loads((index / "manifest.json").read_text())
     videos = [pq.read_table(index / s["path"]) for s in manifest["tables"]["videos"]]
     frames = [pq.read_table(index / s["path"]) for s in manifest["tables"]["frames"]]
-    out = {}
+    out, ids = {}, {}
     for table in videos:
-        for path, emb in zip(table.column("path").to_pylist(), table.column("embedding").to_pylist()):
-            out[Path(path).name] = ([], np.asarray(emb, dtype=np.float32))
-    ids = {}
-    for table in videos:
-        for vid, path in zip(table.column("video_id").to_pylist(), table.column("path").to_pylist()):
+        for vid, path, emb in zip(table.column("video_id").to_pylist(), table.column("path").to_pylist(),
+                                  table.column("embedding").to_pylist()):
             ids[vid] = Path(path).name
+            out[ids[vid]] = ([], np.asarray(emb, dtype=np.float32))
     for table in frames:
         rows = sorted(zip(table.column("video_id").to_pylist(), table.column("frame_index").to_pylist(),
                           table.column("pts_s").to_pylist()))

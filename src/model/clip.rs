@@ -24,8 +24,7 @@ struct Attention {
 
 impl Attention {
     fn new(vb: VarBuilder, width: usize, heads: usize) -> Result<Self> {
-        let projections = ["q_proj", "k_proj", "v_proj"].map(|name| Dense::new(vb.pp(name), width, width));
-        let [q, k, v] = projections;
+        let [q, k, v] = ["q_proj", "k_proj", "v_proj"].map(|name| Dense::new(vb.pp(name), width, width));
         Ok(Attention {
             qkv_proj: Dense::concat(&[q?, k?, v?])?,
             out_proj: Dense::new(vb.pp("out_proj"), width, width)?,

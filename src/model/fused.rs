@@ -115,9 +115,9 @@ struct FusedDense<'a> {
 /// The f32 values of a CPU tensor, which must be contiguous.
 fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => f(&values[start..end]),
-        _ => candle_core::bail!("fused op: expected a contiguous f32 CPU tensor"),
+    match &*storage {
+        Storage::Cpu(cpu) => f(input_f32(cpu, layout)?),
+        _ => candle_core::bail!("fused op: expected a CPU tensor"),
     }
 }
 
@@ -249,6 +249,7 @@ impl CustomOp1 for FusedAttention {
                 let (image, head) = (task / self.heads, task % self.heads);
                 let base = image * tokens * packed + head * head_dim;
                 let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
+                // Bound whole: a closure that named only `shared.0` would capture the bare pointer.
                 let out_block = shared;
                 // SAFETY: q, k and v are [tokens, head_dim] views with row stride `packed` inside
                 // `qkv`; `scores` is [tokens, tokens]; this task's output block, [tokens,
