@@ -27,7 +27,8 @@ pub enum Epilogue<'a> {
 }
 
 /// A linear layer with bias. The weight is kept transposed, [in, out], as the product reads
-/// it: `gemm` runs about 8 % faster on it than on the stored [out, in] read column-wise.
+/// it: measured alone, `gemm` ran the fc2 shape (1600 × 3072 → 768) 9 % faster this way than
+/// on the stored [out, in] read column-wise, and the other shapes about the same.
 pub struct Dense {
     weight_t: Tensor,
     bias: Tensor,
