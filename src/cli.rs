@@ -139,6 +139,9 @@ pub struct ScoreArgs {
     /// Memory (MiB) for keeping the logits between the two passes; past it they are recomputed.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub cache_mib: usize,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Output folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -282,6 +285,7 @@ fn run_score(args: ScoreArgs) -> Result<u8> {
         out: args.out,
         scale: args.scale,
         cache_bytes: args.cache_mib.saturating_mul(1 << 20),
+        device: DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?,
     };
     let report = run_score_command(&command)?;
     eprintln!("vtr-index: {}", report.summary());

@@ -11,6 +11,8 @@ pub mod encode;
 pub mod encode_text;
 pub mod failure;
 pub mod fault;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod ingest;
 pub mod job;
 pub mod model;

@@ -8,16 +8,16 @@ use vtr_index::score::{Metrics, Outcome, Problem, Revision, RowSink, ScoreOption
 
 use crate::util::*;
 
-struct Case {
+pub struct Case {
     name: String,
-    texts: Vec<f32>,
-    videos: Vec<f32>,
-    dim: usize,
+    pub texts: Vec<f32>,
+    pub videos: Vec<f32>,
+    pub dim: usize,
     text_video: Vec<Option<u32>>,
     bank: Vec<f32>,
 }
 
-fn load_case(name: &str) -> Case {
+pub fn load_case(name: &str) -> Case {
     let dir = fixtures().join("reference/score");
     let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     let (texts, shape) = read_npy(&dir.join(format!("{name}_texts.npy")));
@@ -34,7 +34,7 @@ fn load_case(name: &str) -> Case {
     }
 }
 
-fn problem(case: &Case) -> Problem<'_> {
+pub fn problem(case: &Case) -> Problem<'_> {
     Problem {
         texts: &case.texts,
         videos: &case.videos,
@@ -45,14 +45,14 @@ fn problem(case: &Case) -> Problem<'_> {
 }
 
 /// Collects the dense rows the engine hands out.
-struct DenseRows {
+pub struct DenseRows {
     columns: usize,
-    t2v: Mutex<Vec<f64>>,
-    v2t: Mutex<Vec<f64>>,
+    pub t2v: Mutex<Vec<f64>>,
+    pub v2t: Mutex<Vec<f64>>,
 }
 
 impl DenseRows {
-    fn new(rows: usize, columns: usize) -> DenseRows {
+    pub fn new(rows: usize, columns: usize) -> DenseRows {
         DenseRows {
             columns,
             t2v: Mutex::new(vec![f64::NAN; rows * columns]),
@@ -70,14 +70,14 @@ impl RowSink for DenseRows {
     }
 }
 
-fn reference_metrics(case: &str, revision: Revision, direction: &str) -> Metrics {
+pub fn reference_metrics(case: &str, revision: Revision, direction: &str) -> Metrics {
     let text = std::fs::read_to_string(fixtures().join("reference/score/metrics.json")).unwrap();
     let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
     let entry = cases.as_array().unwrap().iter().find(|c| c["name"] == case).unwrap();
     serde_json::from_value(entry["results"][revision.name()][direction].clone()).unwrap()
 }
 
-fn assert_metrics_equal(got: Option<Metrics>, want: Metrics, what: &str) {
+pub fn assert_metrics_equal(got: Option<Metrics>, want: Metrics, what: &str) {
     let got = got.unwrap_or_else(|| panic!("{what}: no metrics"));
     let pairs = [(got.r1, want.r1), (got.r5, want.r5), (got.r10, want.r10), (got.mdr, want.mdr), (got.mnr, want.mnr)];
     for (g, w) in pairs {
@@ -86,7 +86,7 @@ fn assert_metrics_equal(got: Option<Metrics>, want: Metrics, what: &str) {
     assert_eq!(got.n, want.n, "{what}");
 }
 
-const REVISIONS: [Revision; 4] = [Revision::None, Revision::Dsl, Revision::DslSym, Revision::Qbnorm];
+pub const REVISIONS: [Revision; 4] = [Revision::None, Revision::Dsl, Revision::DslSym, Revision::Qbnorm];
 
 /// Strips of a few rows and no cache: every case runs through many strips and recomputes
 /// each one in the second pass, the path large corpora take.
@@ -138,7 +138,7 @@ fn symmetric_dual_softmax_matrices_match_the_reference() {
 
 /// A deterministic corpus with several captions per video, texts without a video, and
 /// duplicated videos (exact ties, which must go to the lower column).
-fn synthetic(texts: usize, videos: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Option<u32>>) {
+pub fn synthetic(texts: usize, videos: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Option<u32>>) {
     let mut state = seed;
     let mut next = move || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

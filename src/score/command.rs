@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::npy::NpyWriter;
-use super::{Metrics, Problem, Revision, RowSink, ScoreOptions, score};
+use super::{Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
+use crate::model::DeviceChoice;
 use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, write_topk};
 
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct ScoreCommand {
     /// Overrides the model's `exp(logit_scale)`.
     pub scale: Option<f64>,
     pub cache_bytes: usize,
+    /// Where the scoring runs: the CPU, or a CUDA device (feature `cuda`).
+    pub device: DeviceChoice,
 }
 
 /// `metrics.json` (DESIGN §5) with the settings that produced it.
@@ -98,6 +101,23 @@ impl RowSink for DenseFiles {
         self.t2v.write_row(self.row_of_text[text], t2v)?;
         self.v2t.write_row(self.row_of_text[text], v2t)
     }
+}
+
+#[cfg(feature = "cuda")]
+fn score_on_gpu(
+    ordinal: usize,
+    problem: &Problem,
+    options: &ScoreOptions,
+    sink: Option<&dyn RowSink>,
+) -> Result<Outcome> {
+    let gpu = crate::gpu::Gpu::open(ordinal).with_context(|| format!("cannot score on cuda:{ordinal}"))?;
+    eprintln!("vtr-index: scoring on cuda:{ordinal} ({})", gpu.name);
+    Ok(crate::gpu::score::score(&gpu, problem, options, sink)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn score_on_gpu(ordinal: usize, _: &Problem, _: &ScoreOptions, _: Option<&dyn RowSink>) -> Result<Outcome> {
+    bail!("cannot score on cuda:{ordinal}: this build scores on the CPU only (rebuild with --features cuda)")
 }
 
 fn temporary(path: &Path) -> PathBuf {
@@ -193,7 +213,11 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         None
     };
 
-    let outcome = score(&problem, &options, dense.as_ref().map(|d| d as &dyn RowSink))?;
+    let sink = dense.as_ref().map(|d| d as &dyn RowSink);
+    let outcome = match command.device {
+        DeviceChoice::Cpu => score(&problem, &options, sink)?,
+        DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &problem, &options, sink)?,
+    };
 
     if let Some(dense) = dense {
         for (writer, name) in [(dense.t2v, "t2v.npy"), (dense.v2t, "v2t.npy")] {

@@ -80,6 +80,9 @@ pub struct ScoreOptions {
     pub cache_bytes: usize,
     /// The size of one strip of logits (f32): the unit of work and of memory per thread.
     pub strip_bytes: usize,
+    /// On a GPU: the most device memory one block of cosines may take; 0 lets it take a quarter
+    /// of the free memory (blocks smaller than the matrix cost a second GEMM per block).
+    pub device_block_bytes: usize,
 }
 
 impl Default for ScoreOptions {
@@ -92,6 +95,7 @@ impl Default for ScoreOptions {
             top_k: 10,
             cache_bytes: 1 << 30,
             strip_bytes: 16 << 20,
+            device_block_bytes: 0,
         }
     }
 }
@@ -129,25 +133,30 @@ pub enum ScoreError {
     Dense(#[from] std::io::Error),
 }
 
-/// Texts in strip order and the strips cut from them.
-struct Layout {
+/// Texts in strip order and the strips cut from them (the GPU path cuts its row blocks the
+/// same way).
+pub(crate) struct Layout {
     /// Position → text index: texts grouped by video column, unmatched texts last.
-    order: Vec<usize>,
+    pub(crate) order: Vec<usize>,
     /// Position → the column of the text's video.
-    group: Vec<Option<u32>>,
-    strips: Vec<Range<usize>>,
+    pub(crate) group: Vec<Option<u32>>,
+    pub(crate) strips: Vec<Range<usize>>,
 }
 
 impl Layout {
     fn new(text_video: &[Option<u32>], columns: usize, strip_bytes: usize) -> Layout {
+        Layout::with_strip_rows(text_video, (strip_bytes / (4 * columns.max(1))).clamp(8, 1024))
+    }
+
+    /// Strips of about `target` rows, each extended to the end of the caption group it cuts.
+    pub(crate) fn with_strip_rows(text_video: &[Option<u32>], target: usize) -> Layout {
         let mut order: Vec<usize> = (0..text_video.len()).collect();
         order.sort_by_key(|&i| (text_video[i].map_or(u64::MAX, u64::from), i));
         let group: Vec<Option<u32>> = order.iter().map(|&i| text_video[i]).collect();
-        let target = (strip_bytes / (4 * columns.max(1))).clamp(8, 1024);
         let mut strips = Vec::new();
         let mut start = 0;
         while start < order.len() {
-            let mut end = (start + target).min(order.len());
+            let mut end = (start + target.max(1)).min(order.len());
             while end < order.len() && group[end].is_some() && group[end] == group[end - 1] {
                 end += 1;
             }
@@ -157,11 +166,11 @@ impl Layout {
         Layout { order, group, strips }
     }
 
-    fn starts_group(&self, pos: usize) -> bool {
+    pub(crate) fn starts_group(&self, pos: usize) -> bool {
         pos == 0 || self.group[pos - 1] != self.group[pos]
     }
 
-    fn ends_group(&self, pos: usize) -> bool {
+    pub(crate) fn ends_group(&self, pos: usize) -> bool {
         pos + 1 == self.group.len() || self.group[pos + 1] != self.group[pos]
     }
 }
@@ -456,8 +465,11 @@ pub fn is_positive(x: f64) -> bool {
     x > 0.0
 }
 
-/// Scores every text against every video. `sink` receives every revised row (`--dense`).
-pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
+/// Checks a problem against its options: `(texts, videos, the bank QB-Norm uses)`.
+pub(crate) fn check<'a>(
+    problem: &Problem<'a>,
+    options: &ScoreOptions,
+) -> Result<(usize, usize, Option<&'a [f32]>), ScoreError> {
     let dim = problem.dim;
     if dim == 0 || !problem.texts.len().is_multiple_of(dim) || !problem.videos.len().is_multiple_of(dim) {
         return Err(ScoreError::Invalid(format!("embeddings are not rows of width {dim}")));
@@ -474,6 +486,22 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
         (Revision::Qbnorm, _) => return Err(ScoreError::Invalid("QB-Norm needs a non-empty query bank".into())),
         _ => None,
     };
+    Ok((n, columns, bank))
+}
+
+/// `(column, rank)` for each video with at least one text: one more than the caption groups
+/// that beat its own.
+pub(crate) fn v2t_ranks(group: &[Option<u32>], beaten: &[u32]) -> Vec<(u32, u32)> {
+    let mut has_texts = vec![false; beaten.len()];
+    for col in group.iter().flatten() {
+        has_texts[*col as usize] = true;
+    }
+    (0..beaten.len()).filter(|&c| has_texts[c]).map(|c| (c as u32, 1 + beaten[c])).collect()
+}
+
+/// Scores every text against every video. `sink` receives every revised row (`--dense`).
+pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
+    let (n, columns, bank) = check(problem, options)?;
     let layout = Layout::new(problem.text_video, columns, options.strip_bytes);
     let engine = Engine {
         problem,
@@ -610,11 +638,5 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
         t2v_ranks.extend(strip.t2v_ranks);
     }
     t2v_ranks.sort_unstable();
-    let mut has_texts = vec![false; columns];
-    for col in engine.layout.group.iter().flatten() {
-        has_texts[*col as usize] = true;
-    }
-    let v2t_ranks =
-        (0..columns).filter(|&c| has_texts[c]).map(|c| (c as u32, 1 + beaten[c])).collect::<Vec<(u32, u32)>>();
-    Ok(Outcome { top, t2v_ranks, v2t_ranks })
+    Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&engine.layout.group, &beaten) })
 }

@@ -1,0 +1,386 @@
+// Scoring kernels of vtr-index (DESIGN §1, §5), compiled at run time by NVRTC (src/gpu).
+//
+// S is the cosine matrix, row-major, texts × videos, its rows ("positions") in group order:
+// the captions of one video are adjacent and texts without a video come last, as on the CPU
+// (src/score/mod.rs). Revised values are computed in f64 by one function per direction with
+// explicitly rounded operations, so the same cosine and statistics give the same bits wherever
+// a value is recomputed: a text's own score, computed once, is compared with the same value
+// recomputed inside its row, and the two must be equal for ranks to count correctly.
+//
+// The file is header-free: NVRTC ships no headers, and the few definitions needed are here.
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+#define TOPK_MAX 32
+#define INT_MAX_ 2147483647
+#define FULL_MASK 0xffffffffu
+// No <math_constants.h> without headers: +∞ from its bits.
+#define INFINITY __longlong_as_double(0x7ff0000000000000LL)
+
+// Revision codes; src/gpu/score.rs passes the same numbers.
+#define REVISE_NONE 0
+#define REVISE_DSL 1
+#define REVISE_DSL_SYM 2
+
+// ---------------------------------------------------------------------------------------------
+// Values
+
+__device__ __forceinline__ double logit(float cosine, double scale) {
+    return __dmul_rn(scale, (double)cosine);
+}
+
+// CAMoE's dual softmax of one logit with the statistics of its column (or row):
+// l · exp(l/τ − max) / sum, rounded step by step exactly as the CPU computes it.
+__device__ __forceinline__ double dual_softmax(double l, double inv_tau, double max, double inv_sum) {
+    return __dmul_rn(__dmul_rn(l, exp(__dsub_rn(__dmul_rn(l, inv_tau), max))), inv_sum);
+}
+
+__device__ __forceinline__ double t2v_value(int mode, float cosine, double scale, double inv_tau,
+                                            double col_max, double col_inv_sum) {
+    double l = logit(cosine, scale);
+    return mode == REVISE_NONE ? l : dual_softmax(l, inv_tau, col_max, col_inv_sum);
+}
+
+// The symmetric form ranks V2T with each row's prior; the others rank V2T on the T2V value.
+__device__ __forceinline__ double v2t_value(int mode, float cosine, double scale, double inv_tau,
+                                            double col_max, double col_inv_sum, double row_max,
+                                            double row_inv_sum) {
+    if (mode == REVISE_DSL_SYM) return dual_softmax(logit(cosine, scale), inv_tau, row_max, row_inv_sum);
+    return t2v_value(mode, cosine, scale, inv_tau, col_max, col_inv_sum);
+}
+
+// Online softmax statistics: the maximum and the sum of exp(x − max).
+__device__ __forceinline__ void stats_add(double &max, double &sum, double x) {
+    if (x > max) {
+        sum = sum * exp(max - x) + 1.0;
+        max = x;
+    } else {
+        sum += exp(x - max);
+    }
+}
+
+__device__ __forceinline__ void stats_merge(double &max, double &sum, double other_max, double other_sum) {
+    if (other_sum == 0.0) return;
+    if (sum == 0.0) {
+        max = other_max;
+        sum = other_sum;
+        return;
+    }
+    double m = fmax(max, other_max);
+    sum = sum * exp(max - m) + other_sum * exp(other_max - m);
+    max = m;
+}
+
+// (v, i) ranks before (w, j): a greater score, or an equal score at a lower column.
+__device__ __forceinline__ bool ranks_before(double v, int i, double w, int j) {
+    return v > w || (v == w && i < j);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stored-matrix path: S (or a block of its rows) in GPU memory.
+
+#define TILE 64
+#define TILE_K 16
+
+// c[rows × cols] = a[rows × dim] · b[cols × dim]ᵀ in f32: the cosines of a block of texts
+// (a, already offset to the block) against every video. 64 × 64 tiles, 4 × 4 per thread.
+extern "C" __global__ void __launch_bounds__(THREADS)
+cosines_f32(const float *__restrict__ a, const float *__restrict__ b, float *__restrict__ c,
+            int rows, int cols, int dim) {
+    __shared__ float a_tile[TILE_K][TILE + 4];
+    __shared__ float b_tile[TILE_K][TILE + 4];
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int row0 = blockIdx.y * TILE, col0 = blockIdx.x * TILE;
+    const int load_row = tid / 4, load_k = (tid % 4) * 4;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int k0 = 0; k0 < dim; k0 += TILE_K) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int k = k0 + load_k + q;
+            int ra = row0 + load_row, rb = col0 + load_row;
+            a_tile[load_k + q][load_row] = (ra < rows && k < dim) ? a[(long long)ra * dim + k] : 0.f;
+            b_tile[load_k + q][load_row] = (rb < cols && k < dim) ? b[(long long)rb * dim + k] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < TILE_K; ++k) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) av[i] = a_tile[k][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) bv[j] = b_tile[k][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int r = row0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int col = col0 + tx + 16 * j;
+            if (r < rows && col < cols) c[(long long)r * cols + col] = acc[i][j];
+        }
+    }
+}
+
+// Column statistics of S·scale/τ over one part of the rows: grid (column blocks, parts);
+// part p covers rows [p·rows_per_part, …) of this block and is written at part_offset + p.
+extern "C" __global__ void __launch_bounds__(THREADS)
+column_stats_partial(const float *__restrict__ s, int rows, int cols, int rows_per_part, double scale,
+                     double inv_tau, double *__restrict__ part_max, double *__restrict__ part_sum,
+                     int part_offset) {
+    const int col = blockIdx.x * THREADS + threadIdx.x;
+    if (col >= cols) return;
+    const int first = blockIdx.y * rows_per_part;
+    const int last = min(rows, first + rows_per_part);
+    double max = -INFINITY, sum = 0.0;
+    for (int r = first; r < last; ++r) {
+        stats_add(max, sum, __dmul_rn(logit(s[(long long)r * cols + col], scale), inv_tau));
+    }
+    const long long at = (long long)(part_offset + blockIdx.y) * cols + col;
+    part_max[at] = max;
+    part_sum[at] = sum;
+}
+
+// Merges the parts of every column into (max, 1/sum).
+extern "C" __global__ void __launch_bounds__(THREADS)
+column_stats_merge(const double *__restrict__ part_max, const double *__restrict__ part_sum, int parts,
+                   int cols, double *__restrict__ col_max, double *__restrict__ col_inv_sum) {
+    const int col = blockIdx.x * THREADS + threadIdx.x;
+    if (col >= cols) return;
+    double max = -INFINITY, sum = 0.0;
+    for (int p = 0; p < parts; ++p) {
+        stats_merge(max, sum, part_max[(long long)p * cols + col], part_sum[(long long)p * cols + col]);
+    }
+    col_max[col] = max;
+    col_inv_sum[col] = 1.0 / sum;
+}
+
+// Sums `value` over the block; every thread gets the total.
+__device__ __forceinline__ unsigned block_sum(unsigned value, unsigned *shared) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(FULL_MASK, value, offset);
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = value;
+    __syncthreads();
+    unsigned total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += shared[w];
+    __syncthreads();
+    return total;
+}
+
+// Row statistics of S·scale/τ over the videos (the symmetric form's V2T prior): one block per
+// row of this block; written at row0 + row as (max, 1/sum).
+extern "C" __global__ void __launch_bounds__(THREADS)
+row_stats(const float *__restrict__ s, int cols, int row0, double scale, double inv_tau,
+          double *__restrict__ row_max, double *__restrict__ row_inv_sum) {
+    __shared__ double maxes[THREADS];
+    __shared__ double sums[THREADS];
+    const float *row = s + (long long)blockIdx.x * cols;
+    double max = -INFINITY, sum = 0.0;
+    for (int col = threadIdx.x; col < cols; col += THREADS) {
+        stats_add(max, sum, __dmul_rn(logit(row[col], scale), inv_tau));
+    }
+    maxes[threadIdx.x] = max;
+    sums[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) {
+            double m = maxes[threadIdx.x], t = sums[threadIdx.x];
+            stats_merge(m, t, maxes[threadIdx.x + half], sums[threadIdx.x + half]);
+            maxes[threadIdx.x] = m;
+            sums[threadIdx.x] = t;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        row_max[row0 + blockIdx.x] = maxes[0];
+        row_inv_sum[row0 + blockIdx.x] = 1.0 / sums[0];
+    }
+}
+
+// Each matched row's own cosine, S[row, group[row]], kept for the truths.
+extern "C" __global__ void __launch_bounds__(THREADS)
+gather_own(const float *__restrict__ s, int rows, int cols, int row0, const int *__restrict__ group,
+           float *__restrict__ own_cosine) {
+    const int r = blockIdx.x * THREADS + threadIdx.x;
+    if (r >= rows) return;
+    const int g = group[row0 + r];
+    if (g >= 0) own_cosine[row0 + r] = s[(long long)r * cols + g];
+}
+
+// Each video's best own caption under V2T: the maximum over its group's rows of the V2T
+// value of their own cosines; +∞ for a video without captions, which nothing beats.
+extern "C" __global__ void __launch_bounds__(THREADS)
+v2t_own(const float *__restrict__ own_cosine, const int *__restrict__ group_start,
+        const int *__restrict__ group_end, int cols, int mode, double scale, double inv_tau,
+        const double *__restrict__ col_max, const double *__restrict__ col_inv_sum,
+        const double *__restrict__ row_max, const double *__restrict__ row_inv_sum,
+        double *__restrict__ own_v2t) {
+    const int col = blockIdx.x * THREADS + threadIdx.x;
+    if (col >= cols) return;
+    double best = INFINITY;
+    for (int p = group_start[col]; p < group_end[col]; ++p) {
+        double v = v2t_value(mode, own_cosine[p], scale, inv_tau, col_max[col], col_inv_sum[col],
+                             row_max[p], row_inv_sum[p]);
+        best = p == group_start[col] ? v : fmax(best, v);
+    }
+    own_v2t[col] = best;
+}
+
+// Adds (v, i) to a thread's sorted list of its best columns. Columns arrive in ascending
+// order, so an equal score goes after those held (they have lower columns).
+__device__ __forceinline__ void keep_best(double v, int i, double *values, int *columns, int k,
+                                          int &held, double &bar) {
+    if (!(v > bar)) return;
+    int at = held < k ? held : k - 1;
+    while (at > 0 && values[at - 1] < v) {
+        values[at] = values[at - 1];
+        columns[at] = columns[at - 1];
+        --at;
+    }
+    values[at] = v;
+    columns[at] = i;
+    if (held < k) ++held;
+    if (held == k) bar = values[k - 1];
+}
+
+// One round of a warp-wide merge of sorted lists: every lane offers its list's head, all lanes
+// learn the best offer, and the lane that offered it moves its head on.
+__device__ __forceinline__ void warp_best(double head_value, int head_column, double &best_value,
+                                          int &best_column) {
+    best_value = head_value;
+    best_column = head_column;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+        double v = __shfl_xor_sync(FULL_MASK, best_value, offset);
+        int i = __shfl_xor_sync(FULL_MASK, best_column, offset);
+        if (ranks_before(v, i, best_value, best_column)) {
+            best_value = v;
+            best_column = i;
+        }
+    }
+}
+
+// The T2V pass over a block of rows, one thread block per row: revise each value, count those
+// above the row's own (its rank) and keep the row's k best (k ≤ TOPK_MAX). Missing top-k
+// entries get column −1; rows without a video get rank 0.
+extern "C" __global__ void __launch_bounds__(THREADS)
+t2v_apply(const float *__restrict__ s, int cols, int row0, const int *__restrict__ group,
+          const float *__restrict__ own_cosine, int mode, double scale, double inv_tau,
+          const double *__restrict__ col_max, const double *__restrict__ col_inv_sum, int k,
+          double *__restrict__ top_value, int *__restrict__ top_column, unsigned *__restrict__ rank) {
+    __shared__ double warp_values[WARPS][TOPK_MAX];
+    __shared__ int warp_columns[WARPS][TOPK_MAX];
+    __shared__ int warp_held[WARPS];
+    __shared__ unsigned partial[WARPS];
+    const int position = row0 + blockIdx.x;
+    const float *row = s + (long long)blockIdx.x * cols;
+    const int own = group[position];
+    const double truth = own >= 0 ? t2v_value(mode, own_cosine[position], scale, inv_tau, col_max[own],
+                                              col_inv_sum[own])
+                                  : INFINITY;
+    double values[TOPK_MAX];
+    int columns[TOPK_MAX];
+    int held = 0;
+    double bar = -INFINITY;
+    unsigned greater = 0;
+    for (int col = threadIdx.x; col < cols; col += THREADS) {
+        double v = t2v_value(mode, row[col], scale, inv_tau, col_max[col], col_inv_sum[col]);
+        greater += v > truth;
+        keep_best(v, col, values, columns, k, held, bar);
+    }
+    const unsigned total = block_sum(greater, partial);
+
+    // Merge the 32 lists of each warp, then the warps' lists.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int head = 0, merged = 0;
+    for (; merged < k; ++merged) {
+        double v;
+        int i;
+        warp_best(head < held ? values[head] : -INFINITY, head < held ? columns[head] : INT_MAX_, v, i);
+        if (i == INT_MAX_) break;
+        if (head < held && columns[head] == i) ++head;
+        if (lane == 0) {
+            warp_values[warp][merged] = v;
+            warp_columns[warp][merged] = i;
+        }
+    }
+    if (lane == 0) warp_held[warp] = merged;
+    __syncthreads();
+    if (warp == 0) {
+        const int list = lane < WARPS ? lane : 0;
+        const int list_held = lane < WARPS ? warp_held[list] : 0;
+        head = 0;
+        for (int out = 0; out < k; ++out) {
+            double v;
+            int i;
+            warp_best(head < list_held ? warp_values[list][head] : -INFINITY,
+                      head < list_held ? warp_columns[list][head] : INT_MAX_, v, i);
+            if (head < list_held && warp_columns[list][head] == i) ++head;
+            if (lane == 0) {
+                const long long at = (long long)position * k + out;
+                top_value[at] = i == INT_MAX_ ? -INFINITY : v;
+                top_column[at] = i == INT_MAX_ ? -1 : i;
+            }
+        }
+        if (lane == 0) rank[position] = own >= 0 ? 1 + total : 0;
+    }
+}
+
+// The V2T count over a block of rows: for each video, how many caption groups beat its own
+// captions (their best V2T value above its best own). Grid (column blocks, chunks); chunk c
+// covers rows [chunk_start[c], chunk_start[c + 1]) of this block, which start and end on
+// group boundaries, so every group is seen whole by one thread per column.
+extern "C" __global__ void __launch_bounds__(THREADS)
+v2t_count(const float *__restrict__ s, int cols, int row0, const int *__restrict__ group,
+          const int *__restrict__ chunk_start, int mode, double scale, double inv_tau,
+          const double *__restrict__ col_max, const double *__restrict__ col_inv_sum,
+          const double *__restrict__ row_max, const double *__restrict__ row_inv_sum,
+          const double *__restrict__ own_v2t, unsigned *__restrict__ beaten) {
+    const int col = blockIdx.x * THREADS + threadIdx.x;
+    if (col >= cols) return;
+    const double own = own_v2t[col], c_max = col_max[col], c_inv_sum = col_inv_sum[col];
+    unsigned count = 0;
+    int current = -1;
+    double best = 0.0;
+    for (int r = chunk_start[blockIdx.y]; r < chunk_start[blockIdx.y + 1]; ++r) {
+        const int position = row0 + r;
+        const int g = group[position];
+        if (g < 0) break;
+        double v = v2t_value(mode, s[(long long)r * cols + col], scale, inv_tau, c_max, c_inv_sum,
+                             row_max[position], row_inv_sum[position]);
+        if (g != current) {
+            if (current >= 0) count += best > own;
+            current = g;
+            best = v;
+        } else {
+            best = fmax(best, v);
+        }
+    }
+    if (current >= 0) count += best > own;
+    if (count > 0) atomicAdd(&beaten[col], count);
+}
+
+// Revised values of a block of rows, for `--dense`: T2V (direction 0) or V2T (direction 1).
+extern "C" __global__ void __launch_bounds__(THREADS)
+revise_rows(const float *__restrict__ s, int rows, int cols, int row0, int direction, int mode,
+            double scale, double inv_tau, const double *__restrict__ col_max,
+            const double *__restrict__ col_inv_sum, const double *__restrict__ row_max,
+            const double *__restrict__ row_inv_sum, double *__restrict__ out) {
+    const long long at = (long long)blockIdx.x * THREADS + threadIdx.x;
+    if (at >= (long long)rows * cols) return;
+    const int r = (int)(at / cols), col = (int)(at % cols), position = row0 + r;
+    out[at] = direction == 0
+                  ? t2v_value(mode, s[at], scale, inv_tau, col_max[col], col_inv_sum[col])
+                  : v2t_value(mode, s[at], scale, inv_tau, col_max[col], col_inv_sum[col],
+                              row_max[position], row_inv_sum[position]);
+}

@@ -1,0 +1,230 @@
+//! The GPU (feature `cuda`): whether CUDA can be used here, our kernels (`kernels/*.cu`)
+//! compiled by NVRTC at run time and loaded once per device, and scoring on the device
+//! ([`score`]). Only this module knows cudarc.
+//!
+//! Both CUDA libraries are loaded at run time, so the build needs no CUDA installed. cudarc
+//! panics on its first call when a library is absent, so [`probe`] and [`Gpu::open`] check that
+//! the libraries load before making any other cudarc call.
+
+pub mod score;
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::{self, Ptx};
+
+/// The scoring kernels' CUDA C source.
+pub const SCORE_KERNELS: &str = include_str!("../../kernels/score.cu");
+
+/// Every kernel source, by file name: what the tests compile for each architecture.
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[("score.cu", SCORE_KERNELS)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no CUDA driver: libcuda could not be loaded (is the NVIDIA driver installed?)")]
+    NoDriver,
+    #[error("no CUDA device {0}: this machine has {1}")]
+    NoDevice(usize, usize),
+    #[error(
+        "NVRTC, which compiles our kernels, could not be loaded: put the lib folder of CUDA 13.0 \
+         or of the nvidia-cuda-nvrtc 13.0 wheel on LD_LIBRARY_PATH (scripts/fetch-nvrtc.sh fetches it)"
+    )]
+    NoNvrtc,
+    #[error("{name} does not compile for {arch}:\n{log}")]
+    Compile { name: String, arch: String, log: String },
+    #[error("CUDA: {0}")]
+    Driver(#[from] DriverError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Score(#[from] crate::score::ScoreError),
+}
+
+/// What CUDA offers on this machine, found without a call that could panic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    NoDriver,
+    NoDevice,
+    Ready { devices: usize },
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probe::NoDriver => write!(f, "no CUDA driver"),
+            Probe::NoDevice => write!(f, "no device"),
+            Probe::Ready { devices } => write!(f, "ready ({devices} device{})", if *devices == 1 { "" } else { "s" }),
+        }
+    }
+}
+
+/// Whether CUDA can be used here: the driver library loads and sees at least one device.
+pub fn probe() -> Probe {
+    // SAFETY: only tries to load the library, which has no side effects beyond loading it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Probe::NoDriver;
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Probe::Ready { devices: n as usize },
+        _ => Probe::NoDevice,
+    }
+}
+
+/// Whether NVRTC loads.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as in `probe`.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// A compiled kernel source and what ptxas said about it.
+pub struct Compiled {
+    pub ptx: String,
+    /// NVRTC's log, with ptxas's report (`--ptxas-options=-v`) of each kernel's registers,
+    /// stack, spills and shared memory.
+    pub log: String,
+}
+
+/// Compiles one kernel source for `arch` (such as `sm_90`). A real architecture makes NVRTC run
+/// ptxas, so too much shared memory is an error here and spills show in the log.
+pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, GpuError> {
+    if !nvrtc_present() {
+        return Err(GpuError::NoNvrtc);
+    }
+    let failed = |log: String| GpuError::Compile { name: name.to_string(), arch: arch.to_string(), log };
+    let c_source = CString::new(source).map_err(|_| failed("the source holds a NUL byte".into()))?;
+    let c_name = CString::new(name).map_err(|_| failed("the name holds a NUL byte".into()))?;
+    let program = nvrtc::result::create_program(&c_source, Some(&c_name)).map_err(|e| failed(format!("{e:?}")))?;
+    let options = [format!("--gpu-architecture={arch}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
+    // SAFETY: `program` was just created and is destroyed below, after its last use.
+    let outcome = unsafe { nvrtc::result::compile_program(program, &options) };
+    let log = unsafe { nvrtc::result::get_program_log(program) }.map(|raw| c_text(&raw)).unwrap_or_default();
+    let ptx = match outcome {
+        Ok(()) => {
+            unsafe { nvrtc::result::get_ptx(program) }.map(|raw| c_text(&raw)).map_err(|e| failed(format!("{e:?}")))
+        }
+        Err(e) => Err(failed(format!("{e:?}\n{log}"))),
+    };
+    // SAFETY: nothing uses `program` after this.
+    let _ = unsafe { nvrtc::result::destroy_program(program) };
+    Ok(Compiled { ptx: ptx?, log })
+}
+
+fn c_text(raw: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+    CStr::from_bytes_until_nul(&bytes)
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What ptxas reported for one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+    pub stack_bytes: u32,
+    pub shared_bytes: u32,
+}
+
+/// Reads ptxas's verbose report out of an NVRTC log: one entry per kernel.
+pub fn kernel_resources(log: &str) -> Vec<KernelResources> {
+    let number_before = |line: &str, unit: &str| -> Option<u32> {
+        let end = line.find(unit)?;
+        line[..end].trim_end().rsplit([' ', ',']).next()?.parse().ok()
+    };
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            kernels.push(KernelResources {
+                kernel,
+                registers: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+                stack_bytes: 0,
+                shared_bytes: 0,
+            });
+        } else if let Some(current) = kernels.last_mut() {
+            if line.contains("spill stores") {
+                current.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                current.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+                current.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                current.registers = number_before(line, "registers").unwrap_or(0);
+                current.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    kernels
+}
+
+/// One CUDA device with our kernels loaded.
+pub struct Gpu {
+    pub name: String,
+    pub ordinal: usize,
+    stream: Arc<CudaStream>,
+    score_module: Arc<CudaModule>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles the kernels for its architecture.
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        match probe() {
+            Probe::NoDriver => return Err(GpuError::NoDriver),
+            Probe::NoDevice => return Err(GpuError::NoDevice(ordinal, 0)),
+            Probe::Ready { devices } if ordinal >= devices => return Err(GpuError::NoDevice(ordinal, devices)),
+            Probe::Ready { .. } => {}
+        }
+        let context = CudaContext::new(ordinal)?;
+        let (major, minor) = context.compute_capability()?;
+        let compiled = compile("score.cu", SCORE_KERNELS, &format!("sm_{major}{minor}"))?;
+        let score_module = context.load_module(Ptx::from_src(compiled.ptx))?;
+        Ok(Gpu { name: context.name()?, ordinal, stream: context.default_stream(), score_module })
+    }
+
+    fn score_kernel(&self, name: &str) -> Result<CudaFunction, GpuError> {
+        Ok(self.score_module.load_function(name)?)
+    }
+
+    /// Free and total device memory, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), GpuError> {
+        Ok(self.stream.context().mem_get_info()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ptxas_reports() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 't2v_apply' for 'sm_90'\n\
+            ptxas info    : Function properties for t2v_apply\n\
+            \x20   384 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 64 registers, used 1 barriers, 3104 bytes smem, 488 bytes cmem[0]\n\
+            ptxas info    : Compiling entry function 'gather_own' for 'sm_90'\n\
+            ptxas info    : Function properties for gather_own\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 10 registers, used 0 barriers, 380 bytes cmem[0]\n";
+        let kernels = kernel_resources(log);
+        assert_eq!(
+            kernels[0],
+            KernelResources {
+                kernel: "t2v_apply".into(),
+                registers: 64,
+                spill_store_bytes: 8,
+                spill_load_bytes: 12,
+                stack_bytes: 384,
+                shared_bytes: 3104
+            }
+        );
+        assert_eq!(
+            (kernels[1].kernel.as_str(), kernels[1].registers, kernels[1].spill_store_bytes),
+            ("gather_own", 10, 0)
+        );
+    }
+}
