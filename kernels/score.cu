@@ -384,3 +384,287 @@ revise_rows(const float *__restrict__ s, int rows, int cols, int row0, int direc
                   : v2t_value(mode, s[at], scale, inv_tau, col_max[col], col_inv_sum[col],
                               row_max[position], row_inv_sum[position]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fused path: tiles of S = T · Vᵀ computed on the fly from f16 embeddings with tensor-core
+// mma.sync (f32 accumulation) and consumed in place, so S is never stored and device memory
+// grows only with N + M. Each element's products are accumulated in the same order in every
+// pass, so a recomputed tile has the same bits as the first. The embeddings' width is padded
+// with zeros to a multiple of F_BK by the host.
+
+#define F_BM 64
+#define F_BN 128
+#define F_BK 32
+#define F_STRIDE (F_BK + 8)  // halves per shared row: 80 bytes, so fragment loads miss no bank twice
+#define S_STRIDE (F_BN + 4)
+
+// The shared memory of one tile: the f16 operands while the product runs, then the f32 tile.
+union FusedShared {
+    struct {
+        unsigned short a[F_BM][F_STRIDE];
+        unsigned short b[F_BN][F_STRIDE];
+    } operands;
+    float s[F_BM][S_STRIDE];
+};
+
+__device__ __forceinline__ void mma_16816(float *c, const unsigned *a, const unsigned *b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Copies rows [first, first + count) of a (rows × dim) f16 matrix, columns [k0, k0 + F_BK), into
+// a shared tile, zero past `limit` rows; 16 bytes per thread and step.
+__device__ __forceinline__ void load_operand(unsigned short (*tile)[F_STRIDE], int count,
+                                             const unsigned short *__restrict__ matrix, int first,
+                                             int limit, int dim, int k0) {
+    for (int v = threadIdx.x; v < count * (F_BK / 8); v += THREADS) {
+        const int r = v / (F_BK / 8), part = (v % (F_BK / 8)) * 8;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (first + r < limit) value = *(const uint4 *)(matrix + (long long)(first + r) * dim + k0 + part);
+        *(uint4 *)&tile[r][part] = value;
+    }
+}
+
+// The f32 tile S[row0.., col0..] (F_BM × F_BN) into shared.s. Rows at or past row_limit and
+// columns at or past cols are zero. Ends synchronised, with shared.s complete.
+__device__ void product_tile(const unsigned short *__restrict__ t, const unsigned short *__restrict__ v,
+                             int row0, int row_limit, int col0, int cols, int dim, FusedShared &shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int group_id = lane / 4, in_group = lane % 4;
+    const int warp_row = (warp / 4) * 32, warp_col = (warp % 4) * 32;
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    for (int k0 = 0; k0 < dim; k0 += F_BK) {
+        load_operand(shared.operands.a, F_BM, t, row0, row_limit, dim, k0);
+        load_operand(shared.operands.b, F_BN, v, col0, cols, dim, k0);
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < F_BK; ks += 16) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = warp_row + i * 16 + group_id, k = ks + in_group * 2;
+                a[i][0] = *(const unsigned *)&shared.operands.a[r][k];
+                a[i][1] = *(const unsigned *)&shared.operands.a[r + 8][k];
+                a[i][2] = *(const unsigned *)&shared.operands.a[r][k + 8];
+                a[i][3] = *(const unsigned *)&shared.operands.a[r + 8][k + 8];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int c = warp_col + j * 8 + group_id, k = ks + in_group * 2;
+                b[j][0] = *(const unsigned *)&shared.operands.b[c][k];
+                b[j][1] = *(const unsigned *)&shared.operands.b[c][k + 8];
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = warp_row + i * 16 + group_id, c = warp_col + j * 8 + in_group * 2;
+            shared.s[r][c] = acc[i][j][0];
+            shared.s[r][c + 1] = acc[i][j][1];
+            shared.s[r + 8][c] = acc[i][j][2];
+            shared.s[r + 8][c + 1] = acc[i][j][3];
+        }
+    __syncthreads();
+}
+
+// Pass one of the fused path: per column block (grid.x) and part of the rows (grid.y), the
+// column statistics of S·scale/τ (when `mode` needs them) and each row's own cosine.
+extern "C" __global__ void __launch_bounds__(THREADS)
+fused_column_stats(const unsigned short *__restrict__ t, const unsigned short *__restrict__ v, int rows,
+                   int cols, int dim, int rows_per_part, const int *__restrict__ group, int mode,
+                   double scale, double inv_tau, double *__restrict__ part_max,
+                   double *__restrict__ part_sum, float *__restrict__ own_cosine) {
+    __shared__ FusedShared shared;
+    __shared__ double half_max[F_BN], half_sum[F_BN];
+    const int col0 = blockIdx.x * F_BN;
+    const int first = blockIdx.y * rows_per_part, last = min(rows, first + rows_per_part);
+    // Two threads per column, each over half of every tile's rows.
+    const int c = threadIdx.x % F_BN, half = threadIdx.x / F_BN;
+    double max = -INFINITY, sum = 0.0;
+    for (int row0 = first; row0 < last; row0 += F_BM) {
+        product_tile(t, v, row0, last, col0, cols, dim, shared);
+        const int valid = min(F_BM, last - row0);
+        if (mode != REVISE_NONE && col0 + c < cols) {
+            for (int r = half * (F_BM / 2); r < min(valid, (half + 1) * (F_BM / 2)); ++r) {
+                stats_add(max, sum, __dmul_rn(logit(shared.s[r][c], scale), inv_tau));
+            }
+        }
+        if (threadIdx.x < valid) {
+            const int g = group[row0 + threadIdx.x];
+            if (g >= col0 && g < col0 + F_BN) own_cosine[row0 + threadIdx.x] = shared.s[threadIdx.x][g - col0];
+        }
+        __syncthreads();
+    }
+    if (mode == REVISE_NONE) return;
+    if (half == 1) {
+        half_max[c] = max;
+        half_sum[c] = sum;
+    }
+    __syncthreads();
+    if (half == 0 && col0 + c < cols) {
+        stats_merge(max, sum, half_max[c], half_sum[c]);
+        const long long at = (long long)blockIdx.y * cols + col0 + c;
+        part_max[at] = max;
+        part_sum[at] = sum;
+    }
+}
+
+// The symmetric form's row statistics on the fused path: one block per row block
+// (block_start[b] .. block_start[b + 1], at most F_BM rows), over every column tile.
+extern "C" __global__ void __launch_bounds__(THREADS)
+fused_row_stats(const unsigned short *__restrict__ t, const unsigned short *__restrict__ v, int cols,
+                int dim, const int *__restrict__ block_start, double scale, double inv_tau,
+                double *__restrict__ row_max, double *__restrict__ row_inv_sum) {
+    __shared__ FusedShared shared;
+    __shared__ double maxes[F_BM][4], sums[F_BM][4];
+    const int row0 = block_start[blockIdx.x], valid = block_start[blockIdx.x + 1] - row0;
+    // Four threads per row, each over a quarter of every tile's columns.
+    const int r = threadIdx.x / 4, quarter = threadIdx.x % 4;
+    double max = -INFINITY, sum = 0.0;
+    for (int col0 = 0; col0 < cols; col0 += F_BN) {
+        product_tile(t, v, row0, row0 + valid, col0, cols, dim, shared);
+        if (r < valid) {
+            for (int c = quarter; c < min(F_BN, cols - col0); c += 4) {
+                stats_add(max, sum, __dmul_rn(logit(shared.s[r][c], scale), inv_tau));
+            }
+        }
+        __syncthreads();
+    }
+    maxes[r][quarter] = max;
+    sums[r][quarter] = sum;
+    __syncthreads();
+    if (quarter == 0 && r < valid) {
+        for (int q = 1; q < 4; ++q) stats_merge(max, sum, maxes[r][q], sums[r][q]);
+        row_max[row0 + r] = max;
+        row_inv_sum[row0 + r] = 1.0 / sum;
+    }
+}
+
+// Inserts (value, column) into a row's sorted top-k list in global memory, after equal values
+// (lower columns), and returns the value a new entry must now beat.
+__device__ double insert_top(double value, int column, double *__restrict__ values, int *__restrict__ columns,
+                             int k, int &held) {
+    int at = held < k ? held : k - 1;
+    while (at > 0 && values[at - 1] < value) {
+        values[at] = values[at - 1];
+        columns[at] = columns[at - 1];
+        --at;
+    }
+    values[at] = value;
+    columns[at] = column;
+    if (held < k) ++held;
+    return held == k ? values[k - 1] : -INFINITY;
+}
+
+// Pass two of the fused path: one block per row block (block_start, whole caption groups, at most
+// F_BM rows), over every column tile. Warps 0–3 rank the rows (T2V count and top-k, kept in the
+// output arrays, which this block alone writes); warps 4–7 count, per column, the caption groups
+// that beat the column's own.
+extern "C" __global__ void __launch_bounds__(THREADS)
+fused_apply(const unsigned short *__restrict__ t, const unsigned short *__restrict__ v, int cols, int dim,
+            const int *__restrict__ block_start, const int *__restrict__ group,
+            const float *__restrict__ own_cosine, int mode, double scale, double inv_tau,
+            const double *__restrict__ col_max, const double *__restrict__ col_inv_sum,
+            const double *__restrict__ row_max, const double *__restrict__ row_inv_sum,
+            const double *__restrict__ own_v2t, int k, double *__restrict__ top_value,
+            int *__restrict__ top_column, unsigned *__restrict__ rank, unsigned *__restrict__ beaten) {
+    __shared__ FusedShared shared;
+    __shared__ double bar[F_BM], truth[F_BM];
+    __shared__ int held[F_BM], groups[F_BM];
+    __shared__ unsigned greater[F_BM];
+    const int row0 = block_start[blockIdx.x], valid = block_start[blockIdx.x + 1] - row0;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (threadIdx.x < F_BM) {
+        const int r = threadIdx.x;
+        const int g = r < valid ? group[row0 + r] : -1;
+        groups[r] = g;
+        truth[r] = g >= 0 ? t2v_value(mode, own_cosine[row0 + r], scale, inv_tau, col_max[g], col_inv_sum[g])
+                          : INFINITY;
+        bar[r] = k > 0 ? -INFINITY : INFINITY;
+        held[r] = 0;
+        greater[r] = 0;
+    }
+    for (int col0 = 0; col0 < cols; col0 += F_BN) {
+        product_tile(t, v, row0, row0 + valid, col0, cols, dim, shared);
+        if (warp < 4) {
+            for (int r = warp; r < valid; r += 4) {
+                const long long list = (long long)(row0 + r) * k;
+                unsigned count = 0;
+#pragma unroll
+                for (int q = 0; q < F_BN / 32; ++q) {
+                    const int c = col0 + q * 32 + lane;
+                    const double value = c < cols ? t2v_value(mode, shared.s[r][q * 32 + lane], scale, inv_tau,
+                                                              col_max[c], col_inv_sum[c])
+                                                  : -INFINITY;
+                    // The own column is never counted: its recomputed value may differ from the
+                    // first pass's in the last bit if the tensor cores round by tile position.
+                    count += c < cols && c != groups[r] && value > truth[r];
+                    // Offer values above the row's bar in ascending column order.
+                    unsigned offers = __ballot_sync(FULL_MASK, value > bar[r]);
+                    while (offers) {
+                        const int from = __ffs(offers) - 1;
+                        const double offered = __shfl_sync(FULL_MASK, value, from);
+                        if (lane == 0) {
+                            int h = held[r];
+                            bar[r] = insert_top(offered, col0 + q * 32 + from, top_value + list, top_column + list, k, h);
+                            held[r] = h;
+                        }
+                        __syncwarp();
+                        offers &= ~(1u << from);
+                        offers &= __ballot_sync(FULL_MASK, value > bar[r]);
+                    }
+                }
+#pragma unroll
+                for (int offset = 16; offset > 0; offset /= 2) count += __shfl_xor_sync(FULL_MASK, count, offset);
+                if (lane == 0) greater[r] += count;
+            }
+        } else {
+            const int c = col0 + threadIdx.x - 128;
+            if (c < cols) {
+                const double own = own_v2t[c], c_max = col_max[c], c_inv_sum = col_inv_sum[c];
+                unsigned count = 0;
+                int current = -1;
+                double best = 0.0;
+                for (int r = 0; r < valid && groups[r] >= 0; ++r) {
+                    const double value = v2t_value(mode, shared.s[r][threadIdx.x - 128], scale, inv_tau, c_max,
+                                                   c_inv_sum, row_max[row0 + r], row_inv_sum[row0 + r]);
+                    if (groups[r] != current) {
+                        if (current >= 0 && current != c) count += best > own;
+                        current = groups[r];
+                        best = value;
+                    } else {
+                        best = fmax(best, value);
+                    }
+                }
+                if (current >= 0 && current != c) count += best > own;
+                if (count > 0) atomicAdd(&beaten[c], count);
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x < valid) {
+        const int r = threadIdx.x;
+        const long long list = (long long)(row0 + r) * k;
+        for (int e = held[r]; e < k; ++e) {
+            top_value[list + e] = -INFINITY;
+            top_column[list + e] = -1;
+        }
+        rank[row0 + r] = groups[r] >= 0 ? 1 + greater[r] : 0;
+    }
+}

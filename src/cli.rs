@@ -12,7 +12,7 @@ use crate::encode_text::{EncodeTextOptions, encode_text};
 use crate::ingest::{IngestOptions, ingest};
 use crate::model::{Checkpoint, DeviceChoice, Precision};
 use crate::score::command::{ScoreCommand, run_score as run_score_command};
-use crate::score::{Revision, is_positive};
+use crate::score::{DeviceInputs, Revision, is_positive};
 use crate::search::{SearchCommand, search};
 use crate::store::{Manifest, index_bytes, verify_shard};
 
@@ -142,6 +142,10 @@ pub struct ScoreArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// On CUDA: f32 embeddings (exact; the matrix is stored in row blocks) or f16 on the tensor
+    /// cores (the matrix is never stored, for corpora whose matrix exceeds device memory).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub gpu_inputs: DeviceInputs,
     /// Output folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -169,6 +173,9 @@ pub struct InfoArgs {
     pub index: Option<PathBuf>,
     #[arg(long, value_name = "M")]
     pub model: Option<PathBuf>,
+    /// Whether this build and machine can score on CUDA, and with which devices.
+    #[arg(long)]
+    pub gpu: bool,
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +293,7 @@ fn run_score(args: ScoreArgs) -> Result<u8> {
         scale: args.scale,
         cache_bytes: args.cache_mib.saturating_mul(1 << 20),
         device: DeviceChoice::parse(&args.device).map_err(anyhow::Error::msg)?,
+        gpu_inputs: args.gpu_inputs,
     };
     let report = run_score_command(&command)?;
     eprintln!("vtr-index: {}", report.summary());
@@ -315,11 +323,34 @@ fn run_search(args: SearchArgs) -> Result<u8> {
 }
 
 fn run_info(args: InfoArgs) -> Result<u8> {
-    match (args.index, args.model) {
-        (Some(index), None) => print_index_info(&index),
-        (None, Some(model)) => print_model_info(&model),
-        _ => bail!("give exactly one of --index INDEX or --model M"),
+    match (args.index, args.model, args.gpu) {
+        (Some(index), None, false) => print_index_info(&index),
+        (None, Some(model), false) => print_model_info(&model),
+        (None, None, true) => print_gpu_info(),
+        _ => bail!("give exactly one of --index INDEX, --model M or --gpu"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn print_gpu_info() -> Result<u8> {
+    use crate::gpu;
+    println!("cuda:      {}", gpu::probe());
+    println!("nvrtc:     {}", if gpu::nvrtc_present() { "loads" } else { "not found (LD_LIBRARY_PATH)" });
+    if let gpu::Probe::Ready { devices } = gpu::probe() {
+        for ordinal in 0..devices {
+            match gpu::Gpu::open(ordinal) {
+                Ok(device) => println!("cuda:{ordinal}:    {} (kernels compiled)", device.name),
+                Err(e) => println!("cuda:{ordinal}:    {e}"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn print_gpu_info() -> Result<u8> {
+    println!("cuda:      not in this build (rebuild with --features cuda)");
+    Ok(0)
 }
 
 fn load_manifest(index: &Path) -> Result<Manifest> {

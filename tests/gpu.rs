@@ -4,7 +4,7 @@
 //! they skip.
 
 use vtr_index::gpu::{self, KERNEL_SOURCES, Probe};
-use vtr_index::score::{Outcome, Problem, Revision, ScoreOptions, score};
+use vtr_index::score::{DeviceInputs, Outcome, Problem, Revision, ScoreOptions, score};
 
 use crate::score::{DenseRows, assert_metrics_equal, load_case, problem, reference_metrics, synthetic};
 
@@ -148,4 +148,51 @@ fn the_device_refuses_what_it_does_not_score() {
     let wide = ScoreOptions { top_k: 33, ..ScoreOptions::default() };
     let error = gpu::score::score(&gpu, &problem, &wide, None).unwrap_err().to_string();
     assert!(error.contains("--top-k 33"), "{error}");
+}
+
+#[test]
+fn f16_inputs_on_the_tensor_cores_stay_close_to_the_cpu_path() {
+    let Some(gpu) = device() else { return };
+    let dim = 64;
+    let (texts, videos, text_video) = synthetic(2000, 1200, dim, 5);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    for revision in [Revision::None, Revision::Dsl, Revision::DslSym] {
+        let options = ScoreOptions { revision, scale: 100.0, top_k: 10, ..ScoreOptions::default() };
+        let cpu = score(&problem, &options, None).unwrap();
+        let f16 = ScoreOptions { device_inputs: DeviceInputs::F16, ..options.clone() };
+        let fused = gpu::score::score(&gpu, &problem, &f16, None).unwrap();
+        let same_top1 =
+            fused.top.iter().zip(&cpu.top).filter(|(a, b)| a.first().map(|x| x.0) == b.first().map(|x| x.0)).count();
+        let rank_changes = fused.t2v_ranks.iter().zip(&cpu.t2v_ranks).filter(|(a, b)| a != b).count();
+        let (g, c) = (fused.t2v_metrics().unwrap(), cpu.t2v_metrics().unwrap());
+        eprintln!(
+            "{} f16 vs CPU: top-1 equal for {same_top1}/{} texts, {rank_changes} T2V ranks differ; R@1 {:.2} vs {:.2}, MnR {:.3} vs {:.3}",
+            revision.name(),
+            cpu.top.len(),
+            g.r1,
+            c.r1,
+            g.mnr,
+            c.mnr
+        );
+        assert!(same_top1 * 100 >= cpu.top.len() * 95, "{}: top-1 agrees for only {same_top1}", revision.name());
+        assert!((g.r1 - c.r1).abs() <= 1.0 && (g.r10 - c.r10).abs() <= 1.0, "{}: {g:?} vs {c:?}", revision.name());
+        let (gv, cv) = (fused.v2t_metrics().unwrap(), cpu.v2t_metrics().unwrap());
+        assert!((gv.r1 - cv.r1).abs() <= 1.0, "{} V2T: {gv:?} vs {cv:?}", revision.name());
+    }
+}
+
+#[test]
+fn f16_inputs_refuse_what_they_cannot_do() {
+    let Some(gpu) = device() else { return };
+    let dim = 8;
+    let (texts, videos, _) = synthetic(100, 10, dim, 4);
+    // 100 captions of one video: more than a fused row block holds.
+    let one_video = vec![Some(0u32); 100];
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &one_video, bank: None };
+    let f16 = ScoreOptions { device_inputs: DeviceInputs::F16, ..ScoreOptions::default() };
+    let error = gpu::score::score(&gpu, &problem, &f16, None).unwrap_err().to_string();
+    assert!(error.contains("100 captions"), "{error}");
+    let sink = DenseRows::new(100, 10);
+    let error = gpu::score::score(&gpu, &problem, &f16, Some(&sink)).unwrap_err().to_string();
+    assert!(error.contains("--dense"), "{error}");
 }

@@ -12,7 +12,10 @@
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use super::{Gpu, GpuError};
-use crate::score::{Layout, Outcome, Problem, Revision, RowSink, ScoreError, ScoreOptions, check, v2t_ranks};
+
+use crate::score::{
+    DeviceInputs, Layout, Outcome, Problem, Revision, RowSink, ScoreError, ScoreOptions, check, v2t_ranks,
+};
 
 /// Threads per block in every kernel (`THREADS` in the source).
 const THREADS: u32 = 256;
@@ -20,6 +23,11 @@ const THREADS: u32 = 256;
 const TILE: usize = 64;
 /// The most top-k entries a row keeps on the device (`TOPK_MAX`).
 pub const TOP_K_MAX: usize = 32;
+/// Rows and columns of one tile of the fused path (`F_BM`, `F_BN`), and the multiple its
+/// embedding width is padded to (`F_BK`).
+const FUSED_ROWS: usize = 64;
+const FUSED_COLUMNS: usize = 128;
+const FUSED_DEPTH: usize = 32;
 /// Thread blocks worth launching at once for the column kernels: enough to fill a large GPU.
 const COLUMN_KERNEL_BLOCKS: usize = 1024;
 /// Device memory for the revised rows of `--dense`, per batch.
@@ -82,119 +90,123 @@ pub fn score(
             "--top-k {top_k} is above the {TOP_K_MAX} the GPU keeps per row; score with --device cpu"
         )));
     }
-    let dim = problem.dim;
-    let stream = &gpu.stream;
-    let (cols, dim_i) = (int(columns, "the number of videos")?, int(dim, "the embedding width")?);
     int(n, "the number of texts")?;
-
-    // Row blocks whose cosines take at most a quarter of the free memory, or what the caller set.
-    let block_bytes = match options.device_block_bytes {
-        0 => gpu.memory()?.0 / 4,
-        bytes => bytes,
-    };
-    let block_rows = (block_bytes / (4 * columns.max(1))).max(1);
-    let layout = Layout::with_strip_rows(problem.text_video, block_rows);
-    let largest_block = layout.strips.iter().map(|s| s.len()).max().unwrap_or(0);
-    let single_block = layout.strips.len() == 1;
-
-    let mut ordered_texts = Vec::with_capacity(n * dim);
-    for &text in &layout.order {
-        ordered_texts.extend_from_slice(&problem.texts[text * dim..(text + 1) * dim]);
+    int(columns, "the number of videos")?;
+    int(problem.dim, "the embedding width")?;
+    // Texts in the CPU path's order; the blocks are cut by each path.
+    let layout = Layout::with_strip_rows(problem.text_video, n.max(1));
+    let run = Run { gpu, problem, options, layout, n, columns, mode, top_k };
+    match (options.device_inputs, sink) {
+        (DeviceInputs::F32, sink) => run.stored(sink),
+        (DeviceInputs::F16, None) => run.fused(),
+        (DeviceInputs::F16, Some(_)) => Err(GpuError::Unsupported(
+            "--dense writes the matrix, which f16 inputs never store: use --gpu-inputs f32".into(),
+        )),
     }
-    let texts = stream.clone_htod(&ordered_texts)?;
-    drop(ordered_texts);
-    let videos = stream.clone_htod(problem.videos)?;
-    let group: Vec<i32> = layout.group.iter().map(|g| g.map_or(-1, |c| c as i32)).collect();
-    let group_dev = stream.clone_htod(&group)?;
-    let (mut group_start, mut group_end) = (vec![0i32; columns], vec![0i32; columns]);
-    for (pos, g) in layout.group.iter().enumerate() {
-        if let Some(c) = *g {
-            if layout.starts_group(pos) {
-                group_start[c as usize] = pos as i32;
-            }
-            group_end[c as usize] = pos as i32 + 1;
-        }
+}
+
+/// What pass two leaves on the device, by position.
+struct Results {
+    top_value: CudaSlice<f64>,
+    top_column: CudaSlice<i32>,
+    rank: CudaSlice<u32>,
+    beaten: CudaSlice<u32>,
+}
+
+/// One scoring problem on one device.
+struct Run<'a> {
+    gpu: &'a Gpu,
+    problem: &'a Problem<'a>,
+    options: &'a ScoreOptions,
+    layout: Layout,
+    n: usize,
+    columns: usize,
+    mode: i32,
+    top_k: usize,
+}
+
+impl Run<'_> {
+    fn stream(&self) -> &std::sync::Arc<CudaStream> {
+        &self.gpu.stream
     }
 
-    let mut cosines = zeros::<f32>(stream, largest_block * columns)?;
-    let mut own_cosine = zeros::<f32>(stream, n)?;
-    let mut stats = Statistics {
-        mode,
-        scale: options.scale,
-        inv_tau: 1.0 / options.temperature,
-        col_max: zeros(stream, columns)?,
-        col_inv_sum: zeros(stream, columns)?,
-        row_max: zeros(stream, n)?,
-        row_inv_sum: zeros(stream, n)?,
-    };
-    let column_blocks = blocks_for(columns);
-    let parts_per_block: Vec<usize> =
-        layout.strips.iter().map(|s| COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, s.len().max(1))).collect();
-    let total_parts: usize = parts_per_block.iter().sum();
-    let needs_column_stats = mode != 0;
-    let (mut part_max, mut part_sum) = if needs_column_stats {
-        (zeros::<f64>(stream, total_parts * columns)?, zeros::<f64>(stream, total_parts * columns)?)
-    } else {
-        (zeros::<f64>(stream, 1)?, zeros::<f64>(stream, 1)?)
-    };
-
-    let cosines_kernel = gpu.score_kernel("cosines_f32")?;
-    let compute_block = |cosines: &mut CudaSlice<f32>, rows: std::ops::Range<usize>| -> Result<(), GpuError> {
-        let a = texts.slice(rows.start * dim..rows.end * dim);
-        let row_count = int(rows.len(), "a block's rows")?;
-        let mut launch = stream.launch_builder(&cosines_kernel);
-        launch.arg(&a).arg(&videos).arg(cosines).arg(&row_count).arg(&cols).arg(&dim_i);
-        // SAFETY: the arguments match cosines_f32's signature; `cosines` holds rows × cols.
-        unsafe { launch.launch(launch_config((columns.div_ceil(TILE), rows.len().div_ceil(TILE).max(1))))? };
-        Ok(())
-    };
-
-    // Pass one: statistics and own cosines, block by block.
-    let partial_kernel = gpu.score_kernel("column_stats_partial")?;
-    let row_stats_kernel = gpu.score_kernel("row_stats")?;
-    let gather_kernel = gpu.score_kernel("gather_own")?;
-    let mut part_offset = 0;
-    for (rows, &parts) in layout.strips.iter().zip(&parts_per_block) {
-        compute_block(&mut cosines, rows.clone())?;
-        let (row0, row_count) = (int(rows.start, "a row")?, int(rows.len(), "a block's rows")?);
-        if needs_column_stats {
-            let rows_per_part = int(rows.len().div_ceil(parts), "rows per part")?;
-            let offset = int(part_offset, "a part")?;
-            let mut launch = stream.launch_builder(&partial_kernel);
-            launch.arg(&cosines).arg(&row_count).arg(&cols).arg(&rows_per_part).arg(&stats.scale).arg(&stats.inv_tau);
-            launch.arg(&mut part_max).arg(&mut part_sum).arg(&offset);
-            // SAFETY: matches column_stats_partial; parts are laid out total_parts × columns.
-            unsafe { launch.launch(launch_config((column_blocks, parts)))? };
-        }
-        if options.revision == Revision::DslSym && !rows.is_empty() {
-            let mut launch = stream.launch_builder(&row_stats_kernel);
-            launch.arg(&cosines).arg(&cols).arg(&row0).arg(&stats.scale).arg(&stats.inv_tau);
-            launch.arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
-            // SAFETY: matches row_stats; one block per row of this block.
-            unsafe { launch.launch(launch_config((rows.len(), 1)))? };
-        }
-        let mut launch = stream.launch_builder(&gather_kernel);
-        launch.arg(&cosines).arg(&row_count).arg(&cols).arg(&row0).arg(&group_dev).arg(&mut own_cosine);
-        // SAFETY: matches gather_own.
-        unsafe { launch.launch(launch_config((blocks_for(rows.len()), 1)))? };
-        part_offset += parts;
+    fn statistics(&self) -> Result<Statistics, GpuError> {
+        let stream = self.stream();
+        Ok(Statistics {
+            mode: self.mode,
+            scale: self.options.scale,
+            inv_tau: 1.0 / self.options.temperature,
+            col_max: zeros(stream, self.columns)?,
+            col_inv_sum: zeros(stream, self.columns)?,
+            row_max: zeros(stream, self.n)?,
+            row_inv_sum: zeros(stream, self.n)?,
+        })
     }
-    if needs_column_stats {
-        let merge = gpu.score_kernel("column_stats_merge")?;
-        let parts = int(total_parts, "parts")?;
-        let mut launch = stream.launch_builder(&merge);
-        launch.arg(&part_max).arg(&part_sum).arg(&parts).arg(&cols).arg(&mut stats.col_max).arg(&mut stats.col_inv_sum);
+
+    fn results(&self) -> Result<Results, GpuError> {
+        let stream = self.stream();
+        Ok(Results {
+            top_value: zeros(stream, self.n * self.top_k)?,
+            top_column: zeros(stream, self.n * self.top_k)?,
+            rank: zeros(stream, self.n)?,
+            beaten: zeros(stream, self.columns)?,
+        })
+    }
+
+    /// Each position's video column, −1 for none.
+    fn groups(&self) -> Result<CudaSlice<i32>, GpuError> {
+        let group: Vec<i32> = self.layout.group.iter().map(|g| g.map_or(-1, |c| c as i32)).collect();
+        Ok(self.stream().clone_htod(&group)?)
+    }
+
+    /// The texts' embeddings in position order, each row converted by `convert` and padded with
+    /// zeros to `width`.
+    fn ordered_texts<T: Copy + Default>(&self, width: usize, convert: impl Fn(f32) -> T) -> Vec<T> {
+        let dim = self.problem.dim;
+        let mut rows = Vec::with_capacity(self.n * width);
+        for &text in &self.layout.order {
+            rows.extend(self.problem.texts[text * dim..(text + 1) * dim].iter().map(|&x| convert(x)));
+            rows.resize(rows.len() + width - dim, T::default());
+        }
+        rows
+    }
+
+    /// Merges `parts` partial column statistics (parts × columns) into `stats`.
+    fn merge_column_stats(
+        &self,
+        part_max: &CudaSlice<f64>,
+        part_sum: &CudaSlice<f64>,
+        parts: usize,
+        stats: &mut Statistics,
+    ) -> Result<(), GpuError> {
+        let merge = self.gpu.score_kernel("column_stats_merge")?;
+        let (parts, cols) = (int(parts, "parts")?, self.columns as i32);
+        let mut launch = self.stream().launch_builder(&merge);
+        launch.arg(part_max).arg(part_sum).arg(&parts).arg(&cols).arg(&mut stats.col_max).arg(&mut stats.col_inv_sum);
         // SAFETY: matches column_stats_merge.
-        unsafe { launch.launch(launch_config((column_blocks, 1)))? };
+        unsafe { launch.launch(launch_config((blocks_for(self.columns), 1)))? };
+        Ok(())
     }
-    drop((part_max, part_sum));
-    let mut own_v2t = zeros::<f64>(stream, columns)?;
-    {
-        let kernel = gpu.score_kernel("v2t_own")?;
+
+    /// Each video's best own caption under V2T, from the own cosines.
+    fn own_v2t(&self, own_cosine: &CudaSlice<f32>, stats: &Statistics) -> Result<CudaSlice<f64>, GpuError> {
+        let (stream, layout) = (self.stream(), &self.layout);
+        let (mut group_start, mut group_end) = (vec![0i32; self.columns], vec![0i32; self.columns]);
+        for (pos, g) in layout.group.iter().enumerate() {
+            if let Some(c) = *g {
+                if layout.starts_group(pos) {
+                    group_start[c as usize] = pos as i32;
+                }
+                group_end[c as usize] = pos as i32 + 1;
+            }
+        }
+        let mut own_v2t = zeros::<f64>(stream, self.columns)?;
+        let kernel = self.gpu.score_kernel("v2t_own")?;
         let (starts, ends) = (stream.clone_htod(&group_start)?, stream.clone_htod(&group_end)?);
+        let cols = self.columns as i32;
         let mut launch = stream.launch_builder(&kernel);
         launch
-            .arg(&own_cosine)
+            .arg(own_cosine)
             .arg(&starts)
             .arg(&ends)
             .arg(&cols)
@@ -208,69 +220,248 @@ pub fn score(
             .arg(&stats.row_inv_sum)
             .arg(&mut own_v2t);
         // SAFETY: matches v2t_own.
-        unsafe { launch.launch(launch_config((column_blocks, 1)))? };
-        stream.synchronize()?;
+        unsafe { launch.launch(launch_config((blocks_for(self.columns), 1)))? };
+        stream.synchronize()?; // `starts` and `ends` are freed on return
+        Ok(own_v2t)
     }
 
-    // Pass two: revise, rank, keep the top-k, count the groups that beat each video's own.
-    let apply = gpu.score_kernel("t2v_apply")?;
-    let count = gpu.score_kernel("v2t_count")?;
-    let k = int(top_k, "top-k")?;
-    let mut top_value = zeros::<f64>(stream, n * top_k)?;
-    let mut top_column = zeros::<i32>(stream, n * top_k)?;
-    let mut rank = zeros::<u32>(stream, n)?;
-    let mut beaten = zeros::<u32>(stream, columns)?;
-    for rows in &layout.strips {
-        if !single_block {
+    /// The outcome from the device's per-position results.
+    fn outcome(&self, results: Results) -> Result<Outcome, GpuError> {
+        let stream = self.stream();
+        let top_value = stream.clone_dtoh(&results.top_value)?;
+        let top_column = stream.clone_dtoh(&results.top_column)?;
+        let rank = stream.clone_dtoh(&results.rank)?;
+        let beaten = stream.clone_dtoh(&results.beaten)?;
+        let top_k = self.top_k;
+        let mut top = vec![Vec::new(); self.n];
+        let mut t2v_ranks = Vec::new();
+        for (pos, &text) in self.layout.order.iter().enumerate() {
+            let entries = pos * top_k..(pos + 1) * top_k;
+            top[text] = top_column[entries.clone()]
+                .iter()
+                .zip(&top_value[entries])
+                .filter(|(c, _)| **c >= 0)
+                .map(|(&c, &v)| (c as u32, v))
+                .collect();
+            if self.layout.group[pos].is_some() {
+                t2v_ranks.push((text, rank[pos]));
+            }
+        }
+        t2v_ranks.sort_unstable();
+        Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&self.layout.group, &beaten[..self.columns]) })
+    }
+
+    /// The f32 path: the matrix computed and stored in row blocks.
+    fn stored(&self, sink: Option<&dyn RowSink>) -> Result<Outcome, GpuError> {
+        let (gpu, stream, columns, dim) = (self.gpu, self.stream(), self.columns, self.problem.dim);
+        let (cols, dim_i) = (columns as i32, dim as i32);
+        // Row blocks whose cosines take at most a quarter of the free memory, or what the caller set.
+        let block_bytes = match self.options.device_block_bytes {
+            0 => gpu.memory()?.0 / 4,
+            bytes => bytes,
+        };
+        let blocks =
+            Layout::with_strip_rows(self.problem.text_video, (block_bytes / (4 * columns.max(1))).max(1)).strips;
+        let largest_block = blocks.iter().map(|s| s.len()).max().unwrap_or(0);
+        let single_block = blocks.len() == 1;
+
+        let texts = stream.clone_htod(&self.ordered_texts(dim, |x| x))?;
+        let videos = stream.clone_htod(self.problem.videos)?;
+        let group = self.groups()?;
+        let mut cosines = zeros::<f32>(stream, largest_block * columns)?;
+        let mut own_cosine = zeros::<f32>(stream, self.n)?;
+        let mut stats = self.statistics()?;
+        let column_blocks = blocks_for(columns);
+        let parts_per_block: Vec<usize> =
+            blocks.iter().map(|s| COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, s.len().max(1))).collect();
+        let total_parts: usize = parts_per_block.iter().sum();
+        let needs_column_stats = self.mode != 0;
+        let part_len = if needs_column_stats { total_parts * columns } else { 1 };
+        let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
+
+        let cosines_kernel = gpu.score_kernel("cosines_f32")?;
+        let compute_block = |cosines: &mut CudaSlice<f32>, rows: std::ops::Range<usize>| -> Result<(), GpuError> {
+            let a = texts.slice(rows.start * dim..rows.end * dim);
+            let row_count = rows.len() as i32;
+            let mut launch = stream.launch_builder(&cosines_kernel);
+            launch.arg(&a).arg(&videos).arg(cosines).arg(&row_count).arg(&cols).arg(&dim_i);
+            // SAFETY: the arguments match cosines_f32's signature; `cosines` holds rows × cols.
+            unsafe { launch.launch(launch_config((columns.div_ceil(TILE), rows.len().div_ceil(TILE).max(1))))? };
+            Ok(())
+        };
+
+        // Pass one: statistics and own cosines, block by block.
+        let partial_kernel = gpu.score_kernel("column_stats_partial")?;
+        let row_stats_kernel = gpu.score_kernel("row_stats")?;
+        let gather_kernel = gpu.score_kernel("gather_own")?;
+        let mut part_offset = 0;
+        for (rows, &parts) in blocks.iter().zip(&parts_per_block) {
             compute_block(&mut cosines, rows.clone())?;
+            let (row0, row_count) = (rows.start as i32, rows.len() as i32);
+            if needs_column_stats {
+                let rows_per_part = rows.len().div_ceil(parts) as i32;
+                let offset = int(part_offset, "a part")?;
+                let mut launch = stream.launch_builder(&partial_kernel);
+                launch
+                    .arg(&cosines)
+                    .arg(&row_count)
+                    .arg(&cols)
+                    .arg(&rows_per_part)
+                    .arg(&stats.scale)
+                    .arg(&stats.inv_tau);
+                launch.arg(&mut part_max).arg(&mut part_sum).arg(&offset);
+                // SAFETY: matches column_stats_partial; parts are laid out total_parts × columns.
+                unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+            }
+            if self.options.revision == Revision::DslSym && !rows.is_empty() {
+                let mut launch = stream.launch_builder(&row_stats_kernel);
+                launch.arg(&cosines).arg(&cols).arg(&row0).arg(&stats.scale).arg(&stats.inv_tau);
+                launch.arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
+                // SAFETY: matches row_stats; one block per row of this block.
+                unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+            }
+            let mut launch = stream.launch_builder(&gather_kernel);
+            launch.arg(&cosines).arg(&row_count).arg(&cols).arg(&row0).arg(&group).arg(&mut own_cosine);
+            // SAFETY: matches gather_own.
+            unsafe { launch.launch(launch_config((blocks_for(rows.len()), 1)))? };
+            part_offset += parts;
         }
-        if rows.is_empty() {
-            continue;
+        if needs_column_stats {
+            self.merge_column_stats(&part_max, &part_sum, total_parts, &mut stats)?;
         }
-        let row0 = int(rows.start, "a row")?;
-        let mut launch = stream.launch_builder(&apply);
-        launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group_dev).arg(&own_cosine).arg(&stats.mode);
-        launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum).arg(&k);
-        launch.arg(&mut top_value).arg(&mut top_column).arg(&mut rank);
-        // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
-        unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+        drop((part_max, part_sum));
+        let own_v2t = self.own_v2t(&own_cosine, &stats)?;
 
-        let chunks = group_chunks(&layout, rows.clone(), COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks));
-        if chunks.len() > 1 {
-            let chunk_start = stream.clone_htod(&chunks)?;
-            let mut launch = stream.launch_builder(&count);
-            launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group_dev).arg(&chunk_start).arg(&stats.mode);
-            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
-            launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&mut beaten);
-            // SAFETY: matches v2t_count; chunk_start has chunks + 1 entries on group boundaries.
-            unsafe { launch.launch(launch_config((column_blocks, chunks.len() - 1)))? };
-            stream.synchronize()?; // chunk_start is freed at the end of this iteration
+        // Pass two: revise, rank, keep the top-k, count the groups that beat each video's own.
+        let apply = gpu.score_kernel("t2v_apply")?;
+        let count = gpu.score_kernel("v2t_count")?;
+        let k = self.top_k as i32;
+        let mut results = self.results()?;
+        for rows in &blocks {
+            if !single_block {
+                compute_block(&mut cosines, rows.clone())?;
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let row0 = rows.start as i32;
+            let mut launch = stream.launch_builder(&apply);
+            launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group).arg(&own_cosine).arg(&stats.mode);
+            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum).arg(&k);
+            launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank);
+            // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
+            unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+
+            let chunks = group_chunks(&self.layout, rows.clone(), COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks));
+            if chunks.len() > 1 {
+                let chunk_start = stream.clone_htod(&chunks)?;
+                let mut launch = stream.launch_builder(&count);
+                launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group).arg(&chunk_start).arg(&stats.mode);
+                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
+                launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&mut results.beaten);
+                // SAFETY: matches v2t_count; chunk_start has chunks + 1 entries on group boundaries.
+                unsafe { launch.launch(launch_config((column_blocks, chunks.len() - 1)))? };
+                stream.synchronize()?; // chunk_start is freed at the end of this iteration
+            }
+            if let Some(sink) = sink {
+                dense_rows(gpu, &cosines, rows.clone(), columns, &stats, &self.layout, sink)?;
+            }
         }
-        if let Some(sink) = sink {
-            dense_rows(gpu, &cosines, rows.clone(), columns, &stats, &layout, sink)?;
-        }
+        self.outcome(results)
     }
 
-    let top_value = stream.clone_dtoh(&top_value)?;
-    let top_column = stream.clone_dtoh(&top_column)?;
-    let rank = stream.clone_dtoh(&rank)?;
-    let beaten = stream.clone_dtoh(&beaten)?;
-    let mut top = vec![Vec::new(); n];
-    let mut t2v_ranks = Vec::new();
-    for (pos, &text) in layout.order.iter().enumerate() {
-        let entries = pos * top_k..(pos + 1) * top_k;
-        top[text] = top_column[entries.clone()]
-            .iter()
-            .zip(&top_value[entries])
-            .filter(|(c, _)| **c >= 0)
-            .map(|(&c, &v)| (c as u32, v))
-            .collect();
+    /// The f16 path: tiles computed on the tensor cores in every pass and never stored.
+    fn fused(&self) -> Result<Outcome, GpuError> {
+        let (gpu, stream, columns, n) = (self.gpu, self.stream(), self.columns, self.n);
+        let width = self.problem.dim.div_ceil(FUSED_DEPTH) * FUSED_DEPTH;
+        let to_half = |x: f32| half::f16::from_f32(x).to_bits();
+        let texts = stream.clone_htod(&self.ordered_texts(width, to_half))?;
+        let mut video_rows = Vec::with_capacity(columns * width);
+        for row in self.problem.videos.chunks_exact(self.problem.dim) {
+            video_rows.extend(row.iter().map(|&x| to_half(x)));
+            video_rows.resize(video_rows.len() + width - self.problem.dim, 0u16);
+        }
+        let videos = stream.clone_htod(&video_rows)?;
+        drop(video_rows);
+        let group = self.groups()?;
+        let block_start = stream.clone_htod(&fused_blocks(&self.layout)?)?;
+        let row_blocks = block_start.len() - 1;
+        let (rows, cols, width_i) = (n as i32, columns as i32, width as i32);
+        let mut stats = self.statistics()?;
+        let mut own_cosine = zeros::<f32>(stream, n)?;
+
+        // Pass one: column statistics and own cosines, over parts of the rows.
+        let column_blocks = columns.div_ceil(FUSED_COLUMNS);
+        let parts = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, n.div_ceil(FUSED_ROWS).max(1));
+        let rows_per_part = n.div_ceil(parts).div_ceil(FUSED_ROWS) * FUSED_ROWS;
+        let parts = n.div_ceil(rows_per_part).max(1);
+        let (mut part_max, mut part_sum) =
+            (zeros::<f64>(stream, parts * columns)?, zeros::<f64>(stream, parts * columns)?);
+        let kernel = gpu.score_kernel("fused_column_stats")?;
+        let rows_per_part_i = rows_per_part as i32;
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&texts).arg(&videos).arg(&rows).arg(&cols).arg(&width_i).arg(&rows_per_part_i).arg(&group);
+        launch.arg(&stats.mode).arg(&stats.scale).arg(&stats.inv_tau).arg(&mut part_max).arg(&mut part_sum);
+        launch.arg(&mut own_cosine);
+        // SAFETY: matches fused_column_stats; parts × columns partial statistics.
+        unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+        if self.mode != 0 {
+            self.merge_column_stats(&part_max, &part_sum, parts, &mut stats)?;
+        }
+        if self.options.revision == Revision::DslSym {
+            let kernel = gpu.score_kernel("fused_row_stats")?;
+            let mut launch = stream.launch_builder(&kernel);
+            launch.arg(&texts).arg(&videos).arg(&cols).arg(&width_i).arg(&block_start).arg(&stats.scale);
+            launch.arg(&stats.inv_tau).arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
+            // SAFETY: matches fused_row_stats; one block per row block.
+            unsafe { launch.launch(launch_config((row_blocks, 1)))? };
+        }
+        let own_v2t = self.own_v2t(&own_cosine, &stats)?;
+        drop((part_max, part_sum));
+
+        // Pass two.
+        let kernel = gpu.score_kernel("fused_apply")?;
+        let k = self.top_k as i32;
+        let mut results = self.results()?;
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&texts).arg(&videos).arg(&cols).arg(&width_i).arg(&block_start).arg(&group).arg(&own_cosine);
+        launch.arg(&stats.mode).arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
+        launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&k);
+        launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank).arg(&mut results.beaten);
+        // SAFETY: matches fused_apply; each block owns the top-k lists of its rows.
+        unsafe { launch.launch(launch_config((row_blocks, 1)))? };
+        self.outcome(results)
+    }
+}
+
+/// Row blocks for the fused path: at most `FUSED_ROWS` rows each, whole caption groups, so one
+/// block sees every caption of its videos. Returns each block's first position, then the end.
+fn fused_blocks(layout: &Layout) -> Result<Vec<i32>, GpuError> {
+    let n = layout.group.len();
+    let (mut starts, mut start, mut pos) = (vec![0i32], 0, 0);
+    while pos < n {
+        let mut end = pos + 1;
         if layout.group[pos].is_some() {
-            t2v_ranks.push((text, rank[pos]));
+            while end < n && layout.group[end] == layout.group[pos] {
+                end += 1;
+            }
         }
+        if end - pos > FUSED_ROWS {
+            return Err(GpuError::Unsupported(format!(
+                "a video has {} captions; f16 inputs on the GPU take at most {FUSED_ROWS} per video: use --gpu-inputs f32",
+                end - pos
+            )));
+        }
+        if end - start > FUSED_ROWS {
+            starts.push(pos as i32);
+            start = pos;
+        }
+        pos = end;
     }
-    t2v_ranks.sort_unstable();
-    Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&layout.group, &beaten[..columns]) })
+    if n > 0 {
+        starts.push(n as i32);
+    }
+    Ok(starts)
 }
 
 /// Row offsets within `rows` (relative to its start) cutting its matched rows into at most about

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::npy::NpyWriter;
-use super::{Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
+use super::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 use crate::model::DeviceChoice;
 use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, write_topk};
 
@@ -33,6 +33,8 @@ pub struct ScoreCommand {
     pub cache_bytes: usize,
     /// Where the scoring runs: the CPU, or a CUDA device (feature `cuda`).
     pub device: DeviceChoice,
+    /// What a CUDA device multiplies.
+    pub gpu_inputs: DeviceInputs,
 }
 
 /// `metrics.json` (DESIGN §5) with the settings that produced it.
@@ -184,6 +186,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         beta: command.beta,
         top_k: command.top_k,
         cache_bytes: command.cache_bytes,
+        device_inputs: command.gpu_inputs,
         ..ScoreOptions::default()
     };
     let problem = Problem {

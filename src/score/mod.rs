@@ -55,6 +55,18 @@ impl Revision {
     }
 }
 
+/// What a GPU multiplies (`--gpu-inputs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceInputs {
+    /// The f32 embeddings: the cosines are those of the CPU path up to summation order, and the
+    /// matrix is stored on the device in row blocks.
+    #[default]
+    F32,
+    /// f16 embeddings on the tensor cores, accumulated in f32, with each tile of the matrix
+    /// consumed where it is computed: never stored, so device memory grows only with N + M.
+    F16,
+}
+
 /// Embeddings to score: row-major, L2-normalised, `dim` wide.
 pub struct Problem<'a> {
     pub texts: &'a [f32],
@@ -83,6 +95,8 @@ pub struct ScoreOptions {
     /// On a GPU: the most device memory one block of cosines may take; 0 lets it take a quarter
     /// of the free memory (blocks smaller than the matrix cost a second GEMM per block).
     pub device_block_bytes: usize,
+    /// On a GPU: what the matrix product takes.
+    pub device_inputs: DeviceInputs,
 }
 
 impl Default for ScoreOptions {
@@ -96,6 +110,7 @@ impl Default for ScoreOptions {
             cache_bytes: 1 << 30,
             strip_bytes: 16 << 20,
             device_block_bytes: 0,
+            device_inputs: DeviceInputs::F32,
         }
     }
 }
