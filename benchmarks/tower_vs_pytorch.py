@@ -9,6 +9,9 @@ hits both); each round prints frames/s of each side, their ratio and the lowest 
 the two sides' embeddings, and the median ratio closes the table.
 
 Usage: benchmarks/.venv/bin/python benchmarks/tower_vs_pytorch.py [--frames 128] [--batch 32] [--dtype f32] [--rounds 3]
+On a GPU: --device cuda --dtype f16 runs both sides there, PyTorch in the same dtype; give
+--bin with a `tower_throughput` built with `--features cuda-encoder` where Rust is (the GPU
+machines have none), since the script otherwise builds it.
 Set up once: python3 -m venv benchmarks/.venv && benchmarks/.venv/bin/pip install torch transformers numpy
 """
 
@@ -42,31 +45,49 @@ def main():
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default="benchmarks/work/tower")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bin", help="a prebuilt tower_throughput example")
     args = parser.parse_args()
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = random_vit_b32(work)
     model = CLIPModel.from_pretrained(model_dir).eval()
+    if args.device == "cuda":
+        model = model.to("cuda", torch_dtype)
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1.8, 2.1, size=(args.frames, 3, 224, 224)).astype(np.float32)
     (work / "pixels.f32").write_bytes(pixels.tobytes())
 
     print(f"cores: {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{args.frames} frames in batches of {args.batch}, {args.rounds} alternating rounds")
-    subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "tower_throughput"], check=True)
-    cmd = ["target/release/examples/tower_throughput", str(model_dir), str(work / "pixels.f32"),
-           str(args.frames), str(args.batch), str(work / "ours.f32"), args.dtype]
+    binary = args.bin
+    if binary is None:
+        subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "tower_throughput"], check=True)
+        binary = "target/release/examples/tower_throughput"
+    cmd = [binary, str(model_dir), str(work / "pixels.f32"), str(args.frames), str(args.batch), str(work / "ours.f32"),
+           args.dtype, args.device]
+
+    def batch_of(i):
+        batch = torch.from_numpy(pixels[i:i + args.batch])
+        return batch.to("cuda", torch_dtype) if args.device == "cuda" else batch
+
+    def synchronize():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
 
     def pytorch_round():
         with torch.inference_mode():
-            model.get_image_features(pixel_values=torch.from_numpy(pixels[:args.batch]))
+            model.get_image_features(pixel_values=batch_of(0))
+            synchronize()
             start = time.perf_counter()
             outputs = []
             for i in range(0, args.frames, args.batch):
-                out = model.get_image_features(pixel_values=torch.from_numpy(pixels[i:i + args.batch]))
+                out = model.get_image_features(pixel_values=batch_of(i))
                 outputs.append(out.pooler_output if hasattr(out, "pooler_output") else out)
+            synchronize()
             seconds = time.perf_counter() - start
-        embeddings = torch.cat(outputs).numpy()
+        embeddings = torch.cat(outputs).float().cpu().numpy()
         return args.frames / seconds, embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
 
     def ours_round():
@@ -77,7 +98,7 @@ def main():
         return fps, np.frombuffer((work / "ours.f32").read_bytes(), dtype=np.float32).reshape(args.frames, -1)
 
     # Rounds alternate between the two sides so that a slow spell of a shared machine hits both.
-    print(f"| round | PyTorch f32 | vtr-index {args.dtype} | vtr-index / PyTorch | lowest cosine |")
+    print(f"| round | PyTorch {args.dtype} ({args.device}) | vtr-index {args.dtype} ({args.device}) | vtr-index / PyTorch | lowest cosine |")
     print("|---|---|---|---|---|")
     ratios = []
     for round_no in range(1, args.rounds + 1):

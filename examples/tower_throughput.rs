@@ -1,6 +1,6 @@
 //! Image-tower throughput on given pixels: the Rust side of `benchmarks/tower_vs_pytorch.py`.
 //!
-//! `cargo run --release --example tower_throughput -- MODEL PIXELS.f32 COUNT BATCH OUT.f32 [f32|f16|bf16]`
+//! `cargo run --release --example tower_throughput -- MODEL PIXELS.f32 COUNT BATCH OUT.f32 [f32|f16|bf16] [cpu|cuda]`
 //! reads COUNT preprocessed images (raw little-endian f32, CHW each), embeds them in batches of
 //! BATCH after one warm-up batch, prints the frames per second, and writes the embeddings (raw
 //! f32) so the harness can compare them with PyTorch's.
@@ -14,9 +14,10 @@ use vtr_index::model::{Checkpoint, Clip, DeviceChoice, Precision};
 fn main() -> anyhow::Result<()> {
     vtr_index::model::keep_freed_activation_memory();
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() >= 6, "usage: tower_throughput MODEL PIXELS.f32 COUNT BATCH OUT.f32 [DTYPE]");
+    anyhow::ensure!(args.len() >= 6, "usage: tower_throughput MODEL PIXELS.f32 COUNT BATCH OUT.f32 [DTYPE] [DEVICE]");
     let precision = Precision::parse(args.get(6).map_or("f32", String::as_str)).map_err(anyhow::Error::msg)?;
-    let clip = Clip::load(Checkpoint::open(Path::new(&args[1]))?.with_precision(precision), DeviceChoice::Cpu)?;
+    let device = DeviceChoice::parse(args.get(7).map_or("cpu", String::as_str)).map_err(anyhow::Error::msg)?;
+    let clip = Clip::load(Checkpoint::open(Path::new(&args[1]))?.with_precision(precision), device)?;
     let bytes = std::fs::read(&args[2])?;
     let pixels: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let (count, batch): (usize, usize) = (args[3].parse()?, args[4].parse()?);

@@ -2,11 +2,19 @@
 //! spills and within shared memory (needs only NVRTC, no GPU), and, where a CUDA device is
 //! present, scoring on it gives what the CPU path gives. Tests that need a device say when
 //! they skip.
+//!
+//! A test binary of its own, unlike the rest: it must not link GStreamer, which the GPU machines
+//! lack, so it includes only the helpers that do not reach it (`cargo test --features cuda --test gpu`).
+
+#[allow(dead_code)]
+mod scoring;
+#[allow(dead_code)]
+mod util;
 
 use vtr_index::gpu::{self, KERNEL_SOURCES, Probe};
 use vtr_index::score::{DeviceInputs, Outcome, Problem, Revision, ScoreOptions, score};
 
-use crate::score::{DenseRows, assert_metrics_equal, load_case, problem, reference_metrics, synthetic};
+use crate::scoring::{DenseRows, assert_metrics_equal, load_case, problem, reference_metrics, synthetic};
 
 /// Architectures the kernels must build for: A100 (sm_80) and H100/H200 (sm_90).
 const ARCHITECTURES: [&str; 2] = ["sm_80", "sm_90"];

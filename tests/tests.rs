@@ -6,9 +6,8 @@ mod util;
 mod checkpoints;
 mod cli;
 mod fidelity;
-#[cfg(feature = "cuda")]
-mod gpu;
 mod ingest;
 mod nightly;
 mod score;
+mod scoring;
 mod texts;

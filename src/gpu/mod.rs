@@ -189,6 +189,11 @@ impl Gpu {
         Ok(self.score_module.load_function(name)?)
     }
 
+    /// The device's stream, on which every kernel of this module runs.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Free and total device memory, in bytes.
     pub fn memory(&self) -> Result<(usize, usize), GpuError> {
         Ok(self.stream.context().mem_get_info()?)

@@ -434,6 +434,68 @@ impl Run<'_> {
     }
 }
 
+/// The cosines `texts · videosᵀ` (row-major, `dim` wide) on the device, by the f32 GEMM the
+/// stored path uses: the stored-matrix benchmark's input.
+pub fn cosines(gpu: &Gpu, texts: &[f32], videos: &[f32], dim: usize) -> Result<CudaSlice<f32>, GpuError> {
+    let stream = &gpu.stream;
+    let (rows, cols) = (texts.len() / dim, videos.len() / dim);
+    let (a, b) = (stream.clone_htod(texts)?, stream.clone_htod(videos)?);
+    let mut c = zeros::<f32>(stream, rows * cols)?;
+    let (rows_i, cols_i, dim_i) = (int(rows, "rows")?, int(cols, "columns")?, int(dim, "the embedding width")?);
+    let kernel = gpu.score_kernel("cosines_f32")?;
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&a).arg(&b).arg(&mut c).arg(&rows_i).arg(&cols_i).arg(&dim_i);
+    // SAFETY: matches cosines_f32; `c` holds rows × cols.
+    unsafe { launch.launch(launch_config((cols.div_ceil(TILE), rows.div_ceil(TILE).max(1))))? };
+    stream.synchronize()?;
+    Ok(c)
+}
+
+/// CAMoE's dual softmax of a stored matrix of cosines (`rows × cols`, on the device) into `out`
+/// (f64, the values `--dense` writes): the column statistics pass, then the element-wise
+/// revision. What the stored-matrix benchmark times against PyTorch's `S * S.softmax(0)`.
+pub fn dual_softmax_stored(
+    gpu: &Gpu,
+    cosines: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    scale: f64,
+    temperature: f64,
+    out: &mut CudaSlice<f64>,
+) -> Result<(), GpuError> {
+    assert!(cosines.len() >= rows * cols && out.len() >= rows * cols);
+    let stream = &gpu.stream;
+    let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "columns")?);
+    let inv_tau = 1.0 / temperature;
+    let column_blocks = blocks_for(cols);
+    let parts = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, rows.max(1));
+    let rows_per_part = int(rows.div_ceil(parts), "rows per part")?;
+    let (mut part_max, mut part_sum) = (zeros::<f64>(stream, parts * cols)?, zeros::<f64>(stream, parts * cols)?);
+    let (mut col_max, mut col_inv_sum) = (zeros::<f64>(stream, cols)?, zeros::<f64>(stream, cols)?);
+    let unused = zeros::<f64>(stream, 1)?;
+    let partial = gpu.score_kernel("column_stats_partial")?;
+    let mut launch = stream.launch_builder(&partial);
+    launch.arg(cosines).arg(&rows_i).arg(&cols_i).arg(&rows_per_part).arg(&scale).arg(&inv_tau);
+    launch.arg(&mut part_max).arg(&mut part_sum).arg(&0i32);
+    // SAFETY: matches column_stats_partial.
+    unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+    let merge = gpu.score_kernel("column_stats_merge")?;
+    let parts_i = parts as i32;
+    let mut launch = stream.launch_builder(&merge);
+    launch.arg(&part_max).arg(&part_sum).arg(&parts_i).arg(&cols_i).arg(&mut col_max).arg(&mut col_inv_sum);
+    // SAFETY: matches column_stats_merge.
+    unsafe { launch.launch(launch_config((column_blocks, 1)))? };
+    let revise = gpu.score_kernel("revise_rows")?;
+    let (direction, mode) = (0i32, 1i32);
+    let mut launch = stream.launch_builder(&revise);
+    launch.arg(cosines).arg(&rows_i).arg(&cols_i).arg(&0i32).arg(&direction).arg(&mode).arg(&scale).arg(&inv_tau);
+    launch.arg(&col_max).arg(&col_inv_sum).arg(&unused).arg(&unused).arg(out);
+    // SAFETY: matches revise_rows; T2V reads no row statistics.
+    unsafe { launch.launch(launch_config((blocks_for(rows * cols), 1)))? };
+    stream.synchronize()?;
+    Ok(())
+}
+
 /// Row blocks for the fused path: at most `FUSED_ROWS` rows each, whole caption groups, so one
 /// block sees every caption of its videos. Returns each block's first position, then the end.
 fn fused_blocks(layout: &Layout) -> Result<Vec<i32>, GpuError> {
