@@ -7,9 +7,12 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Float64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-/// The shared fixtures folder.
+/// The shared fixtures folder: `../shared/fixtures`, or `VTR_INDEX_FIXTURES` where a test
+/// binary runs away from its checkout (the GPU machines).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+    std::env::var_os("VTR_INDEX_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
 }
 
 /// The bundled sample corpus and model.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Prepares target/gpu-carry/ for a GPU machine (no Rust, no GStreamer, no network there): the GPU
+# test binary and the gpu_score benchmark (both built with --features cuda, stripped, linking
+# only libc), NVRTC 13.0 compressed (in case the machine's CUDA lacks it), and the scoring
+# fixtures the tests read. On the GPU machine, from the repository root:
+#   bash target/gpu-carry/run.sh          # GPU tests, then the benchmarks (needs PyTorch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvrtc=$(bash scripts/fetch-nvrtc.sh)
+out=target/gpu-carry
+rm -rf "$out" && mkdir -p "$out/nvrtc" "$out/fixtures/reference"
+cargo build --release --locked --features cuda --example gpu_score
+test_binary=$(cargo test --release --locked --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"):
+        print(m["executable"])')
+strip -o "$out/gpu_score" target/release/examples/gpu_score
+strip -o "$out/gpu_tests" "$test_binary"
+for lib in libnvrtc.so.13 libnvrtc-builtins.so.13.0; do xz -T2 -6 -c "$nvrtc/$lib" > "$out/nvrtc/$lib.xz"; done
+cp -r ../shared/fixtures/reference/score "$out/fixtures/reference/"
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+for f in "$here"/nvrtc/*.xz; do [ -e "${f%.xz}" ] || xz -dkc "$f" > "${f%.xz}"; done
+export LD_LIBRARY_PATH="$here/nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" VTR_INDEX_FIXTURES="$here/fixtures"
+"$here/gpu_tests" --nocapture --test-threads 1
+python3 benchmarks/gpu_vs_pytorch.py --bin "$here/gpu_score" "$@"
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out"
