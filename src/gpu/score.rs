@@ -93,6 +93,9 @@ pub fn score(
     int(n, "the number of texts")?;
     int(columns, "the number of videos")?;
     int(problem.dim, "the embedding width")?;
+    if n == 0 || columns == 0 {
+        return Ok(Outcome { top: vec![Vec::new(); n], t2v_ranks: Vec::new(), v2t_ranks: Vec::new() });
+    }
     // Texts in the CPU path's order; the blocks are cut by each path.
     let layout = Layout::with_strip_rows(problem.text_video, n.max(1));
     let run = Run { gpu, problem, options, layout, n, columns, mode, top_k };
@@ -260,8 +263,9 @@ impl Run<'_> {
             0 => gpu.memory()?.0 / 4,
             bytes => bytes,
         };
-        let blocks =
-            Layout::with_strip_rows(self.problem.text_video, (block_bytes / (4 * columns.max(1))).max(1)).strips;
+        // A GEMM grid has at most 65,535 tiles down.
+        let block_rows = (block_bytes / (4 * columns)).clamp(1, 65_535 * TILE);
+        let blocks = Layout::with_strip_rows(self.problem.text_video, block_rows).strips;
         let largest_block = blocks.iter().map(|s| s.len()).max().unwrap_or(0);
         let single_block = blocks.len() == 1;
 
