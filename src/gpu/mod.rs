@@ -62,8 +62,7 @@ impl fmt::Display for Probe {
 
 /// Whether CUDA can be used here: the driver library loads and sees at least one device.
 pub fn probe() -> Probe {
-    // SAFETY: only tries to load the library, which has no side effects beyond loading it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Probe::NoDriver;
     }
     match CudaContext::device_count() {
@@ -72,10 +71,29 @@ pub fn probe() -> Probe {
     }
 }
 
+/// Whether libcuda loads. With `cuda-encoder`, candle links cudarc to the CUDA libraries at build
+/// time, so a process that runs has them; otherwise they are loaded on first use.
+#[cfg(not(feature = "cuda-encoder"))]
+fn driver_present() -> bool {
+    // SAFETY: only tries to load the library, which has no side effects beyond loading it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+#[cfg(feature = "cuda-encoder")]
+fn driver_present() -> bool {
+    true
+}
+
 /// Whether NVRTC loads.
+#[cfg(not(feature = "cuda-encoder"))]
 pub fn nvrtc_present() -> bool {
-    // SAFETY: as in `probe`.
+    // SAFETY: as in `driver_present`.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+#[cfg(feature = "cuda-encoder")]
+pub fn nvrtc_present() -> bool {
+    true
 }
 
 /// A compiled kernel source and what ptxas said about it.
