@@ -204,7 +204,7 @@ impl ColumnStats {
 
     /// Adds the rows of one strip, given as `x = factor · s` (τ and scale folded in).
     #[inline(always)]
-    fn add_strip(&mut self, strip: &[f32], columns: usize, to_x: impl Fn(f32) -> f64, row: &mut [f64]) {
+    fn add_strip(&mut self, strip: &[f32], columns: usize, to_x: impl Fn(f32) -> f64) {
         let mut strip_max = vec![f64::NEG_INFINITY; columns];
         for s in strip.chunks_exact(columns) {
             for (m, &v) in strip_max.iter_mut().zip(s) {
@@ -217,11 +217,8 @@ impl ColumnStats {
             *old_max = max;
         }
         for s in strip.chunks_exact(columns) {
-            for ((x, &v), &m) in row.iter_mut().zip(s).zip(&self.max) {
-                *x = kernels::exp(to_x(v) - m);
-            }
-            for (sum, &x) in self.sum.iter_mut().zip(row.iter()) {
-                *sum += x;
+            for ((sum, &v), &m) in self.sum.iter_mut().zip(s).zip(&self.max) {
+                *sum += kernels::exp(to_x(v) - m);
             }
         }
     }
@@ -393,18 +390,20 @@ impl Engine<'_> {
         let (stats, active) = bank
             .par_chunks(rows_per_strip * dim)
             .fold(
-                || (ColumnStats::new(columns), vec![false; columns], vec![0f64; columns]),
-                |(mut stats, mut active, mut row), rows| {
+                || (ColumnStats::new(columns), vec![false; columns]),
+                |(mut stats, mut active), rows| {
                     let mut strip = vec![0f32; rows.len() / dim * columns];
                     strip_gemm(rows, self.problem.videos, dim, &mut strip);
                     for s_row in strip.chunks_exact(columns) {
                         active[argmax(s_row)] = true;
                     }
-                    stats.add_strip(&strip, columns, |c| beta * c as f64, &mut row);
-                    (stats, active, row)
+                    crate::simd::with_wide_vectors(
+                        #[inline(always)]
+                        || stats.add_strip(&strip, columns, |c| beta * c as f64),
+                    );
+                    (stats, active)
                 },
             )
-            .map(|(stats, active, _)| (stats, active))
             .reduce(
                 || (ColumnStats::new(columns), vec![false; columns]),
                 |(a, mut active_a), (b, active_b)| {
@@ -558,7 +557,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                         #[inline(always)]
                         || {
                             if let Some(stats) = stats.as_mut() {
-                                stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau, &mut row);
+                                stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau);
                             }
                             let mut strip_facts = StripFacts::default();
                             for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {

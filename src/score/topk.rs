@@ -26,14 +26,22 @@ impl TopK {
         if self.k == 0 {
             return;
         }
+        // Once the list is full few values pass the bar: test a chunk at a time, with a loop
+        // that vectorises, and look at single values only in chunks that hold a candidate.
+        const CHUNK: usize = 32;
         let mut bar = self.bar();
-        for (j, &score) in row.iter().enumerate() {
-            if score > bar {
-                // After every equal score already held: those have lower columns.
-                let at = self.items.partition_point(|&(s, _)| s >= score);
-                self.items.insert(at, (score, first_column + j as u32));
-                self.items.truncate(self.k);
-                bar = self.bar();
+        for (c, chunk) in row.chunks(CHUNK).enumerate() {
+            if !chunk.iter().fold(false, |any, &score| any | (score > bar)) {
+                continue;
+            }
+            for (j, &score) in chunk.iter().enumerate() {
+                if score > bar {
+                    // After every equal score already held: those have lower columns.
+                    let at = self.items.partition_point(|&(s, _)| s >= score);
+                    self.items.insert(at, (score, first_column + (c * CHUNK + j) as u32));
+                    self.items.truncate(self.k);
+                    bar = self.bar();
+                }
             }
         }
     }
