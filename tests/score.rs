@@ -57,6 +57,8 @@ fn symmetric_dual_softmax_matrices_match_the_reference() {
     }
 }
 
+/// Same ranks and top-k columns; scores to 1e-7, since the column sums' f32 terms are taken
+/// against each strip's maximum, so sums merged from other strips differ in the last digits.
 fn assert_same_outcome(a: &Outcome, b: &Outcome, what: &str) {
     assert_eq!(a.t2v_ranks, b.t2v_ranks, "{what}: T2V ranks");
     assert_eq!(a.v2t_ranks, b.v2t_ranks, "{what}: V2T ranks");
@@ -64,7 +66,7 @@ fn assert_same_outcome(a: &Outcome, b: &Outcome, what: &str) {
         assert_eq!(x.len(), y.len(), "{what}: text {t}");
         for (p, q) in x.iter().zip(y) {
             assert_eq!(p.0, q.0, "{what}: text {t}: top-k columns {x:?} vs {y:?}");
-            assert!((p.1 - q.1).abs() <= 1e-12 * p.1.abs().max(1e-300), "{what}: text {t}: {p:?} vs {q:?}");
+            assert!((p.1 - q.1).abs() <= 1e-7 * p.1.abs().max(1e-300), "{what}: text {t}: {p:?} vs {q:?}");
         }
     }
 }

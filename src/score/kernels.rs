@@ -1,8 +1,9 @@
 //! The CPU kernels of scoring: the tile GEMM and the per-row loops of the two passes.
 //!
-//! Everything after the GEMM runs in f64. The revised values are products of logits and
-//! softmax weights whose exponents reach −100 and below on real matrices, where f32 underflows
-//! and would turn distinct scores into ties; the references are computed in f64 too.
+//! Revised values are computed in f64. They are products of logits and softmax weights whose
+//! exponents reach −100 and below on real matrices, where f32 underflows and would turn distinct
+//! scores into ties; the references are computed in f64 too. (The terms of the column sums are
+//! the exception: see `ColumnStats::add_strip`.)
 //! [`exp`] is branch-free, so the row loops vectorise, and it gives bit-identical results
 //! whether it runs in a vector loop or on one value: a row's own (true) score is computed once
 //! on its own and compared with the same value recomputed inside the row, and the two must
