@@ -108,7 +108,7 @@ impl Default for ScoreOptions {
             beta: 20.0,
             top_k: 10,
             cache_bytes: 1 << 30,
-            strip_bytes: 64 << 20,
+            strip_bytes: 32 << 20,
             device_block_bytes: 0,
             device_inputs: DeviceInputs::F32,
         }
@@ -185,7 +185,7 @@ impl Layout {
         pos == 0 || self.group[pos - 1] != self.group[pos]
     }
 
-    pub(crate) fn ends_group(&self, pos: usize) -> bool {
+    fn ends_group(&self, pos: usize) -> bool {
         pos + 1 == self.group.len() || self.group[pos + 1] != self.group[pos]
     }
 }
