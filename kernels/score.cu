@@ -236,21 +236,45 @@ v2t_own(const float *__restrict__ own_cosine, const int *__restrict__ group_star
     own_v2t[col] = best;
 }
 
-// Adds (v, i) to a thread's sorted list of its best columns. Columns arrive in ascending
-// order, so an equal score goes after those held (they have lower columns).
-__device__ __forceinline__ void keep_best(double v, int i, double *values, int *columns, int k,
-                                          int &held, double &bar) {
-    if (!(v > bar)) return;
+// Inserts (value, column) into a sorted list of the k best (in a thread's local memory or a
+// row's list in global memory), after equal values, which have lower columns since columns
+// arrive in ascending order; returns the value a new entry must now beat.
+__device__ double insert_top(double value, int column, double *values, int *columns, int k, int &held) {
     int at = held < k ? held : k - 1;
-    while (at > 0 && values[at - 1] < v) {
+    while (at > 0 && values[at - 1] < value) {
         values[at] = values[at - 1];
         columns[at] = columns[at - 1];
         --at;
     }
-    values[at] = v;
-    columns[at] = i;
+    values[at] = value;
+    columns[at] = column;
     if (held < k) ++held;
-    if (held == k) bar = values[k - 1];
+    return held == k ? values[k - 1] : -INFINITY;
+}
+
+// V2T for one column over rows in group order: the best value of the current caption group,
+// and how many finished groups beat the column's own captions. The column's own group is never
+// counted (its best is the own value itself, or, on the fused path, a recomputation of it).
+struct GroupCount {
+    int current;
+    double best;
+    unsigned beaten;
+};
+
+__device__ __forceinline__ GroupCount group_count_start() { return GroupCount{-1, 0.0, 0u}; }
+
+__device__ __forceinline__ void group_count_end(GroupCount &gc, double own, int column) {
+    if (gc.current >= 0 && gc.current != column) gc.beaten += gc.best > own;
+}
+
+__device__ __forceinline__ void group_count_add(GroupCount &gc, int group, double value, double own, int column) {
+    if (group != gc.current) {
+        group_count_end(gc, own, column);
+        gc.current = group;
+        gc.best = value;
+    } else {
+        gc.best = fmax(gc.best, value);
+    }
 }
 
 // One round of a warp-wide merge of sorted lists: every lane offers its list's head, all lanes
@@ -296,7 +320,7 @@ t2v_apply(const float *__restrict__ s, int cols, int row0, const int *__restrict
     for (int col = threadIdx.x; col < cols; col += THREADS) {
         double v = t2v_value(mode, row[col], scale, inv_tau, col_max[col], col_inv_sum[col]);
         greater += v > truth;
-        keep_best(v, col, values, columns, k, held, bar);
+        if (v > bar) bar = insert_top(v, col, values, columns, k, held);
     }
     const unsigned total = block_sum(greater, partial);
 
@@ -349,25 +373,17 @@ v2t_count(const float *__restrict__ s, int cols, int row0, const int *__restrict
     const int col = blockIdx.x * THREADS + threadIdx.x;
     if (col >= cols) return;
     const double own = own_v2t[col], c_max = col_max[col], c_inv_sum = col_inv_sum[col];
-    unsigned count = 0;
-    int current = -1;
-    double best = 0.0;
+    GroupCount gc = group_count_start();
     for (int r = chunk_start[blockIdx.y]; r < chunk_start[blockIdx.y + 1]; ++r) {
         const int position = row0 + r;
         const int g = group[position];
         if (g < 0) break;
         double v = v2t_value(mode, s[(long long)r * cols + col], scale, inv_tau, c_max, c_inv_sum,
                              row_max[position], row_inv_sum[position]);
-        if (g != current) {
-            if (current >= 0) count += best > own;
-            current = g;
-            best = v;
-        } else {
-            best = fmax(best, v);
-        }
+        group_count_add(gc, g, v, own, col);
     }
-    if (current >= 0) count += best > own;
-    if (count > 0) atomicAdd(&beaten[col], count);
+    group_count_end(gc, own, col);
+    if (gc.beaten > 0) atomicAdd(&beaten[col], gc.beaten);
 }
 
 // Revised values of a block of rows, for `--dense`: T2V (direction 0) or V2T (direction 1).
@@ -556,22 +572,6 @@ fused_row_stats(const unsigned short *__restrict__ t, const unsigned short *__re
     }
 }
 
-// Inserts (value, column) into a row's sorted top-k list in global memory, after equal values
-// (lower columns), and returns the value a new entry must now beat.
-__device__ double insert_top(double value, int column, double *__restrict__ values, int *__restrict__ columns,
-                             int k, int &held) {
-    int at = held < k ? held : k - 1;
-    while (at > 0 && values[at - 1] < value) {
-        values[at] = values[at - 1];
-        columns[at] = columns[at - 1];
-        --at;
-    }
-    values[at] = value;
-    columns[at] = column;
-    if (held < k) ++held;
-    return held == k ? values[k - 1] : -INFINITY;
-}
-
 // Pass two of the fused path: one block per row block (block_start, whole caption groups, at most
 // F_BM rows), over every column tile. Warps 0–3 rank the rows (T2V count and top-k, kept in the
 // output arrays, which this block alone writes); warps 4–7 count, per column, the caption groups
@@ -638,22 +638,14 @@ fused_apply(const unsigned short *__restrict__ t, const unsigned short *__restri
             const int c = col0 + threadIdx.x - 128;
             if (c < cols) {
                 const double own = own_v2t[c], c_max = col_max[c], c_inv_sum = col_inv_sum[c];
-                unsigned count = 0;
-                int current = -1;
-                double best = 0.0;
+                GroupCount gc = group_count_start();
                 for (int r = 0; r < valid && groups[r] >= 0; ++r) {
                     const double value = v2t_value(mode, shared.s[r][threadIdx.x - 128], scale, inv_tau, c_max,
                                                    c_inv_sum, row_max[row0 + r], row_inv_sum[row0 + r]);
-                    if (groups[r] != current) {
-                        if (current >= 0 && current != c) count += best > own;
-                        current = groups[r];
-                        best = value;
-                    } else {
-                        best = fmax(best, value);
-                    }
+                    group_count_add(gc, groups[r], value, own, c);
                 }
-                if (current >= 0 && current != c) count += best > own;
-                if (count > 0) atomicAdd(&beaten[c], count);
+                group_count_end(gc, own, c);
+                if (gc.beaten > 0) atomicAdd(&beaten[c], gc.beaten);
             }
         }
         __syncthreads();
