@@ -15,6 +15,7 @@ pub mod fault;
 pub mod gpu;
 pub mod ingest;
 pub mod job;
+pub mod matmul;
 pub mod model;
 pub mod preprocess;
 pub mod progress;

@@ -1,5 +1,6 @@
 //! What the CPU hot loops of scoring and of the model share: running a loop compiled for AVX2/FMA
-//! when the CPU has them, and branch-free `exp` that vectorises inside such loops.
+//! when the CPU has them, and branch-free `exp` that vectorises inside such loops. (Their matrix
+//! products go through [`crate::matmul`].)
 
 /// Runs `f` compiled for AVX2 and FMA when the CPU has them, as it is otherwise.
 ///
@@ -22,69 +23,6 @@ pub fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
-}
-
-/// A matrix in memory for [`gemm_f32`]: its first element and the distances, in elements,
-/// from one row to the next and from one column to the next.
-#[derive(Clone, Copy)]
-pub struct Strided<P> {
-    pub ptr: P,
-    pub row_stride: isize,
-    pub col_stride: isize,
-}
-
-impl<P> Strided<P> {
-    /// Row-major with rows `row_stride` apart (a view into wider rows when it exceeds the width).
-    pub fn rows(ptr: P, row_stride: usize) -> Self {
-        Strided { ptr, row_stride: row_stride as isize, col_stride: 1 }
-    }
-
-    /// The transpose of a row-major matrix whose rows are `row_stride` apart.
-    pub fn transposed(ptr: P, row_stride: usize) -> Self {
-        Strided { ptr, row_stride: 1, col_stride: row_stride as isize }
-    }
-}
-
-/// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]`, added to what `dst` holds when `accumulate`.
-/// One named-argument front for the `gemm` crate's nineteen positional ones.
-///
-/// # Safety
-/// Each view must describe memory valid for its whole shape, and `dst` must not overlap the
-/// inputs or be written by anyone else during the call.
-pub unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: Strided<*mut f32>,
-    accumulate: bool,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    scale: f32,
-    parallelism: gemm::Parallelism,
-) {
-    let keep = if accumulate { 1.0 } else { 0.0 };
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr,
-            dst.col_stride,
-            dst.row_stride,
-            accumulate,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            keep,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// Defines a branch-free `e^x` for one float type, so loops over it vectorise (libm's `exp` is a

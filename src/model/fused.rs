@@ -5,9 +5,10 @@
 //! Built from candle's separate ops, one encoder layer allocates and sweeps its activations a
 //! dozen times (bias add, three passes for quick_gelu, head transposes and copies back, the
 //! residual add) and runs the per-head attention products as hundreds of tiny multi-threaded
-//! matrix products. Here each dense layer is one `gemm` call that accumulates onto its bias (and
-//! residual) with the activation applied in one pass after it, and attention runs one task per
-//! (image, head) on strided views, writing each head's output where the next layer reads it.
+//! matrix products. Here each dense layer is one matrix product ([`crate::matmul`]) that
+//! accumulates onto its bias (and residual) with the activation applied in one pass after it,
+//! and attention runs one task per (image, head) on strided views, writing each head's output
+//! where the next layer reads it.
 //! They are candle custom ops, so the towers keep one code path: on other devices and dtypes
 //! the same functions fall back to plain candle ops.
 
@@ -15,7 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, S
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::simd::{Strided, exp_f32, gemm_f32};
+use crate::matmul::{Rounding, Strided, Threads, gemm_f32};
+use crate::simd::exp_f32;
 
 /// What a [`Dense`] layer does after `x · Wᵀ + b`.
 pub enum Epilogue<'a> {
@@ -192,7 +194,8 @@ impl CustomOp1 for FusedDense<'_> {
                     Strided::rows(x.as_ptr(), in_dim),
                     Strided::rows(weight_t.as_ptr(), out_dim),
                     1.0,
-                    parallelism(),
+                    Threads::Pool,
+                    Rounding::Fastest,
                 );
             }
             Ok(())
@@ -202,13 +205,6 @@ impl CustomOp1 for FusedDense<'_> {
                 .for_each(|chunk| crate::simd::with_wide_vectors(|| quick_gelu_in_place(chunk)));
         }
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
-    }
-}
-
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
     }
 }
 
@@ -263,7 +259,8 @@ impl CustomOp1 for FusedAttention {
                         Strided::rows(q.as_ptr(), packed),
                         Strided::transposed(k.as_ptr(), packed),
                         self.scale,
-                        gemm::Parallelism::None,
+                        Threads::Caller,
+                        Rounding::Fastest,
                     );
                 }
                 crate::simd::with_wide_vectors(|| softmax_rows(scores, tokens, self.causal));
@@ -276,7 +273,8 @@ impl CustomOp1 for FusedAttention {
                         Strided::rows(scores.as_ptr(), tokens),
                         Strided::rows(v.as_ptr(), packed),
                         1.0,
-                        gemm::Parallelism::None,
+                        Threads::Caller,
+                        Rounding::Fastest,
                     );
                 }
             },

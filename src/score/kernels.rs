@@ -9,12 +9,14 @@
 //! on its own and compared with the same value recomputed inside the row, and the two must
 //! be equal for ranks to count correctly.
 
+use crate::matmul::{Rounding, Strided, Threads, gemm_f32};
 pub use crate::simd::exp_f64 as exp;
-use crate::simd::{Strided, gemm_f32};
 
 /// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread.
-/// The same call on the same inputs always gives the same bits, which the second pass
-/// relies on when it recomputes a strip.
+///
+/// A row's products are the same bits in any strip, at any position ([`Rounding::RowIndependent`]):
+/// tiled and whole scoring rank on the same logits, and the second pass, recomputing a strip,
+/// sees the first pass's.
 pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
     let rows = a.len() / dim;
     let cols = videos.len() / dim;
@@ -32,7 +34,8 @@ pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
             Strided::rows(a.as_ptr(), dim),
             Strided::transposed(videos.as_ptr(), dim),
             1.0,
-            gemm::Parallelism::None,
+            Threads::Caller,
+            Rounding::RowIndependent,
         );
     }
 }
