@@ -14,9 +14,9 @@ pub use crate::simd::exp_f64 as exp;
 
 /// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread.
 ///
-/// A row's products are the same bits in any strip, at any position ([`Rounding::RowIndependent`]):
-/// tiled and whole scoring rank on the same logits, and the second pass, recomputing a strip,
-/// sees the first pass's.
+/// A row's products are the same bits in any strip, at any position
+/// ([`Rounding::RowIndependent`]): tiled and whole scoring rank on the same logits, and the second
+/// pass, recomputing a strip, sees the first pass's.
 pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
     let rows = a.len() / dim;
     let cols = videos.len() / dim;
