@@ -130,10 +130,14 @@ unsafe fn one_row_as_two(
     rhs: Strided<*const f32>,
     scale: f32,
 ) {
-    // SAFETY: the caller vouches for one row of `k` elements of `lhs` and of `n` of `dst`.
+    // SAFETY: the caller vouches for one row of `k` elements of `lhs` and of `n` of `dst`; `dst`
+    // is read only when the product adds to it.
     let (row, out) = unsafe {
         let row: Vec<f32> = (0..k).map(|j| *lhs.ptr.offset(j as isize * lhs.col_stride)).collect();
-        let out: Vec<f32> = (0..n).map(|j| *dst.ptr.offset(j as isize * dst.col_stride)).collect();
+        let out: Vec<f32> = match accumulate {
+            true => (0..n).map(|j| *dst.ptr.offset(j as isize * dst.col_stride)).collect(),
+            false => vec![0.0; n],
+        };
         (row, out)
     };
     let twice = [row.as_slice(), row.as_slice()].concat();
