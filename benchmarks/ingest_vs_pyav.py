@@ -81,31 +81,33 @@ def write_clip(path, width, height, seconds, fps, seed, preset):
     tmp.rename(path)
 
 
-def make_corpus(work, clips):
+def make_corpus(work, clips, steps):
+    """Writes what the chosen steps read (once; later runs reuse it)."""
     short = work / "corpus" / "short"
-    long_dir = work / "corpus" / "long"
-    rss = work / "rss" / "1000"
-    for d in (short, long_dir, rss):
-        d.mkdir(parents=True, exist_ok=True)
+    long_path = work / "corpus" / "long" / "long_1080p.mp4"
+    short.mkdir(parents=True, exist_ok=True)
     for i in range(clips):
         path = short / f"clip_{i:03d}.mp4"
         if not path.exists():
             width, height = SHORT_SIZES[i % len(SHORT_SIZES)]
             write_clip(path, width, height, 10 + (i * 7) % 21, 30, seed=i, preset="veryfast")
-    long_path = long_dir / "long_1080p.mp4"
-    if not long_path.exists():
+    if {"e2e-long", "long"} & set(steps) and not long_path.exists():
         print("writing the 10-minute 1080p clip (a few minutes, once)", flush=True)
+        long_path.parent.mkdir(parents=True, exist_ok=True)
         write_clip(long_path, 1920, 1080, 600, 25, seed=10_000, preset="ultrafast")
-    for i in range(1000):
-        path = rss / f"small_{i:04d}.mp4"
-        if not path.exists():
-            write_clip(path, 160, 120, 3, 10, seed=20_000 + i, preset="ultrafast")
-    rss10 = work / "rss" / "10"
-    rss10.mkdir(parents=True, exist_ok=True)
-    for i in range(10):
-        target = rss10 / f"small_{i:04d}.mp4"
-        if not target.exists():
-            shutil.copyfile(rss / f"small_{i:04d}.mp4", target)
+    if "rss" in steps:
+        rss = work / "rss" / "1000"
+        rss10 = work / "rss" / "10"
+        for d in (rss, rss10):
+            d.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            path = rss / f"small_{i:04d}.mp4"
+            if not path.exists():
+                write_clip(path, 160, 120, 3, 10, seed=20_000 + i, preset="ultrafast")
+        for i in range(10):
+            target = rss10 / f"small_{i:04d}.mp4"
+            if not target.exists():
+                shutil.copyfile(rss / f"small_{i:04d}.mp4", target)
     return short, long_path
 
 
@@ -250,7 +252,7 @@ def main():
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = random_vit_b32(Path("benchmarks/work/tower"))
-    short, long_path = make_corpus(args.work, args.clips)
+    short, long_path = make_corpus(args.work, args.clips, args.steps)
     subprocess.run(["cargo", "build", "--quiet", "--release"], check=True)
     binary = "target/release/vtr-index"
     print(f"cores: {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads), av {av.__version__}")

@@ -77,36 +77,44 @@ fn residual_is_cpu_f32(epilogue: &Epilogue) -> bool {
 
 /// Scaled dot-product attention over packed projections: `qkv` is [batch, tokens, 3 · width]
 /// with each row `q | k | v` and each of those `heads` slices of `width / heads`; the result is
-/// [batch, tokens, width] with the heads side by side again. `causal` keeps each token from
-/// attending to later ones (the text tower).
-pub fn attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+/// [batch, queries, width] with the heads side by side again, for the first `queries` tokens
+/// as queries (all `tokens` for a whole layer; fewer where only those rows are read after
+/// it). `causal` keeps each token from attending to later ones (the text tower).
+pub fn attention(qkv: &Tensor, heads: usize, causal: bool, queries: usize) -> Result<Tensor> {
     let (batch, tokens, packed) = qkv.dims3()?;
     let width = packed / 3;
     if packed != 3 * width || width % heads != 0 {
         candle_core::bail!("attention: {packed} packed features do not split into q, k, v of {heads} heads");
     }
+    if queries == 0 || queries > tokens {
+        candle_core::bail!("attention: {queries} queries among {tokens} tokens");
+    }
     let head_dim = width / heads;
     let scale = (head_dim as f64).powf(-0.5);
     if on_cpu_f32(&[qkv]) {
         let qkv = qkv.contiguous()?;
-        return qkv.apply_op1_no_bwd(&FusedAttention { heads, causal, scale: scale as f32 });
+        return qkv.apply_op1_no_bwd(&FusedAttention { heads, causal, queries, scale: scale as f32 });
     }
-    let split = |i: usize| -> Result<Tensor> {
-        qkv.narrow(2, i * width, width)?.reshape((batch, tokens, heads, head_dim))?.transpose(1, 2)?.contiguous()
+    let split = |i: usize, rows: usize| -> Result<Tensor> {
+        qkv.narrow(1, 0, rows)?
+            .narrow(2, i * width, width)?
+            .reshape((batch, rows, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     };
-    let (q, k, v) = ((split(0)? * scale)?, split(1)?, split(2)?);
+    let (q, k, v) = ((split(0, queries)? * scale)?, split(1, tokens)?, split(2, tokens)?);
     let mut scores = q.matmul(&k.t()?)?;
     if causal {
-        scores = scores.broadcast_add(&causal_mask(tokens, scores.dtype(), qkv.device())?)?;
+        scores = scores.broadcast_add(&causal_mask(queries, tokens, scores.dtype(), qkv.device())?)?;
     }
     let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-    weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, width))
+    weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, queries, width))
 }
 
-fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+fn causal_mask(queries: usize, tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> =
-        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(values, (tokens, tokens), device)?.to_dtype(dtype)
+        (0..queries).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(values, (queries, tokens), device)?.to_dtype(dtype)
 }
 
 struct FusedDense<'a> {
@@ -218,6 +226,8 @@ fn quick_gelu_in_place(values: &mut [f32]) {
 struct FusedAttention {
     heads: usize,
     causal: bool,
+    /// The first this many tokens are the queries.
+    queries: usize,
     scale: f32,
 }
 
@@ -238,22 +248,24 @@ impl CustomOp1 for FusedAttention {
         let (batch, tokens, packed) = layout.shape().dims3()?;
         let width = packed / 3;
         let head_dim = width / self.heads;
-        let mut out = vec![0f32; batch * tokens * width];
+        let queries = self.queries;
+        let mut out = vec![0f32; batch * queries * width];
         let shared = SharedOut(out.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each_init(
-            || vec![0f32; tokens * tokens],
+            || vec![0f32; queries * tokens],
             |scores, task| {
                 let (image, head) = (task / self.heads, task % self.heads);
                 let base = image * tokens * packed + head * head_dim;
                 let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
                 // Bound whole: a closure that named only `shared.0` would capture the bare pointer.
                 let out_block = shared;
-                // SAFETY: q, k and v are [tokens, head_dim] views with row stride `packed` inside
-                // `qkv`; `scores` is [tokens, tokens]; this task's output block, [tokens,
-                // head_dim] with row stride `width`, is written by no other task.
+                // SAFETY: q is a [queries, head_dim] view and k, v are [tokens, head_dim] views,
+                // with row stride `packed`, inside `qkv`; `scores` is [queries, tokens]; this
+                // task's output block, [queries, head_dim] with row stride `width`, is written by
+                // no other task.
                 unsafe {
                     gemm_f32(
-                        (tokens, tokens, head_dim),
+                        (queries, tokens, head_dim),
                         Strided::rows(scores.as_mut_ptr(), tokens),
                         false,
                         Strided::rows(q.as_ptr(), packed),
@@ -267,8 +279,8 @@ impl CustomOp1 for FusedAttention {
                 // SAFETY: as above; the weights in `scores` times `v` land in this task's block.
                 unsafe {
                     gemm_f32(
-                        (tokens, head_dim, tokens),
-                        Strided::rows(out_block.0.add(image * tokens * width + head * head_dim), width),
+                        (queries, head_dim, tokens),
+                        Strided::rows(out_block.0.add(image * queries * width + head * head_dim), width),
                         false,
                         Strided::rows(scores.as_ptr(), tokens),
                         Strided::rows(v.as_ptr(), packed),
@@ -279,11 +291,11 @@ impl CustomOp1 for FusedAttention {
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((batch, tokens, width))))
+        Ok((CpuStorage::F32(out), Shape::from((batch, queries, width))))
     }
 }
 
-/// Softmax of each row of a [tokens, tokens] score block in place; with `causal`, row i keeps
+/// Softmax of each row of a [queries, tokens] score block in place; with `causal`, row i keeps
 /// columns 0..=i and the rest become zero weights.
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], tokens: usize, causal: bool) {
@@ -344,13 +356,25 @@ mod tests {
     #[test]
     fn fused_attention_equals_the_plain_ops_with_and_without_the_causal_mask() {
         let qkv = random(&[3, 11, 3 * 32], 5);
+        let qkv_f64 = qkv.to_dtype(DType::F64).unwrap();
         for causal in [false, true] {
-            let fused = attention(&qkv, 4, causal).unwrap();
+            let fused = attention(&qkv, 4, causal, 11).unwrap();
             // The plain path, taken by running in f64.
-            let plain = attention(&qkv.to_dtype(DType::F64).unwrap(), 4, causal).unwrap().to_dtype(DType::F32).unwrap();
+            let plain = attention(&qkv_f64, 4, causal, 11).unwrap().to_dtype(DType::F32).unwrap();
             assert_eq!(fused.dims(), &[3, 11, 32]);
             assert!(max_abs_diff(&fused, &plain) < 1e-5, "causal {causal}");
+            // The first queries alone are the first rows of the whole, on both paths.
+            for queries in [1, 4] {
+                let first = attention(&qkv, 4, causal, queries).unwrap();
+                let first_plain = attention(&qkv_f64, 4, causal, queries).unwrap().to_dtype(DType::F32).unwrap();
+                let whole_first = fused.narrow(1, 0, queries).unwrap();
+                assert_eq!(first.dims(), &[3, queries, 32]);
+                assert!(max_abs_diff(&first, &whole_first) < 1e-6, "causal {causal}, {queries} queries");
+                assert!(max_abs_diff(&first_plain, &whole_first) < 1e-5, "causal {causal}, {queries} queries");
+            }
         }
+        assert!(attention(&qkv, 4, false, 0).is_err());
+        assert!(attention(&qkv, 4, false, 12).is_err());
     }
 
     #[test]
