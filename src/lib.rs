@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod job;
 pub mod matmul;
 pub mod model;
+pub mod nal;
 pub mod preprocess;
 pub mod progress;
 pub mod sampling;
