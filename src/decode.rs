@@ -4,7 +4,8 @@
 //! a *probe* (`filesrc ! parsebin`, no decoding) that reads every video packet's presentation
 //! time, the display rotation and the stated duration; then a *fetch* (`filesrc ! parsebin !
 //! decodebin`) that decodes only what it must to return the frames [`crate::sampling`] chose,
-//! seeking when the next one is far. Only the chosen frames are converted to RGB, with the
+//! seeking when the next one is far and leaving out the unsampled H.264 pictures nothing refers
+//! to ([`crate::nal`]). Only the chosen frames are converted to RGB, with the
 //! stream's colour matrix, or BT.601 when the stream says nothing (as ffmpeg assumes).
 //! Every wait has a deadline, and every error becomes a typed [`Rejection`].
 

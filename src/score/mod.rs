@@ -193,35 +193,51 @@ impl Layout {
 /// Per-column softmax statistics, accumulated strip by strip.
 #[derive(Clone)]
 struct ColumnStats {
+    /// Of `x = to_x(s)`, in f64: what the second pass subtracts.
     max: Vec<f64>,
+    /// The matrix value `s` that gives `max` (`max = to_x(top)`).
+    top: Vec<f32>,
     sum: Vec<f64>,
 }
 
 impl ColumnStats {
     fn new(columns: usize) -> ColumnStats {
-        ColumnStats { max: vec![f64::NEG_INFINITY; columns], sum: vec![0.0; columns] }
+        ColumnStats {
+            max: vec![f64::NEG_INFINITY; columns],
+            top: vec![f32::NEG_INFINITY; columns],
+            sum: vec![0.0; columns],
+        }
     }
 
-    /// Adds the rows of one strip, given as `x = factor · s` (τ and scale folded in).
+    /// Adds the rows of one strip, given as `x = to_x(s)`: `s` times a positive factor (τ
+    /// and scale, or β, folded in), computed in f64 exactly as the second pass computes it.
     #[inline(always)]
     fn add_strip(&mut self, strip: &[f32], columns: usize, to_x: impl Fn(f32) -> f64) {
-        let mut strip_max = vec![f64::NEG_INFINITY; columns];
+        // `to_x` only multiplies by a positive factor, so it keeps the order: the column's
+        // largest `x` is `to_x` of its largest `s`, found in f32 (8 lanes, no conversions).
+        let mut strip_top = vec![f32::NEG_INFINITY; columns];
         for s in strip.chunks_exact(columns) {
-            for (m, &v) in strip_max.iter_mut().zip(s) {
-                *m = m.max(to_x(v));
+            for (t, &v) in strip_top.iter_mut().zip(s) {
+                *t = t.max(v);
             }
         }
-        for ((old_max, sum), &new) in self.max.iter_mut().zip(self.sum.iter_mut()).zip(&strip_max) {
-            let max = old_max.max(new);
-            *sum *= kernels::exp(*old_max - max);
-            *old_max = max;
+        for (((old_max, top), sum), &new) in
+            self.max.iter_mut().zip(self.top.iter_mut()).zip(self.sum.iter_mut()).zip(&strip_top)
+        {
+            if new > *top {
+                let max = to_x(new);
+                *sum *= kernels::exp(*old_max - max);
+                (*old_max, *top) = (max, new);
+            }
         }
-        // Each term in f32 (8 lanes), summed in f64. Its error (about 2e-7 of the term) is far
+        // Each term `exp(x − max) = exp(factor · (s − top))` in f32 (8 lanes), summed in f64.
+        // Its error (a few 1e-7 of the term, from rounding `s − top` and the factor) is far
         // below the f32 GEMM's in the cosines, and a term past f32's range (x − max < −87) is
         // below 1e-37 of the sum, which holds 1 from the column's maximum.
+        let factor = to_x(1.0) as f32;
         for s in strip.chunks_exact(columns) {
-            for ((sum, &v), &m) in self.sum.iter_mut().zip(s).zip(&self.max) {
-                *sum += f64::from(crate::simd::exp_f32((to_x(v) - m) as f32));
+            for ((sum, &v), &top) in self.sum.iter_mut().zip(s).zip(&self.top) {
+                *sum += f64::from(crate::simd::exp_f32(factor * (v - top)));
             }
         }
     }
@@ -231,6 +247,7 @@ impl ColumnStats {
             let merged = SoftmaxStats { max: self.max[j], sum: self.sum[j] }
                 .merge(SoftmaxStats { max: other.max[j], sum: other.sum[j] });
             (self.max[j], self.sum[j]) = (merged.max, merged.sum);
+            self.top[j] = self.top[j].max(other.top[j]);
         }
         self
     }
