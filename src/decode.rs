@@ -228,7 +228,7 @@ fn build_pipeline(
         let mut state = pad_state.lock().unwrap();
         if is_video && state.video_sink.is_none() {
             watch_orientation(pad, pad_state.clone());
-            if let Some(sink) = link_video(&pipeline, pad, &caps, &branch) {
+            if let Some(sink) = link_video(&pipeline, pad, &branch) {
                 state.video_sink = Some(sink);
                 return;
             }
@@ -258,17 +258,12 @@ fn new_appsink(decode: bool) -> gst_app::AppSink {
     if decode { builder.caps(&gst::Caps::builder("video/x-raw").build()).build() } else { builder.build() }
 }
 
-fn link_video(
-    pipeline: &gst::Pipeline,
-    pad: &gst::Pad,
-    caps: &gst::Caps,
-    branch: &VideoBranch,
-) -> Option<gst_app::AppSink> {
+fn link_video(pipeline: &gst::Pipeline, pad: &gst::Pad, branch: &VideoBranch) -> Option<gst_app::AppSink> {
     let decode = matches!(branch, VideoBranch::Decoded { .. });
     let sink = new_appsink(decode);
     pipeline.add(&sink).ok()?;
     if let VideoBranch::Decoded { skip: Some(skip) } = branch {
-        leave_out_unwanted(pad, caps, skip.clone());
+        leave_out_unwanted(pad, skip.clone());
     }
     if decode {
         let decodebin = gst::ElementFactory::make("decodebin").build().ok()?;
@@ -296,17 +291,36 @@ fn link_video(
     Some(sink)
 }
 
-/// Drops, on the parsed stream's way to the decoder, the buffers `skip` leaves out.
-fn leave_out_unwanted(pad: &gst::Pad, caps: &gst::Caps, skip: Arc<SkipUnwanted>) {
-    let Some(s) = caps.structure(0).filter(|s| s.name() == "video/x-h264") else { return };
+/// Drops, on the parsed stream's way to the decoder, the buffers `skip` leaves out. The NAL
+/// framing comes from the stream's caps, which a demuxer such as MPEG-TS's fixes only after the
+/// pad appears: it is read again from every caps event, and nothing is left out until known.
+fn leave_out_unwanted(pad: &gst::Pad, skip: Arc<SkipUnwanted>) {
+    let framing = Mutex::new(pad.current_caps().and_then(|caps| h264_framing(&caps)));
+    pad.add_probe(gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        match &info.data {
+            Some(gst::PadProbeData::Event(event)) => {
+                if let gst::EventView::Caps(caps) = event.view() {
+                    *framing.lock().unwrap() = h264_framing(caps.caps());
+                }
+            }
+            Some(gst::PadProbeData::Buffer(buffer)) => {
+                let known = *framing.lock().unwrap();
+                if known.is_some_and(|framing| skip.leaves_out(buffer, framing)) {
+                    return gst::PadProbeReturn::Drop;
+                }
+            }
+            _ => {}
+        }
+        gst::PadProbeReturn::Ok
+    });
+}
+
+/// The NAL framing of fixed `video/x-h264` caps; `None` for anything else.
+fn h264_framing(caps: &gst::CapsRef) -> Option<NalFraming> {
+    let s = caps.structure(0).filter(|s| s.name() == "video/x-h264")?;
     let codec_data = s.get::<gst::Buffer>("codec_data").ok();
     let codec_data = codec_data.as_ref().and_then(|b| b.map_readable().ok());
-    let stream_format = s.get::<&str>("stream-format").ok();
-    let Some(framing) = NalFraming::from_caps(stream_format, codec_data.as_deref()) else { return };
-    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| match info.buffer() {
-        Some(buffer) if skip.leaves_out(buffer, framing) => gst::PadProbeReturn::Drop,
-        _ => gst::PadProbeReturn::Ok,
-    });
+    NalFraming::from_caps(s.get::<&str>("stream-format").ok(), codec_data.as_deref())
 }
 
 fn link_fakesink(pipeline: &gst::Pipeline, pad: &gst::Pad) {
@@ -809,30 +823,65 @@ impl Orientation {
 mod tests {
     use super::*;
 
+    /// Fetches the sampled frames of `path` with and without leaving unreferenced pictures out,
+    /// checks that they are the same, and returns how many pictures were left out.
+    fn frames_agree_when_pictures_are_left_out(path: &Path) -> usize {
+        let name = path.display();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let probe = probe_packets(path, deadline).unwrap();
+        let packets = probe.packets.as_ref().expect("these packets carry timestamps");
+        let first = probe.frame_times_ns[0];
+        let relative: Vec<i64> = probe.frame_times_ns.iter().map(|t| t - first).collect();
+        let targets: Vec<i64> =
+            choose_frames(&relative, &SamplingConfig::default()).iter().map(|&i| probe.frame_times_ns[i]).collect();
+        let skip = Arc::new(SkipUnwanted::new(packets, &targets));
+        let every_picture = fetch_frames(path, &targets, None, deadline).unwrap();
+        let skipping = fetch_frames(path, &targets, Some(skip.clone()), deadline).unwrap();
+        assert_eq!(every_picture.len(), targets.len(), "{name}");
+        assert!(every_picture == skipping, "{name}: the sampled frames differ when pictures are left out");
+        skip.left_out.load(Ordering::Relaxed)
+    }
+
+    fn fixture_video(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/videos").join(name)
+    }
+
     /// Leaving unreferenced pictures out must not change a single sampled pixel or time, and on
     /// x264 clips with B-frames it must actually leave some out.
     #[test]
     fn leaving_out_unwanted_unreferenced_pictures_changes_no_sampled_frame() {
         init().unwrap();
-        let videos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/videos");
-        let mut left_out = 0;
-        for name in ["short_h264.mp4", "vfr_h264.mp4", "rotated90_h264.mp4", "carphone_pristine.mp4"] {
-            let path = videos.join(name);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let probe = probe_packets(&path, deadline).unwrap();
-            let packets = probe.packets.as_ref().expect("mp4 packets carry timestamps");
-            let first = probe.frame_times_ns[0];
-            let relative: Vec<i64> = probe.frame_times_ns.iter().map(|t| t - first).collect();
-            let targets: Vec<i64> =
-                choose_frames(&relative, &SamplingConfig::default()).iter().map(|&i| probe.frame_times_ns[i]).collect();
-            let skip = Arc::new(SkipUnwanted::new(packets, &targets));
-            let every_picture = fetch_frames(&path, &targets, None, deadline).unwrap();
-            let skipping = fetch_frames(&path, &targets, Some(skip.clone()), deadline).unwrap();
-            assert_eq!(every_picture.len(), targets.len(), "{name}");
-            assert!(every_picture == skipping, "{name}: the sampled frames differ when pictures are left out");
-            left_out += skip.left_out.load(Ordering::Relaxed);
-        }
+        let left_out: usize = ["short_h264.mp4", "vfr_h264.mp4", "rotated90_h264.mp4", "carphone_pristine.mp4"]
+            .into_iter()
+            .map(|name| frames_agree_when_pictures_are_left_out(&fixture_video(name)))
+            .sum();
         assert!(left_out > 0, "no picture was left out of these B-frame clips");
+    }
+
+    /// The same in an MPEG transport stream, whose H.264 comes as an Annex B byte-stream with
+    /// its own timestamps: the fixture clip remuxed (not re-encoded) by GStreamer.
+    #[test]
+    fn leaving_out_pictures_of_an_annex_b_stream_changes_no_sampled_frame() {
+        init().unwrap();
+        let dir = std::env::temp_dir().join(format!("vtr-index-annexb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ts = dir.join("short_h264.ts");
+        let remux = gst::parse::launch(&format!(
+            "filesrc location={} ! qtdemux ! h264parse ! video/x-h264,stream-format=byte-stream,alignment=au ! mpegtsmux ! filesink location={}",
+            fixture_video("short_h264.mp4").display(),
+            ts.display()
+        ))
+        .unwrap();
+        remux.set_state(gst::State::Playing).unwrap();
+        let bus = remux.bus().unwrap();
+        let message = bus
+            .timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error])
+            .expect("the remux finishes");
+        remux.set_state(gst::State::Null).unwrap();
+        assert_eq!(message.type_(), gst::MessageType::Eos, "remux failed: {message:?}");
+        let left_out = frames_agree_when_pictures_are_left_out(&ts);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(left_out > 0, "no picture was left out of the transport stream");
     }
 
     fn image_2x1() -> RgbImage {
