@@ -2,7 +2,7 @@
 //! symmetric dual-softmax matrices to 1e-5 of their largest value), and the tiled two-pass
 //! path against the single-strip one on matrices far larger than one strip.
 
-use vtr_index::score::{Outcome, Problem, Revision, ScoreOptions, score};
+use vtr_index::score::{Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 
 use crate::scoring::*;
 use crate::util::*;
@@ -114,6 +114,44 @@ fn tiled_scoring_equals_one_strip_at_20000_by_20000() {
         return;
     }
     tiled_equals_single_strip(20_000, 20_000);
+}
+
+/// Without `--dense` the dual softmax's second pass decides comparisons on f32 bounds and
+/// computes f64 values only where the bounds cannot; with a sink every row is computed in f64.
+/// Both must give the same bits, including where f32 underflows (scale 1000 and τ 0.02 put
+/// exponents far below −87), on exact ties (duplicated videos, repeated captions) and for
+/// multi-caption groups.
+#[test]
+fn dual_softmax_on_bounds_equals_the_f64_rows() {
+    struct Discard;
+    impl RowSink for Discard {
+        fn row(&self, _: usize, _: &[f64], _: &[f64]) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let dim = 16;
+    let (mut texts, videos, text_video) = synthetic(900, 300, dim, 11);
+    let repeated = texts[..dim].to_vec();
+    texts[5 * dim..6 * dim].copy_from_slice(&repeated);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    for (scale, temperature) in [(100.0, 1.0), (1000.0, 1.0), (100.0, 0.02), (1.0, 5.0)] {
+        let options = ScoreOptions {
+            revision: Revision::Dsl,
+            scale,
+            temperature,
+            top_k: 12,
+            strip_bytes: 1,
+            ..Default::default()
+        };
+        // One thread, so that the column sums are added in the same order in both runs.
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let bounded = one_thread.install(|| score(&problem, &options, None).unwrap());
+        let exact = one_thread.install(|| score(&problem, &options, Some(&Discard)).unwrap());
+        let what = format!("scale {scale}, τ {temperature}");
+        assert_eq!(bounded.t2v_ranks, exact.t2v_ranks, "{what}: T2V ranks");
+        assert_eq!(bounded.v2t_ranks, exact.v2t_ranks, "{what}: V2T ranks");
+        assert_eq!(bounded.top, exact.top, "{what}: top-k");
+    }
 }
 
 /// Ranks from the definitions of DESIGN §5, by brute force over a matrix held whole.

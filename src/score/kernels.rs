@@ -8,6 +8,8 @@
 //! whether it runs in a vector loop or on one value: a row's own (true) score is computed once
 //! on its own and compared with the same value recomputed inside the row, and the two must
 //! be equal for ranks to count correctly.
+//! Most comparisons need no f64 value, though: [`dual_softmax_bounds`] brackets it in f32, and
+//! the second pass computes the f64 value only where the bracket cannot decide.
 
 use crate::matmul::{Rounding, Strided, Threads, gemm_f32};
 pub use crate::simd::exp_f64 as exp;
@@ -82,6 +84,52 @@ pub fn dual_softmax(l: f64, inv_tau: f64, max: f64, inv_sum: f64) -> f64 {
     l * exp(l * inv_tau - max) * inv_sum
 }
 
+/// How far [`dual_softmax_bounds`] may be from [`dual_softmax`], relative to the f32 value.
+/// The f32 error is about 2e-5 at worst: `factor · (s − top)` is rounded three times and reaches
+/// −87 (an absolute error of 1.6e-5 in the exponent), `exp_f32` adds 4e-7 and each product 6e-8.
+const BOUNDS_RELATIVE: f32 = 1e-4;
+/// An absolute margin that covers products rounded below f32's normal range (2^-125).
+const BOUNDS_ABSOLUTE: f32 = 2.350_988_7e-38;
+
+/// An interval in f32 that holds the f64 [`dual_softmax`] value of the cosine `s` in a column
+/// whose softmax maximum is `to_x(top)` (`factor` = scale/τ, `inv_sum` ≤ 1 since the sum holds
+/// the maximum's own term, 1). Eight lanes and one short `exp` per value, where the f64 value
+/// takes four lanes and a long one: the second pass decides nearly every comparison on the
+/// interval and computes the f64 value only where the interval straddles the other side.
+///
+/// Below an exponent of −86 the f32 `exp` is clamped (and the f64 one, below −708), so there
+/// the interval is widened to hold everything between 0 and the f32 value.
+#[inline(always)]
+pub fn dual_softmax_bounds(s: f32, scale: f32, factor: f32, top: f32, inv_sum: f32) -> (f32, f32) {
+    let exponent = factor * (s - top);
+    let value = (scale * s) * crate::simd::exp_f32(exponent) * inv_sum;
+    let relative = if exponent < -86.0 { 1.0 + BOUNDS_RELATIVE } else { BOUNDS_RELATIVE };
+    let margin = value.abs() * relative + BOUNDS_ABSOLUTE;
+    (value - margin, value + margin)
+}
+
+/// Whether a value bounded by `[lower, upper]` in f32 is greater than `x`, given `x`'s f32
+/// neighbours `below ≤ x ≤ above`: `Some` when the bounds decide it, `None` when they straddle
+/// `x` (or are NaN) and only the f64 value can.
+#[inline(always)]
+pub fn greater_on_bounds(lower: f32, upper: f32, below: f32, above: f32) -> Option<bool> {
+    let greater = lower > above;
+    let not_greater = upper <= below;
+    (greater | not_greater).then_some(greater)
+}
+
+/// The largest f32 not above `x` (for `v ≤ below(x)` ⇒ `v ≤ x`).
+pub fn f32_below(x: f64) -> f32 {
+    let r = x as f32;
+    if f64::from(r) > x { r.next_down() } else { r }
+}
+
+/// The smallest f32 not below `x`.
+pub fn f32_above(x: f64) -> f32 {
+    let r = x as f32;
+    if f64::from(r) < x { r.next_up() } else { r }
+}
+
 /// QB-Norm's dynamic inverted softmax of one cosine: `exp(β·c − max) / sum` over the bank.
 #[inline(always)]
 pub fn inverted_softmax(cosine: f64, beta: f64, max: f64, inv_sum: f64) -> f64 {
@@ -125,6 +173,44 @@ mod tests {
         let parts = row_stats(&values[..2], 1.0).merge(row_stats(&values[2..], 1.0));
         assert!((whole.max - parts.max).abs() == 0.0 && ((whole.sum - parts.sum) / whole.sum).abs() < 1e-15);
         assert_eq!(SoftmaxStats::EMPTY.merge(whole), whole);
+    }
+
+    #[test]
+    fn dual_softmax_bounds_hold_the_f64_value() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut widest = 0f64;
+        for _ in 0..200_000 {
+            let (scale, inv_tau) = (1.0 + 999.0 * uniform(), 1.0 / (0.01 + 2.0 * uniform()));
+            let (s, top) = ((2.0 * uniform() - 1.0) as f32, (2.0 * uniform() - 1.0) as f32);
+            let top = top.max(s);
+            let inv_sum = 1.0 / (1.0 + 1e6 * uniform().powi(4));
+            let max = scale * f64::from(top) * inv_tau;
+            let exact = dual_softmax(scale * f64::from(s), inv_tau, max, inv_sum);
+            let factor = (scale * inv_tau) as f32;
+            let (lo, hi) = dual_softmax_bounds(s, scale as f32, factor, top, inv_sum as f32);
+            assert!(
+                f64::from(lo) <= exact && exact <= f64::from(hi),
+                "s {s} top {top} scale {scale} 1/τ {inv_tau}: {exact} outside [{lo}, {hi}]"
+            );
+            if factor * (s - top) > -80.0 && exact.abs() > 1e-30 {
+                widest = widest.max(f64::from(hi - lo) / exact.abs());
+            }
+        }
+        assert!(widest < 3e-4, "intervals as wide as {widest} of the value");
+    }
+
+    #[test]
+    fn f32_neighbours_are_on_their_side() {
+        for x in [0.1f64, -0.1, 1.0, 1e-40, -1e300, f64::INFINITY, 0.0] {
+            assert!(f64::from(f32_below(x)) <= x && x <= f64::from(f32_above(x)), "{x}");
+            assert!(f32_above(x) == f32_below(x) || f32_above(x) == f32_below(x).next_up(), "{x}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! groups that beat each video's own. Strips are recomputed in the second pass unless the
 //! first pass could keep them within the cache budget, so a matrix that fits in memory costs
 //! one GEMM and one that does not costs two, with memory bounded by the strip size.
+//! Without `--dense`, the second pass of the dual softmax decides each comparison (top-k bar,
+//! T2V rank, V2T groups) on f32 bounds of the revised value, and computes the f64 value only
+//! for the few the bounds leave open, with the same results bit for bit.
 //!
 //! Texts are ordered by their video before cutting strips, and strips end on group
 //! boundaries, so all captions of a video sit in one strip: V2T scores a video against each
@@ -27,7 +30,10 @@ use rayon::prelude::*;
 
 pub use metrics::Metrics;
 
-use kernels::{SoftmaxStats, argmax, count_greater, dual_softmax, inverted_softmax, strip_gemm};
+use kernels::{
+    SoftmaxStats, argmax, count_greater, dual_softmax, dual_softmax_bounds, f32_above, f32_below, greater_on_bounds,
+    inverted_softmax, strip_gemm,
+};
 use topk::TopK;
 
 /// The matrix revision applied before ranking (DESIGN §1).
@@ -252,10 +258,10 @@ impl ColumnStats {
         self
     }
 
-    /// `(max, 1/sum)` per column.
-    fn finish(self) -> (Vec<f64>, Vec<f64>) {
+    /// `(max, 1/sum, top)` per column.
+    fn finish(self) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
         let inverse = self.sum.iter().map(|&s| 1.0 / s).collect();
-        (self.max, inverse)
+        (self.max, inverse, self.top)
     }
 }
 
@@ -268,6 +274,10 @@ struct Reviser {
     /// Column statistics: of `S/τ` over texts (dual softmax), or of `β·cos` over the bank (QB-Norm).
     col_max: Vec<f64>,
     col_inv_sum: Vec<f64>,
+    /// The dual softmax's column statistics in f32 for [`dual_softmax_bounds`]: the cosine
+    /// whose `S/τ` is `col_max`, and `col_inv_sum`.
+    col_top: Vec<f32>,
+    col_inv_sum_f32: Vec<f32>,
     /// Row statistics of `S/τ` over videos, by position (symmetric dual softmax).
     row_stats: Vec<SoftmaxStats>,
     /// QB-Norm: the columns that are some bank query's top-1 (the activation set).
@@ -364,6 +374,11 @@ struct PassTwoState {
     group_max: Vec<f64>,
     t2v: Vec<f64>,
     v2t: Vec<f64>,
+    /// Bounds of the row's revised values ([`dual_softmax_bounds`]).
+    lower: Vec<f32>,
+    upper: Vec<f32>,
+    /// For each column, whether a caption of the current group beats the column's own.
+    beats_own: Vec<u8>,
     results: Vec<StripResults>,
 }
 
@@ -433,7 +448,7 @@ impl Engine<'_> {
                     (a.merge(b), active_a)
                 },
             );
-        let (max, inv_sum) = stats.finish();
+        let (max, inv_sum, _) = stats.finish();
         (max, inv_sum, active)
     }
 }
@@ -443,6 +458,9 @@ impl Engine<'_> {
 struct Truths {
     t2v: Vec<f64>,
     v2t: Vec<f64>,
+    /// `v2t` rounded to f32 downwards and upwards, for comparisons with f32 bounds.
+    v2t_below: Vec<f32>,
+    v2t_above: Vec<f32>,
 }
 
 /// The second pass over one strip: revise each row, keep its top-k, count its T2V rank, and
@@ -461,7 +479,14 @@ fn second_pass_strip(
     let top_k = engine.options.top_k.min(columns);
     let symmetric = reviser.revision == Revision::DslSym;
     let mut results = StripResults { top: Vec::with_capacity(range.len()), t2v_ranks: Vec::new() };
+    // Without `--dense` no row needs all its f64 values, only comparisons: dual softmax rows
+    // are decided on f32 bounds.
+    let bounded = sink.is_none() && reviser.revision == Revision::Dsl;
     for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+        if bounded {
+            dual_softmax_row_on_bounds(engine, reviser, st, pos, s_row, truth, &mut results);
+            continue;
+        }
         let active = reviser.row_is_active(s_row);
         reviser.t2v_row(s_row, active, &mut st.t2v);
         let mut top = TopK::new(top_k);
@@ -492,6 +517,79 @@ fn second_pass_strip(
         }
     }
     Ok(results)
+}
+
+/// The second pass over one dual softmax row with the same top-k, rank and V2T counts as the
+/// f64 row, computing f64 values only where their f32 bounds cannot decide: the columns that
+/// might enter the top-k, and those whose bounds straddle the value compared with.
+#[inline(always)]
+fn dual_softmax_row_on_bounds(
+    engine: &Engine,
+    reviser: &Reviser,
+    st: &mut PassTwoState,
+    pos: usize,
+    s_row: &[f32],
+    truth: &Truths,
+    results: &mut StripResults,
+) {
+    let (scale, factor) = (reviser.scale as f32, (reviser.scale * reviser.inv_tau) as f32);
+    for ((((lower, upper), &s), &top), &inv_sum) in
+        st.lower.iter_mut().zip(st.upper.iter_mut()).zip(s_row).zip(&reviser.col_top).zip(&reviser.col_inv_sum_f32)
+    {
+        (*lower, *upper) = dual_softmax_bounds(s, scale, factor, top, inv_sum);
+    }
+    let exact = |col: usize| reviser.t2v_value(s_row[col], col, false);
+    let mut top = TopK::new(engine.options.top_k.min(engine.columns));
+    top.scan_bounded(&st.upper, 0, exact);
+    results.top.push((engine.layout.order[pos], top.into_sorted()));
+    let Some(own_column) = engine.layout.group[pos].map(|c| c as usize) else {
+        return;
+    };
+
+    // T2V: the columns above the row's own value. The own column always straddles it.
+    let own = truth.t2v[pos];
+    let (below, above) = (f32_below(own), f32_above(own));
+    let (mut greater, mut straddling) = (0u32, 0u32);
+    for (&lower, &upper) in st.lower.iter().zip(&st.upper) {
+        let decided = greater_on_bounds(lower, upper, below, above);
+        greater += u32::from(decided == Some(true));
+        straddling += u32::from(decided.is_none());
+    }
+    let straddles =
+        |col: usize, below: f32, above: f32| greater_on_bounds(st.lower[col], st.upper[col], below, above).is_none();
+    let columns_to_decide = if straddling > u32::from(straddles(own_column, below, above)) {
+        0..engine.columns
+    } else {
+        own_column..own_column + 1
+    };
+    greater += columns_to_decide.filter(|&col| straddles(col, below, above) && exact(col) > own).count() as u32;
+    results.t2v_ranks.push((engine.layout.order[pos], 1 + greater));
+
+    // V2T: whether some caption of this group beats each column's own best caption.
+    if engine.layout.starts_group(pos) {
+        st.beats_own.fill(0);
+    }
+    let mut straddling = 0u32;
+    for ((((beats, &lower), &upper), &below), &above) in
+        st.beats_own.iter_mut().zip(&st.lower).zip(&st.upper).zip(&truth.v2t_below).zip(&truth.v2t_above)
+    {
+        let decided = greater_on_bounds(lower, upper, below, above);
+        *beats |= u8::from(decided == Some(true));
+        straddling += u32::from(decided.is_none());
+    }
+    let v2t_straddles = |col: usize| straddles(col, truth.v2t_below[col], truth.v2t_above[col]);
+    let columns_to_decide =
+        if straddling > u32::from(v2t_straddles(own_column)) { 0..engine.columns } else { own_column..own_column + 1 };
+    for col in columns_to_decide {
+        if st.beats_own[col] == 0 && v2t_straddles(col) && exact(col) > truth.v2t[col] {
+            st.beats_own[col] = 1;
+        }
+    }
+    if engine.layout.ends_group(pos) {
+        for (beaten, &beats) in st.v2t_beaten.iter_mut().zip(&st.beats_own) {
+            *beaten += u32::from(beats);
+        }
+    }
 }
 
 /// `x > 0`, false for NaN.
@@ -552,6 +650,8 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
         beta: options.beta,
         col_max: Vec::new(),
         col_inv_sum: Vec::new(),
+        col_top: Vec::new(),
+        col_inv_sum_f32: Vec::new(),
         row_stats: Vec::new(),
         active_columns: Vec::new(),
     };
@@ -607,7 +707,8 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 },
             );
         if let Some(stats) = stats {
-            (reviser.col_max, reviser.col_inv_sum) = stats.finish();
+            (reviser.col_max, reviser.col_inv_sum, reviser.col_top) = stats.finish();
+            reviser.col_inv_sum_f32 = reviser.col_inv_sum.iter().map(|&inv| inv as f32).collect();
         }
         if symmetric {
             reviser.row_stats = vec![SoftmaxStats::EMPTY; n];
@@ -620,13 +721,20 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     }
 
     // Each matched text's own revised score, and each video's best own caption for V2T.
-    let mut truth = Truths { t2v: vec![f64::INFINITY; n], v2t: vec![f64::INFINITY; columns] };
+    let mut truth = Truths {
+        t2v: vec![f64::INFINITY; n],
+        v2t: vec![f64::INFINITY; columns],
+        v2t_below: Vec::new(),
+        v2t_above: Vec::new(),
+    };
     for &(pos, s, active) in &truths {
         let col = engine.layout.group[pos].expect("truths are matched rows") as usize;
         truth.t2v[pos] = reviser.t2v_value(s, col, active);
         let v = reviser.v2t_value(s, col, pos, active);
         truth.v2t[col] = if engine.layout.starts_group(pos) { v } else { truth.v2t[col].max(v) };
     }
+    truth.v2t_below = truth.v2t.iter().map(|&v| f32_below(v)).collect();
+    truth.v2t_above = truth.v2t.iter().map(|&v| f32_above(v)).collect();
 
     // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
     let state = (0..engine.layout.strips.len())
@@ -637,6 +745,9 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 group_max: vec![0.0; columns],
                 t2v: vec![0.0; columns],
                 v2t: vec![0.0; columns],
+                lower: vec![0.0; columns],
+                upper: vec![0.0; columns],
+                beats_own: vec![0; columns],
                 results: Vec::new(),
             },
             |mut st, index| -> Result<PassTwoState, std::io::Error> {
