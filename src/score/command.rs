@@ -143,7 +143,12 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
     }
 
-    let (video_ids, videos) = read_video_embeddings(&command.index, manifest.shards("videos"))?;
+    // The two tables are decoded at once: each read is one thread's work.
+    let (videos, texts) = rayon::join(
+        || read_video_embeddings(&command.index, manifest.shards("videos")),
+        || read_text_embeddings(&command.index, text_shards),
+    );
+    let ((video_ids, videos), texts) = (videos?, texts?);
     if video_ids.is_empty() {
         bail!("{}: the index holds no videos yet; run `vtr-index ingest` first", command.index.display());
     }
@@ -156,7 +161,6 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     let sorted_ids: Vec<&str> = columns.iter().map(|&v| video_ids[v].as_str()).collect();
     let column_of: HashMap<&str, u32> = sorted_ids.iter().enumerate().map(|(c, id)| (*id, c as u32)).collect();
 
-    let texts = read_text_embeddings(&command.index, text_shards)?;
     if texts.text_ids.is_empty() {
         bail!("text set {} is empty", command.texts);
     }
