@@ -116,7 +116,7 @@ fn tiled_scoring_equals_one_strip_at_20000_by_20000() {
     tiled_equals_single_strip(20_000, 20_000);
 }
 
-/// Without `--dense` the dual softmax's second pass decides comparisons on f32 bounds and
+/// Without `--dense` the second pass of both dual softmax forms decides comparisons on f32 bounds and
 /// computes f64 values only where the bounds cannot; with a sink every row is computed in f64.
 /// Both must give the same bits, including where f32 underflows (scale 1000 and τ 0.02 put
 /// exponents far below −87), on exact ties (duplicated videos, repeated captions) and for
@@ -134,20 +134,16 @@ fn dual_softmax_on_bounds_equals_the_f64_rows() {
     let repeated = texts[..dim].to_vec();
     texts[5 * dim..6 * dim].copy_from_slice(&repeated);
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
-    for (scale, temperature) in [(100.0, 1.0), (1000.0, 1.0), (100.0, 0.02), (1.0, 5.0)] {
-        let options = ScoreOptions {
-            revision: Revision::Dsl,
-            scale,
-            temperature,
-            top_k: 12,
-            strip_bytes: 1,
-            ..Default::default()
-        };
+    let settings = [(100.0, 1.0), (1000.0, 1.0), (100.0, 0.02), (1.0, 5.0)];
+    for ((scale, temperature), revision) in
+        settings.into_iter().flat_map(|s| [(s, Revision::Dsl), (s, Revision::DslSym)])
+    {
+        let options = ScoreOptions { revision, scale, temperature, top_k: 12, strip_bytes: 1, ..Default::default() };
         // One thread, so that the column sums are added in the same order in both runs.
         let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let bounded = one_thread.install(|| score(&problem, &options, None).unwrap());
         let exact = one_thread.install(|| score(&problem, &options, Some(&Discard)).unwrap());
-        let what = format!("scale {scale}, τ {temperature}");
+        let what = format!("{} at scale {scale}, τ {temperature}", revision.name());
         assert_eq!(bounded.t2v_ranks, exact.t2v_ranks, "{what}: T2V ranks");
         assert_eq!(bounded.v2t_ranks, exact.v2t_ranks, "{what}: V2T ranks");
         assert_eq!(bounded.top, exact.top, "{what}: top-k");

@@ -374,9 +374,12 @@ struct PassTwoState {
     group_max: Vec<f64>,
     t2v: Vec<f64>,
     v2t: Vec<f64>,
-    /// Bounds of the row's revised values ([`dual_softmax_bounds`]).
+    /// Bounds of the row's revised values ([`dual_softmax_bounds`]), and of its V2T values
+    /// in the symmetric form.
     lower: Vec<f32>,
     upper: Vec<f32>,
+    v2t_lower: Vec<f32>,
+    v2t_upper: Vec<f32>,
     /// For each column, whether a caption of the current group beats the column's own.
     beats_own: Vec<u8>,
     results: Vec<StripResults>,
@@ -481,7 +484,7 @@ fn second_pass_strip(
     let mut results = StripResults { top: Vec::with_capacity(range.len()), t2v_ranks: Vec::new() };
     // Without `--dense` no row needs all its f64 values, only comparisons: dual softmax rows
     // are decided on f32 bounds.
-    let bounded = sink.is_none() && reviser.revision == Revision::Dsl;
+    let bounded = sink.is_none() && matches!(reviser.revision, Revision::Dsl | Revision::DslSym);
     for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
         if bounded {
             dual_softmax_row_on_bounds(engine, reviser, st, pos, s_row, truth, &mut results);
@@ -555,29 +558,46 @@ fn dual_softmax_row_on_bounds(
         greater += u32::from(decided == Some(true));
         straddling += u32::from(decided.is_none());
     }
-    let straddles =
-        |col: usize, below: f32, above: f32| greater_on_bounds(st.lower[col], st.upper[col], below, above).is_none();
-    let columns_to_decide = if straddling > u32::from(straddles(own_column, below, above)) {
+    let straddles = |bounds: (&[f32], &[f32]), col: usize, below: f32, above: f32| {
+        greater_on_bounds(bounds.0[col], bounds.1[col], below, above).is_none()
+    };
+    let t2v_bounds = (&st.lower[..], &st.upper[..]);
+    let columns_to_decide = if straddling > u32::from(straddles(t2v_bounds, own_column, below, above)) {
         0..engine.columns
     } else {
         own_column..own_column + 1
     };
-    greater += columns_to_decide.filter(|&col| straddles(col, below, above) && exact(col) > own).count() as u32;
+    greater +=
+        columns_to_decide.filter(|&col| straddles(t2v_bounds, col, below, above) && exact(col) > own).count() as u32;
     results.t2v_ranks.push((engine.layout.order[pos], 1 + greater));
 
-    // V2T: whether some caption of this group beats each column's own best caption.
+    // V2T: whether some caption of this group beats each column's own best caption, on the
+    // T2V values or, for the symmetric form, on the row's own softmax.
+    let v2t_bounds = if reviser.revision == Revision::DslSym {
+        let stats = reviser.row_stats[pos];
+        // The cosine whose `S/τ` is the row's maximum: `to_x` keeps the order.
+        let row_top = s_row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let inv_sum = (1.0 / stats.sum) as f32;
+        for ((lower, upper), &s) in st.v2t_lower.iter_mut().zip(st.v2t_upper.iter_mut()).zip(s_row) {
+            (*lower, *upper) = dual_softmax_bounds(s, scale, factor, row_top, inv_sum);
+        }
+        (&st.v2t_lower[..], &st.v2t_upper[..])
+    } else {
+        (&st.lower[..], &st.upper[..])
+    };
+    let exact = |col: usize| reviser.v2t_value(s_row[col], col, pos, false);
     if engine.layout.starts_group(pos) {
         st.beats_own.fill(0);
     }
     let mut straddling = 0u32;
     for ((((beats, &lower), &upper), &below), &above) in
-        st.beats_own.iter_mut().zip(&st.lower).zip(&st.upper).zip(&truth.v2t_below).zip(&truth.v2t_above)
+        st.beats_own.iter_mut().zip(v2t_bounds.0).zip(v2t_bounds.1).zip(&truth.v2t_below).zip(&truth.v2t_above)
     {
         let decided = greater_on_bounds(lower, upper, below, above);
         *beats |= u8::from(decided == Some(true));
         straddling += u32::from(decided.is_none());
     }
-    let v2t_straddles = |col: usize| straddles(col, truth.v2t_below[col], truth.v2t_above[col]);
+    let v2t_straddles = |col: usize| straddles(v2t_bounds, col, truth.v2t_below[col], truth.v2t_above[col]);
     let columns_to_decide =
         if straddling > u32::from(v2t_straddles(own_column)) { 0..engine.columns } else { own_column..own_column + 1 };
     for col in columns_to_decide {
@@ -737,6 +757,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     truth.v2t_above = truth.v2t.iter().map(|&v| f32_above(v)).collect();
 
     // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
+    let symmetric = options.revision == Revision::DslSym;
     let state = (0..engine.layout.strips.len())
         .into_par_iter()
         .try_fold(
@@ -747,6 +768,8 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 v2t: vec![0.0; columns],
                 lower: vec![0.0; columns],
                 upper: vec![0.0; columns],
+                v2t_lower: vec![0.0; if symmetric { columns } else { 0 }],
+                v2t_upper: vec![0.0; if symmetric { columns } else { 0 }],
                 beats_own: vec![0; columns],
                 results: Vec::new(),
             },
