@@ -203,4 +203,14 @@ fn invalid_problems_are_refused() {
     let p =
         Problem { texts: &case.texts[..case.dim], videos: &case.videos, dim: case.dim, text_video: &bad, bank: None };
     assert!(score(&p, &ScoreOptions::default(), None).is_err());
+    // The kernels fold scale/τ into one f32 factor, which must be an f32 number.
+    let p = problem(&case);
+    for options in [
+        ScoreOptions { revision: Revision::Dsl, temperature: 1e-40, ..ScoreOptions::default() },
+        ScoreOptions { revision: Revision::None, scale: 1e39, ..ScoreOptions::default() },
+        ScoreOptions { revision: Revision::Qbnorm, beta: 1e39, ..ScoreOptions::default() },
+    ] {
+        let err = score(&p, &options, None).unwrap_err();
+        assert!(err.to_string().contains("f32"), "{err}");
+    }
 }

@@ -658,6 +658,14 @@ pub(crate) fn check<'a>(
     if ![options.temperature, options.scale, options.beta].into_iter().all(is_positive) {
         return Err(ScoreError::Invalid("the scale, temperature and beta must be positive".into()));
     }
+    // The column sums and the second pass's brackets fold the factors into one f32 each.
+    let factors = [options.scale, options.scale * (1.0 / options.temperature), options.beta];
+    if !factors.into_iter().all(|f| (f as f32).is_finite()) {
+        return Err(ScoreError::Invalid(format!(
+            "the scale ({}), scale / temperature ({}) and beta ({}) must be within f32's range (3.4e38)",
+            factors[0], factors[1], factors[2]
+        )));
+    }
     let bank = match (options.revision, problem.bank) {
         (Revision::Qbnorm, Some(bank)) if !bank.is_empty() && bank.len() % dim == 0 => Some(bank),
         (Revision::Qbnorm, _) => return Err(ScoreError::Invalid("QB-Norm needs a non-empty query bank".into())),
