@@ -139,14 +139,37 @@ fn dual_softmax_on_bounds_equals_the_f64_rows() {
         settings.into_iter().flat_map(|s| [(s, Revision::Dsl), (s, Revision::DslSym)])
     {
         let options = ScoreOptions { revision, scale, temperature, top_k: 12, strip_bytes: 1, ..Default::default() };
-        // One thread, so that the column sums are added in the same order in both runs.
-        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let bounded = one_thread.install(|| score(&problem, &options, None).unwrap());
-        let exact = one_thread.install(|| score(&problem, &options, Some(&Discard)).unwrap());
+        let bounded = score(&problem, &options, None).unwrap();
+        let exact = score(&problem, &options, Some(&Discard)).unwrap();
         let what = format!("{} at scale {scale}, τ {temperature}", revision.name());
         assert_eq!(bounded.t2v_ranks, exact.t2v_ranks, "{what}: T2V ranks");
         assert_eq!(bounded.v2t_ranks, exact.v2t_ranks, "{what}: V2T ranks");
         assert_eq!(bounded.top, exact.top, "{what}: top-k");
+    }
+}
+
+/// The column sums are merged in an order fixed by the strips alone: the same scores, to the
+/// bit, with one thread or several, for every revision.
+#[test]
+fn scores_do_not_depend_on_the_number_of_threads() {
+    let dim = 16;
+    let (texts, videos, text_video) = synthetic(3000, 500, dim, 5);
+    let bank = texts[..300 * dim].to_vec();
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: Some(&bank) };
+    for revision in REVISIONS {
+        let options = ScoreOptions { revision, scale: 100.0, strip_bytes: 1, ..ScoreOptions::default() };
+        let runs: Vec<Outcome> = [1, 2, 3, 8]
+            .into_iter()
+            .map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| score(&problem, &options, None).unwrap())
+            })
+            .collect();
+        for (threads, run) in [2, 3, 8].into_iter().zip(&runs[1..]) {
+            let what = format!("{} on {threads} threads", revision.name());
+            assert_eq!(run.top, runs[0].top, "{what}: top-k");
+            assert_eq!((&run.t2v_ranks, &run.v2t_ranks), (&runs[0].t2v_ranks, &runs[0].v2t_ranks), "{what}: ranks");
+        }
     }
 }
 
