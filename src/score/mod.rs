@@ -748,11 +748,11 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
 
     // First pass, when anything needs the whole matrix first.
     let needs_column_stats = matches!(options.revision, Revision::Dsl | Revision::DslSym);
+    let symmetric = options.revision == Revision::DslSym;
     let has_matches = engine.layout.group.iter().any(Option::is_some);
     let mut truths: Vec<(usize, f32, bool)> = Vec::new();
     if needs_column_stats || has_matches {
         let (scale, inv_tau) = (options.scale, reviser.inv_tau);
-        let symmetric = options.revision == Revision::DslSym;
         let (stats, facts) = in_fixed_order(
             engine.layout.strips.len(),
             &|strips| {
@@ -822,7 +822,6 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     truth.v2t_above = truth.v2t.iter().map(|&v| f32_above(v)).collect();
 
     // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
-    let symmetric = options.revision == Revision::DslSym;
     let state = (0..engine.layout.strips.len())
         .into_par_iter()
         .try_fold(
