@@ -696,7 +696,7 @@ pub(crate) fn check<'a>(
     let factors = [options.scale, options.scale * (1.0 / options.temperature), options.beta];
     if !factors.into_iter().all(|f| (f as f32).is_finite()) {
         return Err(ScoreError::Invalid(format!(
-            "the scale ({}), scale / temperature ({}) and beta ({}) must be within f32's range (3.4e38)",
+            "the scale ({:e}), scale / temperature ({:e}) and beta ({:e}) must be within f32's range (3.4e38)",
             factors[0], factors[1], factors[2]
         )));
     }
