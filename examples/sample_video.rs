@@ -13,7 +13,7 @@ use vtr_index::sampling::SamplingConfig;
 fn main() -> anyhow::Result<()> {
     let path = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: sample_video VIDEO"))?;
     init().map_err(anyhow::Error::msg)?;
-    let config = DecodeConfig { sampling: SamplingConfig::default(), timeout: Duration::from_secs(600) };
+    let config = DecodeConfig::new(SamplingConfig::default(), Duration::from_secs(600));
     let started = Instant::now();
     let video = decode_video(Path::new(&path), &config).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let seconds = started.elapsed().as_secs_f64();

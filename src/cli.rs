@@ -203,17 +203,26 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run(cli) {
-        Ok(code) => ExitCode::from(code),
+    let outcome = run(cli);
+    let interrupted = crate::interrupt::requested();
+    match outcome {
+        Ok(code) => ExitCode::from(interrupted.map_or(code, crate::interrupt::exit_code)),
         Err(e) => {
             eprintln!("vtr-index: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(interrupted.map_or(1, crate::interrupt::exit_code))
         }
     }
 }
 
-/// Runs one command; returns its exit code (0 all done, 2 done but some inputs failed).
+/// Runs one command; returns its exit code (0 all done, 2 done but some inputs failed, 128 +
+/// the signal's number when interrupted).
 pub fn run(cli: Cli) -> Result<u8> {
+    use crate::interrupt::{Policy, install};
+    match &cli.command {
+        Command::Ingest(_) | Command::EncodeText(_) => install(Policy::Finish),
+        Command::Score(_) => install(Policy::Abandon),
+        Command::Run(_) | Command::Search(_) | Command::Info(_) | Command::Verify(_) => {}
+    }
     match cli.command {
         Command::Run(args) => run_job(&args.job),
         Command::Ingest(args) => run_ingest(args),
@@ -233,6 +242,10 @@ fn run_job(job: &Path) -> Result<u8> {
         eprintln!("vtr-index: run: {}", line[1..].join(" "));
         let code = run(cli).with_context(|| format!("{}: step `{}` failed", job.display(), line[1]))?;
         worst = worst.max(code);
+        if let Some(signal) = crate::interrupt::requested() {
+            eprintln!("vtr-index: run: interrupted; the later steps were not run");
+            return Ok(crate::interrupt::exit_code(signal));
+        }
     }
     Ok(worst)
 }
@@ -259,6 +272,13 @@ fn run_ingest(args: IngestArgs) -> Result<u8> {
     };
     let report = ingest(&options)?;
     eprintln!("vtr-index: {}", report.summary());
+    if let Some(signal) = &report.interrupted {
+        eprintln!(
+            "vtr-index: interrupted by {signal}: the {} videos finished in this run are committed; {} files were not processed; run the same command again to continue",
+            report.new + report.changed,
+            report.not_processed
+        );
+    }
     Ok(if report.failed_total() > 0 { 2 } else { 0 })
 }
 

@@ -35,6 +35,28 @@ pub struct DecodeConfig {
     pub sampling: SamplingConfig,
     /// A file that takes longer than this (probe and fetch together) is a `timeout` failure.
     pub timeout: Duration,
+    /// Checked at every wait: when it says so, decoding stops at once with a `timeout`
+    /// rejection that the caller, which asked for it, drops (ingest on SIGINT/SIGTERM).
+    pub cancelled: fn() -> bool,
+}
+
+impl DecodeConfig {
+    pub fn new(sampling: SamplingConfig, timeout: Duration) -> DecodeConfig {
+        DecodeConfig { sampling, timeout, cancelled: || false }
+    }
+}
+
+/// When a file's decoding must stop: its deadline, or the caller's cancellation.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    cancelled: fn() -> bool,
+}
+
+impl Deadline {
+    fn passed(&self) -> bool {
+        Instant::now() > self.at || (self.cancelled)()
+    }
 }
 
 /// A packed 8-bit RGB image, rows of `width * 3` bytes, as displayed (rotation applied).
@@ -89,7 +111,7 @@ pub fn init() -> Result<(), String> {
 
 /// Decodes the frames the sampling protocol chooses from the video at `path`.
 pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, Rejection> {
-    let deadline = Instant::now() + config.timeout;
+    let deadline = Deadline { at: Instant::now() + config.timeout, cancelled: config.cancelled };
     match std::fs::metadata(path) {
         Ok(m) if m.len() == 0 => {
             return Err(Rejection::new(Stage::Probe, FailureKind::Empty, "the file is empty (0 bytes)"));
@@ -97,9 +119,10 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
         Ok(_) => {}
         Err(e) => return Err(io_rejection(&e)),
     }
-    if let Err(e) = std::fs::File::open(path) {
-        return Err(io_rejection(&e));
-    }
+    // Held open for the whole decode: a name that is not UTF-8 reaches filesrc through it.
+    let file = std::fs::File::open(path).map_err(|e| io_rejection(&e))?;
+    let location = source_location(path, &file);
+    let path = location.as_str();
     init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
 
     let probe = probe_packets(path, deadline)?;
@@ -123,6 +146,17 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
     let duration_s = duration_ns as f64 / 1e9;
     let (width, height) = frames.first().map(|f| (f.image.width, f.image.height)).unwrap_or((0, 0));
     Ok(DecodedVideo { duration_s, width, height, fps: relative.len() as f64 / duration_s, frames })
+}
+
+/// What `filesrc` opens: the path itself when it is UTF-8 (GStreamer's string properties are),
+/// otherwise the already open file through `/proc/self/fd`, which is the same file whatever
+/// bytes its name holds.
+fn source_location(path: &Path, file: &std::fs::File) -> String {
+    use std::os::fd::AsRawFd;
+    match path.to_str() {
+        Some(utf8) => utf8.to_string(),
+        None => format!("/proc/self/fd/{}", file.as_raw_fd()),
+    }
 }
 
 fn io_rejection(e: &std::io::Error) -> Rejection {
@@ -202,7 +236,7 @@ impl SkipUnwanted {
 /// Builds `filesrc ! parsebin` and links the first video stream to an appsink (through a
 /// decodebin for [`VideoBranch::Decoded`]); every other stream goes to a fakesink.
 fn build_pipeline(
-    path: &Path,
+    path: &str,
     branch: VideoBranch,
     stage: Stage,
 ) -> Result<(PipelineGuard, Arc<Mutex<PadState>>), Rejection> {
@@ -212,7 +246,7 @@ fn build_pipeline(
     let pipeline = gst::Pipeline::new();
     let guard = PipelineGuard(pipeline.clone());
     let src = gst::ElementFactory::make("filesrc")
-        .property("location", path.to_string_lossy().as_ref())
+        .property("location", path)
         .build()
         .map_err(|e| internal("create filesrc", &e))?;
     let parse = gst::ElementFactory::make("parsebin").build().map_err(|e| internal("create parsebin", &e))?;
@@ -452,7 +486,7 @@ fn wait_for_video_sink(
     pipeline: &gst::Pipeline,
     state: &Mutex<PadState>,
     watch: &mut BusWatch,
-    deadline: Instant,
+    deadline: Deadline,
 ) -> Result<gst_app::AppSink, Rejection> {
     let mut stalled_polls = 0;
     loop {
@@ -465,7 +499,7 @@ fn wait_for_video_sink(
                 return Err(no_video_rejection(watch.stage, &state.other_streams));
             }
         }
-        if Instant::now() > deadline {
+        if deadline.passed() {
             return Err(timeout_rejection(watch.stage, "looking for a video stream"));
         }
         watch.check(POLL)?;
@@ -536,7 +570,7 @@ fn stream_time_ns(sample: &gst::Sample) -> Option<(i64, Option<i64>)> {
 
 /// Pass 1: the presentation time of every video packet, read from the demuxer and parser
 /// without decoding. Falls back to decoding when the packets carry no timestamps.
-fn probe_packets(path: &Path, deadline: Instant) -> Result<Probe, Rejection> {
+fn probe_packets(path: &str, deadline: Deadline) -> Result<Probe, Rejection> {
     match probe_times(path, deadline, false)? {
         Some(probe) => Ok(probe),
         None => probe_times(path, deadline, true)?.ok_or_else(|| {
@@ -545,7 +579,7 @@ fn probe_packets(path: &Path, deadline: Instant) -> Result<Probe, Rejection> {
     }
 }
 
-fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Probe>, Rejection> {
+fn probe_times(path: &str, deadline: Deadline, decode: bool) -> Result<Option<Probe>, Rejection> {
     let stage = if decode { Stage::Decode } else { Stage::Probe };
     let branch = if decode { VideoBranch::Decoded { skip: None } } else { VideoBranch::Packets };
     let (guard, state) = build_pipeline(path, branch, stage)?;
@@ -557,7 +591,7 @@ fn probe_times(path: &Path, deadline: Instant, decode: bool) -> Result<Option<Pr
     let mut times: Vec<(i64, Option<i64>, u64)> = Vec::new();
     let mut untimed = 0usize;
     loop {
-        if Instant::now() > deadline {
+        if deadline.passed() {
             return Err(timeout_rejection(stage, "reading the packet times"));
         }
         watch.check(Duration::ZERO)?;
@@ -627,10 +661,10 @@ fn average_interval(times: &[i64]) -> i64 {
 /// Pass 2: decodes the frames whose stream times are `targets` (sorted), seeking when the
 /// next one is far, converting only those frames to RGB.
 fn fetch_frames(
-    path: &Path,
+    path: &str,
     targets: &[i64],
     skip: Option<Arc<SkipUnwanted>>,
-    deadline: Instant,
+    deadline: Deadline,
 ) -> Result<Vec<(i64, RgbImage)>, Rejection> {
     let stage = Stage::Decode;
     let (guard, state) = build_pipeline(path, VideoBranch::Decoded { skip }, stage)?;
@@ -643,7 +677,7 @@ fn fetch_frames(
     // The latest decoded frame not after the next target: the one on screen at that time.
     let mut on_screen: Option<(i64, gst::Sample)> = None;
     while out.len() < targets.len() {
-        if Instant::now() > deadline {
+        if deadline.passed() {
             return Err(timeout_rejection(stage, "decoding the sampled frames"));
         }
         watch.check(Duration::ZERO)?;
@@ -825,8 +859,9 @@ mod tests {
     /// Fetches the sampled frames of `path` with and without leaving unreferenced pictures out,
     /// checks that they are the same, and returns how many pictures were left out.
     fn frames_agree_when_pictures_are_left_out(path: &Path) -> usize {
-        let name = path.display();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let path = path.to_str().unwrap();
+        let name = path;
+        let deadline = Deadline { at: Instant::now() + Duration::from_secs(60), cancelled: || false };
         let probe = probe_packets(path, deadline).unwrap();
         let packets = probe.packets.as_ref().expect("these packets carry timestamps");
         let first = probe.frame_times_ns[0];

@@ -3,7 +3,9 @@
 //! Captions stream through in chunks: each chunk is tokenized, encoded in batches of similar
 //! length (less padding) and written in file order, so memory does not grow with the file.
 //! The set is published by one manifest commit that replaces any earlier set of that name;
-//! until then nothing is visible, and a failure part-way leaves the index as it was.
+//! until then nothing is visible, and a failure part-way leaves the index as it was. An
+//! interruption (SIGINT, SIGTERM) stops it between batches, with the index as it was: a text
+//! set is published whole or not at all.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,6 +41,10 @@ pub enum EncodeTextError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "interrupted by {signal}: texts/{name} was not changed (a text set is published whole); run the command again"
+    )]
+    Interrupted { signal: &'static str, name: String },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -126,6 +132,7 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
         )));
     }
     let shards = out.finish()?;
+    check_interrupted(&name)?;
     let mut manifest = manifest;
     report.replaced = manifest.tables.insert(table, shards).is_some();
     manifest.committed_at_us = crate::ingest::now_us();
@@ -134,6 +141,16 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
     drop(lock);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Stops the run (nothing committed) once SIGINT or SIGTERM has arrived.
+fn check_interrupted(set: &str) -> Result<(), EncodeTextError> {
+    match crate::interrupt::requested() {
+        Some(signal) => {
+            Err(EncodeTextError::Interrupted { signal: crate::interrupt::signal_name(signal), name: set.to_string() })
+        }
+        None => Ok(()),
+    }
 }
 
 /// Tokenizes and encodes one chunk, in batches of similar length, and writes it in file order.
@@ -151,6 +168,8 @@ fn encode_chunk(
     let dim = clip.embed_dim();
     let mut embeddings = vec![0f32; chunk.len() * dim];
     for group in order.chunks(batch) {
+        crate::fault::point("encode");
+        check_interrupted(&report.name)?;
         let ids: Vec<Vec<u32>> = group.iter().map(|&i| tokens[i].clone()).collect();
         let values = clip.embed_texts(&ids)?;
         for (k, &i) in group.iter().enumerate() {

@@ -5,7 +5,10 @@
 //! `POINT:N` the N-th time (1-based). Points: `decode:FILE_NAME` (a decode worker starting on
 //! that file), `shard-written` (a shard synced under its temporary name), `shard-renamed`
 //! (a shard renamed, before any manifest names it), `manifest-written` (the new manifest
-//! synced under its temporary name, before the rename), `committed` (just after a commit).
+//! synced under its temporary name, before the rename), `committed` (just after a commit),
+//! `encode` (a model batch of ingest or encode-text starting), `scored` (score done, outputs
+//! not yet published). `VTR_INDEX_KILL_WITH=SIGINT|SIGTERM` sends that
+//! signal instead, as Ctrl-C or a scheduler would, and the process goes on to handle it.
 //! Unset, every check is one relaxed atomic load.
 
 use std::sync::OnceLock;
@@ -13,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 struct Target {
     point: String,
+    signal: i32,
     hit_number: u64,
     hits: AtomicU64,
 }
@@ -26,18 +30,29 @@ fn target() -> Option<&'static Target> {
                 Some((point, Ok(n))) => (point.to_string(), n.max(1)),
                 _ => (spec, 1),
             };
-            Some(Target { point, hit_number, hits: AtomicU64::new(0) })
+            let signal = match std::env::var("VTR_INDEX_KILL_WITH").as_deref() {
+                Ok("SIGINT") => libc::SIGINT,
+                Ok("SIGTERM") => libc::SIGTERM,
+                _ => libc::SIGKILL,
+            };
+            Some(Target { point, signal, hit_number, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
 
-/// Kills the process here if a test asked for it.
+/// Kills (or signals) the process here if a test asked for it.
 pub fn point(name: &str) {
     let Some(target) = target().filter(|_| !name.is_empty()) else { return };
     if target.point == name && target.hits.fetch_add(1, Ordering::SeqCst) + 1 == target.hit_number {
         // SAFETY: raising a signal at our own process touches no memory.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::kill(libc::getpid(), target.signal);
+        }
+        // Goes on only once the signal thread has seen it, so a test knows where the process
+        // was when the interruption took effect.
+        let waited = std::time::Instant::now();
+        while crate::interrupt::requested().is_none() && waited.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }

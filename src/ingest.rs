@@ -89,6 +89,9 @@ pub struct IngestReport {
     pub failed_not_retried: u64,
     /// Files without a video extension.
     pub skipped: u64,
+    /// Links to folders the walk reaches anyway (a root, a real folder, another link's
+    /// target): skipped so that each folder is walked once.
+    pub repeated_folders: u64,
     pub frames: u64,
     pub video_seconds: f64,
     pub wall_s: f64,
@@ -99,6 +102,11 @@ pub struct IngestReport {
     /// Commits made, the periodic ones included.
     pub commits: u64,
     pub committed: bool,
+    /// The signal that stopped the run early (`SIGINT`, `SIGTERM`); what was finished is committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+    /// Files left for the next run because the run was interrupted.
+    pub not_processed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -171,6 +179,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let started_at_us = now_us();
     crate::walk::check_roots(&options.roots)?;
+    refuse_dangerous_placement(&options.index, &options.roots)?;
     // Lock before reading the manifest, so no other writer commits between our read and ours.
     // A new index is locked once its folder exists (below), after the model checks pass.
     let mut lock = options.index.is_dir().then(|| lock_index(&options.index)).transpose()?;
@@ -232,9 +241,17 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let journal = JournalGuard(Some(InFlightJournal::create(&options.index, &started_at_us.to_string())?));
 
     let walk_started = Instant::now();
-    let walked = walk_roots(&options.roots, started_at_us)?;
-    let mut report =
-        IngestReport { started_at_us, roots: options.roots.clone(), skipped: walked.skipped, ..Default::default() };
+    let walked = walk_roots(&options.roots, &options.index, started_at_us)?;
+    for link in &walked.repeated_folders {
+        eprintln!("vtr-index: {link}: skipped, a link to a folder this walk reaches anyway");
+    }
+    let mut report = IngestReport {
+        started_at_us,
+        roots: options.roots.clone(),
+        skipped: walked.skipped,
+        repeated_folders: walked.repeated_folders.len() as u64,
+        ..Default::default()
+    };
     report.stage_seconds.walk = walk_started.elapsed().as_secs_f64();
     let plan_started = Instant::now();
     let old_videos: Vec<VideoRow> = match &previous {
@@ -306,7 +323,10 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     for failure in failures.iter().filter(|f| f.kind == FailureKind::CrashedDecoder || f.stage == Stage::Walk) {
         progress.println(&failure_line(failure));
     }
-    let decode_config = DecodeConfig { sampling, timeout: options.decode_timeout };
+    // On SIGINT/SIGTERM the files being decoded stop at once and are dropped (not failures):
+    // the next run takes them up again.
+    let decode_config =
+        DecodeConfig { sampling, timeout: options.decode_timeout, cancelled: crate::interrupt::was_requested };
     let processed = plan.to_process.len();
     let mut committer = Committer {
         index: &options.index,
@@ -331,6 +351,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     };
     let stage_nanos = StageNanos::default();
     let files = std::mem::take(&mut plan.to_process);
+    let mut finished = 0usize;
     let consume = |outcome| {
         let write_started = Instant::now();
         let key = match outcome {
@@ -370,6 +391,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         };
         retried_failures.remove(&key);
         suspects.remove(&key);
+        finished += 1;
         committer.since_commit += 1;
         stage_nanos.add(&stage_nanos.write, write_started);
         if committer.due() {
@@ -387,6 +409,10 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         pipeline.run(files, &stage_nanos, consume)?;
     }
     progress.finish();
+    if let Some(signal) = crate::interrupt::requested() {
+        report.interrupted = Some(crate::interrupt::signal_name(signal).to_string());
+        report.not_processed = (processed - finished) as u64;
+    }
     report.stage_seconds.decode = stage_nanos.seconds(&stage_nanos.decode);
     report.stage_seconds.encode = stage_nanos.seconds(&stage_nanos.encode);
     report.stage_seconds.write = stage_nanos.seconds(&stage_nanos.write);
@@ -424,6 +450,43 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     drop(journal);
     drop(lock);
     Ok(report)
+}
+
+/// Refuses, before anything is created or removed, an `--index` that would mix the index with
+/// the user's own files: a root inside the index folder (or equal to it), or an existing
+/// folder that holds anything but an index. An index inside a root is fine: the walk leaves
+/// it out.
+fn refuse_dangerous_placement(index: &Path, roots: &[String]) -> Result<(), IngestError> {
+    let Ok(index_real) = index.canonicalize() else {
+        return Ok(()); // Not there yet: it will be created empty.
+    };
+    if !index_real.is_dir() {
+        return Err(IngestError::Refused(format!("{}: --index must be a folder", index.display())));
+    }
+    for root in roots {
+        let root_real =
+            Path::new(root).canonicalize().map_err(|source| WalkError::Unreadable { root: root.clone(), source })?;
+        if root_real.starts_with(&index_real) {
+            return Err(IngestError::Refused(format!(
+                "{root} is inside the index folder {}: the index's tables would sit among your videos. Nothing was changed; give --index a folder outside the videos (for example {}-index)",
+                index.display(),
+                root.trim_end_matches('/')
+            )));
+        }
+    }
+    if Manifest::load(index)?.is_none() {
+        let foreign = crate::store::foreign_entries(index)?;
+        if !foreign.is_empty() {
+            let shown: Vec<String> = foreign.iter().take(3).map(|p| p.display().to_string()).collect();
+            return Err(IngestError::Refused(format!(
+                "{}: this folder is not empty and holds no vtr-index index ({}{}); an index created here would mix its files with yours. Nothing was changed; give --index a new or empty folder",
+                index.display(),
+                shown.join(", "),
+                if foreign.len() > 3 { format!(" and {} more", foreign.len() - 3) } else { String::new() }
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn resolve_sampling(options: &IngestOptions, previous: Option<&Manifest>) -> Result<SamplingConfig, IngestError> {
@@ -894,7 +957,8 @@ impl Pipeline<'_> {
                 .name("feed".into())
                 .spawn_scoped(scope, move || {
                     for file in files {
-                        if task_tx.send(file).is_err() {
+                        // Interrupted: no new file is started.
+                        if crate::interrupt::was_requested() || task_tx.send(file).is_err() {
                             break;
                         }
                     }
@@ -908,6 +972,9 @@ impl Pipeline<'_> {
                         .name(format!("decode-{i}"))
                         .spawn_scoped(scope, move || {
                             for file in tasks {
+                                if crate::interrupt::was_requested() {
+                                    continue;
+                                }
                                 let started = Instant::now();
                                 self.journal.started(&file.root, &file.path);
                                 crate::fault::point(&format!("decode:{}", file.path));
@@ -915,7 +982,10 @@ impl Pipeline<'_> {
                                 let decoded = prepare(file, self.decode, self.preprocess);
                                 self.journal.finished(&root, &path);
                                 nanos.add(&nanos.decode, started);
-                                if out.send(decoded).is_err() {
+                                // A file cut short by an interruption is not a failure: drop it.
+                                let cut_short =
+                                    matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
+                                if !cut_short && out.send(decoded).is_err() {
                                     break;
                                 }
                             }
@@ -929,6 +999,7 @@ impl Pipeline<'_> {
                 .name("encode".into())
                 .spawn_scoped(scope, move || -> Result<(), String> {
                     let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
+                        crate::fault::point("encode");
                         let started = Instant::now();
                         let flat = self.clip.embed_images(pixels, count).map_err(|e| e.to_string())?;
                         nanos.add(&nanos.encode, started);

@@ -14,6 +14,7 @@ pub mod fault;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod ingest;
+pub mod interrupt;
 pub mod job;
 pub mod matmul;
 pub mod model;

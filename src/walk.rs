@@ -1,10 +1,13 @@
 //! Folders → video files: the recursive, sorted, deterministic walk of the ingest roots.
 //!
 //! Owns which files count as videos (by extension, case-insensitively), how a `video_id` is
-//! derived from a path, and the walk-stage failures (symlink loops, unreadable folders,
-//! duplicate ids). It never opens a file's contents.
+//! derived from a path (bytes that are not UTF-8 written `%XX`, [`escape_path_bytes`]), which
+//! folders are walked (each once: a real folder wins over links to it), and the walk-stage
+//! failures (links back to an ancestor, unreadable folders, duplicate ids). It never opens a
+//! file's contents.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::failure::{Failure, FailureKind, Stage};
@@ -37,6 +40,9 @@ pub struct WalkOutcome {
     pub failures: Vec<Failure>,
     /// Files without a video extension: skipped, counted, not failures.
     pub skipped: u64,
+    /// Links to folders walked anyway (a root, a real folder, a folder another link reached
+    /// first), `ROOT/PATH` each: skipped so every folder is walked once; not failures.
+    pub repeated_folders: Vec<String>,
 }
 
 /// A root that cannot be walked: the run must stop before changing anything.
@@ -75,29 +81,70 @@ pub fn check_roots(roots: &[String]) -> Result<(), WalkError> {
     Ok(())
 }
 
-/// Walks every root recursively (following symlinks), in sorted order.
+/// Walks every root recursively (following symlinks), in sorted order, leaving out the
+/// folder `index` (an index kept inside a root, as in `ingest . --index .vtr-index`).
+///
+/// Every folder is walked once. The real folders under the roots are listed first; a link to
+/// one of them, to a root, or to a folder an earlier link already reached is skipped and
+/// reported in [`WalkOutcome::repeated_folders`]. A link to a folder that holds it (an
+/// ancestor, the roots' own included) is a `symlink_loop` failure at the link.
 ///
 /// A `video_id` seen twice (across roots, or `a.mp4` beside `a.mkv`) keeps its first file;
 /// the others become `duplicate_id` failures.
-pub fn walk_roots(roots: &[String], now_us: i64) -> Result<WalkOutcome, WalkError> {
+pub fn walk_roots(roots: &[String], index: &Path, now_us: i64) -> Result<WalkOutcome, WalkError> {
     check_roots(roots)?;
+    let identity = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let index_identity = std::fs::metadata(index).ok().map(|m| identity(&m));
+    let mut walked_folders = real_folders(roots);
     let mut outcome = WalkOutcome::default();
     let mut seen_ids: HashMap<String, (String, String)> = HashMap::new();
     for root in roots {
         let root_path = Path::new(root);
-        let walker = walkdir::WalkDir::new(root_path).follow_links(true).sort_by_file_name();
+        let failure = |path: &Path, kind: FailureKind, message: String| Failure {
+            root: root.clone(),
+            path: relative_path(root_path, path),
+            stage: Stage::Walk,
+            kind,
+            message,
+            first_seen_us: now_us,
+            attempts: 1,
+            size_bytes: 0,
+            mtime_ns: 0,
+        };
+        let mut link_failures = Vec::new();
+        let mut repeated = Vec::new();
+        let walker =
+            walkdir::WalkDir::new(root_path).follow_links(true).sort_by_file_name().into_iter().filter_entry(|entry| {
+                if !entry.file_type().is_dir() {
+                    return true;
+                }
+                let Ok(metadata) = entry.metadata() else { return true };
+                if Some(identity(&metadata)) == index_identity {
+                    return false;
+                }
+                if !entry.path_is_symlink() || entry.depth() == 0 {
+                    return true;
+                }
+                // A link: to a folder that holds it, a loop; to a folder walked anyway, skipped.
+                let target = std::fs::canonicalize(entry.path());
+                let here = entry.path().parent().and_then(|p| std::fs::canonicalize(p).ok());
+                if let (Ok(target), Some(here)) = (&target, &here)
+                    && here.starts_with(target)
+                {
+                    let message = format!(
+                        "symbolic link loop: leads back to {}, which holds it; the link was not followed",
+                        target.display()
+                    );
+                    link_failures.push(failure(entry.path(), FailureKind::SymlinkLoop, message));
+                    return false;
+                }
+                if !walked_folders.insert(identity(&metadata)) {
+                    repeated.push(format!("{}/{}", root.trim_end_matches('/'), relative_path(root_path, entry.path())));
+                    return false;
+                }
+                true
+            });
         for entry in walker {
-            let failure = |path: &Path, kind: FailureKind, message: String| Failure {
-                root: root.clone(),
-                path: relative_path(root_path, path),
-                stage: Stage::Walk,
-                kind,
-                message,
-                first_seen_us: now_us,
-                attempts: 1,
-                size_bytes: 0,
-                mtime_ns: 0,
-            };
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(err) => {
@@ -158,8 +205,29 @@ pub fn walk_roots(roots: &[String], now_us: i64) -> Result<WalkOutcome, WalkErro
                 mtime_ns: mtime_ns(&metadata),
             });
         }
+        outcome.failures.extend(link_failures);
+        outcome.repeated_folders.extend(repeated);
     }
     Ok(outcome)
+}
+
+/// (device, inode) of every folder under the roots reached without following a link, the
+/// roots included: the folders the walk reaches as real folders, which links then defer to.
+fn real_folders(roots: &[String]) -> HashSet<(u64, u64)> {
+    let mut folders = HashSet::new();
+    for root in roots {
+        if let Ok(m) = std::fs::metadata(root) {
+            folders.insert((m.dev(), m.ino()));
+        }
+        for entry in walkdir::WalkDir::new(root).follow_links(false).min_depth(1).into_iter().flatten() {
+            if entry.file_type().is_dir()
+                && let Ok(m) = entry.metadata()
+            {
+                folders.insert((m.dev(), m.ino()));
+            }
+        }
+    }
+    folders
 }
 
 /// Modification time in nanoseconds since the Unix epoch (negative before it).
@@ -175,8 +243,23 @@ pub fn mtime_ns(metadata: &std::fs::Metadata) -> i64 {
 
 fn relative_path(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let parts: Vec<String> = rel.components().map(|c| escape_path_bytes(c.as_os_str())).collect();
     parts.join("/")
+}
+
+/// A file name as the index stores it: valid UTF-8 as it is, and each byte that is not part of
+/// valid UTF-8 written `%XX` (upper-case hex), so a Latin-1 name from an old file server keeps
+/// a readable, distinct id while every UTF-8 name is unchanged.
+pub fn escape_path_bytes(name: &std::ffi::OsStr) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in name.as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn strip_extension(rel: &str) -> &str {
@@ -197,6 +280,15 @@ mod tests {
         assert!(is_video_path(Path::new("clip.WebM")));
         assert!(!is_video_path(Path::new("notes.txt")));
         assert!(!is_video_path(Path::new("mp4")));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_escaped_and_nothing_else_changes() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = |bytes: &[u8]| escape_path_bytes(std::ffi::OsStr::from_bytes(bytes));
+        assert_eq!(name(b"caf\xe9 cr\xe8me.mp4"), "caf%E9 cr%E8me.mp4");
+        assert_eq!(name("café 100%.mp4".as_bytes()), "café 100%.mp4");
+        assert_eq!(name(b"\xff\xfe"), "%FF%FE");
     }
 
     #[test]

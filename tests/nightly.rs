@@ -2,82 +2,11 @@
 //! crash safety under `SIGKILL` at every point of the write path, decoder crashes, the writer
 //! lock, and job files.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 
-use vtr_index::store::{FrameRow, Manifest, VideoRow, read_table};
+use vtr_index::store::Manifest;
 
 use crate::util::*;
-
-/// Small, quick clips of the fixture corpus.
-const CLIPS: [&str; 5] =
-    ["short_h264.mp4", "rotated90_h264.mp4", "nested/deeper/gradient_h264.mp4", "vfr_h264.mp4", "bars_mpeg4.avi"];
-
-/// Copies `clips` into `DIR/rel`, writable (the fixtures are read-only).
-fn corpus(dir: &Dir, rel: &str, clips: &[&str]) -> PathBuf {
-    for clip in clips {
-        let to = dir.copy(&fixtures().join("videos").join(clip), &format!("{rel}/{clip}"));
-        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    }
-    dir.join(rel)
-}
-
-/// What an index holds, as its manifest lists it.
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    videos: BTreeMap<String, Vec<f32>>,
-    frames: BTreeMap<(String, u32), (f64, Vec<f32>)>,
-    failures: BTreeSet<(String, String)>,
-}
-
-fn snapshot(index: &Path) -> Option<Snapshot> {
-    let manifest = Manifest::load(index).unwrap()?;
-    let videos: Vec<VideoRow> = read_table(index, manifest.shards("videos")).unwrap();
-    let frames: Vec<FrameRow> = read_table(index, manifest.shards("frames")).unwrap();
-    let failures: Vec<vtr_index::failure::Failure> = read_table(index, manifest.shards("failures")).unwrap();
-    Some(Snapshot {
-        videos: videos.into_iter().map(|v| (v.video_id, v.embedding)).collect(),
-        frames: frames.into_iter().map(|f| ((f.video_id, f.frame_index), (f.pts_s, f.embedding))).collect(),
-        failures: failures.into_iter().map(|f| (f.path, f.kind.as_str().to_string())).collect(),
-    })
-}
-
-/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ 0.99999 (batches
-/// may be composed differently), frame times equal.
-fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
-    assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
-    assert_eq!(got.frames.keys().collect::<Vec<_>>(), want.frames.keys().collect::<Vec<_>>(), "{what}: frames");
-    assert_eq!(got.failures, want.failures, "{what}: failures");
-    for (id, embedding) in &got.videos {
-        let c = cosine(embedding, &want.videos[id]);
-        assert!(c >= 0.99999, "{what}: {id}: cosine {c}");
-    }
-    for (key, (pts, embedding)) in &got.frames {
-        let (want_pts, want_embedding) = &want.frames[key];
-        assert_eq!(pts, want_pts, "{what}: {key:?}");
-        assert!(cosine(embedding, want_embedding) >= 0.99999, "{what}: {key:?}");
-    }
-}
-
-fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
-    let mut cmd = TestCommand::new(&["ingest"])
-        .arg(root)
-        .arg("--index")
-        .arg(index)
-        .arg("--model")
-        .arg(sample().join("model"))
-        .args(&["--decode-workers", "1"])
-        .args(extra);
-    if let Some(point) = kill_at {
-        cmd = cmd.env("VTR_INDEX_KILL_AT", point);
-    }
-    cmd.output()
-}
-
-fn summary(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn set_mtime(path: &Path, seconds_later: u64) {
     let file = std::fs::File::options().write(true).open(path).unwrap();

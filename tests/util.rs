@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests: temporary folders, the binary, fixtures.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Float64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use vtr_index::store::{FrameRow, Manifest, VideoRow, read_table};
 
 /// The shared fixtures folder: `../shared/fixtures`, or `VTR_INDEX_FIXTURES` where a test
 /// binary runs away from its checkout (the GPU machines).
@@ -94,6 +96,12 @@ impl TestCommand {
         self
     }
 
+    /// Starts the command with stderr captured, for a test that signals it while it runs.
+    pub fn spawn(mut self) -> std::process::Child {
+        self.cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        self.cmd.spawn().expect("the binary starts")
+    }
+
     pub fn output(mut self) -> Output {
         self.cmd.output().expect("the binary runs")
     }
@@ -106,6 +114,25 @@ impl TestCommand {
         assert_eq!(out.status.code(), Some(code), "exit code\nstdout:\n{stdout}\nstderr:\n{stderr}");
         (stdout, stderr)
     }
+}
+
+/// Every file under `dir` with its bytes, by path relative to `dir`: what a test compares
+/// before and after a command to prove it touched none of them.
+pub fn file_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                files.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
 }
 
 /// Every record batch of a Parquet file.
@@ -188,4 +215,73 @@ pub fn read_npy(path: &Path) -> (Vec<f64>, Vec<usize>) {
     };
     assert_eq!(values.len(), shape.iter().product::<usize>());
     (values, shape)
+}
+
+/// Small, quick clips of the fixture corpus.
+pub const CLIPS: [&str; 5] =
+    ["short_h264.mp4", "rotated90_h264.mp4", "nested/deeper/gradient_h264.mp4", "vfr_h264.mp4", "bars_mpeg4.avi"];
+
+/// Copies `clips` into `DIR/rel`, writable (the fixtures are read-only).
+pub fn corpus(dir: &Dir, rel: &str, clips: &[&str]) -> PathBuf {
+    for clip in clips {
+        let to = dir.copy(&fixtures().join("videos").join(clip), &format!("{rel}/{clip}"));
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    dir.join(rel)
+}
+
+/// What an index holds, as its manifest lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub videos: BTreeMap<String, Vec<f32>>,
+    pub frames: BTreeMap<(String, u32), (f64, Vec<f32>)>,
+    pub failures: BTreeSet<(String, String)>,
+}
+
+pub fn snapshot(index: &Path) -> Option<Snapshot> {
+    let manifest = Manifest::load(index).unwrap()?;
+    let videos: Vec<VideoRow> = read_table(index, manifest.shards("videos")).unwrap();
+    let frames: Vec<FrameRow> = read_table(index, manifest.shards("frames")).unwrap();
+    let failures: Vec<vtr_index::failure::Failure> = read_table(index, manifest.shards("failures")).unwrap();
+    Some(Snapshot {
+        videos: videos.into_iter().map(|v| (v.video_id, v.embedding)).collect(),
+        frames: frames.into_iter().map(|f| ((f.video_id, f.frame_index), (f.pts_s, f.embedding))).collect(),
+        failures: failures.into_iter().map(|f| (f.path, f.kind.as_str().to_string())).collect(),
+    })
+}
+
+/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ 0.99999 (batches
+/// may be composed differently), frame times equal.
+pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
+    assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
+    assert_eq!(got.frames.keys().collect::<Vec<_>>(), want.frames.keys().collect::<Vec<_>>(), "{what}: frames");
+    assert_eq!(got.failures, want.failures, "{what}: failures");
+    for (id, embedding) in &got.videos {
+        let c = cosine(embedding, &want.videos[id]);
+        assert!(c >= 0.99999, "{what}: {id}: cosine {c}");
+    }
+    for (key, (pts, embedding)) in &got.frames {
+        let (want_pts, want_embedding) = &want.frames[key];
+        assert_eq!(pts, want_pts, "{what}: {key:?}");
+        assert!(cosine(embedding, want_embedding) >= 0.99999, "{what}: {key:?}");
+    }
+}
+
+pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
+    let mut cmd = TestCommand::new(&["ingest"])
+        .arg(root)
+        .arg("--index")
+        .arg(index)
+        .arg("--model")
+        .arg(sample().join("model"))
+        .args(&["--decode-workers", "1"])
+        .args(extra);
+    if let Some(point) = kill_at {
+        cmd = cmd.env("VTR_INDEX_KILL_AT", point);
+    }
+    cmd.output()
+}
+
+pub fn summary(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -6,7 +6,7 @@
 //! order. Each output file is written under a temporary name and renamed when complete.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::npy::NpyWriter;
 use super::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 use crate::model::DeviceChoice;
-use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, write_topk};
+use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk};
 
 #[derive(Debug, Clone)]
 pub struct ScoreCommand {
@@ -122,10 +122,6 @@ fn score_on_gpu(ordinal: usize, _: &Problem, _: &ScoreOptions, _: Option<&dyn Ro
     bail!("cannot score on cuda:{ordinal}: this build scores on the CPU only (rebuild with --features cuda)")
 }
 
-fn temporary(path: &Path) -> PathBuf {
-    path.with_file_name(format!(".tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
-}
-
 pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     let started = Instant::now();
     let manifest = Manifest::load(&command.index)?
@@ -202,6 +198,8 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     };
 
     std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
+    // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
+    crate::interrupt::remove_temporaries_in(&command.out);
     let mut files = Vec::new();
     let dense = if command.dense {
         let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
@@ -212,7 +210,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         }
         let (n, m) = (texts.text_ids.len(), sorted_ids.len());
         let create = |name: &str| {
-            let path = temporary(&command.out.join(name));
+            let path = temporary_path(&command.out.join(name));
             NpyWriter::create(&path, n, m).with_context(|| format!("{}: cannot create", path.display()))
         };
         Some(DenseFiles { t2v: create("t2v.npy")?, v2t: create("v2t.npy")?, row_of_text })
@@ -226,6 +224,10 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &problem, &options, sink)?,
     };
 
+    crate::fault::point("scored");
+    // From here the outputs are renamed into place; an interruption waits until all of them are,
+    // so the folder never mixes this run's outputs with an earlier run's.
+    let _publishing = crate::interrupt::publishing();
     if let Some(dense) = dense {
         for (writer, name) in [(dense.t2v, "t2v.npy"), (dense.v2t, "v2t.npy")] {
             let tmp = writer.finish()?;

@@ -9,6 +9,11 @@
 //! are the files in flight. The manifest keeps the count of such crashes per file
 //! ([`crate::store::Manifest::suspects`]) once a later run has committed, and the journals
 //! are then removed.
+//!
+//! An interruption (SIGINT, SIGTERM) is not a crash: [`mark_journals_interrupted`] appends
+//! `!interrupted` to every open journal when the first signal arrives, and a journal that says
+//! so blames no file, even if the process is then stopped at once (a second Ctrl-C, or the
+//! scheduler's SIGKILL after its grace period).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -19,6 +24,22 @@ use std::sync::Mutex;
 use super::{StoreError, io_error};
 
 const SUFFIX: &str = ".inflight";
+/// The line an interrupted run appends.
+const INTERRUPTED: &str = "!interrupted";
+
+/// Journals of this process that are open, for [`mark_journals_interrupted`].
+static OPEN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Marks every open journal of this process as interrupted: its files in flight are not to
+/// blame, whatever happens to the process next. Called from the signal-handling thread.
+pub fn mark_journals_interrupted() {
+    let open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    for path in open.iter() {
+        if let Ok(mut file) = OpenOptions::new().append(true).open(path) {
+            let _ = file.write_all(format!("{INTERRUPTED}\n").as_bytes());
+        }
+    }
+}
 
 /// This run's journal.
 pub struct InFlightJournal {
@@ -32,6 +53,10 @@ impl InFlightJournal {
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("{tag}{SUFFIX}"));
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
+        OPEN.lock().unwrap_or_else(|e| e.into_inner()).push(path.clone());
+        if crate::interrupt::requested().is_some() {
+            mark_journals_interrupted();
+        }
         Ok(InFlightJournal { path, file: Mutex::new(file) })
     }
 
@@ -53,6 +78,7 @@ impl InFlightJournal {
 
     /// A run that ended without crashing leaves no journal.
     pub fn remove(self) {
+        OPEN.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| p != &self.path);
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -70,7 +96,8 @@ pub fn crashed_runs(index: &Path) -> Result<(CrashCounts, Vec<PathBuf>), StoreEr
     for entry in entries {
         let entry = entry.map_err(io_error(&folder))?;
         let path = entry.path();
-        if !path.to_string_lossy().ends_with(SUFFIX) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.ends_with(SUFFIX) && super::files::is_run_file_name(&name)) {
             continue;
         }
         let text = std::fs::read(&path).map_err(io_error(&path))?;
@@ -87,8 +114,11 @@ pub fn crashed_runs(index: &Path) -> Result<(CrashCounts, Vec<PathBuf>), StoreEr
                 _ => false,
             };
         }
-        for key in open {
-            *counts.entry(key).or_insert(0) += 1;
+        let interrupted = String::from_utf8_lossy(&text).lines().any(|line| line == INTERRUPTED);
+        if !interrupted {
+            for key in open {
+                *counts.entry(key).or_insert(0) += 1;
+            }
         }
         journals.push(path);
     }
@@ -115,8 +145,12 @@ mod tests {
         clean.started("/v", "d.mp4");
         clean.remove();
         std::fs::write(index.path().join("runs/4.inflight"), "+/v\ttorn.mp").unwrap();
+        // Interrupted, then killed: no file is blamed.
+        std::fs::write(index.path().join("runs/5.inflight"), "+/v\te.mp4\n!interrupted\n").unwrap();
+        // Not a journal of the index's.
+        std::fs::write(index.path().join("runs/notes.inflight"), "+/v\tf.mp4\n").unwrap();
         let (counts, journals) = crashed_runs(index.path()).unwrap();
-        assert_eq!(journals.len(), 3);
+        assert_eq!(journals.len(), 4);
         let key = |p: &str| ("/v".to_string(), p.to_string());
         assert_eq!(counts.get(&key("a.mp4")), Some(&2));
         assert_eq!(counts.get(&key("c.mp4")), Some(&1));

@@ -111,10 +111,7 @@ pub fn topk_schema() -> SchemaRef {
 /// Writes `topk.parquet` at `path` (a temporary file, synced, renamed), in batches.
 pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<u64, StoreError> {
     const BATCH: usize = 64 * 1024;
-    let tmp = path.with_file_name(format!(
-        ".tmp-{}",
-        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-    ));
+    let tmp = super::temporary_path(path);
     let parquet_error =
         |e: &dyn std::fmt::Display| StoreError::Parquet { path: path.to_path_buf(), message: e.to_string() };
     let file = File::create(&tmp).map_err(io_error(&tmp))?;

@@ -104,7 +104,7 @@ impl<R: TableRows> ShardWriter<R> {
     fn open_shard(&self) -> Result<OpenShard, StoreError> {
         let n = self.done.len();
         let name = format!("part-{}-{n:05}.parquet", self.tag);
-        let tmp_path = self.index.join(&self.table).join(format!(".tmp-{name}"));
+        let tmp_path = super::temporary_path(&self.index.join(&self.table).join(&name));
         let file = File::create(&tmp_path).map_err(io_error(&tmp_path))?;
         let writer = ArrowWriter::try_new(file, R::schema(self.dim), Some(writer_properties()))
             .map_err(|e| StoreError::Parquet { path: tmp_path.clone(), message: e.to_string() })?;

@@ -1,0 +1,143 @@
+//! Interruptions: SIGINT (Ctrl-C) and SIGTERM (what Slurm sends at a job's time limit and
+//! Kubernetes at a pod's termination, each followed by SIGKILL after a grace period of 30 s
+//! by default). The only module that handles signals.
+//!
+//! A thread of its own receives both signals (signal-hook), so the work done on a signal is
+//! ordinary code, not a handler's. What it does depends on the command running:
+//!
+//! - [`Policy::Finish`] (ingest, encode-text): the first signal marks the crash journals as
+//!   interrupted (so nothing that follows blames a file) and sets a flag the command polls: it
+//!   stops taking new work, finishes or drops what is in flight, commits what is complete and
+//!   exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). A second signal
+//!   exits at once; the next run continues from the last commit.
+//! - [`Policy::Abandon`] (score): the first signal waits for a publication of outputs in progress
+//!   ([`publishing`]), removes this process's temporary files in the registered output folders,
+//!   and exits at once, so an output folder holds all of the old outputs or all of the new.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// What the running command does when interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Finish = 1,
+    Abandon = 2,
+}
+
+/// The first signal received, 0 until one is.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+static POLICY: AtomicU8 = AtomicU8::new(Policy::Finish as u8);
+/// Held while outputs are renamed into place; an abandoning exit waits for it.
+static PUBLISHING: Mutex<()> = Mutex::new(());
+/// Folders whose `.tmp-<our pid>-…` files an abandoning exit removes.
+static OUTPUT_FOLDERS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Handles SIGINT and SIGTERM from now on, as `policy` says (the latest call wins, so each
+/// step of a job sets its own).
+pub fn install(policy: Policy) {
+    POLICY.store(policy as u8, Ordering::SeqCst);
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("vtr-index: warning: cannot handle SIGINT/SIGTERM ({e}); an interruption will lose work");
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+            for signal in signals.forever() {
+                on_signal(signal);
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("vtr-index: warning: cannot start the signal thread ({e})");
+        }
+    });
+}
+
+fn on_signal(signal: i32) {
+    let first = RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+    crate::store::mark_journals_interrupted();
+    let finishing = POLICY.load(Ordering::SeqCst) == Policy::Finish as u8;
+    if first && finishing {
+        eprintln!(
+            "vtr-index: {}: finishing the files in flight and committing the work done; interrupt again to stop at once",
+            signal_name(signal)
+        );
+        return;
+    }
+    if finishing {
+        eprintln!(
+            "vtr-index: {}: stopped at once; the index is as of its last commit, and a re-run continues from there",
+            signal_name(signal)
+        );
+    } else {
+        // Outputs being renamed into place are all renamed first.
+        let _publishing = PUBLISHING.lock().unwrap_or_else(|e| e.into_inner());
+        remove_temporaries();
+        eprintln!("vtr-index: {}: stopped; no partial output was left", signal_name(signal));
+    }
+    std::process::exit(exit_code(signal).into());
+}
+
+/// The signal that interrupted this process, if one has.
+pub fn requested() -> Option<i32> {
+    match RECEIVED.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
+
+/// Whether the process was interrupted (for callers that take a plain `fn() -> bool`).
+pub fn was_requested() -> bool {
+    requested().is_some()
+}
+
+/// 128 + the signal's number, as a shell reports a process killed by it.
+pub fn exit_code(signal: i32) -> u8 {
+    (128 + signal).clamp(0, 255) as u8
+}
+
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Registers a folder whose temporary outputs an abandoning exit removes.
+pub fn remove_temporaries_in(folder: &Path) {
+    OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).push(folder.to_path_buf());
+}
+
+/// Held while outputs are renamed into place: an interruption waits until they all are. Once
+/// the process is being abandoned, it never returns (the signal thread is about to exit), so
+/// nothing new is published after the signal.
+pub fn publishing() -> MutexGuard<'static, ()> {
+    let guard = PUBLISHING.lock().unwrap_or_else(|e| e.into_inner());
+    if requested().is_some() && POLICY.load(Ordering::SeqCst) == Policy::Abandon as u8 {
+        drop(guard);
+        loop {
+            std::thread::park();
+        }
+    }
+    guard
+}
+
+fn remove_temporaries() {
+    let ours = crate::store::temporary_path(Path::new("x"));
+    let prefix = ours.to_string_lossy().trim_end_matches('x').to_string();
+    for folder in OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let Ok(entries) = std::fs::read_dir(folder) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}

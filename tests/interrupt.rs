@@ -1,0 +1,220 @@
+//! Interrupted runs keep their work: SIGINT (Ctrl-C) and SIGTERM (a scheduler's time limit)
+//! during decode, during encoding and during a commit. What was finished before the signal is
+//! committed, `verify` passes, no file is blamed as `crashed_decoder`, the exit code is 128 +
+//! the signal, and the process ends within seconds. `score` leaves no partial output.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use vtr_index::store::Manifest;
+
+use crate::util::*;
+
+/// Ingest with `signal` raised at the fault point `at` (see `src/fault.rs`).
+fn ingest_signalled(index: &Path, root: &Path, extra: &[&str], at: &str, signal: &str) -> Output {
+    TestCommand::new(&["ingest"])
+        .arg(root)
+        .arg("--index")
+        .arg(index)
+        .arg("--model")
+        .arg(sample().join("model"))
+        .args(&["--decode-workers", "1"])
+        .args(extra)
+        .env("VTR_INDEX_KILL_AT", at)
+        .env("VTR_INDEX_KILL_WITH", signal)
+        .output()
+}
+
+fn assert_verifies(index: &Path) {
+    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+}
+
+fn leftover_journals(index: &Path) -> Vec<String> {
+    std::fs::read_dir(index.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".inflight"))
+        .collect()
+}
+
+/// The index an uninterrupted run makes of `clips`.
+fn reference(dir: &Dir, clips: &[&str]) -> Snapshot {
+    let root = corpus(dir, "reference-videos", clips);
+    let index = dir.join("reference-index");
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    snapshot(&index).unwrap()
+}
+
+fn ids(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot.videos.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn a_signal_during_decode_commits_the_files_before_it_and_blames_none() {
+    let clips = &CLIPS[..4];
+    for (signal, code) in [("SIGINT", 130), ("SIGTERM", 143)] {
+        let dir = Dir::new();
+        let want = reference(&dir, clips);
+        let root = corpus(&dir, "videos", clips);
+        let index = dir.join("index");
+        // Walk order: nested/deeper/gradient_h264, rotated90_h264, short_h264, vfr_h264.
+        let out = ingest_signalled(&index, &root, &[], "decode:short_h264.mp4", signal);
+        assert_eq!(out.status.code(), Some(code), "{signal}\n{}", summary(&out));
+        assert!(summary(&out).contains(&format!("interrupted by {signal}")), "{}", summary(&out));
+        assert!(summary(&out).contains("2 files were not processed"), "{}", summary(&out));
+        let kept = snapshot(&index).unwrap();
+        assert_eq!(ids(&kept), ["nested/deeper/gradient_h264", "rotated90_h264"], "{signal}");
+        assert!(kept.failures.is_empty(), "the file cut short is no failure: {:?}", kept.failures);
+        assert_verifies(&index);
+        assert!(leftover_journals(&index).is_empty(), "an interruption closes its journal");
+
+        // Interrupted on the same file again: still no quarantine.
+        let out = ingest_signalled(&index, &root, &[], "decode:short_h264.mp4", signal);
+        assert_eq!(out.status.code(), Some(code), "{}", summary(&out));
+        let out = run_ingest(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+        assert!(summary(&out).contains("2 new, 0 changed, 0 reused, 2 unchanged"), "{}", summary(&out));
+        assert_same_index(&snapshot(&index).unwrap(), &want, signal);
+        assert!(Manifest::load(&index).unwrap().unwrap().suspects.is_empty());
+    }
+}
+
+#[test]
+fn a_signal_during_encoding_or_a_commit_keeps_what_was_finished() {
+    let clips = &CLIPS[..4];
+    let dir = Dir::new();
+    let want = reference(&dir, clips);
+    for (at, extra) in [("encode", &["--batch", "4"][..]), ("manifest-written", &["--commit-every", "1"][..])] {
+        let root = corpus(&dir, &format!("videos-{at}"), clips);
+        let index = dir.join(&format!("index-{at}"));
+        let out = ingest_signalled(&index, &root, extra, at, "SIGTERM");
+        assert_eq!(out.status.code(), Some(143), "{at}\n{}", summary(&out));
+        let kept = snapshot(&index).unwrap();
+        // Every video the run reports as finished is in the index, as the reference has it.
+        let new: usize = summary(&out).split("ingest: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(kept.videos.len(), new, "{at}: {}", summary(&out));
+        assert!(new >= 1, "{at}: {}", summary(&out));
+        if at == "encode" {
+            // The first batch: the files behind it were dropped, not finished.
+            assert!(new < clips.len(), "{at}: the signal came mid-run ({new} finished)");
+        }
+        for (id, embedding) in &kept.videos {
+            assert!(cosine(embedding, &want.videos[id]) >= 0.99999, "{at}: {id}");
+        }
+        assert_verifies(&index);
+        let out = run_ingest(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+        assert_same_index(&snapshot(&index).unwrap(), &want, at);
+    }
+}
+
+/// Polls until a new run has a file in flight (a journal that was not there before says so),
+/// or panics after 60 s.
+fn wait_for_a_file_in_flight(index: &Path, before: &[String]) {
+    let started = Instant::now();
+    loop {
+        let journals = std::fs::read_dir(index.join("runs")).into_iter().flatten().flatten();
+        let in_flight = journals
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".inflight"))
+            .filter(|e| !before.contains(&e.file_name().to_string_lossy().into_owned()))
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.starts_with('+')));
+        if in_flight {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no file went in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill(2) on a child process we started; it touches no memory of ours.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+/// Real signals from outside, as a terminal or a scheduler sends them: SIGTERM ends the run
+/// within 10 s with its work committed; a second SIGINT stops it at once, blaming no file.
+#[test]
+fn signals_from_outside_end_the_run_within_seconds() {
+    let dir = Dir::new();
+    let root = dir.copy(&sample().join("videos"), "videos");
+    let index = dir.join("index");
+    let ingest = || {
+        TestCommand::new(&["ingest"])
+            .arg(&root)
+            .arg("--index")
+            .arg(&index)
+            .arg("--model")
+            .arg(sample().join("model"))
+            .spawn()
+    };
+
+    let child = ingest();
+    wait_for_a_file_in_flight(&index, &[]);
+    send(&child, libc::SIGTERM);
+    let signalled = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(signalled.elapsed() < Duration::from_secs(10), "took {:?}", signalled.elapsed());
+    assert_eq!(out.status.code(), Some(143), "{}", summary(&out));
+    assert_verifies(&index);
+
+    for _ in 0..2 {
+        // A run stopped at once leaves its journal (marked interrupted) for the next run.
+        let before = leftover_journals(&index);
+        let child = ingest();
+        wait_for_a_file_in_flight(&index, &before);
+        send(&child, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(100));
+        send(&child, libc::SIGINT);
+        let signalled = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert!(signalled.elapsed() < Duration::from_secs(10), "took {:?}", signalled.elapsed());
+        assert_eq!(out.status.code(), Some(130), "{}", summary(&out));
+        assert_verifies(&index);
+    }
+    let out = TestCommand::new(&["ingest"]).arg(&root).arg("--index").arg(&index).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert!(!summary(&out).contains("crashed_decoder"), "{}", summary(&out));
+    let indexed = snapshot(&index).unwrap();
+    assert!(indexed.failures.is_empty(), "{:?}", indexed.failures);
+    assert!(Manifest::load(&index).unwrap().unwrap().suspects.is_empty());
+}
+
+#[test]
+fn interrupted_encode_text_and_score_leave_no_partial_output() {
+    let dir = Dir::new();
+    let index = dir.join("index");
+    let (code, stderr) = ingest(&index, &[&sample().join("videos")], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let captions = sample().join("captions.csv");
+    let before = file_tree(&index);
+    let out = TestCommand::new(&["encode-text", "--batch", "2"])
+        .arg(&captions)
+        .arg("--index")
+        .arg(&index)
+        .env("VTR_INDEX_KILL_AT", "encode:2")
+        .env("VTR_INDEX_KILL_WITH", "SIGINT")
+        .output();
+    assert_eq!(out.status.code(), Some(130), "{}", summary(&out));
+    assert!(summary(&out).contains("texts/captions was not changed"), "{}", summary(&out));
+    assert_eq!(file_tree(&index), before, "the index is as it was");
+
+    let out = TestCommand::new(&["encode-text"]).arg(&captions).arg("--index").arg(&index).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let scores = dir.join("scores");
+    let score = || {
+        TestCommand::new(&["score", "--texts", "captions", "--dense", "--index"]).arg(&index).arg("--out").arg(&scores)
+    };
+    let out = score().output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let before = file_tree(&scores);
+    let out = score()
+        .args(&["--revise", "dsl"])
+        .env("VTR_INDEX_KILL_AT", "scored")
+        .env("VTR_INDEX_KILL_WITH", "SIGTERM")
+        .output();
+    assert_eq!(out.status.code(), Some(143), "{}", summary(&out));
+    assert_eq!(file_tree(&scores), before, "the earlier outputs, and no temporary file");
+}
