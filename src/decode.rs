@@ -93,6 +93,11 @@ pub fn init() -> Result<(), String> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
         gst::init().map_err(|e| format!("cannot initialise GStreamer: {e}"))?;
+        // Motion JPEG through ffmpeg's own decoder, as the Python references decode it: libjpeg's
+        // `jpegdec` (ranked first by default) turns 4:2:2 JPEG into 4:2:0 and its IDCT differs.
+        if let Some(mjpeg) = gst::Registry::get().lookup_feature("avdec_mjpeg") {
+            mjpeg.set_rank(gst::Rank::PRIMARY + 1);
+        }
         let missing: Vec<&str> = ["filesrc", "parsebin", "decodebin", "appsink", "fakesink"]
             .into_iter()
             .filter(|name| gst::ElementFactory::find(name).is_none())
@@ -180,12 +185,21 @@ struct PipelineGuard(gst::Pipeline);
 impl Drop for PipelineGuard {
     fn drop(&mut self) {
         let _ = self.0.set_state(gst::State::Null);
+        // The drains (see `drain`) keep their own state; stop them too.
+        let mut children = self.0.iterate_elements();
+        while let Ok(Some(element)) = children.next() {
+            if element.is_locked_state() {
+                let _ = element.set_state(gst::State::Null);
+            }
+        }
     }
 }
 
 /// What the `pad-added` handler saw, shared with the thread that pulls samples.
 #[derive(Default)]
 struct PadState {
+    /// A `pad-added` call has taken the video stream and is linking it (outside this lock).
+    video_claimed: bool,
     video_sink: Option<gst_app::AppSink>,
     other_streams: Vec<String>,
     no_more_pads: bool,
@@ -256,22 +270,27 @@ fn build_pipeline(
     let state = Arc::new(Mutex::new(PadState::default()));
     let weak_pipeline = pipeline.downgrade();
     let pad_state = state.clone();
+    // Runs on a streaming thread. The lock on `PadState` is held only to read or record a fact,
+    // never across a GStreamer call: linking and state changes can wait on other streaming
+    // threads, which take the same lock in their probes (`watch_orientation`).
     parse.connect_pad_added(move |_, pad| {
         let Some(pipeline) = weak_pipeline.upgrade() else { return };
         let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
         let is_video = caps.structure(0).is_some_and(is_video_structure);
-        let mut state = pad_state.lock().unwrap();
-        if is_video && state.video_sink.is_none() {
+        let claimed = is_video && !std::mem::replace(&mut pad_state.lock().unwrap().video_claimed, true);
+        if claimed {
             watch_orientation(pad, pad_state.clone());
             if let Some(sink) = link_video(&pipeline, pad, &branch) {
-                state.video_sink = Some(sink);
+                pad_state.lock().unwrap().video_sink = Some(sink);
                 return;
             }
+            pad_state.lock().unwrap().video_claimed = false;
         }
         if !is_video {
-            state.other_streams.push(caps.structure(0).map(|s| s.name().to_string()).unwrap_or_default());
+            let name = caps.structure(0).map(|s| s.name().to_string()).unwrap_or_default();
+            pad_state.lock().unwrap().other_streams.push(name);
         }
-        link_fakesink(&pipeline, pad);
+        drain(&pipeline, pad);
     });
     let pad_state = state.clone();
     parse.connect_no_more_pads(move |_| pad_state.lock().unwrap().no_more_pads = true);
@@ -358,16 +377,23 @@ fn h264_framing(caps: &gst::CapsRef) -> Option<NalFraming> {
     NalFraming::from_caps(s.get::<&str>("stream-format").ok(), codec_data.as_deref())
 }
 
-fn link_fakesink(pipeline: &gst::Pipeline, pad: &gst::Pad) {
+/// Links a stream that is not the chosen video stream (audio, subtitles, data, a second
+/// video stream) to a sink that takes every buffer at once and never prerolls: a `fakesink`
+/// locked in `Playing`. Demuxers push all their streams from one thread; a sink that waited in
+/// preroll (any sink of a pipeline in `Paused`, `async=false` included) would hold that thread
+/// before the video sink ever received a frame, so the pipeline could never reach `Playing`.
+fn drain(pipeline: &gst::Pipeline, pad: &gst::Pad) {
     let Ok(sink) = gst::ElementFactory::make("fakesink").property("sync", false).property("async", false).build()
     else {
         return;
     };
-    if pipeline.add(&sink).is_ok() {
-        let _ = sink.sync_state_with_parent();
-        if let Some(sink_pad) = sink.static_pad("sink") {
-            let _ = pad.link(&sink_pad);
-        }
+    sink.set_locked_state(true);
+    if sink.set_state(gst::State::Playing).is_err() || pipeline.add(&sink).is_err() {
+        let _ = sink.set_state(gst::State::Null);
+        return;
+    }
+    if let Some(sink_pad) = sink.static_pad("sink") {
+        let _ = pad.link(&sink_pad);
     }
 }
 
@@ -495,7 +521,8 @@ fn wait_for_video_sink(
             if let Some(sink) = &state.video_sink {
                 return Ok(sink.clone());
             }
-            if state.no_more_pads || watch.eos {
+            // (A claimed stream is being linked: its sink is moments away.)
+            if (state.no_more_pads && !state.video_claimed) || watch.eos {
                 return Err(no_video_rejection(watch.stage, &state.other_streams));
             }
         }
@@ -550,22 +577,55 @@ fn no_video_rejection(stage: Stage, other_streams: &[String]) -> Rejection {
     }
 }
 
-/// The sample's presentation time as stream time (what seeks use), or `None` when the
-/// buffer has no timestamp or lies wholly outside the segment (e.g. before an edit list).
-fn stream_time_ns(sample: &gst::Sample) -> Option<(i64, Option<i64>)> {
-    let buffer = sample.buffer()?;
-    let pts = buffer.pts()?;
-    let duration = buffer.duration();
-    let segment = sample.segment().and_then(|s| s.downcast_ref::<gst::ClockTime>().cloned());
-    let stream_time = match &segment {
-        Some(segment) => {
-            let end = duration.map(|d| pts + d).unwrap_or(pts + gst::ClockTime::from_nseconds(1));
-            segment.clip(pts, end)?;
-            segment.to_stream_time(pts.max(segment.start().unwrap_or(pts)))?
+/// Presentation times on one timeline per pipeline: each buffer's timestamp, mapped to stream
+/// time by the first segment the pipeline delivered. A demuxer may send a later segment with
+/// another start (matroskademux does once a stream that begins earlier, such as audio, shows
+/// up); times mapped by each segment in turn would jump by the difference, while the buffer
+/// timestamps, which are the container's presentation times, do not.
+#[derive(Default)]
+struct Timeline {
+    /// Stream time minus buffer time, fixed by the first segment.
+    offset_ns: Option<i64>,
+    /// The segment in effect, which clips buffers and which seeks are expressed in.
+    current: Option<gst::FormattedSegment<gst::ClockTime>>,
+}
+
+impl Timeline {
+    /// The sample's presentation time and duration, or `None` when the buffer has no
+    /// timestamp or lies wholly outside its segment (e.g. before an edit list).
+    fn time_of(&mut self, sample: &gst::Sample) -> Option<(i64, Option<i64>)> {
+        let buffer = sample.buffer()?;
+        let pts = buffer.pts()?;
+        let duration = buffer.duration();
+        let segment = sample.segment().and_then(|s| s.downcast_ref::<gst::ClockTime>().cloned());
+        let shown = match &segment {
+            Some(segment) => {
+                let end = duration.map(|d| pts + d).unwrap_or(pts + gst::ClockTime::from_nseconds(1));
+                segment.clip(pts, end)?;
+                // A frame the segment starts within is shown from the segment's start.
+                let shown = pts.max(segment.start().unwrap_or(pts));
+                if self.offset_ns.is_none() {
+                    let stream_time = segment.to_stream_time(shown)?;
+                    self.offset_ns = Some(stream_time.nseconds() as i64 - shown.nseconds() as i64);
+                }
+                shown
+            }
+            None => pts,
+        };
+        self.current = segment;
+        let offset = *self.offset_ns.get_or_insert(0);
+        Some((shown.nseconds() as i64 + offset, duration.map(|d| d.nseconds() as i64)))
+    }
+
+    /// Where to seek for the timeline's time `time_ns`: stream time of the segment in effect.
+    fn seek_position(&self, time_ns: i64) -> Option<gst::ClockTime> {
+        let pts = time_ns - self.offset_ns?;
+        let position = gst::ClockTime::from_nseconds(u64::try_from(pts).ok()?);
+        match &self.current {
+            Some(segment) => segment.to_stream_time(position),
+            None => Some(position),
         }
-        None => pts,
-    };
-    Some((stream_time.nseconds() as i64, duration.map(|d| d.nseconds() as i64)))
+    }
 }
 
 /// Pass 1: the presentation time of every video packet, read from the demuxer and parser
@@ -587,8 +647,9 @@ fn probe_times(path: &str, deadline: Deadline, decode: bool) -> Result<Option<Pr
     start(&guard.0, &mut watch)?;
     let sink = wait_for_video_sink(&guard.0, &state, &mut watch, deadline)?;
 
-    // (stream time, duration, packet PTS) of every shown frame.
+    // (time, duration, packet PTS) of every shown frame.
     let mut times: Vec<(i64, Option<i64>, u64)> = Vec::new();
+    let mut timeline = Timeline::default();
     let mut untimed = 0usize;
     loop {
         if deadline.passed() {
@@ -606,7 +667,7 @@ fn probe_times(path: &str, deadline: Deadline, decode: bool) -> Result<Option<Pr
                     continue;
                 }
                 // A stream time exists only for a buffer with a timestamp.
-                match (stream_time_ns(&sample), buffer.pts()) {
+                match (timeline.time_of(&sample), buffer.pts()) {
                     (Some((time, duration)), Some(pts)) => times.push((time, duration, pts.nseconds())),
                     (_, None) => untimed += 1,
                     _ => {}
@@ -676,6 +737,7 @@ fn fetch_frames(
     let mut converter = RgbConverter::default();
     // The latest decoded frame not after the next target: the one on screen at that time.
     let mut on_screen: Option<(i64, gst::Sample)> = None;
+    let mut timeline = Timeline::default();
     while out.len() < targets.len() {
         if deadline.passed() {
             return Err(timeout_rejection(stage, "decoding the sampled frames"));
@@ -687,7 +749,7 @@ fn fetch_frames(
             }
             continue;
         };
-        let Some((time, _)) = stream_time_ns(&sample) else { continue };
+        let Some((time, _)) = timeline.time_of(&sample) else { continue };
         // A frame after the target means the previous frame was on screen at the target.
         while out.len() < targets.len() && time > targets[out.len()] {
             let (shown_time, shown) = on_screen.take().unwrap_or((time, sample.clone()));
@@ -707,7 +769,9 @@ fn fetch_frames(
         {
             let flags = gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE;
             // A failed seek is harmless: decoding simply continues to the target.
-            if guard.0.seek_simple(flags, gst::ClockTime::from_nseconds(next as u64)).is_ok() {
+            if let Some(position) = timeline.seek_position(next)
+                && guard.0.seek_simple(flags, position).is_ok()
+            {
                 on_screen = None;
             }
         }
@@ -749,13 +813,22 @@ impl RgbConverter {
         if self.cached.as_ref().is_none_or(|c| c.0 != caps) {
             let decoded = gst_video::VideoInfo::from_caps(&caps).map_err(|_| failed("unreadable caps"))?;
             let input = with_assumed_colorimetry(&caps, &decoded).map_err(|_| failed("bad colorimetry"))?;
+            // As ffmpeg converts (swscale, which PyAV's `to_ndarray` uses too): an interlaced
+            // frame as one picture, both fields together, and each chroma sample applied to the
+            // pixels it covers, not interpolated. GStreamer's defaults (per-field chroma,
+            // interpolated 4:2:2 and 10-bit chroma) move those frames by 3 to 7 levels on average.
+            let input = gst_video::VideoInfo::builder_from_info(&input)
+                .interlace_mode(gst_video::VideoInterlaceMode::Progressive)
+                .build()
+                .map_err(|_| failed("cannot describe the frame"))?;
             let output = gst_video::VideoInfo::builder(gst_video::VideoFormat::Rgb, input.width(), input.height())
                 .fps(input.fps())
-                .interlace_mode(input.interlace_mode())
                 .build()
                 .map_err(|_| failed("cannot describe RGB output"))?;
+            let mut config = gst_video::VideoConverterConfig::new();
+            config.set_chroma_mode(gst_video::VideoChromaMode::None);
             let converter =
-                gst_video::VideoConverter::new(&input, &output, None).map_err(|_| failed("no converter"))?;
+                gst_video::VideoConverter::new(&input, &output, Some(config)).map_err(|_| failed("no converter"))?;
             self.cached = Some((caps, input, output, converter));
         }
         let (_, input, output, converter) = self.cached.as_ref().expect("filled above");
@@ -783,14 +856,19 @@ fn with_assumed_colorimetry(
     caps: &gst::Caps,
     info: &gst_video::VideoInfo,
 ) -> Result<gst_video::VideoInfo, glib::BoolError> {
-    let stated = caps.structure(0).and_then(|s| s.get::<String>("colorimetry").ok());
+    // What the stream says, read from the caps string: `VideoInfo` replaces a colorimetry
+    // whose matrix is unknown with the default for the size, losing a stated full range.
+    let stated = caps
+        .structure(0)
+        .and_then(|s| s.get::<String>("colorimetry").ok())
+        .and_then(|text| text.parse::<gst_video::VideoColorimetry>().ok());
     let colorimetry = info.colorimetry();
-    let matrix_known = stated.is_some() && colorimetry.matrix() != gst_video::VideoColorMatrix::Unknown;
+    let matrix_known = stated.as_ref().is_some_and(|c| c.matrix() != gst_video::VideoColorMatrix::Unknown);
     if !info.is_yuv() || matrix_known {
         return Ok(info.clone());
     }
-    let range = match (stated.is_some(), colorimetry.range()) {
-        (true, range) if range != gst_video::VideoColorRange::Unknown => range,
+    let range = match stated.as_ref().map(|c| c.range()) {
+        Some(range) if range != gst_video::VideoColorRange::Unknown => range,
         _ => gst_video::VideoColorRange::Range16_235,
     };
     let assumed = gst_video::VideoColorimetry::new(

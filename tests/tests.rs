@@ -5,6 +5,7 @@ mod util;
 
 mod checkpoints;
 mod cli;
+mod conformance;
 mod fidelity;
 mod ingest;
 mod interrupt;
