@@ -5,6 +5,8 @@
 # CUDA device print SKIPPED where there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# ffmpeg builds the conformance corpus at test time (installed only if missing).
+bash scripts/setup-system.sh --tests
 nvrtc=$(bash scripts/fetch-nvrtc.sh)
 cargo build --locked
 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda "$@"

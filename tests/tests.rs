@@ -14,3 +14,4 @@ mod placement;
 mod score;
 mod scoring;
 mod texts;
+mod walk;
