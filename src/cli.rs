@@ -45,7 +45,7 @@ pub enum Command {
 pub struct IngestArgs {
     /// Folders to walk recursively for video files.
     #[arg(required = true, value_name = "DIR")]
-    pub roots: Vec<String>,
+    pub roots: Vec<PathBuf>,
     /// The index folder (created if it does not exist).
     #[arg(long, value_name = "INDEX")]
     pub index: PathBuf,
@@ -256,7 +256,7 @@ fn run_ingest(args: IngestArgs) -> Result<u8> {
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let options = IngestOptions {
-        roots: args.roots,
+        roots: args.roots.into_iter().map(crate::walk::Root::new).collect(),
         index: args.index,
         model: args.model,
         max_frames: args.frames,

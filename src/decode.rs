@@ -86,6 +86,9 @@ pub struct DecodedVideo {
     pub height: u32,
     /// Frames / duration.
     pub fps: f64,
+    /// Which stream of the container was indexed: its position among the streams the demuxer
+    /// exposes (ffmpeg's numbering wherever GStreamer exposes every stream).
+    pub stream_index: Option<u32>,
 }
 
 /// Initialises GStreamer once and checks that the elements the decoder needs are installed.
@@ -150,7 +153,8 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
     let duration_ns = (relative.last().copied().unwrap_or(0) + probe.last_frame_duration_ns).max(1);
     let duration_s = duration_ns as f64 / 1e9;
     let (width, height) = frames.first().map(|f| (f.image.width, f.image.height)).unwrap_or((0, 0));
-    Ok(DecodedVideo { duration_s, width, height, fps: relative.len() as f64 / duration_s, frames })
+    let fps = relative.len() as f64 / duration_s;
+    Ok(DecodedVideo { duration_s, width, height, fps, frames, stream_index: probe.stream_index })
 }
 
 /// What `filesrc` opens: the path itself when it is UTF-8 (GStreamer's string properties are),
@@ -177,6 +181,7 @@ struct Probe {
     packets: Option<Vec<(i64, u64)>>,
     last_frame_duration_ns: i64,
     orientation: Orientation,
+    stream_index: Option<u32>,
 }
 
 /// Sets the pipeline to `Null` on every exit path, so no streaming thread outlives a file.
@@ -204,6 +209,30 @@ struct PadState {
     other_streams: Vec<String>,
     no_more_pads: bool,
     orientation: Option<String>,
+    /// The chosen video pad's stream id, which its demuxer pad carries too.
+    video_stream_id: Option<String>,
+    /// The first demuxer parsebin plugged (a container inside a container is not counted), and
+    /// its source pads in the order it created them: the container's stream order.
+    demuxer: Option<gst::Element>,
+    demuxer_pads: Vec<gst::Pad>,
+}
+
+impl PadState {
+    /// The chosen stream's position among the demuxer's streams (ffmpeg's stream number where
+    /// GStreamer exposes every stream); 0 for a bare stream with no demuxer. Called once the
+    /// stream has ended, while the pads still hold their stream-start events.
+    fn video_stream_index(state: &Mutex<PadState>) -> Option<u32> {
+        let (chosen, pads, has_video) = {
+            let state = state.lock().unwrap();
+            (state.video_stream_id.clone(), state.demuxer_pads.clone(), state.video_sink.is_some())
+        };
+        if pads.is_empty() {
+            return has_video.then_some(0);
+        }
+        let chosen = chosen?;
+        let position = pads.iter().position(|pad| pad.stream_id().as_deref() == Some(chosen.as_str()))?;
+        u32::try_from(position).ok()
+    }
 }
 
 /// What the pipeline does with the video stream: hand over its packets (the probe), or decode
@@ -268,6 +297,27 @@ fn build_pipeline(
     src.link(&parse).map_err(|e| internal("link filesrc to parsebin", &e))?;
 
     let state = Arc::new(Mutex::new(PadState::default()));
+    // The first demuxer parsebin plugs numbers the streams: record its pads as they come.
+    let pad_state = state.clone();
+    pipeline.connect_deep_element_added(move |_, _, element| {
+        let is_demuxer = element.factory().is_some_and(|f| {
+            let klass = f.metadata(gst::ELEMENT_METADATA_KLASS).unwrap_or_default();
+            klass.contains("Demuxer") && !klass.contains("Metadata")
+        });
+        if !is_demuxer {
+            return;
+        }
+        let pad_state = pad_state.clone();
+        element.connect_pad_added(move |demuxer, pad| {
+            if pad.direction() != gst::PadDirection::Src {
+                return;
+            }
+            let mut state = pad_state.lock().unwrap();
+            if state.demuxer.get_or_insert_with(|| demuxer.clone()) == demuxer {
+                state.demuxer_pads.push(pad.clone());
+            }
+        });
+    });
     let weak_pipeline = pipeline.downgrade();
     let pad_state = state.clone();
     // Runs on a streaming thread. The lock on `PadState` is held only to read or record a fact,
@@ -279,6 +329,8 @@ fn build_pipeline(
         let is_video = caps.structure(0).is_some_and(is_video_structure);
         let claimed = is_video && !std::mem::replace(&mut pad_state.lock().unwrap().video_claimed, true);
         if claimed {
+            let stream_id = pad.stream_id().map(|id| id.to_string());
+            pad_state.lock().unwrap().video_stream_id = stream_id;
             watch_orientation(pad, pad_state.clone());
             if let Some(sink) = link_video(&pipeline, pad, &branch) {
                 pad_state.lock().unwrap().video_sink = Some(sink);
@@ -709,7 +761,8 @@ fn probe_times(path: &str, deadline: Deadline, decode: bool) -> Result<Option<Pr
         }
     }
     let orientation = Orientation::from_tag(state.lock().unwrap().orientation.as_deref());
-    Ok(Some(Probe { frame_times_ns, packets, last_frame_duration_ns, orientation }))
+    let stream_index = PadState::video_stream_index(&state);
+    Ok(Some(Probe { frame_times_ns, packets, last_frame_duration_ns, orientation, stream_index }))
 }
 
 fn average_interval(times: &[i64]) -> i64 {

@@ -15,6 +15,7 @@ pub struct VideoFacts {
     pub height: u32,
     pub fps: f64,
     pub content_hash: String,
+    pub stream_index: Option<u32>,
 }
 
 /// A decoded, preprocessed video waiting for the model.
@@ -146,7 +147,7 @@ mod tests {
     use super::*;
 
     fn facts() -> VideoFacts {
-        VideoFacts { duration_s: 1.0, width: 2, height: 2, fps: 1.0, content_hash: String::new() }
+        VideoFacts { duration_s: 1.0, width: 2, height: 2, fps: 1.0, content_hash: String::new(), stream_index: None }
     }
 
     fn video(key: u32, frames: usize) -> PreparedVideo<u32> {

@@ -108,6 +108,9 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
 
     let table = format!("texts/{name}");
     let tag = crate::ingest::now_us().to_string();
+    // An index of an older format moves to this one in this commit.
+    let mut manifest = manifest;
+    crate::store::upgrade(&options.index, &mut manifest, &tag)?;
     let mut out = ShardWriter::<TextRow>::new(&options.index, &table, &tag, clip.embed_dim(), TEXT_SHARD_ROWS)?;
     let mut report = EncodeTextReport { name: name.clone(), ..Default::default() };
     let mut chunk: Vec<Caption> = Vec::with_capacity(CHUNK_TEXTS);
@@ -133,7 +136,6 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
     }
     let shards = out.finish()?;
     check_interrupted(&name)?;
-    let mut manifest = manifest;
     report.replaced = manifest.tables.insert(table, shards).is_some();
     manifest.committed_at_us = crate::ingest::now_us();
     manifest.commit(&options.index)?;

@@ -26,19 +26,16 @@ use crate::preprocess::{PreprocessConfig, pixel_values};
 use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
 use crate::store::{
-    FrameRow, InFlightJournal, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, ShardWriter, StoreError, Suspect,
-    VideoRow, WriterLock, collect_garbage, crashed_runs, read_table, read_video_ids,
+    FRAME_SHARD_ROWS, FrameRow, InFlightJournal, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, ShardWriter,
+    StoreError, Suspect, VIDEO_SHARD_ROWS, VideoRow, WriterLock, collect_garbage, crashed_runs, read_table,
+    read_video_ids,
 };
-use crate::walk::{VideoFile, WalkError, walk_roots};
-
-/// Rows per shard: frames shards stay around 40 MB at D = 512.
-const VIDEO_SHARD_ROWS: u64 = 100_000;
-const FRAME_SHARD_ROWS: u64 = 20_000;
+use crate::walk::{Root, VideoFile, WalkError, walk_roots};
 
 /// Resolved options of one ingest run.
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
-    pub roots: Vec<String>,
+    pub roots: Vec<Root>,
     pub index: PathBuf,
     /// Required for a new index; defaults to the manifest's model afterwards.
     pub model: Option<PathBuf>,
@@ -180,10 +177,11 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started_at_us = now_us();
     crate::walk::check_roots(&options.roots)?;
     refuse_dangerous_placement(&options.index, &options.roots)?;
+    let root_names: Vec<String> = options.roots.iter().map(|r| r.name.clone()).collect();
     // Lock before reading the manifest, so no other writer commits between our read and ours.
     // A new index is locked once its folder exists (below), after the model checks pass.
     let mut lock = options.index.is_dir().then(|| lock_index(&options.index)).transpose()?;
-    let previous = Manifest::load(&options.index)?;
+    let mut previous = Manifest::load(&options.index)?;
 
     let model_path = match (&options.model, &previous) {
         (Some(path), _) => path.clone(),
@@ -197,16 +195,17 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     };
     let sampling = resolve_sampling(options, previous.as_ref())?;
     let precision = resolve_precision(options, previous.as_ref())?;
+    let recorded_model = previous.as_ref().map(|m| m.model.clone());
     let load_model = || -> Result<Clip, IngestError> {
         let clip = Clip::load(Checkpoint::open(&model_path)?.with_precision(precision), options.device)?;
-        if let Some(manifest) = &previous
-            && manifest.model.sha256 != clip.identity.sha256
+        if let Some(recorded) = &recorded_model
+            && recorded.sha256 != clip.identity.sha256
         {
             return Err(IngestError::Refused(format!(
                 "{}: this index was built with the model at {} (sha256 {}…); {} is a different model. Build a new index for a new model.",
                 options.index.display(),
-                manifest.model.source,
-                &manifest.model.sha256[..12.min(manifest.model.sha256.len())],
+                recorded.source,
+                &recorded.sha256[..12.min(recorded.sha256.len())],
                 model_path.display()
             )));
         }
@@ -227,6 +226,12 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         }
     }
     collect_garbage(&options.index, previous.as_ref())?;
+    // An index of an older format moves to this one in this run's commit (after the collection
+    // above: the old shards must outlive every manifest that lists them).
+    let upgraded = match previous.as_mut() {
+        Some(manifest) => crate::store::upgrade(&options.index, manifest, &started_at_us.to_string())?,
+        None => false,
+    };
     // Files in flight when earlier runs died: counted once per crash, on top of the counts
     // the manifest carries; at two crashes a file becomes a `crashed_decoder` failure.
     let (crash_counts, crashed_journals) = crashed_runs(&options.index)?;
@@ -247,7 +252,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     }
     let mut report = IngestReport {
         started_at_us,
-        roots: options.roots.clone(),
+        roots: root_names.clone(),
         skipped: walked.skipped,
         repeated_folders: walked.repeated_folders.len() as u64,
         ..Default::default()
@@ -264,7 +269,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     };
     let old_failure_at: HashMap<(&str, &str), &Failure> =
         old_failures.iter().map(|f| ((f.root.as_str(), f.path.as_str()), f)).collect();
-    let mut plan = Plan::new(&options.roots, walked.videos, &old_videos, &old_failures, options.retry_failed);
+    let mut plan = Plan::new(&root_names, walked.videos, &old_videos, &old_failures, options.retry_failed);
     let crashed = plan.set_aside_crashing(&mut suspects, options.retry_failed, started_at_us);
     let reused = plan.find_reusable(&old_videos);
     report.unchanged = plan.unchanged;
@@ -335,7 +340,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
             model,
             sampling: SamplingRecord { fps: sampling.fps, max_frames: sampling.max_frames },
             preprocess: preprocess_record,
-            roots: merged_roots(previous.as_ref(), &options.roots),
+            roots: merged_roots(previous.as_ref(), &root_names),
             tables: base_tables,
             committed_at_us: 0,
             last_run: None,
@@ -426,8 +431,9 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         let new: HashSet<_> = failures.iter().map(key).collect();
         old != new
     };
-    let roots_changed = previous.as_ref().is_none_or(|m| options.roots.iter().any(|r| !m.roots.contains(r)));
+    let roots_changed = previous.as_ref().is_none_or(|m| root_names.iter().any(|r| !m.roots.contains(r)));
     let needs_commit = processed > 0
+        || upgraded
         || report.removed > 0
         || report.reused > 0
         || failures_changed
@@ -456,16 +462,15 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
 /// the user's own files: a root inside the index folder (or equal to it), or an existing
 /// folder that holds anything but an index. An index inside a root is fine: the walk leaves
 /// it out.
-fn refuse_dangerous_placement(index: &Path, roots: &[String]) -> Result<(), IngestError> {
+fn refuse_dangerous_placement(index: &Path, roots: &[Root]) -> Result<(), IngestError> {
     let Ok(index_real) = index.canonicalize() else {
         return Ok(()); // Not there yet: it will be created empty.
     };
     if !index_real.is_dir() {
         return Err(IngestError::Refused(format!("{}: --index must be a folder", index.display())));
     }
-    for root in roots {
-        let root_real =
-            Path::new(root).canonicalize().map_err(|source| WalkError::Unreadable { root: root.clone(), source })?;
+    for Root { path, name: root } in roots {
+        let root_real = path.canonicalize().map_err(|source| WalkError::Unreadable { root: root.clone(), source })?;
         if root_real.starts_with(&index_real) {
             return Err(IngestError::Refused(format!(
                 "{root} is inside the index folder {}: the index's tables would sit among your videos. Nothing was changed; give --index a folder outside the videos (for example {}-index)",
@@ -690,6 +695,7 @@ impl RowWriters {
             height: video.facts.height,
             fps: video.facts.fps,
             n_frames: video.frames.len() as u32,
+            stream_index: video.facts.stream_index,
             embedding: video.embedding,
         })
     }
@@ -918,6 +924,7 @@ fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessConfig
         height: video.height,
         fps: video.fps,
         content_hash,
+        stream_index: video.stream_index,
     };
     Decoded::Video(PreparedVideo { key: file, facts, frames })
 }

@@ -18,10 +18,26 @@ pub const VIDEO_EXTENSIONS: &[&str] = &[
     "3gp", "3g2", "mxf",
 ];
 
+/// An ingest root: the folder as the user named it (any bytes), and the name the index stores
+/// it under ([`escape_path_bytes`] of that path; the path itself wherever it is UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl Root {
+    pub fn new(path: impl Into<PathBuf>) -> Root {
+        let path = path.into();
+        let name = escape_path_bytes(path.as_os_str());
+        Root { path, name }
+    }
+}
+
 /// A video file found under one of the roots.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VideoFile {
-    /// The root folder exactly as the user gave it.
+    /// The root's name in the index ([`Root::name`]).
     pub root: String,
     /// Path relative to `root`, `/`-separated, with extension.
     pub path: String,
@@ -63,19 +79,17 @@ pub fn is_video_path(path: &Path) -> bool {
 }
 
 /// Checks that every root exists and is a readable folder, before anything else happens.
-pub fn check_roots(roots: &[String]) -> Result<(), WalkError> {
-    for root in roots {
-        let path = Path::new(root);
+pub fn check_roots(roots: &[Root]) -> Result<(), WalkError> {
+    for Root { path, name } in roots {
+        let root = name.clone();
         match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(WalkError::Missing { root: root.clone() });
-            }
-            Err(source) => return Err(WalkError::Unreadable { root: root.clone(), source }),
-            Ok(m) if !m.is_dir() => return Err(WalkError::NotAFolder { root: root.clone() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(WalkError::Missing { root }),
+            Err(source) => return Err(WalkError::Unreadable { root, source }),
+            Ok(m) if !m.is_dir() => return Err(WalkError::NotAFolder { root }),
             Ok(_) => {}
         }
         if let Err(source) = std::fs::read_dir(path) {
-            return Err(WalkError::Unreadable { root: root.clone(), source });
+            return Err(WalkError::Unreadable { root, source });
         }
     }
     Ok(())
@@ -91,15 +105,15 @@ pub fn check_roots(roots: &[String]) -> Result<(), WalkError> {
 ///
 /// A `video_id` seen twice (across roots, or `a.mp4` beside `a.mkv`) keeps its first file;
 /// the others become `duplicate_id` failures.
-pub fn walk_roots(roots: &[String], index: &Path, now_us: i64) -> Result<WalkOutcome, WalkError> {
+pub fn walk_roots(roots: &[Root], index: &Path, now_us: i64) -> Result<WalkOutcome, WalkError> {
     check_roots(roots)?;
     let identity = |m: &std::fs::Metadata| (m.dev(), m.ino());
     let index_identity = std::fs::metadata(index).ok().map(|m| identity(&m));
     let mut walked_folders = real_folders(roots);
     let mut outcome = WalkOutcome::default();
     let mut seen_ids: HashMap<String, (String, String)> = HashMap::new();
-    for root in roots {
-        let root_path = Path::new(root);
+    for Root { path: root_path, name: root } in roots {
+        let root_path = root_path.as_path();
         let failure = |path: &Path, kind: FailureKind, message: String| Failure {
             root: root.clone(),
             path: relative_path(root_path, path),
@@ -213,13 +227,13 @@ pub fn walk_roots(roots: &[String], index: &Path, now_us: i64) -> Result<WalkOut
 
 /// (device, inode) of every folder under the roots reached without following a link, the
 /// roots included: the folders the walk reaches as real folders, which links then defer to.
-fn real_folders(roots: &[String]) -> HashSet<(u64, u64)> {
+fn real_folders(roots: &[Root]) -> HashSet<(u64, u64)> {
     let mut folders = HashSet::new();
-    for root in roots {
-        if let Ok(m) = std::fs::metadata(root) {
+    for Root { path, .. } in roots {
+        if let Ok(m) = std::fs::metadata(path) {
             folders.insert((m.dev(), m.ino()));
         }
-        for entry in walkdir::WalkDir::new(root).follow_links(false).min_depth(1).into_iter().flatten() {
+        for entry in walkdir::WalkDir::new(path).follow_links(false).min_depth(1).into_iter().flatten() {
             if entry.file_type().is_dir()
                 && let Ok(m) = entry.metadata()
             {

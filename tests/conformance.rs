@@ -91,9 +91,13 @@ fn every_good_file_is_indexed_like_its_video_only_twin() {
         }
         let c = cosine(&good.videos[&id], &twins.videos[&twin_id]);
         assert!(c >= 0.999999, "{}: video cosine {c}", entry.file);
+        // The note names the stream ffprobe numbers as the chosen one; the twin holds it alone.
+        let stream: u32 = entry.note.strip_prefix("stream ").unwrap().parse().unwrap();
+        assert_eq!(good.streams[&id], Some(stream), "{}: stream_index", entry.file);
+        assert_eq!(twins.streams[&twin_id], Some(0), "{}: the twin's stream_index", entry.file);
         checked += 1;
     }
-    assert!(checked >= 30, "only {checked} good files");
+    assert!(checked >= 38, "only {checked} good files");
 }
 
 /// ffmpeg's RGB of every frame of `file`, by its time from the first frame.
@@ -112,7 +116,19 @@ fn ffmpeg_frames(file: &Path) -> (u32, u32, Vec<(f64, Vec<u8>)>) {
     let raw = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
         .arg(file)
-        .args(["-map", "0:v:0", "-fps_mode", "passthrough", "-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "-"])
+        .args([
+            "-map",
+            "0:v:0",
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "image2pipe",
+            "-c:v",
+            "ppm",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ])
         .output()
         .unwrap();
     let (mut frames, mut rest, mut size) = (Vec::new(), &raw.stdout[..], (0, 0));

@@ -117,7 +117,7 @@ fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
     let index = dir.join("index");
     ingest(&index, &[&dir.join("corpus")], &[]);
     let manifest = Manifest::load(&index).unwrap().unwrap();
-    assert_eq!(manifest.format_version, 1);
+    assert_eq!(manifest.format_version, vtr_index::store::FORMAT_VERSION);
     assert_eq!(manifest.model.embed_dim, 32);
     assert!((manifest.model.logit_scale.exp() - 100.0).abs() < 1e-3);
     assert_eq!(manifest.sampling.max_frames, 12);
@@ -156,6 +156,7 @@ fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
             ("height", DataType::UInt32),
             ("fps", DataType::Float64),
             ("n_frames", DataType::UInt32),
+            ("stream_index", DataType::UInt32),
             ("embedding", embedding(32)),
         ],
     );
@@ -258,4 +259,49 @@ fn a_file_past_its_deadline_is_a_timeout_failure_and_the_run_goes_on() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(indexed_ids(&index), vec!["deeper/gradient_h264".to_string()]);
     assert!(failures_by_path(&index).is_empty());
+}
+
+/// An index written in format 1 (before `videos.stream_index`), kept in `tests/data/index-v1`
+/// as that version wrote it over `short_h264.mp4` and `bars_mpeg4.avi` under the root `videos`:
+/// every reader reads it, and the next ingest moves it to the current format in its commit,
+/// keeping every embedding (the old rows' stream is unknown: null).
+#[test]
+fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
+    let dir = Dir::new();
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v1");
+    for (rel, bytes) in file_tree(&old) {
+        dir.create(&format!("index/{rel}"), &bytes);
+    }
+    for clip in ["short_h264.mp4", "bars_mpeg4.avi"] {
+        dir.copy(&fixtures().join("videos").join(clip), &format!("videos/{clip}"));
+    }
+    let index = dir.join("index");
+    let before = snapshot(&index).unwrap();
+    assert_eq!(before.videos.len(), 2);
+    assert!(before.streams.values().all(Option::is_none), "{:?}", before.streams);
+    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+    TestCommand::new(&["info", "--index"]).arg(&index).expect_code(0);
+
+    dir.copy(&fixtures().join("videos/testsrc2_h264.mp4"), "videos/testsrc2_h264.mp4");
+    TestCommand::new(&["ingest", "videos", "--index", "index", "--model"])
+        .arg(sample().join("model"))
+        .current_dir(dir.path())
+        .expect_code(0);
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    assert_eq!(manifest.format_version, vtr_index::store::FORMAT_VERSION);
+    let after = snapshot(&index).unwrap();
+    assert_eq!(after.streams.len(), 3);
+    assert_eq!(after.streams["testsrc2_h264"], Some(0), "a new video records its stream");
+    for (id, embedding) in &before.videos {
+        assert_eq!(after.streams[id], None, "{id}: not decoded again");
+        assert_eq!(&after.videos[id], embedding, "{id}: the embedding is kept as it was");
+    }
+    for (key, frame) in &before.frames {
+        assert_eq!(&after.frames[key], frame, "{key:?}");
+    }
+    for shard in manifest.shards("videos") {
+        let schema = read_parquet(&index.join(&shard.path))[0].schema();
+        assert!(schema.field_with_name("stream_index").is_ok(), "{}: upgraded", shard.path);
+    }
+    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
 }

@@ -13,17 +13,7 @@ use crate::util::*;
 
 /// Ingest with `signal` raised at the fault point `at` (see `src/fault.rs`).
 fn ingest_signalled(index: &Path, root: &Path, extra: &[&str], at: &str, signal: &str) -> Output {
-    TestCommand::new(&["ingest"])
-        .arg(root)
-        .arg("--index")
-        .arg(index)
-        .arg("--model")
-        .arg(sample().join("model"))
-        .args(&["--decode-workers", "1"])
-        .args(extra)
-        .env("VTR_INDEX_KILL_AT", at)
-        .env("VTR_INDEX_KILL_WITH", signal)
-        .output()
+    ingest_command(index, root, extra).env("VTR_INDEX_KILL_AT", at).env("VTR_INDEX_KILL_WITH", signal).output()
 }
 
 fn assert_verifies(index: &Path) {

@@ -91,6 +91,12 @@ impl TestCommand {
         self
     }
 
+    /// Runs the command from `dir` (relative roots are resolved against it).
+    pub fn current_dir(mut self, dir: &Path) -> TestCommand {
+        self.cmd.current_dir(dir);
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> TestCommand {
         self.cmd.args(args);
         self
@@ -236,6 +242,8 @@ pub struct Snapshot {
     pub videos: BTreeMap<String, Vec<f32>>,
     pub frames: BTreeMap<(String, u32), (f64, Vec<f32>)>,
     pub failures: BTreeSet<(String, String)>,
+    /// The container stream each video was indexed from.
+    pub streams: BTreeMap<String, Option<u32>>,
 }
 
 pub fn snapshot(index: &Path) -> Option<Snapshot> {
@@ -244,6 +252,7 @@ pub fn snapshot(index: &Path) -> Option<Snapshot> {
     let frames: Vec<FrameRow> = read_table(index, manifest.shards("frames")).unwrap();
     let failures: Vec<vtr_index::failure::Failure> = read_table(index, manifest.shards("failures")).unwrap();
     Some(Snapshot {
+        streams: videos.iter().map(|v| (v.video_id.clone(), v.stream_index)).collect(),
         videos: videos.into_iter().map(|v| (v.video_id, v.embedding)).collect(),
         frames: frames.into_iter().map(|f| ((f.video_id, f.frame_index), (f.pts_s, f.embedding))).collect(),
         failures: failures.into_iter().map(|f| (f.path, f.kind.as_str().to_string())).collect(),
@@ -256,6 +265,7 @@ pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
     assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
     assert_eq!(got.frames.keys().collect::<Vec<_>>(), want.frames.keys().collect::<Vec<_>>(), "{what}: frames");
     assert_eq!(got.failures, want.failures, "{what}: failures");
+    assert_eq!(got.streams, want.streams, "{what}: streams");
     for (id, embedding) in &got.videos {
         let c = cosine(embedding, &want.videos[id]);
         assert!(c >= 0.99999, "{what}: {id}: cosine {c}");
@@ -267,15 +277,20 @@ pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
     }
 }
 
-pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
-    let mut cmd = TestCommand::new(&["ingest"])
+/// `ingest ROOT --index INDEX` with the sample model and one decode worker (a fixed order).
+pub fn ingest_command(index: &Path, root: &Path, extra: &[&str]) -> TestCommand {
+    TestCommand::new(&["ingest"])
         .arg(root)
         .arg("--index")
         .arg(index)
         .arg("--model")
         .arg(sample().join("model"))
         .args(&["--decode-workers", "1"])
-        .args(extra);
+        .args(extra)
+}
+
+pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
+    let mut cmd = ingest_command(index, root, extra);
     if let Some(point) = kill_at {
         cmd = cmd.env("VTR_INDEX_KILL_AT", point);
     }

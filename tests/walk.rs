@@ -71,3 +71,26 @@ fn files_named_in_latin1_are_indexed_under_escaped_ids_and_found_unchanged() {
     assert_eq!(state.videos.len(), 2);
     assert_eq!(state.failures.iter().filter(|(_, kind)| kind == "duplicate_id").count(), 1, "{stderr}");
 }
+
+#[test]
+fn a_root_named_in_latin1_is_walked_by_its_bytes_and_stored_escaped() {
+    let dir = Dir::new();
+    // "été" in Latin-1: a folder of an old archive, given on the command line as it is.
+    let root = dir.path().join(OsStr::from_bytes(b"\xe9t\xe9"));
+    std::fs::create_dir_all(root.join("day 1")).unwrap();
+    std::fs::copy(fixtures().join("videos/short_h264.mp4"), root.join("day 1/beach.mp4")).unwrap();
+    let index = dir.join("index");
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let stored = format!("{}/%E9t%E9", dir.path().display());
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    assert_eq!(manifest.roots, [stored.clone()]);
+    let videos: Vec<vtr_index::store::VideoRow> =
+        vtr_index::store::read_table(&index, manifest.shards("videos")).unwrap();
+    assert_eq!(videos.len(), 1);
+    assert_eq!((videos[0].root.as_str(), videos[0].video_id.as_str()), (stored.as_str(), "day 1/beach"));
+
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 1 unchanged, 0 removed"), "{stderr}");
+}

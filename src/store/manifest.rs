@@ -13,7 +13,10 @@ use super::{StoreError, atomic_write_with};
 use crate::model::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes. 2 added `stream_index` to `videos`.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads; a writer upgrades it ([`crate::store::upgrade`]).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// One immutable Parquet file of a table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,11 +100,11 @@ impl Manifest {
             path: path.clone(),
             message: format!("not a vtr-index manifest: {e}"),
         })?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(StoreError::Corrupt {
                 path,
                 message: format!(
-                    "format_version {} is not supported by this vtr-index (it reads version {FORMAT_VERSION})",
+                    "format_version {} is not supported by this vtr-index (it reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                     manifest.format_version
                 ),
             });

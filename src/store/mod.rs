@@ -20,14 +20,16 @@ use std::path::{Path, PathBuf};
 pub use files::{collect_garbage, foreign_entries, temporary_path};
 pub use journal::{InFlightJournal, crashed_runs, mark_journals_interrupted};
 pub use lock::{LOCK_FILE, WriterLock};
-pub use manifest::{FORMAT_VERSION, MANIFEST, Manifest, PreprocessRecord, SamplingRecord, ShardInfo, Suspect};
+pub use manifest::{
+    FORMAT_VERSION, MANIFEST, Manifest, OLDEST_FORMAT_VERSION, PreprocessRecord, SamplingRecord, ShardInfo, Suspect,
+};
 pub use scores::{
     Embeddings, TextSet, TopKRow, read_frames_of, read_text_embeddings, read_video_embeddings, topk_schema, write_topk,
 };
 pub use shard::{ShardWriter, for_each_batch, read_table, read_video_ids, verify_shard};
 pub use tables::{
-    FrameRow, TableRows, TextRow, VideoRow, embedding_values, failures_schema, frames_schema, texts_schema,
-    videos_schema,
+    FRAME_SHARD_ROWS, FrameRow, TableRows, TextRow, VIDEO_SHARD_ROWS, VideoRow, embedding_values, failures_schema,
+    frames_schema, texts_schema, videos_schema,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,25 @@ fn atomic_write_with(path: &Path, bytes: &[u8], before_rename: &str) -> Result<(
 
 pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
     std::fs::File::open(folder).and_then(|f| f.sync_all()).map_err(io_error(folder))
+}
+
+/// Brings a manifest of an older format to [`FORMAT_VERSION`] for the writer about to commit
+/// it: the `videos` shards are rewritten with the columns added since (null in the old rows),
+/// so one commit moves the whole table to the new schema and no table ever mixes two. The old
+/// shards stay until that commit's garbage collection. Returns whether anything changed; the
+/// caller must then commit even if it has nothing else to do.
+pub fn upgrade(index: &Path, manifest: &mut Manifest, tag: &str) -> Result<bool, StoreError> {
+    if manifest.format_version == FORMAT_VERSION {
+        return Ok(false);
+    }
+    let mut writer =
+        ShardWriter::<VideoRow>::new(index, "videos", &format!("{tag}-0"), manifest.model.embed_dim, VIDEO_SHARD_ROWS)?;
+    for row in read_table::<VideoRow>(index, manifest.shards("videos"))? {
+        writer.push(row)?;
+    }
+    manifest.tables.insert("videos".to_string(), writer.finish()?);
+    manifest.format_version = FORMAT_VERSION;
+    Ok(true)
 }
 
 /// Total bytes of the shards a manifest lists.

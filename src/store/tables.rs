@@ -23,6 +23,10 @@ pub trait TableRows: Sized {
     fn from_batch(batch: &RecordBatch) -> Result<Vec<Self>, String>;
 }
 
+/// Rows per shard: frames shards stay around 40 MB at D = 512.
+pub const VIDEO_SHARD_ROWS: u64 = 100_000;
+pub const FRAME_SHARD_ROWS: u64 = 20_000;
+
 /// One row of `videos`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VideoRow {
@@ -37,6 +41,8 @@ pub struct VideoRow {
     pub height: u32,
     pub fps: f64,
     pub n_frames: u32,
+    /// The container's stream that was indexed; null in rows indexed before format 2.
+    pub stream_index: Option<u32>,
     pub embedding: Vec<f32>,
 }
 
@@ -80,6 +86,7 @@ pub fn videos_schema(dim: usize) -> SchemaRef {
         Field::new("height", DataType::UInt32, false),
         Field::new("fps", DataType::Float64, false),
         Field::new("n_frames", DataType::UInt32, false),
+        Field::new("stream_index", DataType::UInt32, true),
         Field::new("embedding", embedding_type(dim), false),
     ]))
 }
@@ -197,6 +204,7 @@ impl TableRows for VideoRow {
                 Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.height))),
                 Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.fps))),
                 Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.n_frames))),
+                Arc::new(UInt32Array::from_iter(rows.iter().map(|r| r.stream_index))),
                 embeddings_array(rows.iter().map(|r| r.embedding.as_slice()), dim)?,
             ],
         )
@@ -210,6 +218,11 @@ impl TableRows for VideoRow {
         let (durations, fps) = (f64_column(batch, "duration_s")?, f64_column(batch, "fps")?);
         let (widths, heights, frames) =
             (u32_column(batch, "width")?, u32_column(batch, "height")?, u32_column(batch, "n_frames")?);
+        // Absent from shards written before format 2 (`store::upgrade` rewrites those).
+        let streams = match batch.column_by_name("stream_index") {
+            Some(_) => Some(u32_column(batch, "stream_index")?),
+            None => None,
+        };
         let embeddings = split_embeddings(batch)?;
         Ok((0..batch.num_rows())
             .zip(embeddings)
@@ -225,6 +238,7 @@ impl TableRows for VideoRow {
                 height: heights.value(i),
                 fps: fps.value(i),
                 n_frames: frames.value(i),
+                stream_index: streams.filter(|s| s.is_valid(i)).map(|s| s.value(i)),
                 embedding,
             })
             .collect())

@@ -98,6 +98,17 @@ na ts-h264-subtitles.ts "no text subtitle codec for MPEG-TS in ffmpeg"
 # Ogg: Theora with Vorbis.
 good ogg-theora-vorbis.ogv ogg -map 0 -map 1 -c:v libtheora -q:v 7 -c:a libvorbis
 
+# Video not first: the audio or subtitle track comes before it (as some cameras, editors and
+# remuxers write), so the indexed stream's number is not 0.
+good mp4-aac-first.mp4 mp4 -map 1 -map 0 "${h264[@]}" -c:a aac
+good mov-subtitles-first.mov mov -map 2 -map 0 -map 1 "${h264[@]}" -c:s mov_text -c:a aac
+good mkv-opus-first.mkv matroska -map 1 -map 0 "${h264[@]}" -c:a libopus
+good mkv-subtitles-audio-first.mkv matroska -map 2 -map 1 -map 0 "${vp9[@]}" -c:s srt -c:a libmp3lame
+good webm-opus-first.webm webm -map 1 -map 0 "${vp9[@]}" -c:a libopus
+good avi-mp3-first.avi avi -map 1 -map 0 -c:v mpeg4 -q:v 4 -c:a libmp3lame
+good ts-aac-first.ts mpegts -map 1 -map 0 "${h264[@]}" -c:a aac
+good ogg-vorbis-first.ogv ogg -map 1 -map 0 -c:v libtheora -q:v 7 -c:a libvorbis
+
 # Odd encodings, compared with ffmpeg's own RGB conversion (no twin). Note: tolerance class.
 odd() {
   local name=$1 note=$2
