@@ -84,7 +84,7 @@ fn a_root_named_in_latin1_is_walked_by_its_bytes_and_stored_escaped() {
     assert_eq!(code, 0, "{stderr}");
     let stored = format!("{}/%E9t%E9", dir.path().display());
     let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
-    assert_eq!(manifest.roots, [stored.clone()]);
+    assert_eq!(manifest.roots, std::slice::from_ref(&stored));
     let videos: Vec<vtr_index::store::VideoRow> =
         vtr_index::store::read_table(&index, manifest.shards("videos")).unwrap();
     assert_eq!(videos.len(), 1);
