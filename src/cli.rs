@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::encode_text::{EncodeTextOptions, encode_text};
+use crate::encode_text::{EncodeTextError, EncodeTextOptions, encode_text};
 use crate::ingest::{IngestOptions, ingest};
 use crate::model::{Checkpoint, DeviceChoice, Precision};
 use crate::score::command::{ScoreCommand, run_score as run_score_command};
@@ -209,7 +209,11 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(interrupted.map_or(code, crate::interrupt::exit_code)),
         Err(e) => {
             eprintln!("vtr-index: {e:#}");
-            ExitCode::from(interrupted.map_or(1, crate::interrupt::exit_code))
+            // 128 + the signal promises that the finished work is committed: only a command
+            // that stopped because it was asked to says so, never one that failed afterwards
+            // (a commit on a full disk, say).
+            let stopped = matches!(e.downcast_ref::<EncodeTextError>(), Some(EncodeTextError::Interrupted { .. }));
+            ExitCode::from(interrupted.filter(|_| stopped).map_or(1, crate::interrupt::exit_code))
         }
     }
 }
@@ -274,8 +278,9 @@ fn run_ingest(args: IngestArgs) -> Result<u8> {
     eprintln!("vtr-index: {}", report.summary());
     if let Some(signal) = &report.interrupted {
         eprintln!(
-            "vtr-index: interrupted by {signal}: the {} videos finished in this run are committed; {} files were not processed; run the same command again to continue",
-            report.new + report.changed,
+            "vtr-index: interrupted by {signal}: the {} videos and {} failures settled in this run are committed; {} files were not processed; run the same command again to continue",
+            report.new + report.changed + report.reused,
+            report.failed_total(),
             report.not_processed
         );
     }

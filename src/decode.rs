@@ -212,9 +212,11 @@ struct PadState {
     /// The chosen video pad's stream id, which its demuxer pad carries too.
     video_stream_id: Option<String>,
     /// The first demuxer parsebin plugged (a container inside a container is not counted), and
-    /// its source pads in the order it created them: the container's stream order.
-    demuxer: Option<gst::Element>,
-    demuxer_pads: Vec<gst::Pad>,
+    /// its source pads in the order it created them: the container's stream order. Weak: the
+    /// demuxer's own pad-added handler holds this state, and a strong reference back would keep
+    /// the demuxer, and every object it holds, alive after the pipeline is gone.
+    demuxer: Option<glib::WeakRef<gst::Element>>,
+    demuxer_pads: Vec<glib::WeakRef<gst::Pad>>,
 }
 
 impl PadState {
@@ -230,7 +232,9 @@ impl PadState {
             return has_video.then_some(0);
         }
         let chosen = chosen?;
-        let position = pads.iter().position(|pad| pad.stream_id().as_deref() == Some(chosen.as_str()))?;
+        let position = pads
+            .iter()
+            .position(|pad| pad.upgrade().and_then(|pad| pad.stream_id()).as_deref() == Some(chosen.as_str()))?;
         u32::try_from(position).ok()
     }
 }
@@ -313,8 +317,9 @@ fn build_pipeline(
                 return;
             }
             let mut state = pad_state.lock().unwrap();
-            if state.demuxer.get_or_insert_with(|| demuxer.clone()) == demuxer {
-                state.demuxer_pads.push(pad.clone());
+            let first = state.demuxer.get_or_insert_with(|| demuxer.downgrade()).upgrade();
+            if first.as_ref() == Some(demuxer) {
+                state.demuxer_pads.push(pad.downgrade());
             }
         });
     });

@@ -105,14 +105,39 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
     let clip = Clip::load_recorded(&manifest.model, options.model.as_deref(), options.device)?;
     let tokenizer = ClipTokenizer::new(clip.max_text_tokens());
     collect_garbage(&options.index, Some(&manifest))?;
+    match write_and_commit(options, manifest, &clip, &tokenizer, reader, &name) {
+        Ok(mut report) => {
+            drop(lock);
+            report.seconds = started.elapsed().as_secs_f64();
+            Ok(report)
+        }
+        Err(e) => {
+            // What this run wrote and no committed manifest lists goes now, not at the next
+            // writer's start, so a stopped or failed run leaves the index as it found it. The
+            // manifest on disk decides (a commit may have failed after its rename).
+            if let Ok(Some(committed)) = Manifest::load(&options.index) {
+                let _ = collect_garbage(&options.index, Some(&committed));
+            }
+            Err(e)
+        }
+    }
+}
 
+/// Upgrades an older index (in this same commit), encodes every caption into `texts/NAME`
+/// shards and commits them.
+fn write_and_commit(
+    options: &EncodeTextOptions,
+    mut manifest: Manifest,
+    clip: &Clip,
+    tokenizer: &ClipTokenizer,
+    reader: CaptionReader,
+    name: &str,
+) -> Result<EncodeTextReport, EncodeTextError> {
     let table = format!("texts/{name}");
     let tag = crate::ingest::now_us().to_string();
-    // An index of an older format moves to this one in this commit.
-    let mut manifest = manifest;
     crate::store::upgrade(&options.index, &mut manifest, &tag)?;
     let mut out = ShardWriter::<TextRow>::new(&options.index, &table, &tag, clip.embed_dim(), TEXT_SHARD_ROWS)?;
-    let mut report = EncodeTextReport { name: name.clone(), ..Default::default() };
+    let mut report = EncodeTextReport { name: name.to_string(), ..Default::default() };
     let mut chunk: Vec<Caption> = Vec::with_capacity(CHUNK_TEXTS);
     let mut reader = reader.peekable();
     while let Some(row) = reader.next() {
@@ -124,7 +149,7 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
             }
         }
         if chunk.len() == CHUNK_TEXTS || (reader.peek().is_none() && !chunk.is_empty()) {
-            encode_chunk(&clip, &tokenizer, &chunk, options.batch.max(1), &mut report, &mut out)?;
+            encode_chunk(clip, tokenizer, &chunk, options.batch.max(1), &mut report, &mut out)?;
             chunk.clear();
         }
     }
@@ -134,14 +159,13 @@ pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, Enco
             options.captions.display()
         )));
     }
+    check_interrupted(name)?;
     let shards = out.finish()?;
-    check_interrupted(&name)?;
+    check_interrupted(name)?;
     report.replaced = manifest.tables.insert(table, shards).is_some();
     manifest.committed_at_us = crate::ingest::now_us();
     manifest.commit(&options.index)?;
     collect_garbage(&options.index, Some(&manifest))?;
-    drop(lock);
-    report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 

@@ -86,8 +86,8 @@ pub struct IngestReport {
     pub failed_not_retried: u64,
     /// Files without a video extension.
     pub skipped: u64,
-    /// Links to folders the walk reaches anyway (a root, a real folder, another link's
-    /// target): skipped so that each folder is walked once.
+    /// Folders the walk reached a second way (a link to a root, to a real folder, to another
+    /// link's target; a root inside another root): skipped so that each folder is walked once.
     pub repeated_folders: u64,
     pub frames: u64,
     pub video_seconds: f64,
@@ -248,7 +248,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let walk_started = Instant::now();
     let walked = walk_roots(&options.roots, &options.index, started_at_us)?;
     for link in &walked.repeated_folders {
-        eprintln!("vtr-index: {link}: skipped, a link to a folder this walk reaches anyway");
+        eprintln!("vtr-index: {link}: skipped, a folder this walk reaches by another path");
     }
     let mut report = IngestReport {
         started_at_us,
@@ -274,6 +274,13 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let reused = plan.find_reusable(&old_videos);
     report.unchanged = plan.unchanged;
     report.removed = plan.removed;
+    // A signal during the walk or the plan: no file is started, and the files that would have
+    // been keep what the index had of them; the plan's other changes are committed as usual.
+    crate::fault::point("planned");
+    let held_back = match crate::interrupt::requested() {
+        Some(_) => plan.hold_back(&old_failure_at),
+        None => 0,
+    };
     report.failed_not_retried = plan.kept_failures.len() as u64;
     if clip.is_none() && !plan.to_process.is_empty() {
         clip = Some(load_model()?);
@@ -416,7 +423,7 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     progress.finish();
     if let Some(signal) = crate::interrupt::requested() {
         report.interrupted = Some(crate::interrupt::signal_name(signal).to_string());
-        report.not_processed = (processed - finished) as u64;
+        report.not_processed = (processed - finished + held_back) as u64;
     }
     report.stage_seconds.decode = stage_nanos.seconds(&stage_nanos.decode);
     report.stage_seconds.encode = stage_nanos.seconds(&stage_nanos.encode);
@@ -595,6 +602,21 @@ impl Plan {
         }
         plan.kept_failures.extend(old_failures.iter().filter(|f| !roots.contains(&f.root)).cloned());
         plan
+    }
+
+    /// Takes every file out of the work, keeping what the index had of it (the old rows of a
+    /// changed file, the old failure of one to be retried), for a run stopped before it began.
+    /// Returns how many files were held back.
+    fn hold_back(&mut self, old_failure_at: &HashMap<(&str, &str), &Failure>) -> usize {
+        let files = std::mem::take(&mut self.to_process);
+        for file in &files {
+            if self.replaced.remove(&(file.root.clone(), file.path.clone())) {
+                self.keep_ids.insert(file.video_id.clone());
+            } else if let Some(failure) = old_failure_at.get(&(file.root.as_str(), file.path.as_str())) {
+                self.kept_failures.push((*failure).clone());
+            }
+        }
+        files.len()
     }
 
     /// Takes out of the work the files that were in flight at two or more crashes and returns

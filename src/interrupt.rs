@@ -81,7 +81,11 @@ fn on_signal(signal: i32) {
         remove_temporaries();
         eprintln!("vtr-index: {}: stopped; no partial output was left", signal_name(signal));
     }
-    std::process::exit(exit_code(signal).into());
+    // `_exit`, not `exit`: other threads (GStreamer's, BLAS's, CUDA's) are still running, and
+    // the exit handlers and destructors `exit` runs could crash or hang under them. stderr is
+    // unbuffered, so every message above is out.
+    // SAFETY: `_exit` ends the process at once; it touches no state of this program.
+    unsafe { libc::_exit(exit_code(signal).into()) }
 }
 
 /// The signal that interrupted this process, if one has.
@@ -130,12 +134,10 @@ pub fn publishing() -> MutexGuard<'static, ()> {
 }
 
 fn remove_temporaries() {
-    let ours = crate::store::temporary_path(Path::new("x"));
-    let prefix = ours.to_string_lossy().trim_end_matches('x').to_string();
     for folder in OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let Ok(entries) = std::fs::read_dir(folder) else { continue };
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            if crate::store::is_own_temporary_name(&entry.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

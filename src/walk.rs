@@ -56,8 +56,9 @@ pub struct WalkOutcome {
     pub failures: Vec<Failure>,
     /// Files without a video extension: skipped, counted, not failures.
     pub skipped: u64,
-    /// Links to folders walked anyway (a root, a real folder, a folder another link reached
-    /// first), `ROOT/PATH` each: skipped so every folder is walked once; not failures.
+    /// Folders reached a second way (a link to a root, to a real folder, to a folder reached
+    /// before; a root inside another root), `ROOT/PATH` each: skipped so every folder is
+    /// walked once; not failures.
     pub repeated_folders: Vec<String>,
 }
 
@@ -99,9 +100,10 @@ pub fn check_roots(roots: &[Root]) -> Result<(), WalkError> {
 /// folder `index` (an index kept inside a root, as in `ingest . --index .vtr-index`).
 ///
 /// Every folder is walked once. The real folders under the roots are listed first; a link to
-/// one of them, to a root, or to a folder an earlier link already reached is skipped and
-/// reported in [`WalkOutcome::repeated_folders`]. A link to a folder that holds it (an
-/// ancestor, the roots' own included) is a `symlink_loop` failure at the link.
+/// one of them, to a root, or to a folder reached before (through an earlier link, or under
+/// another root that holds it) is skipped and reported in [`WalkOutcome::repeated_folders`].
+/// A link to a folder that holds it (an ancestor, the roots' own included) is a
+/// `symlink_loop` failure at the link.
 ///
 /// A `video_id` seen twice (across roots, or `a.mp4` beside `a.mkv`) keeps its first file;
 /// the others become `duplicate_id` failures.
@@ -109,7 +111,8 @@ pub fn walk_roots(roots: &[Root], index: &Path, now_us: i64) -> Result<WalkOutco
     check_roots(roots)?;
     let identity = |m: &std::fs::Metadata| (m.dev(), m.ino());
     let index_identity = std::fs::metadata(index).ok().map(|m| identity(&m));
-    let mut walked_folders = real_folders(roots);
+    let real = real_folders(roots);
+    let mut entered = HashSet::new();
     let mut outcome = WalkOutcome::default();
     let mut seen_ids: HashMap<String, (String, String)> = HashMap::new();
     for Root { path: root_path, name: root } in roots {
@@ -136,24 +139,33 @@ pub fn walk_roots(roots: &[Root], index: &Path, now_us: i64) -> Result<WalkOutco
                 if Some(identity(&metadata)) == index_identity {
                     return false;
                 }
-                if !entry.path_is_symlink() || entry.depth() == 0 {
-                    return true;
+                if entry.path_is_symlink() && entry.depth() > 0 {
+                    // A link to a folder that holds it: a loop.
+                    let target = std::fs::canonicalize(entry.path());
+                    let here = entry.path().parent().and_then(|p| std::fs::canonicalize(p).ok());
+                    if let (Ok(target), Some(here)) = (&target, &here)
+                        && here.starts_with(target)
+                    {
+                        let message = format!(
+                            "symbolic link loop: leads back to {}, which holds it; the link was not followed",
+                            target.display()
+                        );
+                        link_failures.push(failure(entry.path(), FailureKind::SymlinkLoop, message));
+                        return false;
+                    }
                 }
-                // A link: to a folder that holds it, a loop; to a folder walked anyway, skipped.
-                let target = std::fs::canonicalize(entry.path());
-                let here = entry.path().parent().and_then(|p| std::fs::canonicalize(p).ok());
-                if let (Ok(target), Some(here)) = (&target, &here)
-                    && here.starts_with(target)
-                {
-                    let message = format!(
-                        "symbolic link loop: leads back to {}, which holds it; the link was not followed",
-                        target.display()
-                    );
-                    link_failures.push(failure(entry.path(), FailureKind::SymlinkLoop, message));
-                    return false;
-                }
-                if !walked_folders.insert(identity(&metadata)) {
-                    repeated.push(format!("{}/{}", root.trim_end_matches('/'), relative_path(root_path, entry.path())));
+                // A folder reached by another path than its real one, or reached before (a
+                // second link to it, a root inside another root): walked once already, or
+                // about to be under its real path.
+                let id = identity(&metadata);
+                let real_elsewhere = real.get(&id).is_some_and(|real_path| real_path.as_path() != entry.path());
+                if real_elsewhere || !entered.insert(id) {
+                    let rel = relative_path(root_path, entry.path());
+                    repeated.push(if rel.is_empty() {
+                        root.clone()
+                    } else {
+                        format!("{}/{rel}", root.trim_end_matches('/'))
+                    });
                     return false;
                 }
                 true
@@ -225,19 +237,20 @@ pub fn walk_roots(roots: &[Root], index: &Path, now_us: i64) -> Result<WalkOutco
     Ok(outcome)
 }
 
-/// (device, inode) of every folder under the roots reached without following a link, the
-/// roots included: the folders the walk reaches as real folders, which links then defer to.
-fn real_folders(roots: &[Root]) -> HashSet<(u64, u64)> {
-    let mut folders = HashSet::new();
+/// (device, inode) → path of every folder under the roots reached without following a link,
+/// the roots included (the first root's path where roots nest): the folders' real paths, which
+/// every other way to them defers to.
+fn real_folders(roots: &[Root]) -> HashMap<(u64, u64), PathBuf> {
+    let mut folders = HashMap::new();
     for Root { path, .. } in roots {
         if let Ok(m) = std::fs::metadata(path) {
-            folders.insert((m.dev(), m.ino()));
+            folders.entry((m.dev(), m.ino())).or_insert_with(|| path.clone());
         }
         for entry in walkdir::WalkDir::new(path).follow_links(false).min_depth(1).into_iter().flatten() {
             if entry.file_type().is_dir()
                 && let Ok(m) = entry.metadata()
             {
-                folders.insert((m.dev(), m.ino()));
+                folders.entry((m.dev(), m.ino())).or_insert_with(|| entry.path().to_path_buf());
             }
         }
     }

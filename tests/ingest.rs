@@ -7,7 +7,7 @@ use std::path::Path;
 use arrow::datatypes::{DataType, TimeUnit};
 use gstreamer as gst;
 use gstreamer::prelude::*;
-use vtr_index::store::Manifest;
+use vtr_index::store::{Manifest, VideoRow, read_table};
 
 use crate::util::*;
 
@@ -272,21 +272,40 @@ fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
     for (rel, bytes) in file_tree(&old) {
         dir.create(&format!("index/{rel}"), &bytes);
     }
-    for clip in ["short_h264.mp4", "bars_mpeg4.avi"] {
-        dir.copy(&fixtures().join("videos").join(clip), &format!("videos/{clip}"));
-    }
     let index = dir.join("index");
+    // The files as that index saw them: the same bytes and modification times.
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    for row in read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap() {
+        let copy = dir.copy(&fixtures().join("videos").join(&row.path), &format!("videos/{}", row.path));
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(row.mtime_ns as u64);
+        std::fs::File::open(copy).unwrap().set_modified(mtime).unwrap();
+    }
     let before = snapshot(&index).unwrap();
     assert_eq!(before.videos.len(), 2);
     assert!(before.streams.values().all(Option::is_none), "{:?}", before.streams);
     TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
     TestCommand::new(&["info", "--index"]).arg(&index).expect_code(0);
 
+    let ingest_v1 = || {
+        TestCommand::new(&["ingest", "videos", "--index", "index", "--model"])
+            .arg(sample().join("model"))
+            .current_dir(dir.path())
+    };
+    // Killed before the upgrading commit lands: still the old index, whole.
+    let out = ingest_v1().env("VTR_INDEX_KILL_AT", "manifest-written").output();
+    assert_eq!(out.status.code(), None, "killed: {}", summary(&out));
+    assert_eq!(Manifest::load(&index).unwrap().unwrap().format_version, 1);
+    assert_eq!(snapshot(&index).unwrap(), before);
+    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+
+    // A run with nothing else to do upgrades all the same.
+    let (_, stderr) = ingest_v1().expect_code(0);
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 2 unchanged"), "{stderr}");
+    assert_eq!(Manifest::load(&index).unwrap().unwrap().format_version, vtr_index::store::FORMAT_VERSION);
+    assert_eq!(snapshot(&index).unwrap(), before);
+
     dir.copy(&fixtures().join("videos/testsrc2_h264.mp4"), "videos/testsrc2_h264.mp4");
-    TestCommand::new(&["ingest", "videos", "--index", "index", "--model"])
-        .arg(sample().join("model"))
-        .current_dir(dir.path())
-        .expect_code(0);
+    ingest_v1().expect_code(0);
     let manifest = Manifest::load(&index).unwrap().unwrap();
     assert_eq!(manifest.format_version, vtr_index::store::FORMAT_VERSION);
     let after = snapshot(&index).unwrap();

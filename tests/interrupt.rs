@@ -126,6 +126,32 @@ fn send(child: &std::process::Child, signal: i32) {
 
 /// Real signals from outside, as a terminal or a scheduler sends them: SIGTERM ends the run
 /// within 10 s with its work committed; a second SIGINT stops it at once, blaming no file.
+/// A signal before the first file starts (during the walk, the plan or the model load): no
+/// file is started, a changed file keeps its old rows until a run re-indexes it, and the run
+/// still ends 130 with nothing blamed.
+#[test]
+fn a_signal_before_any_file_starts_keeps_what_the_index_had() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let before = snapshot(&index).unwrap();
+    // One file changes (another clip's bytes under its name), one is new.
+    std::fs::copy(fixtures().join("videos/vfr_h264.mp4"), root.join(CLIPS[0])).unwrap();
+    corpus(&dir, "videos", &CLIPS[4..5]);
+
+    let out = ingest_signalled(&index, &root, &[], "planned", "SIGINT");
+    assert_eq!(out.status.code(), Some(130), "{}", summary(&out));
+    assert!(summary(&out).contains("2 files were not processed"), "{}", summary(&out));
+    assert_eq!(snapshot(&index).unwrap(), before, "the changed file keeps its old rows");
+    assert_verifies(&index);
+
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert!(summary(&out).contains("1 new, 1 changed, 0 reused, 1 unchanged"), "{}", summary(&out));
+}
+
 #[test]
 fn signals_from_outside_end_the_run_within_seconds() {
     let dir = Dir::new();

@@ -33,12 +33,40 @@ fn each_folder_is_walked_once_and_only_a_link_to_an_ancestor_is_a_loop() {
     let failures: Vec<(String, String)> = state.failures.into_iter().collect();
     assert_eq!(failures, [("2024-05/up".to_string(), "symlink_loop".to_string())], "recorded at the link");
     for link in ["2024-05/june", "current", "latest"] {
-        let line = format!("{}/{link}: skipped, a link to a folder this walk reaches anyway", root.display());
+        let line = format!("{}/{link}: skipped, a folder this walk reaches by another path", root.display());
         assert!(stderr.contains(&line), "{line}\n{stderr}");
     }
     let report = std::fs::read_dir(index.join("runs")).unwrap().next().unwrap().unwrap().path();
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     assert_eq!(report["repeated_folders"], 3);
+}
+
+/// Links into a folder outside the roots and into its sub-folder (`all -> /ext`,
+/// `deep -> /ext/nested`, in either order of names), and a root given inside another root:
+/// the sub-folder is still walked once.
+#[test]
+fn a_folder_reached_through_two_links_or_two_roots_is_walked_once() {
+    let dir = Dir::new();
+    let ext = corpus(&dir, "ext", &CLIPS[1..3]);
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    symlink(&ext, root.join("all")).unwrap();
+    symlink(ext.join("nested"), root.join("a-nested")).unwrap();
+    let index = dir.join("index");
+    let (code, stderr) = ingest(&index, &[&root], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let state = snapshot(&index).unwrap();
+    let ids: Vec<&str> = state.videos.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["a-nested/deeper/gradient_h264", "all/rotated90_h264", "short_h264"], "{stderr}");
+    assert!(stderr.contains("/all/nested: skipped"), "{stderr}");
+
+    // A root inside another root: its folders were walked under the first.
+    let index = dir.join("index-nested");
+    let inner = ext.join("nested");
+    let (code, stderr) = ingest(&index, &[&ext, &inner], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let ids: Vec<String> = snapshot(&index).unwrap().videos.into_keys().collect();
+    assert_eq!(ids, ["nested/deeper/gradient_h264", "rotated90_h264"], "{stderr}");
+    assert!(stderr.contains(&format!("{}: skipped", inner.display())), "{stderr}");
 }
 
 #[test]

@@ -31,11 +31,18 @@ pub fn temporary_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
 }
 
-/// `.tmp-<pid>-…`: a file some vtr-index process was writing.
+/// `.tmp-<pid>-…`: a file some vtr-index process was writing; also `.tmp-<shard name>`, the
+/// temporary shard name of builds before the pid was part of it.
 pub fn is_temporary_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(".tmp-") else { return false };
+    is_shard_name(rest) || rest.split_once('-').is_some_and(|(pid, rest)| is_digits(pid) && !rest.is_empty())
+}
+
+/// A temporary name of this process's ([`temporary_path`]).
+pub fn is_own_temporary_name(name: &str) -> bool {
     name.strip_prefix(".tmp-")
         .and_then(|rest| rest.split_once('-'))
-        .is_some_and(|(pid, rest)| is_digits(pid) && !rest.is_empty())
+        .is_some_and(|(pid, rest)| pid == std::process::id().to_string() && !rest.is_empty())
 }
 
 /// `part-<digits>[-<digits>…]-<5 digits>.parquet`: a shard, listed or not.
@@ -84,14 +91,20 @@ struct TableFiles {
 
 fn table_files(index: &Path) -> Result<TableFiles, StoreError> {
     let mut files = TableFiles { own: Vec::new(), foreign: Vec::new() };
-    // Sorts one folder's files into `files`; returns its sub-folders.
-    fn look_at(folder: &Path, rel: &str, files: &mut TableFiles) -> Result<Vec<PathBuf>, StoreError> {
+    // Sorts one folder's files into `files` (the index's own only where it keeps shards);
+    // returns its sub-folders.
+    fn look_at(
+        folder: &Path,
+        rel: &str,
+        holds_shards: bool,
+        files: &mut TableFiles,
+    ) -> Result<Vec<PathBuf>, StoreError> {
         let mut folders = Vec::new();
         for (path, is_dir) in entries(folder)? {
             let name = name_of(&path);
             if is_dir {
                 folders.push(path);
-            } else if is_shard_name(&name) || is_temporary_name(&name) {
+            } else if holds_shards && (is_shard_name(&name) || is_temporary_name(&name)) {
                 files.own.push((path, format!("{rel}/{name}")));
             } else {
                 files.foreign.push(path);
@@ -100,12 +113,13 @@ fn table_files(index: &Path) -> Result<TableFiles, StoreError> {
         Ok(folders)
     }
     for dir in TABLE_DIRS {
-        let folders = look_at(&index.join(dir), dir, &mut files)?;
+        // `texts/` holds one folder per text set and no shard of its own.
+        let folders = look_at(&index.join(dir), dir, *dir != "texts", &mut files)?;
         for folder in folders {
             if *dir == "texts" {
                 // A text set's folder; anything deeper is not the index's.
                 let rel = format!("texts/{}", name_of(&folder));
-                let deeper = look_at(&folder, &rel, &mut files)?;
+                let deeper = look_at(&folder, &rel, true, &mut files)?;
                 files.foreign.extend(deeper);
             } else {
                 files.foreign.push(folder);
@@ -142,9 +156,10 @@ pub fn foreign_entries(index: &Path) -> Result<Vec<PathBuf>, StoreError> {
 }
 
 /// Removes the shards and temporary files in the table folders that `manifest` does not list
-/// (left by runs that died before their commit, or replaced by later commits), and nothing
-/// else: foreign files are named once in a warning and left where they are. Returns how many
-/// files were removed.
+/// (left by runs that died before their commit, or replaced by later commits), and the
+/// temporaries of dead writers' manifests and run reports, and nothing else: foreign files are
+/// named once in a warning and left where they are. Runs under the writer lock, so every
+/// temporary but this process's own is a dead writer's. Returns how many files were removed.
 pub fn collect_garbage(index: &Path, manifest: Option<&Manifest>) -> Result<usize, StoreError> {
     let listed: HashSet<&str> =
         manifest.map(|m| m.tables.values().flatten().map(|s| s.path.as_str()).collect()).unwrap_or_default();
@@ -162,6 +177,15 @@ pub fn collect_garbage(index: &Path, manifest: Option<&Manifest>) -> Result<usiz
             && let Some(folder) = path.parent()
         {
             emptied_sets.insert(folder.to_path_buf());
+        }
+    }
+    for folder in [index.to_path_buf(), index.join("runs")] {
+        for (path, is_dir) in entries(&folder)? {
+            let name = name_of(&path);
+            if !is_dir && is_temporary_name(&name) && !is_own_temporary_name(&name) {
+                std::fs::remove_file(&path).map_err(io_error(&path))?;
+                removed += 1;
+            }
         }
     }
     // A text-set folder this collection emptied of the index's own files goes too; one that

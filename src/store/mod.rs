@@ -17,7 +17,7 @@ mod tables;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use files::{collect_garbage, foreign_entries, temporary_path};
+pub use files::{collect_garbage, foreign_entries, is_own_temporary_name, temporary_path};
 pub use journal::{InFlightJournal, crashed_runs, mark_journals_interrupted};
 pub use lock::{LOCK_FILE, WriterLock};
 pub use manifest::{

@@ -132,7 +132,13 @@ odd h264-faststart.mp4 8bit "${src[@]}" -f lavfi -i "$audio" -c:v libx264 -prese
 odd h264-start-offset.mp4 8bit "${src[@]}" -c:v libx264 -preset veryfast -pix_fmt yuv420p -output_ts_offset 1.5
 odd h264-negative-cts.mp4 8bit "${src[@]}" -c:v libx264 -preset veryfast -pix_fmt yuv420p -bf 3 -movflags +negative_cts_offsets
 odd h264-nonsquare.mp4 8bit -f lavfi -i "testsrc2=size=176x144:rate=25:duration=$dur" -vf setsar=16/11 -c:v libx264 -preset veryfast -pix_fmt yuv420p
-odd phone-hevc-rotated.mov 8bit "${src[@]}" -f lavfi -i "$audio" -c:v libx265 -preset veryfast -pix_fmt yuv420p -x265-params log-level=none -tag:v hvc1 -metadata:s:v:0 rotate=90 -c:a aac
+# A phone's portrait clip: landscape-coded HEVC with sound and a display matrix. ffmpeg 5 writes
+# the matrix only when it copies the stream, so the rotation is set in a second pass, and checked.
+ff "${src[@]}" -f lavfi -i "$audio" -c:v libx265 -preset veryfast -pix_fmt yuv420p -x265-params log-level=none \
+  -tag:v hvc1 -c:a aac src/phone.mov
+odd phone-hevc-rotated.mov 8bit -i src/phone.mov -map 0 -c copy -metadata:s:v:0 rotate=90
+ffprobe -v error -show_streams odd/phone-hevc-rotated.mov | grep -q '^rotation=' ||
+  { echo "ffmpeg wrote no display matrix into odd/phone-hevc-rotated.mov" >&2; exit 1; }
 odd h264-202x118.mp4 8bit -f lavfi -i "testsrc2=size=202x118:rate=25:duration=$dur" -c:v libx264 -preset veryfast -pix_fmt yuv420p
 odd ffv1-161x97.mkv 8bit -f lavfi -i "testsrc2=size=161x97:rate=25:duration=$dur" -c:v ffv1 -pix_fmt yuv444p
 
