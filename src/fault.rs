@@ -9,7 +9,9 @@
 //! synced under its temporary name, before the rename), `committed` (just after a commit),
 //! `encode` (a model batch of ingest or encode-text starting), `scored` (score done, outputs
 //! not yet published). `VTR_INDEX_KILL_WITH=SIGINT|SIGTERM` sends that
-//! signal instead, as Ctrl-C or a scheduler would, and the process goes on to handle it.
+//! signal instead, as Ctrl-C or a scheduler would, and the process goes on to handle it;
+//! `SIGINT*2` sends a second SIGINT once the first has been seen (a user pressing Ctrl-C
+//! twice), and the point then waits for the process to end.
 //! Unset, every check is one relaxed atomic load.
 
 use std::sync::OnceLock;
@@ -18,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 struct Target {
     point: String,
     signal: i32,
+    /// Send the signal a second time once the first has been seen.
+    twice: bool,
     hit_number: u64,
     hits: AtomicU64,
 }
@@ -31,12 +35,13 @@ fn target() -> Option<&'static Target> {
                 Some((point, Ok(n))) => (point.to_string(), n.max(1)),
                 _ => (spec, 1),
             };
-            let signal = match std::env::var("VTR_INDEX_KILL_WITH").as_deref() {
-                Ok("SIGINT") => libc::SIGINT,
-                Ok("SIGTERM") => libc::SIGTERM,
-                _ => libc::SIGKILL,
+            let (signal, twice) = match std::env::var("VTR_INDEX_KILL_WITH").as_deref() {
+                Ok("SIGINT") => (libc::SIGINT, false),
+                Ok("SIGINT*2") => (libc::SIGINT, true),
+                Ok("SIGTERM") => (libc::SIGTERM, false),
+                _ => (libc::SIGKILL, false),
             };
-            Some(Target { point, signal, hit_number, hits: AtomicU64::new(0) })
+            Some(Target { point, signal, twice, hit_number, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
@@ -54,6 +59,15 @@ pub fn point(name: &str) {
         let waited = std::time::Instant::now();
         while crate::interrupt::requested().is_none() && waited.elapsed() < std::time::Duration::from_secs(10) {
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if target.twice {
+            // SAFETY: as above. The signal thread now ends the process.
+            unsafe {
+                libc::kill(libc::getpid(), target.signal);
+            }
+            loop {
+                std::thread::park();
+            }
         }
     }
 }

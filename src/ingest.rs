@@ -8,7 +8,9 @@
 //! end. Existing shards that still hold only kept videos are listed again untouched; a shard
 //! with a removed or replaced video is rewritten without it. A panic in any stage fails the
 //! run with only its earlier periodic commits published. Decode workers journal the files in
-//! flight, so the run after a crash can tell which file the process died on.
+//! flight, so the run after a crash can tell which file the process died on. On SIGINT or
+//! SIGTERM no new file starts and what is finished is committed. An index of an older format
+//! is upgraded in this run's commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -837,6 +839,7 @@ impl Committer<'_> {
     ) -> Result<(), StoreError> {
         self.commits += 1;
         let dim = writers.videos.dim();
+        // `TAG-N` from 1: `TAG-0` is the format upgrade's (`store::upgrade`).
         let next_tag = format!("{}-{}", self.tag, self.commits);
         let done = std::mem::replace(writers, RowWriters::new(self.index, &next_tag, dim)?);
         for (table, shards) in [("videos", done.videos.finish()?), ("frames", done.frames.finish()?)] {

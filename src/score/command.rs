@@ -200,7 +200,6 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
     // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
     crate::interrupt::remove_temporaries_in(&command.out);
-    let mut files = Vec::new();
     let dense = if command.dense {
         let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
         by_id.sort_by_key(|&i| texts.text_ids[i]);
@@ -224,22 +223,18 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &problem, &options, sink)?,
     };
 
-    crate::fault::point("scored");
-    // From here the outputs are renamed into place; an interruption waits until all of them are,
-    // so the folder never mixes this run's outputs with an earlier run's.
-    let _publishing = crate::interrupt::publishing();
+    // Every output is written under its temporary name first; then all are renamed into place
+    // together, under the lock an interruption waits for, so the folder never mixes this run's
+    // outputs with an earlier run's.
+    let mut staged = Staged(Vec::new());
     if let Some(dense) = dense {
         for (writer, name) in [(dense.t2v, "t2v.npy"), (dense.v2t, "v2t.npy")] {
-            let tmp = writer.finish()?;
-            let path = command.out.join(name);
-            std::fs::rename(&tmp, &path)?;
-            files.push(path);
+            staged.0.push((writer.finish()?, command.out.join(name)));
         }
         let path = command.out.join("videos.txt");
         let mut list = sorted_ids.join("\n");
         list.push('\n');
-        crate::store::atomic_write(&path, list.as_bytes())?;
-        files.push(path);
+        staged.0.push((crate::store::write_temporary(&path, list.as_bytes())?, path));
     }
 
     let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
@@ -254,8 +249,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         })
     });
     let topk_path = command.out.join("topk.parquet");
-    write_topk(&topk_path, rows)?;
-    files.push(topk_path);
+    staged.0.push((write_topk(&topk_path, rows)?, topk_path));
 
     let metrics = MetricsFile {
         t2v: outcome.t2v_metrics(),
@@ -275,10 +269,26 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         let path = command.out.join("metrics.json");
         let mut json = serde_json::to_string_pretty(&metrics)?;
         json.push('\n');
-        crate::store::atomic_write(&path, json.as_bytes())?;
-        files.push(path);
+        staged.0.push((crate::store::write_temporary(&path, json.as_bytes())?, path));
     }
+
+    crate::fault::point("scored");
+    let _publishing = crate::interrupt::publishing();
+    crate::store::publish(&staged.0)?;
+    let files = std::mem::take(&mut staged.0).into_iter().map(|(_, path)| path).collect();
     Ok(ScoreReport { metrics, files, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Outputs written under their temporary names and not yet published (temporary, final path):
+/// removed if the run fails before it publishes them.
+struct Staged(Vec<(PathBuf, PathBuf)>);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.0 {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 fn text_set<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m [crate::store::ShardInfo]> {

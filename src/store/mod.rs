@@ -57,16 +57,34 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// [`atomic_write`], reaching the failure-injection point `before_rename` (see `fault`)
 /// between the sync and the rename.
 fn atomic_write_with(path: &Path, bytes: &[u8], before_rename: &str) -> Result<(), StoreError> {
-    let folder = path.parent().unwrap_or(Path::new("."));
-    let tmp = temporary_path(path);
-    {
-        let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-        file.write_all(bytes).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-    }
+    let tmp = write_temporary(path, bytes)?;
     crate::fault::point(before_rename);
-    std::fs::rename(&tmp, path).map_err(io_error(path))?;
-    sync_dir(folder)
+    publish(&[(tmp, path.to_path_buf())])
+}
+
+/// The first half of an atomic write: `bytes` written to `path`'s temporary name and synced.
+/// Returns the temporary path, for [`publish`].
+pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+    let tmp = temporary_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(bytes).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    Ok(tmp)
+}
+
+/// The second half: renames each synced temporary file to its final path, then syncs the
+/// folders, so the renames survive a power cut. Several files renamed together are published
+/// within a moment of each other (`score` does it under one lock, see `interrupt`).
+pub fn publish(renames: &[(PathBuf, PathBuf)]) -> Result<(), StoreError> {
+    let mut folders = Vec::new();
+    for (tmp, path) in renames {
+        std::fs::rename(tmp, path).map_err(io_error(path))?;
+        let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if !folders.contains(&folder) {
+            folders.push(folder);
+        }
+    }
+    folders.iter().try_for_each(|folder| sync_dir(folder))
 }
 
 pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
@@ -77,7 +95,9 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 /// it: the `videos` shards are rewritten with the columns added since (null in the old rows),
 /// so one commit moves the whole table to the new schema and no table ever mixes two. The old
 /// shards stay until that commit's garbage collection. Returns whether anything changed; the
-/// caller must then commit even if it has nothing else to do.
+/// caller must then commit even if it has nothing else to do. The new shards are tagged
+/// `TAG-0`, a tag the writer's own shards never take (`TAG`, then `TAG-1`, `TAG-2`… for each
+/// periodic commit's new writers), so the two cannot clash.
 pub fn upgrade(index: &Path, manifest: &mut Manifest, tag: &str) -> Result<bool, StoreError> {
     if manifest.format_version == FORMAT_VERSION {
         return Ok(false);

@@ -2,7 +2,7 @@
 //! and the score table it writes (`topk.parquet`: `text_id`, `rank`, `video_id`, `score`).
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
@@ -108,8 +108,9 @@ pub fn topk_schema() -> SchemaRef {
     ]))
 }
 
-/// Writes `topk.parquet` at `path` (a temporary file, synced, renamed), in batches.
-pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<u64, StoreError> {
+/// Writes `topk.parquet` for `path` in batches, under its temporary name, synced; returns that
+/// temporary path for [`super::publish`].
+pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<PathBuf, StoreError> {
     const BATCH: usize = 64 * 1024;
     let tmp = super::temporary_path(path);
     let parquet_error =
@@ -118,8 +119,7 @@ pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> R
     let mut writer = ArrowWriter::try_new(file, topk_schema(), Some(super::shard::writer_properties()))
         .map_err(|e| parquet_error(&e))?;
     let mut pending: Vec<TopKRow> = Vec::with_capacity(BATCH);
-    let mut written = 0u64;
-    let mut flush = |pending: &mut Vec<TopKRow>, writer: &mut ArrowWriter<File>| -> Result<(), StoreError> {
+    let flush = |pending: &mut Vec<TopKRow>, writer: &mut ArrowWriter<File>| -> Result<(), StoreError> {
         let batch = RecordBatch::try_new(
             topk_schema(),
             vec![
@@ -131,7 +131,6 @@ pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> R
         )
         .map_err(|e| parquet_error(&e))?;
         writer.write(&batch).map_err(|e| parquet_error(&e))?;
-        written += pending.len() as u64;
         pending.clear();
         Ok(())
     };
@@ -146,6 +145,5 @@ pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> R
     }
     let file = writer.into_inner().map_err(|e| parquet_error(&e))?;
     file.sync_all().map_err(io_error(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_error(path))?;
-    Ok(written)
+    Ok(tmp)
 }
