@@ -86,6 +86,8 @@ fn foreign_files_in_the_index_survive_ingest_encode_text_and_crash_cleanup() {
         "failures/keep.parquet",
         "texts/mine/captions.csv",
         "texts/README",
+        // Shard-named, but where the index keeps no shards.
+        "texts/part-1-00000.parquet",
         "runs/my-notes.txt",
     ];
     for (i, rel) in foreign.iter().enumerate() {

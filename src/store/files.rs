@@ -223,6 +223,9 @@ mod tests {
         assert!(is_temporary_name(".tmp-4242-manifest.json"));
         assert!(is_temporary_name(&name_of(&temporary_path(Path::new("/x/t2v.npy")))));
         assert!(!is_temporary_name(".tmp-notes.txt"));
+        assert!(is_temporary_name(".tmp-part-1796239295427034-00000.parquet"), "older builds' shard temporaries");
+        assert!(is_own_temporary_name(&name_of(&temporary_path(Path::new("/x/t2v.npy")))));
+        assert!(!is_own_temporary_name(".tmp-1-t2v.npy") || std::process::id() == 1);
         assert!(!is_temporary_name(".tmp-12-"));
         assert!(is_run_file_name("1732000000000000.json") && is_run_file_name("17.inflight"));
         assert!(!is_run_file_name("notes.json"));
@@ -241,7 +244,13 @@ mod tests {
             put("videos/part-1-00000.parquet"),
             put("frames/.tmp-99-part-1-00000.parquet"),
             put("texts/old/part-1-00000.parquet"),
+            // A dead writer's manifest and run report (no process has that pid), and an older
+            // build's shard temporary.
+            put(".tmp-4194305-manifest.json"),
+            put("runs/.tmp-4194305-1.json"),
+            put("videos/.tmp-part-1-00001.parquet"),
         ];
+        let ours = put(&name_of(&temporary_path(Path::new("manifest.json"))));
         let foreign = [
             put("videos/a.mp4"),
             put("videos/README.txt"),
@@ -249,10 +258,12 @@ mod tests {
             put("texts/mine/part-2-00000.parquet"),
             put("frames/sub/part-3-00000.parquet"),
             put("texts/notes.txt"),
+            put("texts/part-4-00000.parquet"),
         ];
         let removed = collect_garbage(index.path(), None).unwrap();
         // The set folder a user keeps files in stays; its one index-named file went.
-        assert_eq!(removed, 4);
+        assert_eq!(removed, 7);
+        assert!(ours.exists(), "this process's own temporary is in use");
         for path in stale {
             assert!(!path.exists(), "{}", path.display());
         }
