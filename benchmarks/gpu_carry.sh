@@ -29,7 +29,7 @@ strip -o "$out/tower_throughput" target/cuda-encoder/release/examples/tower_thro
 strip -o "$out/gpu_tests" "$test_binary"
 xz -T2 -6 "$out/tower_throughput" "$out/gpu_score" "$out/gpu_tests"
 for lib in libnvrtc.so.13 libnvrtc-builtins.so.13.0; do xz -T2 -6 -c "$nvrtc/$lib" > "$out/nvrtc/$lib.xz"; done
-cp -r ../shared/fixtures/reference/score "$out/fixtures/reference/"
+cp -r tests/fixtures/reference/score "$out/fixtures/reference/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 set -euo pipefail

@@ -247,7 +247,7 @@ def main():
     steps = ["e2e", "e2e-long", "long", "rss"]
     parser.add_argument("--steps", nargs="+", default=steps, choices=steps)
     parser.add_argument("--long-runs", type=int, default=3)
-    parser.add_argument("--tiny-model", default="../shared/fixtures/tiny-clip")
+    parser.add_argument("--tiny-model", default="tests/fixtures/tiny-clip")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/ingest"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-// Scoring kernels of vtr-index (DESIGN §1, §5), compiled at run time by NVRTC (src/gpu).
+// Scoring kernels of vtr-index (contract §1, §5), compiled at run time by NVRTC (src/gpu).
 //
 // S is the cosine matrix, row-major, texts × videos, its rows ("positions") in group order:
 // the captions of one video are adjacent and texts without a video come last, as on the CPU

@@ -1,5 +1,5 @@
 //! Command-line interface: clap arguments validated into each command's options, and the
-//! exit codes of DESIGN §3 (0 all done, 2 done but some inputs failed, 1 nothing useful done).
+//! exit codes of contract §3 (0 all done, 2 done but some inputs failed, 1 nothing useful done).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

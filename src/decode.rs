@@ -1013,7 +1013,7 @@ mod tests {
     }
 
     fn fixture_video(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/videos").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/videos").join(name)
     }
 
     /// Leaving unreferenced pictures out must not change a single sampled pixel or time, and on

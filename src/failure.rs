@@ -28,7 +28,7 @@ impl Stage {
     }
 }
 
-/// Why an input cannot be indexed (DESIGN §4, "Failure kinds").
+/// Why an input cannot be indexed (contract §4, "Failure kinds").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureKind {
     Empty,

@@ -1,4 +1,4 @@
-//! Which frames of a video to embed: the CLIP4Clip protocol on presentation times (DESIGN §2).
+//! Which frames of a video to embed: the CLIP4Clip protocol on presentation times (contract §2).
 //!
 //! Pure arithmetic over a sorted list of frame times; the decode module supplies the times
 //! (read from demuxed packets) and fetches the frames chosen here. Sampling by time rather

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::failure::{Failure, FailureKind, Stage};
 
-/// File extensions recognised as video, compared case-insensitively (DESIGN §3).
+/// File extensions recognised as video, compared case-insensitively (contract §3).
 pub const VIDEO_EXTENSIONS: &[&str] = &[
     "mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "m2v", "ts", "m2ts", "mts", "wmv", "asf", "flv", "ogv",
     "3gp", "3g2", "mxf",

@@ -1,5 +1,5 @@
 //! The numbers must be CLIP's numbers: the model, preprocessing and whole ingest checked
-//! against the transformers / PyAV references in `../shared/fixtures/reference`.
+//! against the transformers / PyAV references in `tests/fixtures/reference`.
 
 use std::collections::HashMap;
 

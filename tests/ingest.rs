@@ -1,5 +1,5 @@
 //! Ingest end to end: good videos indexed, hostile files recorded as typed failures, the
-//! tables readable with their DESIGN §4 schemas, re-runs and refusals.
+//! tables readable with their contract §4 schemas, re-runs and refusals.
 
 use std::collections::HashMap;
 use std::path::Path;

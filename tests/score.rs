@@ -173,7 +173,7 @@ fn scores_do_not_depend_on_the_number_of_threads() {
     }
 }
 
-/// Ranks from the definitions of DESIGN §5, by brute force over a matrix held whole.
+/// Ranks from the definitions of contract §5, by brute force over a matrix held whole.
 #[test]
 fn ranks_and_top_k_follow_the_definitions() {
     let dim = 16;

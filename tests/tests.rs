@@ -1,5 +1,6 @@
 //! vtr-index's integration tests: one binary, one module per boundary.
-//! Fixtures come from `../shared/fixtures` (see its README for the tolerances).
+//! Fixtures come from `tests/fixtures/` (its README says how each was made); the tolerances are
+//! those of `docs/contract.md` §6.
 
 mod util;
 

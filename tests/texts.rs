@@ -43,7 +43,7 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     let (_, stderr) = encode_text(&index, &captions, &["--name", "msrvtt"]).expect_code(0);
     assert!(stderr.contains("texts/msrvtt"), "{stderr}");
 
-    // The texts table: DESIGN §4's columns, ids from the official tokenizer, unit embeddings.
+    // The texts table: contract §4's columns, ids from the official tokenizer, unit embeddings.
     let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
     let shards = manifest.shards("texts/msrvtt");
     assert!(!shards.is_empty());

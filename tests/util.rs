@@ -9,12 +9,12 @@ use arrow::datatypes::Float64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use vtr_index::store::{FrameRow, Manifest, VideoRow, read_table};
 
-/// The shared fixtures folder: `../shared/fixtures`, or `VTR_INDEX_FIXTURES` where a test
+/// The fixtures (`tests/fixtures/`, see its README), or `VTR_INDEX_FIXTURES` where a test
 /// binary runs away from its checkout (the GPU machines).
 pub fn fixtures() -> PathBuf {
     std::env::var_os("VTR_INDEX_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
 }
 
 /// The bundled sample corpus and model.

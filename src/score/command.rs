@@ -1,6 +1,6 @@
 //! `vtr-index score`: reads a text set and the videos of an index, scores them with
 //! [`score`](super::score), and writes `topk.parquet`, `metrics.json` and, with `--dense`,
-//! `t2v.npy`, `v2t.npy` and `videos.txt` into the output folder (DESIGN §3–5).
+//! `t2v.npy`, `v2t.npy` and `videos.txt` into the output folder (contract §3–5).
 //!
 //! Columns are the videos in ascending `video_id` byte order; rows are texts in `text_id`
 //! order. Each output file is written under a temporary name and renamed when complete.
@@ -37,7 +37,7 @@ pub struct ScoreCommand {
     pub gpu_inputs: DeviceInputs,
 }
 
-/// `metrics.json` (DESIGN §5) with the settings that produced it.
+/// `metrics.json` (contract §5) with the settings that produced it.
 #[derive(Debug, Clone, Serialize)]
 pub struct MetricsFile {
     pub t2v: Option<Metrics>,

@@ -1,4 +1,4 @@
-//! Retrieval metrics from ranks (DESIGN §5): R@1/5/10 in percent, median rank (the mean of
+//! Retrieval metrics from ranks (contract §5): R@1/5/10 in percent, median rank (the mean of
 //! the two middle values for an even count) and mean rank.
 
 use serde::{Deserialize, Serialize};

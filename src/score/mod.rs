@@ -1,5 +1,5 @@
 //! Scoring: text × video logits, their revision (none, CAMoE's dual softmax, CLIP2TV's
-//! symmetric form, QB-Norm), each text's top-k and the ranks behind the metrics (DESIGN §1, §5).
+//! symmetric form, QB-Norm), each text's top-k and the ranks behind the metrics (contract §1, §5).
 //!
 //! The full N × M matrix is never required. Texts are cut into strips of rows whose logits
 //! are one GEMM each. A first pass over the strips gathers what the revision needs from the
@@ -36,7 +36,7 @@ use kernels::{
 };
 use topk::TopK;
 
-/// The matrix revision applied before ranking (DESIGN §1).
+/// The matrix revision applied before ranking (contract §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Revision {

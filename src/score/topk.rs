@@ -1,6 +1,6 @@
 //! The k best columns of one row, scanned in ascending column order: a later column enters
 //! only with a strictly greater score, so equal scores keep the lower column (the lower
-//! `video_id`) first, as DESIGN §4 asks of `topk.parquet`.
+//! `video_id`) first, as contract §4 asks of `topk.parquet`.
 
 use super::kernels::f32_below;
 

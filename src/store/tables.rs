@@ -1,4 +1,4 @@
-//! The Arrow schemas of the index's tables (DESIGN §4) and the conversion of their rows to
+//! The Arrow schemas of the index's tables (contract §4) and the conversion of their rows to
 //! and from record batches. Every embedding is an L2-normalised `FixedSizeList<Float32, D>`.
 
 use std::sync::Arc;

@@ -41,7 +41,7 @@ good() {
   # The chosen stream (the lowest-numbered video stream that is not cover art) alone, copied.
   local chosen
   chosen=$(ffprobe -v error -select_streams v -show_entries stream=index:stream_disposition=attached_pic \
-    -of csv=p=0 "good/$name" | awk -F, '$2 == 0 { print $1; exit }')
+    -of csv=p=0 "good/$name" | awk -F, '$2 == 0 && !found { print $1; found = 1 }')
   ff -i "good/$name" -map "0:$chosen" -c copy -map_metadata -1 -map_chapters -1 -write_tmcd 0 \
     -f "$format" "twins/$name" 2>/dev/null ||
     ff -i "good/$name" -map "0:$chosen" -c copy -map_metadata -1 -map_chapters -1 -f "$format" "twins/$name"
@@ -137,7 +137,9 @@ odd h264-nonsquare.mp4 8bit -f lavfi -i "testsrc2=size=176x144:rate=25:duration=
 ff "${src[@]}" -f lavfi -i "$audio" -c:v libx265 -preset veryfast -pix_fmt yuv420p -x265-params log-level=none \
   -tag:v hvc1 -c:a aac src/phone.mov
 odd phone-hevc-rotated.mov 8bit -i src/phone.mov -map 0 -c copy -metadata:s:v:0 rotate=90
-ffprobe -v error -show_streams odd/phone-hevc-rotated.mov | grep -q '^rotation=' ||
+# (Read whole before grep: `grep -q` stopping early would fail the pipe under pipefail.)
+streams=$(ffprobe -v error -show_streams odd/phone-hevc-rotated.mov)
+grep -q '^rotation=' <<<"$streams" ||
   { echo "ffmpeg wrote no display matrix into odd/phone-hevc-rotated.mov" >&2; exit 1; }
 odd h264-202x118.mp4 8bit -f lavfi -i "testsrc2=size=202x118:rate=25:duration=$dur" -c:v libx264 -preset veryfast -pix_fmt yuv420p
 odd ffv1-161x97.mkv 8bit -f lavfi -i "testsrc2=size=161x97:rate=25:duration=$dur" -c:v ffv1 -pix_fmt yuv444p
