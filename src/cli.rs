@@ -116,19 +116,19 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "NAME")]
     pub texts: String,
     /// How the logit matrix is revised before ranking.
-    #[arg(long, value_enum, default_value = "none")]
+    #[arg(long, value_enum, default_value_t = crate::score::DEFAULT_REVISION)]
     pub revise: Revision,
     /// QB-Norm's query bank: another text set of the index.
     #[arg(long, value_name = "NAME")]
     pub bank: Option<String>,
     /// Softmax temperature τ of the dual softmax, on logits.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = crate::score::DEFAULT_TEMPERATURE)]
     pub temperature: f64,
     /// QB-Norm's β, on cosines.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = crate::score::DEFAULT_BETA)]
     pub beta: f64,
     /// Videos kept per text in topk.parquet.
-    #[arg(long, short = 'k', default_value_t = 10)]
+    #[arg(long, short = 'k', default_value_t = crate::score::DEFAULT_TOP_K)]
     pub top_k: usize,
     /// Also write the full matrices: t2v.npy, v2t.npy and videos.txt.
     #[arg(long)]
@@ -137,14 +137,14 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub scale: Option<f64>,
     /// Memory (MiB) for keeping the logits between the two passes; past it they are recomputed.
-    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    #[arg(long, default_value_t = crate::score::DEFAULT_CACHE_MIB, value_name = "MIB")]
     pub cache_mib: usize,
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// On CUDA: f32 embeddings (exact; the matrix is stored in row blocks) or f16 on the tensor
     /// cores (the matrix is never stored, for corpora whose matrix exceeds device memory).
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value_t = crate::score::DEFAULT_DEVICE_INPUTS)]
     pub gpu_inputs: DeviceInputs,
     /// Output folder.
     #[arg(long, value_name = "DIR")]
@@ -225,7 +225,16 @@ pub fn run(cli: Cli) -> Result<u8> {
     match &cli.command {
         Command::Ingest(_) | Command::EncodeText(_) => install(Policy::Finish),
         Command::Score(_) => install(Policy::Abandon),
-        Command::Run(_) | Command::Search(_) | Command::Info(_) | Command::Verify(_) => {}
+        Command::Search(_) | Command::Info(_) | Command::Verify(_) => {
+            // Commands that only print end quietly when their reader goes away
+            // (`vtr-index info … | head -1`), as Unix tools do, instead of panicking in
+            // `println!`. Rust ignores SIGPIPE by default; these commands write nothing else.
+            // SAFETY: setting a signal's disposition before any thread of ours is started.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+        }
+        Command::Run(_) => {}
     }
     match cli.command {
         Command::Run(args) => run_job(&args.job),

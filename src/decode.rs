@@ -498,14 +498,17 @@ fn classify_error(err: &gst::message::Error, stage: Stage, missing_plugin: Optio
         }
         (FailureKind::NotAVideo, _) => format!("unrecognised data, not a video GStreamer can read ({text})"),
         _ if debug.is_empty() => text,
-        _ => format!("{text} ({})", first_line(&debug)),
+        _ => format!("{text} ({})", reason_line(&debug)),
     };
     Rejection::new(stage, kind, message)
 }
 
-fn first_line(s: &str) -> &str {
-    let line = s.lines().last().unwrap_or(s);
-    line.get(..200.min(line.len())).unwrap_or(line)
+/// The reason in a GStreamer debug string: its last line (the lines before it name the source
+/// file, function and element path), cut to at most 200 bytes at a character boundary.
+fn reason_line(debug: &str) -> &str {
+    let line = debug.lines().last().unwrap_or(debug);
+    let end = (0..=line.len().min(200)).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+    &line[..end]
 }
 
 /// Watches the bus of one pipeline: the first error, the end of stream, missing plugins.
@@ -1054,28 +1057,39 @@ mod tests {
         assert!(left_out > 0, "no picture was left out of the transport stream");
     }
 
-    fn image_2x1() -> RgbImage {
-        // Left pixel red, right pixel blue.
-        RgbImage { width: 2, height: 1, data: vec![255, 0, 0, 0, 0, 255] }
+    /// Every one of GStreamer's eight `image-orientation` values on a 3 × 2 image whose pixels
+    /// are all distinct, against the displayed image drawn by hand from the tag's definition
+    /// ("flip-" mirrors left to right, then the image turns clockwise).
+    #[test]
+    fn each_of_the_eight_orientations_gives_its_own_picture() {
+        // a b c
+        // d e f   (the red channel holds the letter; the others tell pixels apart too)
+        let source = RgbImage { width: 3, height: 2, data: (1..=6u8).flat_map(|v| [v, 10 * v, 255 - v]).collect() };
+        let (a, b, c, d, e, f) = (1, 2, 3, 4, 5, 6);
+        let cases: [(&str, (u32, u32), Vec<u8>); 8] = [
+            ("rotate-0", (3, 2), vec![a, b, c, d, e, f]),
+            ("rotate-90", (2, 3), vec![d, a, e, b, f, c]),
+            ("rotate-180", (3, 2), vec![f, e, d, c, b, a]),
+            ("rotate-270", (2, 3), vec![c, f, b, e, a, d]),
+            ("flip-rotate-0", (3, 2), vec![c, b, a, f, e, d]),
+            ("flip-rotate-90", (2, 3), vec![f, c, e, b, d, a]),
+            ("flip-rotate-180", (3, 2), vec![d, e, f, a, b, c]),
+            ("flip-rotate-270", (2, 3), vec![a, d, b, e, c, f]),
+        ];
+        for (tag, size, letters) in cases {
+            let shown = Orientation::from_tag(Some(tag)).apply(source.clone());
+            assert_eq!((shown.width, shown.height), size, "{tag}");
+            let want: Vec<u8> = letters.iter().flat_map(|&v| [v, 10 * v, 255 - v]).collect();
+            assert_eq!(shown.data, want, "{tag}");
+        }
+        assert_eq!(Orientation::from_tag(None), Orientation::Identity);
     }
 
     #[test]
-    fn rotate_90_clockwise_puts_left_on_top() {
-        let rotated = Orientation::from_tag(Some("rotate-90")).apply(image_2x1());
-        assert_eq!((rotated.width, rotated.height), (1, 2));
-        assert_eq!(rotated.data, vec![255, 0, 0, 0, 0, 255]);
-    }
-
-    #[test]
-    fn rotate_270_puts_right_on_top() {
-        let rotated = Orientation::from_tag(Some("rotate-270")).apply(image_2x1());
-        assert_eq!(rotated.data, vec![0, 0, 255, 255, 0, 0]);
-    }
-
-    #[test]
-    fn rotate_180_and_flip() {
-        assert_eq!(Orientation::from_tag(Some("rotate-180")).apply(image_2x1()).data, vec![0, 0, 255, 255, 0, 0]);
-        assert_eq!(Orientation::from_tag(Some("flip-rotate-0")).apply(image_2x1()).data, vec![0, 0, 255, 255, 0, 0]);
-        assert_eq!(Orientation::from_tag(Some("rotate-0")), Orientation::Identity);
+    fn the_reason_of_a_debug_string_is_its_last_line_cut_at_a_character() {
+        let debug = "../gst/isomp4/qtdemux.c(7012): gst_qtdemux_loop (): /GstPipeline:p/GstQTDemux:q:\nstreaming stopped, reason error (-5)";
+        assert_eq!(reason_line(debug), "streaming stopped, reason error (-5)");
+        let long = "é".repeat(150);
+        assert!(reason_line(&long).len() <= 200 && long.starts_with(reason_line(&long)));
     }
 }

@@ -81,16 +81,22 @@ fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> R
     Ok((line, cli))
 }
 
-/// A value, or each value of an array, as command-line text.
+/// A value, or each value of a flat array, as command-line text.
 fn scalars(key: &str, value: &Value) -> Result<Vec<String>> {
     match value {
-        Value::String(s) => Ok(vec![s.clone()]),
-        Value::Integer(n) => Ok(vec![n.to_string()]),
-        Value::Float(x) => Ok(vec![x.to_string()]),
-        Value::Boolean(b) => Ok(vec![b.to_string()]),
-        Value::Array(values) => values.iter().map(|v| scalars(key, v).map(|mut s| s.remove(0))).collect(),
-        _ => bail!("{key}: expected a string, a number, a boolean or an array of them"),
+        Value::Array(values) => values.iter().map(|v| scalar(key, v)).collect(),
+        value => Ok(vec![scalar(key, value)?]),
     }
+}
+
+fn scalar(key: &str, value: &Value) -> Result<String> {
+    Ok(match value {
+        Value::String(s) => s.clone(),
+        Value::Integer(n) => n.to_string(),
+        Value::Float(x) => x.to_string(),
+        Value::Boolean(b) => b.to_string(),
+        _ => bail!("{key}: expected a string, a number, a boolean or a flat array of them"),
+    })
 }
 
 #[cfg(test)]
@@ -102,6 +108,14 @@ mod tests {
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();
         steps(&path).map(|steps| steps.into_iter().map(|(line, _)| line).collect())
+    }
+
+    #[test]
+    fn nested_arrays_are_refused_not_cut() {
+        for roots in ["[[]]", "[[\"/a\", \"/b\"]]", "[{ a = 1 }]"] {
+            let e = lines_of(&format!("[ingest]\nroots = {roots}\nindex = \"/i\"\n")).unwrap_err();
+            assert!(format!("{e:#}").contains("flat array"), "{roots}: {e:#}");
+        }
     }
 
     #[test]

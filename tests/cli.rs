@@ -36,3 +36,19 @@ fn a_folder_that_is_not_an_index_is_exit_1() {
     assert!(stderr.contains("not a vtr-index index"), "{stderr}");
     TestCommand::new(&["ingest"]).expect_code(1);
 }
+
+/// `vtr-index info … | head -1`: the printing commands end as Unix tools do when their reader
+/// goes away (by SIGPIPE, which the shell reports as 141), never with a panic and exit 101.
+#[test]
+fn a_closed_stdout_ends_the_printing_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Dir::new();
+    let index = dir.join("index");
+    assert_eq!(ingest(&index, &[&fixtures().join("videos/nested")], &[]).0, 0);
+    for args in [&["info", "--index"][..], &["verify", "--index"], &["search", "a clock", "--index"]] {
+        let out = TestCommand::new(args).arg(&index).output_to_a_closed_pipe();
+        let stderr = summary(&out);
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {:?}\n{stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -108,6 +108,14 @@ impl TestCommand {
         self.cmd.spawn().expect("the binary starts")
     }
 
+    /// Runs with stdout a pipe whose reader is already gone (`… | head -1` once head is done).
+    pub fn output_to_a_closed_pipe(mut self) -> Output {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        self.cmd.stdout(writer).stderr(std::process::Stdio::piped());
+        self.cmd.spawn().expect("the binary starts").wait_with_output().unwrap()
+    }
+
     pub fn output(mut self) -> Output {
         self.cmd.output().expect("the binary runs")
     }

@@ -105,18 +105,26 @@ pub struct ScoreOptions {
     pub device_inputs: DeviceInputs,
 }
 
+/// The defaults of `score`, here once for the command line and for [`ScoreOptions::default`].
+pub const DEFAULT_REVISION: Revision = Revision::None;
+pub const DEFAULT_TEMPERATURE: f64 = 1.0;
+pub const DEFAULT_BETA: f64 = 20.0;
+pub const DEFAULT_TOP_K: usize = 10;
+pub const DEFAULT_CACHE_MIB: usize = 1024;
+pub const DEFAULT_DEVICE_INPUTS: DeviceInputs = DeviceInputs::F32;
+
 impl Default for ScoreOptions {
     fn default() -> Self {
         ScoreOptions {
-            revision: Revision::None,
+            revision: DEFAULT_REVISION,
             scale: 100.0,
-            temperature: 1.0,
-            beta: 20.0,
-            top_k: 10,
-            cache_bytes: 1 << 30,
+            temperature: DEFAULT_TEMPERATURE,
+            beta: DEFAULT_BETA,
+            top_k: DEFAULT_TOP_K,
+            cache_bytes: DEFAULT_CACHE_MIB << 20,
             strip_bytes: 32 << 20,
             device_block_bytes: 0,
-            device_inputs: DeviceInputs::F32,
+            device_inputs: DEFAULT_DEVICE_INPUTS,
         }
     }
 }
