@@ -36,7 +36,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 for f in "$here"/*.xz "$here"/nvrtc/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
 export LD_LIBRARY_PATH="$here/nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" VTR_INDEX_FIXTURES="$here/fixtures"
-"$here/gpu_tests" --nocapture --test-threads 1
+"$here/gpu_tests" --include-ignored --nocapture --test-threads 1
 python3 benchmarks/gpu_vs_pytorch.py --bin "$here/gpu_score" "$@"
 python3 benchmarks/tower_vs_pytorch.py --device cuda --dtype f16 --frames 2048 --batch 256 --bin "$here/tower_throughput"
 RUN
