@@ -334,7 +334,9 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
         .map(|f| ((f.root.clone(), f.path.clone()), f.clone()))
         .collect();
     let mut progress = Progress::new(plan.to_process.len() as u64);
-    for failure in failures.iter().filter(|f| f.kind == FailureKind::CrashedDecoder || f.stage == Stage::Walk) {
+    // Every failure the index will hold that this run does not decode again: the walk's, the
+    // quarantined files', and the unchanged failures of earlier runs (exit 2 names them all).
+    for failure in &failures {
         progress.println(&failure_line(failure));
     }
     // On SIGINT/SIGTERM the files being decoded stop at once and are dropped (not failures):

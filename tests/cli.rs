@@ -52,3 +52,81 @@ fn a_closed_stdout_ends_the_printing_commands_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// What the README promises about an existing index: another model, other sampling and another
+/// dtype are refused with exit 1, and nothing changes.
+#[test]
+fn an_index_refuses_another_model_and_other_sampling() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    let index = dir.join("index");
+    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    let before = file_tree(&index);
+
+    // Same architecture, one weight changed: a different model.
+    let other = dir.copy(&sample().join("model"), "other-model");
+    let weights = other.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, bytes).unwrap();
+    let refusals: [(&[&str], &str); 4] = [
+        (&["--model", other.to_str().unwrap()], "is a different model"),
+        (&["--fps", "2"], "built with --frames 12 --fps 1"),
+        (&["--frames", "4"], "built with --frames 12 --fps 1"),
+        (&["--dtype", "f16"], "built with --dtype f32"),
+    ];
+    for (args, message) in refusals {
+        let out = TestCommand::new(&["ingest"]).arg(&root).arg("--index").arg(&index).args(args).output();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", summary(&out));
+        assert!(summary(&out).contains(message), "{args:?}: {}", summary(&out));
+        assert_eq!(file_tree(&index), before, "{args:?} changed the index");
+    }
+}
+
+#[test]
+fn verify_names_a_missing_shard() {
+    let dir = Dir::new();
+    let index = dir.join("index");
+    assert_eq!(ingest(&index, &[&corpus(&dir, "videos", &CLIPS[..1])], &[]).0, 0);
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let shard = &manifest.shards("frames")[0].path;
+    std::fs::remove_file(index.join(shard)).unwrap();
+    let (_, stderr) = TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(1);
+    assert!(stderr.contains(shard.as_str()), "{stderr}");
+}
+
+/// Exit 2 whenever the index holds failures, from this run or an earlier one, each named on
+/// stderr; the re-run does not try the unchanged failed file again.
+#[test]
+fn every_run_lists_the_failures_the_index_holds() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    dir.create("videos/broken.mp4", b"not a video at all");
+    let index = dir.join("index");
+    for run in ["first", "second"] {
+        let (code, stderr) = ingest(&index, &[&root], &[]);
+        assert_eq!(code, 2, "{run}: {stderr}");
+        assert!(stderr.contains("broken.mp4: not_a_video"), "{run}: {stderr}");
+    }
+    let (_, stderr) = ingest(&index, &[&root], &[]);
+    assert!(stderr.contains("1 unchanged"), "{stderr}");
+}
+
+/// A job stops at a step that exits 1: the later steps do not run.
+#[test]
+fn a_job_stops_at_a_step_that_exits_1() {
+    let dir = Dir::new();
+    let index = dir.join("index");
+    let job = format!(
+        "[ingest]\nroots = [{:?}]\nindex = {:?}\nmodel = {:?}\n[encode_text]\ncaptions = {:?}\n",
+        dir.join("no-such-folder"),
+        index,
+        sample().join("model"),
+        sample().join("captions.csv"),
+    );
+    let job = dir.create("job.toml", job.as_bytes());
+    let (_, stderr) = TestCommand::new(&["run"]).arg(&job).expect_code(1);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(!index.join("texts").exists(), "encode-text did not run");
+}

@@ -95,13 +95,18 @@ fn hostile_files_become_typed_failures_and_the_run_goes_on() {
     assert!(ids.contains(&"nested/deeper/gradient_h264".to_string()));
 
     let failures = failures_by_path(&index);
-    // The duplicate is whichever of testsrc2_h264.{mkv,mp4} sorts second.
-    let mut expected: HashMap<String, &str> = expected.into_iter().map(|(p, k)| (p.to_string(), k)).collect();
-    expected.remove("testsrc2_h264.mp4");
-    expected.insert("testsrc2_h264.mp4".into(), "duplicate_id");
+    // Two files share the id `testsrc2_h264`: the first in the walk's sorted order is indexed
+    // (".mkv" < ".mp4": the copy of short_h264), the other is the duplicate.
+    let state = snapshot(&index).unwrap();
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    let rows = read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap();
+    let winner = rows.iter().find(|r| r.video_id == "testsrc2_h264").unwrap();
+    assert_eq!(winner.path, "testsrc2_h264.mkv");
+    assert_eq!(state.videos["testsrc2_h264"], state.videos["short_h264"], "the same bytes as short_h264");
+    assert!(failures["testsrc2_h264.mp4"].1.contains("testsrc2_h264.mkv"), "{:?}", failures["testsrc2_h264.mp4"]);
     for (path, kind) in &expected {
         let (got, message) =
-            failures.get(path).unwrap_or_else(|| panic!("{path} not in failures: {failures:?}\n{stderr}"));
+            failures.get(*path).unwrap_or_else(|| panic!("{path} not in failures: {failures:?}\n{stderr}"));
         assert_eq!(got, kind, "{path}: {message}");
         assert!(!message.is_empty());
         assert!(stderr.contains(&format!("{path}: {kind}")), "stderr names {path}:\n{stderr}");
