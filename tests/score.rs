@@ -1,6 +1,7 @@
-//! Scoring against the reference cases of `fixtures/reference/score` (metrics to 1e-6, the
-//! symmetric dual-softmax matrices to 1e-5 of their largest value), and the tiled two-pass
-//! path against the single-strip one on matrices far larger than one strip.
+//! Scoring against the reference cases of `tests/fixtures/reference/score` (metrics to 1e-6, the
+//! symmetric dual-softmax matrices to 1e-5 of their largest value), every revision's dense
+//! matrices against the formulas computed here in plain f64, and the tiled two-pass path
+//! against the single-strip one on matrices far larger than one strip.
 
 use vtr_index::score::{Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 
@@ -53,6 +54,95 @@ fn symmetric_dual_softmax_matrices_match_the_reference() {
             let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let worst = got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
             assert!(worst <= 1e-5 * largest, "{name} {direction}: max |M − R| = {worst}, max |R| = {largest}");
+        }
+    }
+}
+
+/// Every revision's dense matrices (T2V and V2T) against a plain f64 computation written here
+/// from the contract's formulas (§1), independent of the engine's strips, bounds and kernels:
+/// `none`, `dsl`, `dsl-sym` and `qbnorm` on each fixture case.
+#[test]
+fn dense_matrices_of_every_revision_equal_the_formulas_in_f64() {
+    let (scale, tau, beta) = (100.0f64, 1.0f64, 20.0f64);
+    for name in ["square_small", "multi_caption", "square_hubs"] {
+        let case = load_case(name);
+        let dim = case.dim;
+        let rows = case.text_video.len();
+        let columns = case.videos.len() / dim;
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>();
+        let text = |t: usize| &case.texts[t * dim..(t + 1) * dim];
+        let video = |v: usize| &case.videos[v * dim..(v + 1) * dim];
+        let cosines: Vec<f64> =
+            (0..rows).flat_map(|t| (0..columns).map(move |v| (t, v))).map(|(t, v)| cos(text(t), video(v))).collect();
+        let s: Vec<f64> = cosines.iter().map(|c| scale * c).collect();
+        let at = |m: &[f64], t: usize, v: usize| m[t * columns + v];
+        // softmax over texts (down each column) and over videos (along each row) of S / τ.
+        let over_texts: Vec<f64> = {
+            let mut out = vec![0.0; rows * columns];
+            for v in 0..columns {
+                let top = (0..rows).map(|t| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = (0..rows).map(|t| (at(&s, t, v) / tau - top).exp()).sum();
+                for t in 0..rows {
+                    out[t * columns + v] = (at(&s, t, v) / tau - top).exp() / sum;
+                }
+            }
+            out
+        };
+        let over_videos: Vec<f64> = {
+            let mut out = vec![0.0; rows * columns];
+            for t in 0..rows {
+                let top = (0..columns).map(|v| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = (0..columns).map(|v| (at(&s, t, v) / tau - top).exp()).sum();
+                for v in 0..columns {
+                    out[t * columns + v] = (at(&s, t, v) / tau - top).exp() / sum;
+                }
+            }
+            out
+        };
+        let times = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).collect::<Vec<f64>>();
+        let dsl = times(&s, &over_texts);
+        // QB-Norm: the bank's normalisers and activation set; rows of active queries replaced.
+        let bank_rows = case.bank.len() / dim;
+        let bank = |b: usize| &case.bank[b * dim..(b + 1) * dim];
+        let top1 = |cosines_of: &dyn Fn(usize) -> f64| {
+            (0..columns).fold(0, |best, v| if cosines_of(v) > cosines_of(best) { v } else { best })
+        };
+        let mut z = vec![0.0f64; columns];
+        let mut active = vec![false; columns];
+        for b in 0..bank_rows {
+            for (v, zv) in z.iter_mut().enumerate() {
+                *zv += (beta * cos(bank(b), video(v))).exp();
+            }
+            active[top1(&|v| cos(bank(b), video(v)))] = true;
+        }
+        let mut qbnorm = cosines.clone();
+        for t in 0..rows {
+            if active[top1(&|v| at(&cosines, t, v))] {
+                for v in 0..columns {
+                    qbnorm[t * columns + v] = (beta * at(&cosines, t, v)).exp() / z[v];
+                }
+            }
+        }
+        let cases: [(Revision, &[f64], &[f64]); 4] = [
+            (Revision::None, &s, &s),
+            (Revision::Dsl, &dsl, &dsl),
+            (Revision::DslSym, &dsl, &times(&s, &over_videos)),
+            (Revision::Qbnorm, &qbnorm, &qbnorm),
+        ];
+        for (revision, want_t2v, want_v2t) in cases {
+            let sink = DenseRows::new(rows, columns);
+            score(&problem(&case), &small_strips(revision), Some(&sink)).unwrap();
+            for (direction, got, want) in
+                [("t2v", sink.t2v.into_inner().unwrap(), want_t2v), ("v2t", sink.v2t.into_inner().unwrap(), want_v2t)]
+            {
+                let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let worst = got.iter().zip(want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+                assert!(
+                    worst <= 1e-5 * largest,
+                    "{name} {} {direction}: max |M − R| = {worst}, max |R| = {largest}",
+                    revision.name()
+                );
+            }
         }
     }
 }
