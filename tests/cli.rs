@@ -63,13 +63,7 @@ fn an_index_refuses_another_model_and_other_sampling() {
     assert_eq!(ingest(&index, &[&root], &[]).0, 0);
     let before = file_tree(&index);
 
-    // Same architecture, one weight changed: a different model.
-    let other = dir.copy(&sample().join("model"), "other-model");
-    let weights = other.join("model.safetensors");
-    let mut bytes = std::fs::read(&weights).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    std::fs::write(&weights, bytes).unwrap();
+    let other = other_model(&dir);
     let refusals: [(&[&str], &str); 4] = [
         (&["--model", other.to_str().unwrap()], "is a different model"),
         (&["--fps", "2"], "built with --frames 12 --fps 1"),

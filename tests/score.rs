@@ -76,29 +76,21 @@ fn dense_matrices_of_every_revision_equal_the_formulas_in_f64() {
             (0..rows).flat_map(|t| (0..columns).map(move |v| (t, v))).map(|(t, v)| cos(text(t), video(v))).collect();
         let s: Vec<f64> = cosines.iter().map(|c| scale * c).collect();
         let at = |m: &[f64], t: usize, v: usize| m[t * columns + v];
-        // softmax over texts (down each column) and over videos (along each row) of S / τ.
-        let over_texts: Vec<f64> = {
+        // softmax over texts (down each column) and over videos (along each row) of S / τ:
+        // `lines` lists each softmax's (text, video) cells.
+        let softmax = |lines: Vec<Vec<(usize, usize)>>| {
             let mut out = vec![0.0; rows * columns];
-            for v in 0..columns {
-                let top = (0..rows).map(|t| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = (0..rows).map(|t| (at(&s, t, v) / tau - top).exp()).sum();
-                for t in 0..rows {
+            for line in lines {
+                let top = line.iter().map(|&(t, v)| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = line.iter().map(|&(t, v)| (at(&s, t, v) / tau - top).exp()).sum();
+                for (t, v) in line {
                     out[t * columns + v] = (at(&s, t, v) / tau - top).exp() / sum;
                 }
             }
             out
         };
-        let over_videos: Vec<f64> = {
-            let mut out = vec![0.0; rows * columns];
-            for t in 0..rows {
-                let top = (0..columns).map(|v| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = (0..columns).map(|v| (at(&s, t, v) / tau - top).exp()).sum();
-                for v in 0..columns {
-                    out[t * columns + v] = (at(&s, t, v) / tau - top).exp() / sum;
-                }
-            }
-            out
-        };
+        let over_texts = softmax((0..columns).map(|v| (0..rows).map(|t| (t, v)).collect()).collect());
+        let over_videos = softmax((0..rows).map(|t| (0..columns).map(|v| (t, v)).collect()).collect());
         let times = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).collect::<Vec<f64>>();
         let dsl = times(&s, &over_texts);
         // QB-Norm: the bank's normalisers and activation set; rows of active queries replaced.

@@ -191,13 +191,7 @@ fn another_model_is_refused_and_a_second_writer_waits_its_turn() {
     let index = copy_of_index(&dir);
     let queries = dir.create("q.txt", b"a clock\n");
 
-    // Same architecture, one weight changed: a different model.
-    let other = dir.copy(&sample().join("model"), "other-model");
-    let weights = other.join("model.safetensors");
-    let mut bytes = std::fs::read(&weights).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    std::fs::write(&weights, bytes).unwrap();
+    let other = other_model(&dir);
     let (_, stderr) = encode_text(&index, &queries, &["--model"]).arg(&other).expect_code(1);
     assert!(stderr.contains("is not the model this index was built with"), "{stderr}");
     // A copy of the same model is fine.

@@ -235,6 +235,18 @@ pub fn read_npy(path: &Path) -> (Vec<f64>, Vec<usize>) {
 pub const CLIPS: [&str; 5] =
     ["short_h264.mp4", "rotated90_h264.mp4", "nested/deeper/gradient_h264.mp4", "vfr_h264.mp4", "bars_mpeg4.avi"];
 
+/// The sample model with one weight changed: the same architecture, another model (its SHA-256
+/// differs), in `DIR/other-model`.
+pub fn other_model(dir: &Dir) -> PathBuf {
+    let other = dir.copy(&sample().join("model"), "other-model");
+    let weights = other.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, bytes).unwrap();
+    other
+}
+
 /// Copies `clips` into `DIR/rel`, writable (the fixtures are read-only).
 pub fn corpus(dir: &Dir, rel: &str, clips: &[&str]) -> PathBuf {
     for clip in clips {
