@@ -15,6 +15,7 @@ gpu=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo run --
 echo "$gpu"
 if grep -q "^cuda: *ready" <<<"$gpu"; then
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --test gpu -- --ignored
+  LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --test integration -- --ignored scoring_on_cuda
 else
-  echo "not run: the tests that need a CUDA device (tests/gpu.rs, reported as ignored): no device here"
+  echo "not run: the tests that need a CUDA device (reported as ignored): no device here"
 fi

@@ -287,7 +287,7 @@ fn run_ingest(args: IngestArgs) -> Result<u8> {
     eprintln!("vtr-index: {}", report.summary());
     if let Some(signal) = &report.interrupted {
         eprintln!(
-            "vtr-index: interrupted by {signal}: the {} videos and {} failures settled in this run are committed; {} files were not processed; run the same command again to continue",
+            "vtr-index: interrupted by {signal}: the {} videos finished in this run and the {} failures recorded are committed; {} files were not processed; run the same command again to continue",
             report.new + report.changed + report.reused,
             report.failed_total(),
             report.not_processed

@@ -165,7 +165,11 @@ fn write_and_commit(
     report.replaced = manifest.tables.insert(table, shards).is_some();
     manifest.committed_at_us = crate::ingest::now_us();
     manifest.commit(&options.index)?;
-    collect_garbage(&options.index, Some(&manifest))?;
+    // The set is published: a collection that fails now leaves garbage for the next writer,
+    // not a failed run.
+    if let Err(e) = collect_garbage(&options.index, Some(&manifest)) {
+        eprintln!("vtr-index: warning: {e}; the next writer removes the files left over");
+    }
     Ok(report)
 }
 

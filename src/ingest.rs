@@ -163,8 +163,6 @@ enum Encoded {
     Failed(VideoFile, Rejection),
 }
 
-/// Runs one ingest. Per-file failures are data in the report; an `Err` means nothing useful
-/// could be done and the index is as it was.
 /// Takes the index's writer lock, saying so when a crashed writer left it behind.
 fn lock_index(index: &Path) -> Result<WriterLock, StoreError> {
     let lock = WriterLock::acquire(index, "ingest")?;
@@ -174,6 +172,8 @@ fn lock_index(index: &Path) -> Result<WriterLock, StoreError> {
     Ok(lock)
 }
 
+/// Runs one ingest. Per-file failures are data in the report; an `Err` means nothing useful
+/// could be done and the index is as it was.
 pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let started_at_us = now_us();
@@ -279,17 +279,21 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     // A signal during the walk or the plan: no file is started, and the files that would have
     // been keep what the index had of them; the plan's other changes are committed as usual.
     crate::fault::point("planned");
-    let held_back = match crate::interrupt::requested() {
+    let mut held_back = match crate::interrupt::requested() {
         Some(_) => plan.hold_back(&old_failure_at),
         None => 0,
     };
-    report.failed_not_retried = plan.kept_failures.len() as u64;
     if clip.is_none() && !plan.to_process.is_empty() {
         clip = Some(load_model()?);
     }
     if !plan.to_process.is_empty() {
         crate::decode::init().map_err(IngestError::Refused)?;
     }
+    // …or during the model's load: the same, before any row is carried over.
+    if crate::interrupt::requested().is_some() {
+        held_back += plan.hold_back(&old_failure_at);
+    }
+    report.failed_not_retried = plan.kept_failures.len() as u64;
     let (model, preprocess_record) = match (&clip, &previous) {
         (Some(clip), _) => {
             let p = &clip.checkpoint.preprocess;
@@ -432,6 +436,8 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     report.stage_seconds.decode = stage_nanos.seconds(&stage_nanos.decode);
     report.stage_seconds.encode = stage_nanos.seconds(&stage_nanos.encode);
     report.stage_seconds.write = stage_nanos.seconds(&stage_nanos.write);
+    // Failed files whose retry never ran (the run was interrupted first) keep their record.
+    failures.extend(retried_failures.into_values());
 
     for failure in &failures {
         *report.failed.entry(failure.kind.as_str().to_string()).or_default() += 1;

@@ -122,5 +122,6 @@ fn a_job_stops_at_a_step_that_exits_1() {
     let job = dir.create("job.toml", job.as_bytes());
     let (_, stderr) = TestCommand::new(&["run"]).arg(&job).expect_code(1);
     assert!(stderr.contains("does not exist"), "{stderr}");
-    assert!(!index.join("texts").exists(), "encode-text did not run");
+    assert!(stderr.contains("vtr-index: run: ingest"), "{stderr}");
+    assert!(!stderr.contains("vtr-index: run: encode-text"), "encode-text did not run: {stderr}");
 }

@@ -150,6 +150,25 @@ fn a_signal_before_any_file_starts_keeps_what_the_index_had() {
     assert!(summary(&out).contains("1 new, 1 changed, 0 reused, 1 unchanged"), "{}", summary(&out));
 }
 
+/// A failed file that changed is queued for a retry; a signal before the retry starts leaves
+/// its failure recorded as it was, not forgotten.
+#[test]
+fn a_failure_queued_for_retry_stays_recorded_when_the_run_is_interrupted() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    dir.create("videos/z-broken.mp4", b"not a video");
+    let index = dir.join("index");
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
+    // Both change; the walk's order puts the broken file last.
+    std::fs::copy(fixtures().join("videos/vfr_h264.mp4"), root.join(CLIPS[0])).unwrap();
+    dir.create("videos/z-broken.mp4", b"still not a video");
+    let out = ingest_signalled(&index, &root, &[], &format!("decode:{}", CLIPS[0]), "SIGINT");
+    assert_eq!(out.status.code(), Some(130), "{}", summary(&out));
+    let failures = snapshot(&index).unwrap().failures;
+    assert!(failures.contains(&("z-broken.mp4".to_string(), "not_a_video".to_string())), "{failures:?}");
+}
+
 /// A real signal from outside, as a scheduler sends it: SIGTERM ends the run within 10 s with
 /// its work committed. A second SIGINT stops a run at once (raised right after the first has
 /// been seen, so the run cannot finish in between), and twice on the same file in flight it

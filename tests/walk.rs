@@ -41,32 +41,44 @@ fn each_folder_is_walked_once_and_only_a_link_to_an_ancestor_is_a_loop() {
     assert_eq!(report["repeated_folders"], 3);
 }
 
-/// Links into a folder outside the roots and into its sub-folder (`all -> /ext`,
-/// `deep -> /ext/nested`, in either order of names), and a root given inside another root:
-/// the sub-folder is still walked once.
+/// Links into a folder outside the roots and into its sub-folder (`all -> /ext` beside
+/// `a-nested -> /ext/nested` or `z-nested -> /ext/nested`, so either link comes first), and a
+/// root given inside another root, in either order: the sub-folder is walked once.
 #[test]
 fn a_folder_reached_through_two_links_or_two_roots_is_walked_once() {
+    for (link, ids, skipped) in [
+        ("a-nested", ["a-nested/deeper/gradient_h264", "all/rotated90_h264", "short_h264"], "all/nested"),
+        ("z-nested", ["all/nested/deeper/gradient_h264", "all/rotated90_h264", "short_h264"], "z-nested"),
+    ] {
+        let dir = Dir::new();
+        let ext = corpus(&dir, "ext", &CLIPS[1..3]);
+        let root = corpus(&dir, "videos", &CLIPS[..1]);
+        symlink(&ext, root.join("all")).unwrap();
+        symlink(ext.join("nested"), root.join(link)).unwrap();
+        let index = dir.join("index");
+        let (code, stderr) = ingest(&index, &[&root], &[]);
+        assert_eq!(code, 0, "{stderr}");
+        let state = snapshot(&index).unwrap();
+        let got: Vec<&str> = state.videos.keys().map(String::as_str).collect();
+        assert_eq!(got, ids, "{stderr}");
+        assert!(stderr.contains(&format!("/{skipped}: skipped")), "{stderr}");
+    }
+
+    // A root inside another root: its folders are walked under whichever root comes first.
     let dir = Dir::new();
     let ext = corpus(&dir, "ext", &CLIPS[1..3]);
-    let root = corpus(&dir, "videos", &CLIPS[..1]);
-    symlink(&ext, root.join("all")).unwrap();
-    symlink(ext.join("nested"), root.join("a-nested")).unwrap();
-    let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&root], &[]);
-    assert_eq!(code, 0, "{stderr}");
-    let state = snapshot(&index).unwrap();
-    let ids: Vec<&str> = state.videos.keys().map(String::as_str).collect();
-    assert_eq!(ids, ["a-nested/deeper/gradient_h264", "all/rotated90_h264", "short_h264"], "{stderr}");
-    assert!(stderr.contains("/all/nested: skipped"), "{stderr}");
-
-    // A root inside another root: its folders were walked under the first.
-    let index = dir.join("index-nested");
     let inner = ext.join("nested");
-    let (code, stderr) = ingest(&index, &[&ext, &inner], &[]);
-    assert_eq!(code, 0, "{stderr}");
-    let ids: Vec<String> = snapshot(&index).unwrap().videos.into_keys().collect();
-    assert_eq!(ids, ["nested/deeper/gradient_h264", "rotated90_h264"], "{stderr}");
-    assert!(stderr.contains(&format!("{}: skipped", inner.display())), "{stderr}");
+    for (roots, ids, skipped) in [
+        ([&ext, &inner], ["nested/deeper/gradient_h264", "rotated90_h264"], inner.display().to_string()),
+        ([&inner, &ext], ["deeper/gradient_h264", "rotated90_h264"], format!("{}/nested", ext.display())),
+    ] {
+        let index = dir.path().join(format!("index-{}", roots[0].file_name().unwrap().to_string_lossy()));
+        let (code, stderr) = ingest(&index, &[roots[0].as_path(), roots[1].as_path()], &[]);
+        assert_eq!(code, 0, "{stderr}");
+        let got: Vec<String> = snapshot(&index).unwrap().videos.into_keys().collect();
+        assert_eq!(got, ids, "{stderr}");
+        assert!(stderr.contains(&format!("{skipped}: skipped")), "{stderr}");
+    }
 }
 
 #[test]

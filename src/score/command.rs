@@ -200,6 +200,10 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
     // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
     crate::interrupt::remove_temporaries_in(&command.out);
+    // Every output is written under its temporary name first; then all are renamed into place
+    // together, under the lock an interruption waits for, so the folder never mixes this run's
+    // outputs with an earlier run's. A run that fails first removes them (`Staged`).
+    let mut staged = Staged(Vec::new());
     let dense = if command.dense {
         let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
         by_id.sort_by_key(|&i| texts.text_ids[i]);
@@ -208,9 +212,11 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
             row_of_text[text] = row;
         }
         let (n, m) = (texts.text_ids.len(), sorted_ids.len());
-        let create = |name: &str| {
-            let path = temporary_path(&command.out.join(name));
-            NpyWriter::create(&path, n, m).with_context(|| format!("{}: cannot create", path.display()))
+        let mut create = |name: &str| {
+            let path = command.out.join(name);
+            let tmp = temporary_path(&path);
+            staged.0.push((tmp.clone(), path));
+            NpyWriter::create(&tmp, n, m).with_context(|| format!("{}: cannot create", tmp.display()))
         };
         Some(DenseFiles { t2v: create("t2v.npy")?, v2t: create("v2t.npy")?, row_of_text })
     } else {
@@ -223,13 +229,9 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &problem, &options, sink)?,
     };
 
-    // Every output is written under its temporary name first; then all are renamed into place
-    // together, under the lock an interruption waits for, so the folder never mixes this run's
-    // outputs with an earlier run's.
-    let mut staged = Staged(Vec::new());
     if let Some(dense) = dense {
-        for (writer, name) in [(dense.t2v, "t2v.npy"), (dense.v2t, "v2t.npy")] {
-            staged.0.push((writer.finish()?, command.out.join(name)));
+        for writer in [dense.t2v, dense.v2t] {
+            writer.finish()?; // synced; already staged
         }
         let path = command.out.join("videos.txt");
         let mut list = sorted_ids.join("\n");

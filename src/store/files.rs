@@ -6,7 +6,9 @@
 //! - `manifest.json`, `lock` and `runs/<digits>.json` / `runs/<digits>.inflight` at their places;
 //! - shards `part-<digits>[-<digits>…]-<5 digits>.parquet` in `videos/`, `frames/`,
 //!   `failures/` and `texts/<NAME>/`;
-//! - temporary files `.tmp-<pid>-<name>` ([`temporary_path`]) beside the file they become.
+//! - temporary files `.tmp-<pid>-<name>` ([`temporary_path`]) beside the file they become, in
+//!   the table folders, at the top level and in `runs/` (and `.tmp-<shard name>`, the shard
+//!   temporaries of older builds); a collection removes every one but this process's own.
 //!
 //! Anything else found in those folders (a user's `README.txt`, a folder of their captions,
 //! their videos if they pointed `--index` at the wrong place) is *foreign*: left in place and

@@ -66,9 +66,14 @@ fn atomic_write_with(path: &Path, bytes: &[u8], before_rename: &str) -> Result<(
 /// Returns the temporary path, for [`publish`].
 pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf, StoreError> {
     let tmp = temporary_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    file.write_all(bytes).map_err(io_error(&tmp))?;
-    file.sync_all().map_err(io_error(&tmp))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_error(&tmp)(e));
+    }
     Ok(tmp)
 }
 

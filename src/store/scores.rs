@@ -111,11 +111,18 @@ pub fn topk_schema() -> SchemaRef {
 /// Writes `topk.parquet` for `path` in batches, under its temporary name, synced; returns that
 /// temporary path for [`super::publish`].
 pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<PathBuf, StoreError> {
-    const BATCH: usize = 64 * 1024;
     let tmp = super::temporary_path(path);
+    write_topk_to(path, &tmp, rows).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(tmp)
+}
+
+fn write_topk_to<'a>(path: &Path, tmp: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<(), StoreError> {
+    const BATCH: usize = 64 * 1024;
     let parquet_error =
         |e: &dyn std::fmt::Display| StoreError::Parquet { path: path.to_path_buf(), message: e.to_string() };
-    let file = File::create(&tmp).map_err(io_error(&tmp))?;
+    let file = File::create(tmp).map_err(io_error(tmp))?;
     let mut writer = ArrowWriter::try_new(file, topk_schema(), Some(super::shard::writer_properties()))
         .map_err(|e| parquet_error(&e))?;
     let mut pending: Vec<TopKRow> = Vec::with_capacity(BATCH);
@@ -144,6 +151,5 @@ pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> R
         flush(&mut pending, &mut writer)?;
     }
     let file = writer.into_inner().map_err(|e| parquet_error(&e))?;
-    file.sync_all().map_err(io_error(&tmp))?;
-    Ok(tmp)
+    file.sync_all().map_err(io_error(tmp))
 }
