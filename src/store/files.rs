@@ -36,15 +36,18 @@ pub fn temporary_path(path: &Path) -> PathBuf {
 /// `.tmp-<pid>-…`: a file some vtr-index process was writing; also `.tmp-<shard name>`, the
 /// temporary shard name of builds before the pid was part of it.
 pub fn is_temporary_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix(".tmp-") else { return false };
-    is_shard_name(rest) || rest.split_once('-').is_some_and(|(pid, rest)| is_digits(pid) && !rest.is_empty())
+    name.strip_prefix(".tmp-").is_some_and(is_shard_name) || temporary_pid(name).is_some_and(is_digits)
 }
 
 /// A temporary name of this process's ([`temporary_path`]).
 pub fn is_own_temporary_name(name: &str) -> bool {
-    name.strip_prefix(".tmp-")
-        .and_then(|rest| rest.split_once('-'))
-        .is_some_and(|(pid, rest)| pid == std::process::id().to_string() && !rest.is_empty())
+    temporary_pid(name) == Some(std::process::id().to_string().as_str())
+}
+
+/// The `<pid>` of a `.tmp-<pid>-<name>` name (not checked to be digits).
+fn temporary_pid(name: &str) -> Option<&str> {
+    let (pid, rest) = name.strip_prefix(".tmp-")?.split_once('-')?;
+    (!rest.is_empty()).then_some(pid)
 }
 
 /// `part-<digits>[-<digits>…]-<5 digits>.parquet`: a shard, listed or not.
