@@ -9,7 +9,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use vtr_index::model::{Checkpoint, Clip, DeviceChoice, Precision};
+use vtr_index::model::{Checkpoint, Clip};
+use vtr_index::types::{DeviceChoice, Precision};
 
 fn main() -> anyhow::Result<()> {
     vtr_index::model::keep_freed_activation_memory();

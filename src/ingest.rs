@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::decode::{DecodeConfig, decode_video};
 use crate::encode::{BatchEncoder, EmbeddedVideo, PreparedVideo, VideoFacts};
 use crate::failure::{Failure, FailureKind, Rejection, Stage};
-use crate::model::{Checkpoint, Clip, DeviceChoice, ModelError, Precision};
+use crate::model::{Checkpoint, Clip, ModelError};
 use crate::preprocess::{PreprocessConfig, pixel_values};
 use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
@@ -32,6 +32,7 @@ use crate::store::{
     StoreError, Suspect, VIDEO_SHARD_ROWS, VideoRow, WriterLock, collect_garbage, crashed_runs, read_table,
     read_video_ids,
 };
+use crate::types::{DeviceChoice, Precision};
 use crate::walk::{Root, VideoFile, WalkError, walk_roots};
 
 /// Resolved options of one ingest run.
@@ -1045,7 +1046,7 @@ impl Pipeline<'_> {
                         nanos.add(&nanos.encode, started);
                         Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
                     };
-                    let mut encoder = BatchEncoder::new(self.options.batch, embed);
+                    let mut encoder = BatchEncoder::new(self.options.batch, embed, crate::model::mean_pool);
                     for item in decoded_rx {
                         let done = match item {
                             Decoded::Video(video) => encoder.push(video)?,

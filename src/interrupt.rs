@@ -1,6 +1,8 @@
 //! Interruptions: SIGINT (Ctrl-C) and SIGTERM (what Slurm sends at a job's time limit and
 //! Kubernetes at a pod's termination, each followed by SIGKILL after a grace period of 30 s
-//! by default). The only module that handles signals.
+//! by default). The only module that handles signals; it depends on no other module of the
+//! crate: what other modules need done on a signal they register here ([`on_signal_call`],
+//! [`remove_temporaries_in`]).
 //!
 //! A thread of its own receives both signals (signal-hook), so the work done on a signal is
 //! ordinary code, not a handler's. What it does depends on the command running:
@@ -32,8 +34,11 @@ static RECEIVED: AtomicI32 = AtomicI32::new(0);
 static POLICY: AtomicU8 = AtomicU8::new(Policy::Finish as u8);
 /// Held while outputs are renamed into place; an abandoning exit waits for it.
 static PUBLISHING: Mutex<()> = Mutex::new(());
-/// Folders whose `.tmp-<our pid>-…` files an abandoning exit removes.
-static OUTPUT_FOLDERS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders whose temporary files an abandoning exit removes, each with the test of a name
+/// that is this process's temporary.
+static OUTPUT_FOLDERS: Mutex<Vec<(PathBuf, fn(&str) -> bool)>> = Mutex::new(Vec::new());
+/// Called on every signal, before anything else is done about it.
+static ON_SIGNAL: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
 
 /// Handles SIGINT and SIGTERM from now on, as `policy` says (the latest call wins, so each
 /// step of a job sets its own).
@@ -61,7 +66,9 @@ pub fn install(policy: Policy) {
 
 fn on_signal(signal: i32) {
     let first = RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).is_ok();
-    crate::store::mark_journals_interrupted();
+    for action in ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        action();
+    }
     let finishing = POLICY.load(Ordering::SeqCst) == Policy::Finish as u8;
     if first && finishing {
         eprintln!(
@@ -114,9 +121,18 @@ pub fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-/// Registers a folder whose temporary outputs an abandoning exit removes.
-pub fn remove_temporaries_in(folder: &Path) {
-    OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).push(folder.to_path_buf());
+/// Registers an action for every signal from now on (once per function, however often called).
+pub fn on_signal_call(action: fn()) {
+    let mut actions = ON_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !actions.iter().any(|&f| std::ptr::fn_addr_eq(f, action)) {
+        actions.push(action);
+    }
+}
+
+/// Registers a folder whose temporary outputs (the names `is_ours` accepts) an abandoning exit
+/// removes.
+pub fn remove_temporaries_in(folder: &Path, is_ours: fn(&str) -> bool) {
+    OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).push((folder.to_path_buf(), is_ours));
 }
 
 /// Held while outputs are renamed into place: an interruption waits until they all are. Once
@@ -134,10 +150,10 @@ pub fn publishing() -> MutexGuard<'static, ()> {
 }
 
 fn remove_temporaries() {
-    for folder in OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for (folder, is_ours) in OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let Ok(entries) = std::fs::read_dir(folder) else { continue };
         for entry in entries.flatten() {
-            if crate::store::is_own_temporary_name(&entry.file_name().to_string_lossy()) {
+            if is_ours(&entry.file_name().to_string_lossy()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

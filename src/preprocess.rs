@@ -8,7 +8,7 @@ use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use serde::Serialize;
 
-use crate::decode::RgbImage;
+use crate::types::RgbImage;
 
 /// OpenAI CLIP's normalisation constants, used when a checkpoint names none (written as
 /// published, even where f32 cannot hold every digit).

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use vtr_index::model::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
-use vtr_index::model::{Checkpoint, Clip, DeviceChoice, Layout, Precision};
+use vtr_index::model::{Checkpoint, Clip, Layout};
+use vtr_index::types::{DeviceChoice, Precision};
 
 use crate::util::*;
 

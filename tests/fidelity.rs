@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
-use vtr_index::decode::RgbImage;
 use vtr_index::model::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
-use vtr_index::model::{Checkpoint, Clip, DeviceChoice};
+use vtr_index::model::{Checkpoint, Clip};
 use vtr_index::preprocess::pixel_values;
+use vtr_index::types::DeviceChoice;
+use vtr_index::types::RgbImage;
 
 use crate::util::*;
 

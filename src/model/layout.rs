@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use candle_core::{DType, Tensor};
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use crate::types::Precision;
 
 /// How a checkpoint's tensors were named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,39 +380,11 @@ pub fn name_list(names: &[String], shown: usize) -> String {
     text
 }
 
-/// The dtype models run in, and embeddings are computed in (they are always written as f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    pub fn parse(text: &str) -> Result<Precision, String> {
-        match text {
-            "f32" | "float32" => Ok(Precision::F32),
-            "f16" | "float16" | "half" => Ok(Precision::F16),
-            "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => Err(format!("unknown dtype {other:?}: use f32, f16 or bf16")),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Bf16 => "bf16",
-        }
-    }
-
-    pub(crate) fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
+/// The candle dtype a model of this precision runs in.
+pub(crate) fn candle_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
     }
 }

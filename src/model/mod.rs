@@ -12,6 +12,7 @@
 pub mod clip;
 pub mod config;
 mod fused;
+mod head;
 pub mod layout;
 pub mod tokenizer;
 
@@ -20,12 +21,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
 pub use config::ClipConfig;
-pub use layout::{Layout, Precision};
+pub use head::mean_pool;
+pub use layout::Layout;
 
 use crate::preprocess::PreprocessConfig;
+use crate::types::{DeviceChoice, ModelIdentity, Precision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -57,24 +59,6 @@ pub fn keep_freed_activation_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
-}
-
-/// What the manifest records about the model an index was built with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelIdentity {
-    /// A short name: the checkpoint folder's (or file's) name.
-    pub id: String,
-    /// The path the user gave.
-    pub source: String,
-    /// SHA-256 of the weights file: two copies of the same model match, anything else does not.
-    pub sha256: String,
-    pub embed_dim: usize,
-    pub image_size: usize,
-    /// `logit_scale` as stored; the logit multiplier is `exp(logit_scale)`.
-    pub logit_scale: f32,
-    /// The dtype embeddings are computed in (indexes from before this field are f32).
-    #[serde(default)]
-    pub dtype: Precision,
 }
 
 /// A checkpoint on disk, read: its weights under Hugging Face names, its configuration (from
@@ -290,34 +274,15 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
         .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    pub fn parse(text: &str) -> Result<DeviceChoice, String> {
-        match text {
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
-                _ => Err(format!("unknown device {other:?}: use cpu, cuda or cuda:N")),
-            },
-        }
-    }
-
-    fn device(self) -> Result<Device, ModelError> {
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                ModelError::Compute(format!(
-                    "cannot use CUDA device {n} ({e}); this build encodes on CPU (rebuild with --features cuda-encoder)"
-                ))
-            }),
-        }
+/// The candle device of a choice; CUDA only in a build with `cuda-encoder`.
+fn candle_device(choice: DeviceChoice) -> Result<Device, ModelError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+            ModelError::Compute(format!(
+                "cannot use CUDA device {n} ({e}); this build encodes on CPU (rebuild with --features cuda-encoder)"
+            ))
+        }),
     }
 }
 
@@ -332,8 +297,8 @@ pub struct Clip {
 
 impl Clip {
     pub fn load(mut checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
-        let device = device.device()?;
-        let dtype = checkpoint.precision.dtype();
+        let device = candle_device(device)?;
+        let dtype = layout::candle_dtype(checkpoint.precision);
         // The VarBuilder converts each tensor to `dtype` as the towers read it; `logit_scale`
         // is read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
         let tensors = std::mem::take(&mut checkpoint.tensors);

@@ -16,7 +16,6 @@
 //! boundaries, so all captions of a video sit in one strip: V2T scores a video against each
 //! caption group by the group's best caption, which one strip can then compute alone.
 
-pub mod command;
 pub mod kernels;
 pub mod metrics;
 pub mod npy;
@@ -677,6 +676,12 @@ fn dual_softmax_row_on_bounds(
             *beaten += u32::from(beats);
         }
     }
+}
+
+/// The cosine of two L2-normalised embeddings, summed in f64: what `search` ranks a video's
+/// frames by.
+pub fn cosine_of_unit_vectors(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
 }
 
 /// `x > 0`, false for NaN.

@@ -53,7 +53,9 @@ impl InFlightJournal {
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("{tag}{SUFFIX}"));
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
+        crate::interrupt::on_signal_call(mark_journals_interrupted);
         OPEN.lock().unwrap_or_else(|e| e.into_inner()).push(path.clone());
+        // A signal that came before the action was registered is caught here.
         if crate::interrupt::requested().is_some() {
             mark_journals_interrupted();
         }

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{StoreError, atomic_write_with};
-use crate::model::ModelIdentity;
+use crate::types::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
 /// The format this build writes. 2 added `stream_index` to `videos`.

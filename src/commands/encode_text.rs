@@ -1,4 +1,5 @@
-//! `encode-text`: a caption or query file → the text set `texts/NAME` of an index.
+//! `vtr-index encode-text CAPTIONS --index INDEX`: a caption or query file → the text set
+//! `texts/NAME` of an index.
 //!
 //! Captions stream through in chunks: each chunk is tokenized, encoded in batches of similar
 //! length (less padding) and written in file order, so memory does not grow with the file.
@@ -10,14 +11,39 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Args;
+
 use crate::captions::{Caption, CaptionError, CaptionReader, Row};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::{Clip, DeviceChoice, ModelError};
+use crate::model::{Clip, ModelError};
 use crate::store::{Manifest, ShardWriter, StoreError, TextRow, WriterLock, collect_garbage};
+use crate::types::DeviceChoice;
 
 /// Texts held in memory at once, between reading and writing.
 const CHUNK_TEXTS: usize = 4096;
 const TEXT_SHARD_ROWS: u64 = 250_000;
+
+#[derive(Debug, Args)]
+pub struct EncodeTextArgs {
+    /// Captions: CSV/TSV with a header (`video_id`, `sentence`|`caption`|`text`), JSON Lines, or
+    /// plain text with one query per line.
+    #[arg(value_name = "CAPTIONS")]
+    pub captions: PathBuf,
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    /// Name of the text set [default: the file's stem].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Another copy of the index's model, if the recorded path is gone.
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// Texts per model batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
 
 #[derive(Debug, Clone)]
 pub struct EncodeTextOptions {
@@ -83,6 +109,21 @@ pub fn validate_set_name(name: &str) -> Result<(), String> {
         && !name.starts_with('.')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok { Ok(()) } else { Err(format!("`{name}` is not a usable text-set name (use letters, digits, - _ .)")) }
+}
+
+/// The command: options from the arguments, the run, its summary; exit 2 when captions were skipped.
+pub fn run(args: EncodeTextArgs) -> anyhow::Result<u8> {
+    let options = EncodeTextOptions {
+        captions: args.captions,
+        index: args.index,
+        name: args.name,
+        model: args.model,
+        batch: args.batch.max(1),
+        device: super::device(&args.device)?,
+    };
+    let report = encode_text(&options)?;
+    eprintln!("vtr-index: {}", report.summary());
+    Ok(if report.skipped_lines.is_empty() { 0 } else { 2 })
 }
 
 pub fn encode_text(options: &EncodeTextOptions) -> Result<EncodeTextReport, EncodeTextError> {

@@ -3,23 +3,35 @@
 //! `[ingest]`, `[encode_text]` and `[score]` take the long flag names of their command with
 //! `-` written `_`, and the positional arguments by name (`roots`, `captions`). Each table is
 //! turned into that command's arguments and parsed by the same clap definitions as the
-//! command line, so a job file accepts exactly what the flags accept. Unknown tables and keys
+//! command line (given by `cli`, which runs the steps), so a job file accepts exactly what the
+//! flags accept. Unknown tables and keys
 //! are errors naming them. `index` may be given once, in `[ingest]`, for every step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{CommandFactory, Parser};
+use clap::Args;
 use toml::{Table, Value};
 
-use crate::cli::Cli;
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file (TOML): [ingest], [encode_text] and [score] tables whose keys are the
+    /// commands' long flags with _ for -, plus `roots` and `captions`.
+    #[arg(value_name = "JOB.toml")]
+    pub job: PathBuf,
+}
 
 /// The steps a job can have, in the order they run: (table, subcommand, positional key).
 const STEPS: [(&str, &str, Option<&str>); 3] =
     [("ingest", "ingest", Some("roots")), ("encode_text", "encode-text", Some("captions")), ("score", "score", None)];
 
-/// Reads a job file into its steps, in order: each one's command line and its parse.
-pub fn steps(path: &Path) -> Result<Vec<(Vec<String>, Cli)>> {
+/// Reads a job file into its steps, in order: each one's command line and what `parse` makes
+/// of it. `program` is the command-line definition whose subcommands the tables name.
+pub fn steps<T>(
+    path: &Path,
+    program: &clap::Command,
+    parse: impl Fn(&[String]) -> Result<T>,
+) -> Result<Vec<(Vec<String>, T)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the job file", path.display()))?;
     let job: Table = text.parse().with_context(|| format!("{}: not a valid TOML job file", path.display()))?;
@@ -35,9 +47,10 @@ pub fn steps(path: &Path) -> Result<Vec<(Vec<String>, Cli)>> {
         if let Some(index) = &shared_index {
             step.entry("index").or_insert_with(|| index.clone());
         }
-        let step =
-            step_arguments(subcommand, positional, &step).with_context(|| format!("{}: [{table}]", path.display()))?;
-        lines.push(step);
+        let line = step_arguments(program, subcommand, positional, &step)
+            .and_then(|line| Ok((parse(&line)?, line)))
+            .with_context(|| format!("{}: [{table}]", path.display()))?;
+        lines.push((line.1, line.0));
     }
     if lines.is_empty() {
         bail!("{}: the job has no steps ([ingest], [encode_text] or [score])", path.display());
@@ -45,11 +58,15 @@ pub fn steps(path: &Path) -> Result<Vec<(Vec<String>, Cli)>> {
     Ok(lines)
 }
 
-/// One table → `vtr-index SUBCOMMAND …`, checked against the subcommand's arguments, and
-/// parsed, so a bad value is reported before any step runs.
-fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> Result<(Vec<String>, Cli)> {
-    let command = Cli::command();
-    let definition = command.find_subcommand(subcommand).expect("every step is a subcommand");
+/// One table → `vtr-index SUBCOMMAND …`, checked against the subcommand's arguments (the
+/// caller parses it, so a bad value is reported before any step runs).
+fn step_arguments(
+    program: &clap::Command,
+    subcommand: &str,
+    positional: Option<&str>,
+    step: &Table,
+) -> Result<Vec<String>> {
+    let definition = program.find_subcommand(subcommand).expect("every step is a subcommand");
     let mut line = vec!["vtr-index".to_string(), subcommand.to_string()];
     let mut positionals = Vec::new();
     for (key, value) in step {
@@ -77,8 +94,7 @@ fn step_arguments(subcommand: &str, positional: Option<&str>, step: &Table) -> R
         line.push("--".to_string());
         line.extend(positionals);
     }
-    let cli = Cli::try_parse_from(&line).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
-    Ok((line, cli))
+    Ok(line)
 }
 
 /// A value, or each value of a flat array, as command-line text.
@@ -107,7 +123,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();
-        steps(&path).map(|steps| steps.into_iter().map(|(line, _)| line).collect())
+        let parse = |line: &[String]| crate::cli::parse_step(line);
+        steps(&path, &<crate::cli::Cli as clap::CommandFactory>::command(), parse)
+            .map(|steps| steps.into_iter().map(|(line, _)| line).collect())
     }
 
     #[test]

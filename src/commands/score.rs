@@ -1,5 +1,5 @@
-//! `vtr-index score`: reads a text set and the videos of an index, scores them with
-//! [`score`](super::score), and writes `topk.parquet`, `metrics.json` and, with `--dense`,
+//! `vtr-index score --index INDEX --texts NAME --out DIR`: reads a text set and the videos of an index, scores them with
+//! [`crate::score::score`], and writes `topk.parquet`, `metrics.json` and, with `--dense`,
 //! `t2v.npy`, `v2t.npy` and `videos.txt` into the output folder (contract §3–5).
 //!
 //! Columns are the videos in ascending `video_id` byte order; rows are texts in `text_id`
@@ -12,10 +12,55 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::npy::NpyWriter;
-use super::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, score};
-use crate::model::DeviceChoice;
+use clap::Args;
+
+use crate::score::npy::NpyWriter;
+use crate::score::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, is_positive, score};
 use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk};
+use crate::types::DeviceChoice;
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    /// The text set to score (rows of the matrix).
+    #[arg(long, value_name = "NAME")]
+    pub texts: String,
+    /// How the logit matrix is revised before ranking.
+    #[arg(long, value_enum, default_value_t = crate::score::DEFAULT_REVISION)]
+    pub revise: Revision,
+    /// QB-Norm's query bank: another text set of the index.
+    #[arg(long, value_name = "NAME")]
+    pub bank: Option<String>,
+    /// Softmax temperature τ of the dual softmax, on logits.
+    #[arg(long, default_value_t = crate::score::DEFAULT_TEMPERATURE)]
+    pub temperature: f64,
+    /// QB-Norm's β, on cosines.
+    #[arg(long, default_value_t = crate::score::DEFAULT_BETA)]
+    pub beta: f64,
+    /// Videos kept per text in topk.parquet.
+    #[arg(long, short = 'k', default_value_t = crate::score::DEFAULT_TOP_K)]
+    pub top_k: usize,
+    /// Also write the full matrices: t2v.npy, v2t.npy and videos.txt.
+    #[arg(long)]
+    pub dense: bool,
+    /// Logit multiplier [default: exp(logit_scale) of the index's model].
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Memory (MiB) for keeping the logits between the two passes; past it they are recomputed.
+    #[arg(long, default_value_t = crate::score::DEFAULT_CACHE_MIB, value_name = "MIB")]
+    pub cache_mib: usize,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// On CUDA: f32 embeddings (exact; the matrix is stored in row blocks) or f16 on the tensor
+    /// cores (the matrix is never stored, for corpora whose matrix exceeds device memory).
+    #[arg(long, value_enum, default_value_t = crate::score::DEFAULT_DEVICE_INPUTS)]
+    pub gpu_inputs: DeviceInputs,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
 
 #[derive(Debug, Clone)]
 pub struct ScoreCommand {
@@ -122,10 +167,36 @@ fn score_on_gpu(ordinal: usize, _: &Problem, _: &ScoreOptions, _: Option<&dyn Ro
     bail!("cannot score on cuda:{ordinal}: this build scores on the CPU only (rebuild with --features cuda)")
 }
 
+pub fn run(args: ScoreArgs) -> Result<u8> {
+    if ![args.temperature, args.beta, args.scale.unwrap_or(1.0)].into_iter().all(is_positive) {
+        bail!("--temperature, --beta and --scale must be positive");
+    }
+    let command = ScoreCommand {
+        index: args.index,
+        texts: args.texts,
+        revise: args.revise,
+        bank: args.bank,
+        temperature: args.temperature,
+        beta: args.beta,
+        top_k: args.top_k,
+        dense: args.dense,
+        out: args.out,
+        scale: args.scale,
+        cache_bytes: args.cache_mib.saturating_mul(1 << 20),
+        device: super::device(&args.device)?,
+        gpu_inputs: args.gpu_inputs,
+    };
+    let report = run_score(&command)?;
+    eprintln!("vtr-index: {}", report.summary());
+    for file in &report.files {
+        println!("{}", file.display());
+    }
+    Ok(0)
+}
+
 pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     let started = Instant::now();
-    let manifest = Manifest::load(&command.index)?
-        .with_context(|| format!("{}: not a vtr-index index (no manifest.json)", command.index.display()))?;
+    let manifest = super::load_manifest(&command.index)?;
     let text_shards = text_set(&manifest, &command.texts)?;
     let bank_shards = match (command.revise, &command.bank) {
         (Revision::Qbnorm, Some(bank)) => Some(text_set(&manifest, bank)?),
@@ -199,7 +270,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
 
     std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
     // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
-    crate::interrupt::remove_temporaries_in(&command.out);
+    crate::interrupt::remove_temporaries_in(&command.out, crate::store::is_own_temporary_name);
     // Every output is written under its temporary name first; then all are renamed into place
     // together, under the lock an interruption waits for, so the folder never mixes this run's
     // outputs with an earlier run's. A run that fails first removes them (`Staged`).

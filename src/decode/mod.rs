@@ -5,9 +5,11 @@
 //! time, the display rotation and the stated duration; then a *fetch* (`filesrc ! parsebin !
 //! decodebin`) that decodes only what it must to return the frames [`crate::sampling`] chose,
 //! seeking when the next one is far and leaving out the unsampled H.264 pictures nothing refers
-//! to ([`crate::nal`]). Only the chosen frames are converted to RGB, with the
+//! to ([`nal`]). Only the chosen frames are converted to RGB, with the
 //! stream's colour matrix, or BT.601 when the stream says nothing (as ffmpeg assumes).
 //! Every wait has a deadline, and every error becomes a typed [`Rejection`].
+
+pub mod nal;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,8 +23,9 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
 use crate::failure::{FailureKind, Rejection, Stage};
-use crate::nal::{NalFraming, is_unreferenced_picture};
 use crate::sampling::{SamplingConfig, choose_frames};
+use crate::types::RgbImage;
+use nal::{NalFraming, is_unreferenced_picture};
 
 /// Decoding one next sample that is further away than this seeks instead of decoding through.
 const SEEK_GAP_NS: i64 = 2_500_000_000;
@@ -57,14 +60,6 @@ impl Deadline {
     fn passed(&self) -> bool {
         Instant::now() > self.at || (self.cancelled)()
     }
-}
-
-/// A packed 8-bit RGB image, rows of `width * 3` bytes, as displayed (rotation applied).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RgbImage {
-    pub width: u32,
-    pub height: u32,
-    pub data: Vec<u8>,
 }
 
 /// One frame chosen by the sampling protocol.
@@ -248,7 +243,7 @@ enum VideoBranch {
 }
 
 /// Which pictures the fetch may leave out before the decoder: H.264 access units that hold an
-/// unreferenced picture (see [`crate::nal`]) and are not sampled. With frames sampled a second
+/// unreferenced picture (see [`nal`]) and are not sampled. With frames sampled a second
 /// apart from a 30 fps x264 stream, about half the pictures are such B-frames; leaving them out
 /// cut the decode's CPU time by about 30 % on the benchmark's clips. Other codecs pass
 /// untouched.

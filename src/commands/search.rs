@@ -1,4 +1,4 @@
-//! `vtr-index search "a query"`: one query against every video of an index, answered with the
+//! `vtr-index search "a query" --index INDEX`: one query against every video of an index, answered with the
 //! top videos and, for each, the time of its frame that matches the query best.
 //!
 //! Ranking is by the logit `scale · cos(query, video)` (one query has no dual-softmax prior);
@@ -7,12 +7,30 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use clap::Args;
 
+use crate::model::Clip;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::{Clip, DeviceChoice};
-use crate::score::{Problem, Revision, ScoreOptions, score};
-use crate::store::{Manifest, read_frames_of, read_video_embeddings};
+use crate::score::{Problem, Revision, ScoreOptions, cosine_of_unit_vectors, score};
+use crate::store::{read_frames_of, read_video_embeddings};
+use crate::types::DeviceChoice;
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The query text.
+    pub query: String,
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    #[arg(long, short = 'k', default_value_t = 10)]
+    pub top_k: usize,
+    /// Another copy of the index's model, if the recorded path is gone.
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct SearchCommand {
@@ -34,12 +52,30 @@ pub struct Hit {
     pub best_frame_cosine: Option<f64>,
 }
 
+pub fn run(args: SearchArgs) -> Result<u8> {
+    let command = SearchCommand {
+        query: args.query,
+        index: args.index,
+        top_k: args.top_k,
+        model: args.model,
+        device: DeviceChoice::Cpu,
+    };
+    for hit in search(&command)? {
+        if args.json {
+            println!("{}", serde_json::to_string(&hit)?);
+        } else {
+            let frame = hit.best_frame_s.map_or_else(|| "-".to_string(), |t| format!("{t:.2}s"));
+            println!("{:>3}  {:>8.4}  {:>8}  {}", hit.rank, hit.score, frame, hit.video_id);
+        }
+    }
+    Ok(0)
+}
+
 pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     if ClipTokenizer::is_blank(&command.query) {
         bail!("the query is empty");
     }
-    let manifest = Manifest::load(&command.index)?
-        .with_context(|| format!("{}: not a vtr-index index (no manifest.json)", command.index.display()))?;
+    let manifest = super::load_manifest(&command.index)?;
     let clip = Clip::load_recorded(&manifest.model, command.model.as_deref(), command.device)?;
     let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(&command.query);
     let query = clip.embed_texts(&[tokens])?;
@@ -67,7 +103,7 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     let wanted: HashSet<&str> = top.iter().map(|&(id, _)| id).collect();
     let mut best: HashMap<String, (f64, f64)> = HashMap::new();
     for frame in read_frames_of(&command.index, manifest.shards("frames"), &wanted)? {
-        let cosine: f64 = frame.embedding.iter().zip(&query).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        let cosine = cosine_of_unit_vectors(&frame.embedding, &query);
         let entry = best.entry(frame.video_id).or_insert((f64::NEG_INFINITY, frame.pts_s));
         if cosine > entry.0 {
             *entry = (cosine, frame.pts_s);

@@ -2,7 +2,7 @@
 //! NAL unit headers. Such a picture can be left out before the decoder when sampling does not
 //! want it: decoding the rest gives every other picture the same pixels (the standard lets a
 //! decoder discard them, which is what libavcodec's `skip_frame=nonref` does inside the
-//! decoder). This module only reads bytes; [`crate::decode`] drives GStreamer with it.
+//! decoder). This module only reads bytes; [`super`] (`decode`) drives GStreamer with it.
 
 /// How the NAL units of one access unit are delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,119 @@
+//! `vtr-index info`: what an index holds (`--index`), what a checkpoint is (`--model`), or
+//! whether this build and machine can score on CUDA (`--gpu`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use super::load_manifest;
+use crate::model::Checkpoint;
+use crate::store::index_bytes;
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[arg(long, value_name = "INDEX")]
+    pub index: Option<PathBuf>,
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// Whether this build and machine can score on CUDA, and with which devices.
+    #[arg(long)]
+    pub gpu: bool,
+}
+
+pub fn run(args: InfoArgs) -> Result<u8> {
+    match (args.index, args.model, args.gpu) {
+        (Some(index), None, false) => print_index_info(&index),
+        (None, Some(model), false) => print_model_info(&model),
+        (None, None, true) => print_gpu_info(),
+        _ => bail!("give exactly one of --index INDEX, --model M or --gpu"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn print_gpu_info() -> Result<u8> {
+    use crate::gpu;
+    println!("cuda:      {}", gpu::probe());
+    println!("nvrtc:     {}", if gpu::nvrtc_present() { "loads" } else { "not found (LD_LIBRARY_PATH)" });
+    if let gpu::Probe::Ready { devices } = gpu::probe() {
+        for ordinal in 0..devices {
+            match gpu::Gpu::open(ordinal) {
+                Ok(device) => println!("cuda:{ordinal}:    {} (kernels compiled)", device.name),
+                Err(e) => println!("cuda:{ordinal}:    {e}"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn print_gpu_info() -> Result<u8> {
+    println!("cuda:      not in this build (rebuild with --features cuda)");
+    Ok(0)
+}
+
+fn print_index_info(index: &Path) -> Result<u8> {
+    let m = load_manifest(index)?;
+    println!("index:     {}", index.display());
+    println!("videos:    {}", m.rows("videos"));
+    println!("frames:    {}", m.rows("frames"));
+    println!("failures:  {}", m.rows("failures"));
+    for name in m.text_sets() {
+        println!("texts:     {name} ({} rows)", m.rows(&format!("texts/{name}")));
+    }
+    println!("model:     {} ({}, sha256 {}, {})", m.model.id, m.model.source, m.model.sha256, m.model.dtype.name());
+    println!(
+        "           embed_dim {}, image_size {}, logit scale {:.4}",
+        m.model.embed_dim,
+        m.model.image_size,
+        m.model.logit_scale.exp()
+    );
+    println!("sampling:  {} fps, at most {} frames per video", m.sampling.fps, m.sampling.max_frames);
+    println!("roots:     {}", m.roots.join(", "));
+    println!("size:      {} bytes in {} shards", index_bytes(&m), m.tables.values().map(Vec::len).sum::<usize>());
+    if let Some(run) = &m.last_run {
+        println!("last run:  {run}");
+    }
+    Ok(0)
+}
+
+fn print_model_info(model: &Path) -> Result<u8> {
+    let checkpoint = Checkpoint::open(model)?;
+    let c = &checkpoint.config;
+    let v = &c.vision;
+    let t = &c.text;
+    println!("checkpoint: {}", checkpoint.source.display());
+    println!("layout:     {}", checkpoint.layout.name());
+    println!("weights:    {}", checkpoint.weights.display());
+    println!(
+        "config:     {}",
+        if checkpoint.config_inferred { "inferred from the tensor shapes" } else { "config.json" }
+    );
+    println!("dtype:      {} (as stored)", checkpoint.stored_dtypes.join(" + "));
+    println!("parameters: {}", checkpoint.parameters);
+    if !checkpoint.ignored.is_empty() {
+        println!(
+            "ignored:    {} tensors not used by CLIP meanP: {}",
+            checkpoint.ignored.len(),
+            crate::model::layout::name_list(&checkpoint.ignored, 4)
+        );
+    }
+    println!(
+        "vision:     width {}, layers {}, heads {}, patch {}, image size {}, mlp {}, {:?}",
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.patch_size,
+        v.image_size,
+        v.intermediate_size,
+        v.hidden_act
+    );
+    println!(
+        "text:       width {}, layers {}, heads {}, context {}, vocabulary {}",
+        t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.max_position_embeddings, t.vocab_size
+    );
+    println!("embed dim:  {}", c.projection_dim);
+    let p = &checkpoint.preprocess;
+    println!("preprocess: resize {} bicubic-antialias, crop {}, mean {:?}, std {:?}", p.resize, p.crop, p.mean, p.std);
+    Ok(0)
+}

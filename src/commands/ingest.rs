@@ -1,0 +1,89 @@
+//! `vtr-index ingest DIR… --index INDEX`: the command line → [`IngestOptions`], the run
+//! ([`crate::ingest::ingest`]), and its summary and exit code.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::ingest::{IngestOptions, ingest};
+use crate::types::Precision;
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Folders to walk recursively for video files.
+    #[arg(required = true, value_name = "DIR")]
+    pub roots: Vec<PathBuf>,
+    /// The index folder (created if it does not exist).
+    #[arg(long, value_name = "INDEX")]
+    pub index: PathBuf,
+    /// CLIP checkpoint: a Hugging Face folder, or a weights file in any layout `info --model`
+    /// recognises; required for a new index, defaults to the index's model.
+    #[arg(long, value_name = "M")]
+    pub model: Option<PathBuf>,
+    /// At most this many frames per video [default: 12].
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Frames sampled per second of video [default: 1].
+    #[arg(long)]
+    pub fps: Option<f64>,
+    /// Frames per model batch (frames of several videos share a batch).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The dtype the model runs in: f32, f16 or bf16 (embeddings are stored as f32); fixed when
+    /// the index is created [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Give up on a file after this many seconds (recorded as a `timeout` failure).
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub decode_timeout: f64,
+    /// Files decoded in parallel [default: half the cores].
+    #[arg(long)]
+    pub decode_workers: Option<usize>,
+    /// Retry files that failed before even if they did not change.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Commit the work done so far every N finished files (a crash keeps what was committed).
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub commit_every: u64,
+    /// …and at least this often.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub commit_interval: f64,
+}
+
+pub fn run(args: IngestArgs) -> Result<u8> {
+    if !(args.decode_timeout > 0.0 && args.commit_interval > 0.0) || args.commit_every == 0 {
+        bail!("--decode-timeout, --commit-interval and --commit-every must be positive");
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let options = IngestOptions {
+        roots: args.roots.into_iter().map(crate::walk::Root::new).collect(),
+        index: args.index,
+        model: args.model,
+        max_frames: args.frames,
+        fps: args.fps,
+        batch: args.batch.max(1),
+        device: super::device(&args.device)?,
+        dtype: args.dtype.as_deref().map(Precision::parse).transpose().map_err(anyhow::Error::msg)?,
+        decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
+        decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
+        retry_failed: args.retry_failed,
+        commit_every: args.commit_every,
+        commit_interval: Duration::try_from_secs_f64(args.commit_interval).unwrap_or(Duration::MAX),
+    };
+    let report = ingest(&options)?;
+    eprintln!("vtr-index: {}", report.summary());
+    if let Some(signal) = &report.interrupted {
+        eprintln!(
+            "vtr-index: interrupted by {signal}: the {} videos finished in this run and the {} failures recorded are committed; {} files were not processed; run the same command again to continue",
+            report.new + report.changed + report.reused,
+            report.failed_total(),
+            report.not_processed
+        );
+    }
+    Ok(if report.failed_total() > 0 { 2 } else { 0 })
+}
