@@ -1,4 +1,5 @@
-//! SHA-256 of a file, streamed: the identity of model weights and the checksum of shards.
+//! Digests of files, streamed: SHA-256 (the identity of model weights, the checksum of shards)
+//! and BLAKE3 (a video file's content hash, which finds renamed and copied files).
 
 use std::io::Read;
 use std::path::Path;
@@ -20,4 +21,11 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
         hasher.update(&buffer[..n]);
     }
     Ok((bytes, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+/// The file's BLAKE3 as lowercase hex: the `content_hash` of the videos table.
+pub fn blake3_file(path: &Path) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok(hasher.finalize().to_hex().to_string())
 }

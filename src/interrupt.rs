@@ -36,7 +36,10 @@ static POLICY: AtomicU8 = AtomicU8::new(Policy::Finish as u8);
 static PUBLISHING: Mutex<()> = Mutex::new(());
 /// Folders whose temporary files an abandoning exit removes, each with the test of a name
 /// that is this process's temporary.
-static OUTPUT_FOLDERS: Mutex<Vec<(PathBuf, fn(&str) -> bool)>> = Mutex::new(Vec::new());
+static OUTPUT_FOLDERS: Mutex<Vec<(PathBuf, NameTest)>> = Mutex::new(Vec::new());
+
+/// Whether a file name is one of this process's temporaries.
+type NameTest = fn(&str) -> bool;
 /// Called on every signal, before anything else is done about it.
 static ON_SIGNAL: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
 
@@ -131,7 +134,7 @@ pub fn on_signal_call(action: fn()) {
 
 /// Registers a folder whose temporary outputs (the names `is_ours` accepts) an abandoning exit
 /// removes.
-pub fn remove_temporaries_in(folder: &Path, is_ours: fn(&str) -> bool) {
+pub fn remove_temporaries_in(folder: &Path, is_ours: NameTest) {
     OUTPUT_FOLDERS.lock().unwrap_or_else(|e| e.into_inner()).push((folder.to_path_buf(), is_ours));
 }
 

@@ -175,7 +175,7 @@ fn write_and_commit(
     name: &str,
 ) -> Result<EncodeTextReport, EncodeTextError> {
     let table = format!("texts/{name}");
-    let tag = crate::ingest::now_us().to_string();
+    let tag = crate::store::now_us().to_string();
     crate::store::upgrade(&options.index, &mut manifest, &tag)?;
     let mut out = ShardWriter::<TextRow>::new(&options.index, &table, &tag, clip.embed_dim(), TEXT_SHARD_ROWS)?;
     let mut report = EncodeTextReport { name: name.to_string(), ..Default::default() };
@@ -204,7 +204,7 @@ fn write_and_commit(
     let shards = out.finish()?;
     check_interrupted(name)?;
     report.replaced = manifest.tables.insert(table, shards).is_some();
-    manifest.committed_at_us = crate::ingest::now_us();
+    manifest.committed_at_us = crate::store::now_us();
     manifest.commit(&options.index)?;
     // The set is published: a collection that fails now leaves garbage for the next writer,
     // not a failed run.

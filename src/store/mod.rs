@@ -6,6 +6,7 @@
 //! ([`Manifest::commit`]). [`collect_garbage`] removes the index's own files that no manifest
 //! names, and never a file the index did not write (`files.rs`).
 
+mod commit;
 mod files;
 mod journal;
 mod lock;
@@ -17,6 +18,7 @@ mod tables;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use commit::{Committer, RowWriters, carry_over, merged_roots, write_reused, write_run_report};
 pub use files::{collect_garbage, foreign_entries, is_own_temporary_name, temporary_path};
 pub use journal::{InFlightJournal, crashed_runs, mark_journals_interrupted};
 pub use lock::{LOCK_FILE, WriterLock};
@@ -120,4 +122,9 @@ pub fn upgrade(index: &Path, manifest: &mut Manifest, tag: &str) -> Result<bool,
 /// Total bytes of the shards a manifest lists.
 pub fn index_bytes(manifest: &Manifest) -> u64 {
     manifest.tables.values().flatten().map(|s| s.bytes).sum()
+}
+
+/// Microseconds since the Unix epoch: run tags and commit times.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }

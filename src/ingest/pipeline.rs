@@ -1,0 +1,224 @@
+//! The stages of one ingest run on their own threads: a feeder, `--decode-workers` decode
+//! workers (decode, sample, preprocess, hash; each file journalled while in flight) and the
+//! encoder, joined by bounded channels, so a slow stage holds the ones before it back and memory
+//! holds at most a few videos' frames. Outcomes reach the caller's `consume` on its own thread.
+//! This module wires stages; the work is done in `decode`, `preprocess`, `encode` and `model`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+
+use super::{IngestError, IngestOptions};
+use crate::checksum::blake3_file;
+use crate::decode::{DecodeConfig, decode_video};
+use crate::encode::{BatchEncoder, EmbeddedVideo, PreparedVideo, VideoFacts};
+use crate::failure::{FailureKind, Rejection, Stage};
+use crate::model::Clip;
+use crate::preprocess::{PreprocessConfig, pixel_values};
+use crate::store::{InFlightJournal, StoreError};
+use crate::walk::VideoFile;
+
+/// A decode worker's result for one file.
+pub(super) enum Decoded {
+    Video(PreparedVideo<VideoFile>),
+    Failed(VideoFile, Rejection),
+}
+
+/// The encoder's result for one file.
+pub enum Encoded {
+    Video(EmbeddedVideo<VideoFile>),
+    Failed(VideoFile, Rejection),
+}
+
+/// This run's in-flight journal, removed whenever the run ends without the process dying.
+pub struct JournalGuard(pub Option<InFlightJournal>);
+
+impl JournalGuard {
+    /// The journal, out of the guard while the stages use it (it goes back before the guard
+    /// is dropped).
+    pub fn take(&mut self) -> InFlightJournal {
+        self.0.take().expect("the journal is taken once at a time")
+    }
+}
+
+impl Drop for JournalGuard {
+    fn drop(&mut self) {
+        if let Some(journal) = self.0.take() {
+            journal.remove();
+        }
+    }
+}
+
+/// Busy time per stage, summed over the threads of each.
+#[derive(Default)]
+pub struct StageNanos {
+    pub decode: AtomicU64,
+    pub encode: AtomicU64,
+    pub write: AtomicU64,
+}
+
+impl StageNanos {
+    pub fn add(&self, counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn seconds(&self, counter: &AtomicU64) -> f64 {
+        counter.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
+/// Decodes, preprocesses and hashes one file in a decode worker.
+fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessConfig) -> Decoded {
+    let video = match decode_video(&file.abs_path, decode) {
+        Ok(video) => video,
+        Err(rejection) => return Decoded::Failed(file, rejection),
+    };
+    let mut frames = Vec::with_capacity(video.frames.len());
+    for frame in &video.frames {
+        match pixel_values(&frame.image, preprocess) {
+            Ok(pixels) => frames.push((frame.pts_s, pixels)),
+            Err(message) => return Decoded::Failed(file, Rejection::new(Stage::Encode, FailureKind::Corrupt, message)),
+        }
+    }
+    let content_hash = match blake3_file(&file.abs_path) {
+        Ok(hash) => hash,
+        Err(e) => {
+            let rejection = Rejection::new(Stage::Decode, FailureKind::Io, format!("cannot read the file: {e}"));
+            return Decoded::Failed(file, rejection);
+        }
+    };
+    let facts = VideoFacts {
+        duration_s: video.duration_s,
+        width: video.width,
+        height: video.height,
+        fps: video.fps,
+        content_hash,
+        stream_index: video.stream_index,
+    };
+    Decoded::Video(PreparedVideo { key: file, facts, frames })
+}
+
+/// The decode workers and the encoder of one run, on their own threads joined by bounded
+/// channels.
+pub struct Pipeline<'a> {
+    pub options: &'a IngestOptions,
+    pub decode: &'a DecodeConfig,
+    pub preprocess: &'a PreprocessConfig,
+    pub clip: &'a Clip,
+    pub journal: &'a InFlightJournal,
+}
+
+impl Pipeline<'_> {
+    /// Runs `files` through decode and encode and hands every outcome to `consume` on the
+    /// calling thread.
+    pub fn run(
+        &self,
+        files: Vec<VideoFile>,
+        nanos: &StageNanos,
+        mut consume: impl FnMut(Encoded) -> Result<(), StoreError>,
+    ) -> Result<(), IngestError> {
+        let workers = self.options.decode_workers.max(1);
+        let (task_tx, task_rx) = bounded::<VideoFile>(workers * 2);
+        let (decoded_tx, decoded_rx) = bounded::<Decoded>(workers + 2);
+        let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
+        let dim = self.clip.embed_dim();
+        std::thread::scope(|scope| {
+            let feeder = std::thread::Builder::new()
+                .name("feed".into())
+                .spawn_scoped(scope, move || {
+                    for file in files {
+                        // Interrupted: no new file is started.
+                        if crate::interrupt::was_requested() || task_tx.send(file).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawn a thread");
+            let decoders: Vec<_> = (0..workers)
+                .map(|i| {
+                    let tasks = task_rx.clone();
+                    let out = decoded_tx.clone();
+                    std::thread::Builder::new()
+                        .name(format!("decode-{i}"))
+                        .spawn_scoped(scope, move || {
+                            for file in tasks {
+                                if crate::interrupt::was_requested() {
+                                    continue;
+                                }
+                                let started = Instant::now();
+                                self.journal.started(&file.root, &file.path);
+                                crate::fault::point(&format!("decode:{}", file.path));
+                                let (root, path) = (file.root.clone(), file.path.clone());
+                                let decoded = prepare(file, self.decode, self.preprocess);
+                                self.journal.finished(&root, &path);
+                                nanos.add(&nanos.decode, started);
+                                // A file cut short by an interruption is not a failure: drop it.
+                                let cut_short =
+                                    matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
+                                if !cut_short && out.send(decoded).is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                        .expect("spawn a thread")
+                })
+                .collect();
+            drop(task_rx);
+            drop(decoded_tx);
+            let encoder = std::thread::Builder::new()
+                .name("encode".into())
+                .spawn_scoped(scope, move || -> Result<(), String> {
+                    let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
+                        crate::fault::point("encode");
+                        let started = Instant::now();
+                        let flat = self.clip.embed_images(pixels, count).map_err(|e| e.to_string())?;
+                        nanos.add(&nanos.encode, started);
+                        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+                    };
+                    let mut encoder = BatchEncoder::new(self.options.batch, embed, crate::model::mean_pool);
+                    for item in decoded_rx {
+                        let done = match item {
+                            Decoded::Video(video) => encoder.push(video)?,
+                            Decoded::Failed(file, rejection) => {
+                                if encoded_tx.send(Encoded::Failed(file, rejection)).is_err() {
+                                    return Ok(());
+                                }
+                                continue;
+                            }
+                        };
+                        for video in done {
+                            if encoded_tx.send(Encoded::Video(video)).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    for video in encoder.finish()? {
+                        if encoded_tx.send(Encoded::Video(video)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(())
+                })
+                .expect("spawn a thread");
+
+            let mut written: Result<(), IngestError> = Ok(());
+            for outcome in &encoded_rx {
+                if let Err(e) = consume(outcome) {
+                    written = Err(e.into());
+                    break;
+                }
+            }
+            // Stops the upstream stages if writing failed: their sends now fail.
+            drop(encoded_rx);
+            let panicked = |stage: &'static str| IngestError::Stage(stage, "a worker thread panicked".into());
+            let encoded = encoder.join().map_err(|_| panicked("encode"))?;
+            for decoder in decoders {
+                decoder.join().map_err(|_| panicked("decode"))?;
+            }
+            feeder.join().map_err(|_| panicked("feed"))?;
+            written?;
+            encoded.map_err(|e| IngestError::Stage("encode", e))
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! What one ingest run did: the report written to `INDEX/runs/TAG.json` with each commit and
+//! summarised on stderr, and the one line each failure is named by.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::failure::Failure;
+
+/// What one run did; written to `INDEX/runs/` and summarised on stderr.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestReport {
+    pub started_at_us: i64,
+    pub roots: Vec<String>,
+    pub new: u64,
+    pub changed: u64,
+    /// Renamed, copied or touched files whose bytes an indexed video already had: its rows
+    /// were reused, nothing was decoded.
+    pub reused: u64,
+    pub unchanged: u64,
+    pub removed: u64,
+    /// Files that failed in this run or earlier and still fail, by kind.
+    pub failed: BTreeMap<String, u64>,
+    /// Failed files left alone because they did not change (retry with --retry-failed).
+    pub failed_not_retried: u64,
+    /// Files without a video extension.
+    pub skipped: u64,
+    /// Folders the walk reached a second way (a link to a root, to a real folder, to another
+    /// link's target; a root inside another root): skipped so that each folder is walked once.
+    pub repeated_folders: u64,
+    pub frames: u64,
+    pub video_seconds: f64,
+    pub wall_s: f64,
+    pub frames_per_s: f64,
+    pub videos_per_s: f64,
+    /// Wall time of each stage; decode, encode and write are busy time summed over threads.
+    pub stage_seconds: StageSeconds,
+    /// Commits made, the periodic ones included.
+    pub commits: u64,
+    pub committed: bool,
+    /// The signal that stopped the run early (`SIGINT`, `SIGTERM`); what was finished is committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+    /// Files left for the next run because the run was interrupted.
+    pub not_processed: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageSeconds {
+    pub walk: f64,
+    /// Reading the old index, hashing possibly renamed files, carrying rows over.
+    pub plan: f64,
+    pub decode: f64,
+    pub encode: f64,
+    pub write: f64,
+}
+
+impl IngestReport {
+    pub fn failed_total(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    pub fn summary(&self) -> String {
+        let failed = if self.failed.is_empty() {
+            "0 failed".to_string()
+        } else {
+            let kinds: Vec<String> = self.failed.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            format!("{} failed ({})", self.failed_total(), kinds.join(", "))
+        };
+        format!(
+            "ingest: {} new, {} changed, {} reused, {} unchanged, {} removed, {failed}, {} skipped (not video); {} frames from {:.1} s of video in {:.1} s ({:.1} frames/s, {:.2} videos/s)",
+            self.new,
+            self.changed,
+            self.reused,
+            self.unchanged,
+            self.removed,
+            self.skipped,
+            self.frames,
+            self.video_seconds,
+            self.wall_s,
+            self.frames_per_s,
+            self.videos_per_s
+        )
+    }
+}
+
+impl IngestReport {
+    /// The report as a commit records it: the commits so far, committed.
+    pub fn json_as_committed(&self, commits: u64) -> String {
+        let mut report = self.clone();
+        report.commits = commits;
+        report.committed = true;
+        report.json()
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serialises")
+    }
+}
+
+/// `vtr-index: ROOT/PATH: kind: message`, as every failure is named on stderr.
+pub fn failure_line(failure: &Failure) -> String {
+    format!("vtr-index: {}/{}: {}: {}", failure.root.trim_end_matches('/'), failure.path, failure.kind, failure.message)
+}
