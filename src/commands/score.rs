@@ -6,7 +6,7 @@
 //! order. Each output file is written under a temporary name and renamed when complete.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -16,7 +16,9 @@ use clap::Args;
 
 use crate::score::npy::NpyWriter;
 use crate::score::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, is_positive, score};
-use crate::store::{Manifest, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk};
+use crate::store::{
+    Manifest, TextSet, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk,
+};
 use crate::types::DeviceChoice;
 
 #[derive(Debug, Args)]
@@ -143,6 +145,36 @@ struct DenseFiles {
     row_of_text: Vec<usize>,
 }
 
+impl DenseFiles {
+    /// Opens `t2v.npy` and `v2t.npy` under their temporary names.
+    fn create(out: &Path, inputs: &Inputs, staged: &mut Staged) -> Result<DenseFiles> {
+        let mut row_of_text = vec![0; inputs.texts.text_ids.len()];
+        for (row, text) in inputs.by_text_id().into_iter().enumerate() {
+            row_of_text[text] = row;
+        }
+        let (n, m) = (inputs.texts.text_ids.len(), inputs.columns.len());
+        let mut create = |name: &str| {
+            let path = out.join(name);
+            let tmp = temporary_path(&path);
+            staged.0.push((tmp.clone(), path));
+            NpyWriter::create(&tmp, n, m).with_context(|| format!("{}: cannot create", tmp.display()))
+        };
+        Ok(DenseFiles { t2v: create("t2v.npy")?, v2t: create("v2t.npy")?, row_of_text })
+    }
+
+    /// Syncs the matrices and writes `videos.txt`, the `video_id` of each column.
+    fn finish(self, out: &Path, inputs: &Inputs, staged: &mut Staged) -> Result<()> {
+        for writer in [self.t2v, self.v2t] {
+            writer.finish()?; // synced; already staged
+        }
+        let path = out.join("videos.txt");
+        let mut list = inputs.columns.join("\n");
+        list.push('\n');
+        staged.0.push((crate::store::write_temporary(&path, list.as_bytes())?, path));
+        Ok(())
+    }
+}
+
 impl RowSink for DenseFiles {
     fn row(&self, text: usize, t2v: &[f64], v2t: &[f64]) -> std::io::Result<()> {
         self.t2v.write_row(self.row_of_text[text], t2v)?;
@@ -194,61 +226,102 @@ pub fn run(args: ScoreArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// The matrix to score, read from the index: videos as columns in ascending `video_id` byte
+/// order, texts as rows in text-set order, and each text's own column.
+struct Inputs {
+    /// `video_id` of each column.
+    columns: Vec<String>,
+    videos: Vec<f32>,
+    texts: TextSet,
+    text_video: Vec<Option<u32>>,
+    bank: Option<Vec<f32>>,
+    n_texts_unmatched: usize,
+    n_texts_without_video_id: usize,
+}
+
+impl Inputs {
+    fn read(command: &ScoreCommand, manifest: &Manifest) -> Result<Inputs> {
+        let text_shards = text_set(manifest, &command.texts)?;
+        let bank_shards = match (command.revise, &command.bank) {
+            (Revision::Qbnorm, Some(bank)) => Some(text_set(manifest, bank)?),
+            (Revision::Qbnorm, None) => {
+                bail!("--revise qbnorm needs --bank NAME, a text set of bank queries (for example training captions)")
+            }
+            (_, Some(_)) => bail!("--bank is used only by --revise qbnorm"),
+            (_, None) => None,
+        };
+        // The two tables are decoded at once: each read is one thread's work.
+        let (videos, texts) = rayon::join(
+            || read_video_embeddings(&command.index, manifest.shards("videos")),
+            || read_text_embeddings(&command.index, text_shards),
+        );
+        let ((video_ids, videos), texts) = (videos?, texts?);
+        if video_ids.is_empty() {
+            bail!("{}: the index holds no videos yet; run `vtr-index ingest` first", command.index.display());
+        }
+        let mut order: Vec<usize> = (0..video_ids.len()).collect();
+        order.sort_by(|&a, &b| video_ids[a].as_bytes().cmp(video_ids[b].as_bytes()));
+        let dim = videos.dim;
+        let video_matrix = order.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
+        let columns: Vec<String> = order.iter().map(|&v| video_ids[v].clone()).collect();
+        let column_of: HashMap<&str, u32> = columns.iter().enumerate().map(|(c, id)| (id.as_str(), c as u32)).collect();
+
+        if texts.text_ids.is_empty() {
+            bail!("text set {} is empty", command.texts);
+        }
+        if texts.embeddings.dim != dim {
+            bail!("text set {} has embeddings of width {}, the videos {dim}", command.texts, texts.embeddings.dim);
+        }
+        let text_video: Vec<Option<u32>> =
+            texts.video_ids.iter().map(|v| v.as_deref().and_then(|id| column_of.get(id).copied())).collect();
+        let n_texts_without_video_id = texts.video_ids.iter().filter(|v| v.is_none()).count();
+        let n_texts_unmatched = text_video.iter().filter(|c| c.is_none()).count() - n_texts_without_video_id;
+        let bank = match bank_shards {
+            Some(shards) => {
+                let bank = read_text_embeddings(&command.index, shards)?;
+                if bank.embeddings.dim != dim || bank.text_ids.is_empty() {
+                    bail!("bank {} must be a non-empty text set of width {dim}", command.bank.as_deref().unwrap_or(""));
+                }
+                Some(bank.embeddings.values)
+            }
+            None => None,
+        };
+        Ok(Inputs {
+            columns,
+            videos: video_matrix,
+            texts,
+            text_video,
+            bank,
+            n_texts_unmatched,
+            n_texts_without_video_id,
+        })
+    }
+
+    fn problem(&self) -> Problem<'_> {
+        Problem {
+            texts: &self.texts.embeddings.values,
+            videos: &self.videos,
+            dim: self.texts.embeddings.dim,
+            text_video: &self.text_video,
+            bank: self.bank.as_deref(),
+        }
+    }
+
+    /// Text positions in `text_id` order: the order of the output rows.
+    fn by_text_id(&self) -> Vec<usize> {
+        let mut by_id: Vec<usize> = (0..self.texts.text_ids.len()).collect();
+        by_id.sort_by_key(|&i| self.texts.text_ids[i]);
+        by_id
+    }
+}
+
 pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     let started = Instant::now();
     let manifest = super::load_manifest(&command.index)?;
-    let text_shards = text_set(&manifest, &command.texts)?;
-    let bank_shards = match (command.revise, &command.bank) {
-        (Revision::Qbnorm, Some(bank)) => Some(text_set(&manifest, bank)?),
-        (Revision::Qbnorm, None) => {
-            bail!("--revise qbnorm needs --bank NAME, a text set of bank queries (for example training captions)")
-        }
-        (_, Some(_)) => bail!("--bank is used only by --revise qbnorm"),
-        (_, None) => None,
-    };
     if command.top_k == 0 && !command.dense {
         eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
     }
-
-    // The two tables are decoded at once: each read is one thread's work.
-    let (videos, texts) = rayon::join(
-        || read_video_embeddings(&command.index, manifest.shards("videos")),
-        || read_text_embeddings(&command.index, text_shards),
-    );
-    let ((video_ids, videos), texts) = (videos?, texts?);
-    if video_ids.is_empty() {
-        bail!("{}: the index holds no videos yet; run `vtr-index ingest` first", command.index.display());
-    }
-    // Columns in ascending video_id byte order.
-    let mut columns: Vec<usize> = (0..video_ids.len()).collect();
-    columns.sort_by(|&a, &b| video_ids[a].as_bytes().cmp(video_ids[b].as_bytes()));
-    let dim = videos.dim;
-    let video_matrix: Vec<f32> =
-        columns.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
-    let sorted_ids: Vec<&str> = columns.iter().map(|&v| video_ids[v].as_str()).collect();
-    let column_of: HashMap<&str, u32> = sorted_ids.iter().enumerate().map(|(c, id)| (*id, c as u32)).collect();
-
-    if texts.text_ids.is_empty() {
-        bail!("text set {} is empty", command.texts);
-    }
-    if texts.embeddings.dim != dim {
-        bail!("text set {} has embeddings of width {}, the videos {dim}", command.texts, texts.embeddings.dim);
-    }
-    let text_video: Vec<Option<u32>> =
-        texts.video_ids.iter().map(|v| v.as_deref().and_then(|id| column_of.get(id).copied())).collect();
-    let n_texts_without_video_id = texts.video_ids.iter().filter(|v| v.is_none()).count();
-    let n_texts_unmatched = text_video.iter().filter(|c| c.is_none()).count() - n_texts_without_video_id;
-    let bank = match bank_shards {
-        Some(shards) => {
-            let bank = read_text_embeddings(&command.index, shards)?;
-            if bank.embeddings.dim != dim || bank.text_ids.is_empty() {
-                bail!("bank {} must be a non-empty text set of width {dim}", command.bank.as_deref().unwrap_or(""));
-            }
-            Some(bank.embeddings.values)
-        }
-        None => None,
-    };
-
+    let inputs = Inputs::read(command, &manifest)?;
     let scale = command.scale.unwrap_or_else(|| f64::from(manifest.model.logit_scale).exp());
     let options = ScoreOptions {
         revision: command.revise,
@@ -260,13 +333,6 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         device_inputs: command.gpu_inputs,
         ..ScoreOptions::default()
     };
-    let problem = Problem {
-        texts: &texts.embeddings.values,
-        videos: &video_matrix,
-        dim,
-        text_video: &text_video,
-        bank: bank.as_deref(),
-    };
 
     std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
     // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
@@ -275,55 +341,16 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     // together, under the lock an interruption waits for, so the folder never mixes this run's
     // outputs with an earlier run's. A run that fails first removes them (`Staged`).
     let mut staged = Staged(Vec::new());
-    let dense = if command.dense {
-        let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
-        by_id.sort_by_key(|&i| texts.text_ids[i]);
-        let mut row_of_text = vec![0; by_id.len()];
-        for (row, &text) in by_id.iter().enumerate() {
-            row_of_text[text] = row;
-        }
-        let (n, m) = (texts.text_ids.len(), sorted_ids.len());
-        let mut create = |name: &str| {
-            let path = command.out.join(name);
-            let tmp = temporary_path(&path);
-            staged.0.push((tmp.clone(), path));
-            NpyWriter::create(&tmp, n, m).with_context(|| format!("{}: cannot create", tmp.display()))
-        };
-        Some(DenseFiles { t2v: create("t2v.npy")?, v2t: create("v2t.npy")?, row_of_text })
-    } else {
-        None
-    };
-
+    let dense = if command.dense { Some(DenseFiles::create(&command.out, &inputs, &mut staged)?) } else { None };
     let sink = dense.as_ref().map(|d| d as &dyn RowSink);
     let outcome = match command.device {
-        DeviceChoice::Cpu => score(&problem, &options, sink)?,
-        DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &problem, &options, sink)?,
+        DeviceChoice::Cpu => score(&inputs.problem(), &options, sink)?,
+        DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &inputs.problem(), &options, sink)?,
     };
-
     if let Some(dense) = dense {
-        for writer in [dense.t2v, dense.v2t] {
-            writer.finish()?; // synced; already staged
-        }
-        let path = command.out.join("videos.txt");
-        let mut list = sorted_ids.join("\n");
-        list.push('\n');
-        staged.0.push((crate::store::write_temporary(&path, list.as_bytes())?, path));
+        dense.finish(&command.out, &inputs, &mut staged)?;
     }
-
-    let mut by_id: Vec<usize> = (0..texts.text_ids.len()).collect();
-    by_id.sort_by_key(|&i| texts.text_ids[i]);
-    let (text_ids, column_ids) = (&texts.text_ids, &sorted_ids);
-    let rows = by_id.iter().flat_map(|&i| {
-        outcome.top[i].iter().enumerate().map(move |(r, &(col, score))| TopKRow {
-            text_id: text_ids[i],
-            rank: r as u32 + 1,
-            video_id: column_ids[col as usize],
-            score,
-        })
-    });
-    let topk_path = command.out.join("topk.parquet");
-    staged.0.push((write_topk(&topk_path, rows)?, topk_path));
-
+    stage_topk(&command.out, &inputs, &outcome, &mut staged)?;
     let metrics = MetricsFile {
         t2v: outcome.t2v_metrics(),
         v2t: outcome.v2t_metrics(),
@@ -333,10 +360,10 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         beta: (command.revise == Revision::Qbnorm).then_some(command.beta),
         bank: command.bank.clone(),
         texts: command.texts.clone(),
-        n_texts: texts.text_ids.len(),
-        n_videos: sorted_ids.len(),
-        n_texts_unmatched,
-        n_texts_without_video_id,
+        n_texts: inputs.texts.text_ids.len(),
+        n_videos: inputs.columns.len(),
+        n_texts_unmatched: inputs.n_texts_unmatched,
+        n_texts_without_video_id: inputs.n_texts_without_video_id,
     };
     if metrics.t2v.is_some() {
         let path = command.out.join("metrics.json");
@@ -350,6 +377,23 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     crate::store::publish(&staged.0)?;
     let files = std::mem::take(&mut staged.0).into_iter().map(|(_, path)| path).collect();
     Ok(ScoreReport { metrics, files, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Writes `topk.parquet` under its temporary name: each text's top videos, texts in
+/// `text_id` order.
+fn stage_topk(out: &Path, inputs: &Inputs, outcome: &Outcome, staged: &mut Staged) -> Result<()> {
+    let (text_ids, columns) = (&inputs.texts.text_ids, &inputs.columns);
+    let rows = inputs.by_text_id().into_iter().flat_map(|i| {
+        outcome.top[i].iter().enumerate().map(move |(r, &(col, score))| TopKRow {
+            text_id: text_ids[i],
+            rank: r as u32 + 1,
+            video_id: columns[col as usize].as_str(),
+            score,
+        })
+    });
+    let path = out.join("topk.parquet");
+    staged.0.push((write_topk(&path, rows)?, path));
+    Ok(())
 }
 
 /// Outputs written under their temporary names and not yet published (temporary, final path):

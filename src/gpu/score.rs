@@ -116,6 +116,29 @@ struct Results {
     beaten: CudaSlice<u32>,
 }
 
+/// The f32 path's inputs on the device and the cosines of the current row block.
+struct StoredMatrix {
+    texts: CudaSlice<f32>,
+    videos: CudaSlice<f32>,
+    cosines: CudaSlice<f32>,
+    kernel: cudarc::driver::CudaFunction,
+}
+
+impl StoredMatrix {
+    /// The cosines of the texts at `rows` (positions in the run's order) with every video.
+    fn compute(&mut self, run: &Run, rows: std::ops::Range<usize>) -> Result<(), GpuError> {
+        let (dim, columns) = (run.problem.dim, run.columns);
+        let a = self.texts.slice(rows.start * dim..rows.end * dim);
+        let (row_count, cols, dim_i) = (rows.len() as i32, columns as i32, dim as i32);
+        let stream = run.stream();
+        let mut launch = stream.launch_builder(&self.kernel);
+        launch.arg(&a).arg(&self.videos).arg(&mut self.cosines).arg(&row_count).arg(&cols).arg(&dim_i);
+        // SAFETY: the arguments match cosines_f32's signature; `cosines` holds rows × cols.
+        unsafe { launch.launch(launch_config((columns.div_ceil(TILE), rows.len().div_ceil(TILE).max(1))))? };
+        Ok(())
+    }
+}
+
 /// One scoring problem on one device.
 struct Run<'a> {
     gpu: &'a Gpu,
@@ -256,8 +279,7 @@ impl Run<'_> {
 
     /// The f32 path: the matrix computed and stored in row blocks.
     fn stored(&self, sink: Option<&dyn RowSink>) -> Result<Outcome, GpuError> {
-        let (gpu, stream, columns, dim) = (self.gpu, self.stream(), self.columns, self.problem.dim);
-        let (cols, dim_i) = (columns as i32, dim as i32);
+        let (gpu, stream, columns) = (self.gpu, self.stream(), self.columns);
         // Row blocks whose cosines take at most a quarter of the free memory, or what the caller set.
         let block_bytes = match self.options.device_block_bytes {
             0 => gpu.memory()?.0 / 4,
@@ -268,13 +290,67 @@ impl Run<'_> {
         let blocks = Layout::with_strip_rows(self.problem.text_video, block_rows).strips;
         let largest_block = blocks.iter().map(|s| s.len()).max().unwrap_or(0);
         let single_block = blocks.len() == 1;
-
-        let texts = stream.clone_htod(&self.ordered_texts(dim, |x| x))?;
-        let videos = stream.clone_htod(self.problem.videos)?;
+        let mut matrix = StoredMatrix {
+            texts: stream.clone_htod(&self.ordered_texts(self.problem.dim, |x| x))?,
+            videos: stream.clone_htod(self.problem.videos)?,
+            cosines: zeros::<f32>(stream, largest_block * columns)?,
+            kernel: gpu.score_kernel("cosines_f32")?,
+        };
         let group = self.groups()?;
-        let mut cosines = zeros::<f32>(stream, largest_block * columns)?;
-        let mut own_cosine = zeros::<f32>(stream, self.n)?;
         let mut stats = self.statistics()?;
+        let own_cosine = self.stored_first_pass(&mut matrix, &blocks, &group, &mut stats)?;
+        let own_v2t = self.own_v2t(&own_cosine, &stats)?;
+
+        // Pass two: revise, rank, keep the top-k, count the groups that beat each video's own.
+        let apply = gpu.score_kernel("t2v_apply")?;
+        let count = gpu.score_kernel("v2t_count")?;
+        let (cols, k, column_blocks) = (columns as i32, self.top_k as i32, blocks_for(columns));
+        let mut results = self.results()?;
+        for rows in &blocks {
+            if !single_block {
+                matrix.compute(self, rows.clone())?;
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let (cosines, row0) = (&matrix.cosines, rows.start as i32);
+            let mut launch = stream.launch_builder(&apply);
+            launch.arg(cosines).arg(&cols).arg(&row0).arg(&group).arg(&own_cosine).arg(&stats.mode);
+            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum).arg(&k);
+            launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank);
+            // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
+            unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+
+            let chunks = group_chunks(&self.layout, rows.clone(), COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks));
+            if chunks.len() > 1 {
+                let chunk_start = stream.clone_htod(&chunks)?;
+                let mut launch = stream.launch_builder(&count);
+                launch.arg(cosines).arg(&cols).arg(&row0).arg(&group).arg(&chunk_start).arg(&stats.mode);
+                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
+                launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&mut results.beaten);
+                // SAFETY: matches v2t_count; chunk_start has chunks + 1 entries on group boundaries.
+                unsafe { launch.launch(launch_config((column_blocks, chunks.len() - 1)))? };
+                stream.synchronize()?; // chunk_start is freed at the end of this iteration
+            }
+            if let Some(sink) = sink {
+                dense_rows(gpu, cosines, rows.clone(), columns, &stats, &self.layout, sink)?;
+            }
+        }
+        self.outcome(results)
+    }
+
+    /// The f32 path's first pass, block by block: the column statistics (partial sums per part
+    /// of each block, merged into `stats`), the row statistics of the symmetric form, and each
+    /// row's own cosine, which it returns. Leaves the last block's cosines in `matrix`.
+    fn stored_first_pass(
+        &self,
+        matrix: &mut StoredMatrix,
+        blocks: &[std::ops::Range<usize>],
+        group: &CudaSlice<i32>,
+        stats: &mut Statistics,
+    ) -> Result<CudaSlice<f32>, GpuError> {
+        let (gpu, stream, columns) = (self.gpu, self.stream(), self.columns);
+        let cols = columns as i32;
         let column_blocks = blocks_for(columns);
         let parts_per_block: Vec<usize> =
             blocks.iter().map(|s| COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, s.len().max(1))).collect();
@@ -282,32 +358,20 @@ impl Run<'_> {
         let needs_column_stats = self.mode != 0;
         let part_len = if needs_column_stats { total_parts * columns } else { 1 };
         let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
-
-        let cosines_kernel = gpu.score_kernel("cosines_f32")?;
-        let compute_block = |cosines: &mut CudaSlice<f32>, rows: std::ops::Range<usize>| -> Result<(), GpuError> {
-            let a = texts.slice(rows.start * dim..rows.end * dim);
-            let row_count = rows.len() as i32;
-            let mut launch = stream.launch_builder(&cosines_kernel);
-            launch.arg(&a).arg(&videos).arg(cosines).arg(&row_count).arg(&cols).arg(&dim_i);
-            // SAFETY: the arguments match cosines_f32's signature; `cosines` holds rows × cols.
-            unsafe { launch.launch(launch_config((columns.div_ceil(TILE), rows.len().div_ceil(TILE).max(1))))? };
-            Ok(())
-        };
-
-        // Pass one: statistics and own cosines, block by block.
+        let mut own_cosine = zeros::<f32>(stream, self.n)?;
         let partial_kernel = gpu.score_kernel("column_stats_partial")?;
         let row_stats_kernel = gpu.score_kernel("row_stats")?;
         let gather_kernel = gpu.score_kernel("gather_own")?;
         let mut part_offset = 0;
         for (rows, &parts) in blocks.iter().zip(&parts_per_block) {
-            compute_block(&mut cosines, rows.clone())?;
-            let (row0, row_count) = (rows.start as i32, rows.len() as i32);
+            matrix.compute(self, rows.clone())?;
+            let (cosines, row0, row_count) = (&matrix.cosines, rows.start as i32, rows.len() as i32);
             if needs_column_stats {
                 let rows_per_part = rows.len().div_ceil(parts) as i32;
                 let offset = int(part_offset, "a part")?;
                 let mut launch = stream.launch_builder(&partial_kernel);
                 launch
-                    .arg(&cosines)
+                    .arg(cosines)
                     .arg(&row_count)
                     .arg(&cols)
                     .arg(&rows_per_part)
@@ -319,59 +383,21 @@ impl Run<'_> {
             }
             if self.options.revision == Revision::DslSym && !rows.is_empty() {
                 let mut launch = stream.launch_builder(&row_stats_kernel);
-                launch.arg(&cosines).arg(&cols).arg(&row0).arg(&stats.scale).arg(&stats.inv_tau);
+                launch.arg(cosines).arg(&cols).arg(&row0).arg(&stats.scale).arg(&stats.inv_tau);
                 launch.arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
                 // SAFETY: matches row_stats; one block per row of this block.
                 unsafe { launch.launch(launch_config((rows.len(), 1)))? };
             }
             let mut launch = stream.launch_builder(&gather_kernel);
-            launch.arg(&cosines).arg(&row_count).arg(&cols).arg(&row0).arg(&group).arg(&mut own_cosine);
+            launch.arg(cosines).arg(&row_count).arg(&cols).arg(&row0).arg(group).arg(&mut own_cosine);
             // SAFETY: matches gather_own.
             unsafe { launch.launch(launch_config((blocks_for(rows.len()), 1)))? };
             part_offset += parts;
         }
         if needs_column_stats {
-            self.merge_column_stats(&part_max, &part_sum, total_parts, &mut stats)?;
+            self.merge_column_stats(&part_max, &part_sum, total_parts, stats)?;
         }
-        drop((part_max, part_sum));
-        let own_v2t = self.own_v2t(&own_cosine, &stats)?;
-
-        // Pass two: revise, rank, keep the top-k, count the groups that beat each video's own.
-        let apply = gpu.score_kernel("t2v_apply")?;
-        let count = gpu.score_kernel("v2t_count")?;
-        let k = self.top_k as i32;
-        let mut results = self.results()?;
-        for rows in &blocks {
-            if !single_block {
-                compute_block(&mut cosines, rows.clone())?;
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            let row0 = rows.start as i32;
-            let mut launch = stream.launch_builder(&apply);
-            launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group).arg(&own_cosine).arg(&stats.mode);
-            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum).arg(&k);
-            launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank);
-            // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
-            unsafe { launch.launch(launch_config((rows.len(), 1)))? };
-
-            let chunks = group_chunks(&self.layout, rows.clone(), COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks));
-            if chunks.len() > 1 {
-                let chunk_start = stream.clone_htod(&chunks)?;
-                let mut launch = stream.launch_builder(&count);
-                launch.arg(&cosines).arg(&cols).arg(&row0).arg(&group).arg(&chunk_start).arg(&stats.mode);
-                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
-                launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&mut results.beaten);
-                // SAFETY: matches v2t_count; chunk_start has chunks + 1 entries on group boundaries.
-                unsafe { launch.launch(launch_config((column_blocks, chunks.len() - 1)))? };
-                stream.synchronize()?; // chunk_start is freed at the end of this iteration
-            }
-            if let Some(sink) = sink {
-                dense_rows(gpu, &cosines, rows.clone(), columns, &stats, &self.layout, sink)?;
-            }
-        }
-        self.outcome(results)
+        Ok(own_cosine)
     }
 
     /// The f16 path: tiles computed on the tensor cores in every pass and never stored.

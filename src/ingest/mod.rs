@@ -263,6 +263,7 @@ impl<'a> Run<'a> {
         let mut plan = Plan::new(&root_names, walked.videos, &old_videos, &old_failures, options.retry_failed);
         let crashed = plan.set_aside_crashing(&mut suspects, options.retry_failed, started_at_us);
         let reused = plan.find_reusable(&old_videos);
+        let reused_count = reused.len() as u64;
         report.unchanged = plan.unchanged;
         report.removed = plan.removed;
         // A signal during the walk or the plan: no file is started, and the files that would
@@ -286,32 +287,9 @@ impl<'a> Run<'a> {
         let (identity, preprocess) = model_record(clip.as_ref(), previous.as_ref());
 
         let tag = started_at_us.to_string();
-        let mut tables = previous.as_ref().map(|m| m.tables.clone()).unwrap_or_default();
         let mut writers = RowWriters::new(index, &tag, identity.embed_dim)?;
-        for table in ["videos", "frames"] {
-            let old = previous.as_ref().map_or(&[][..], |m| m.shards(table));
-            let kept = carry_over(index, table, old, &old_videos, &plan.keep_ids, &mut writers)?;
-            tables.insert(table.to_string(), kept);
-        }
-        if !reused.is_empty() {
-            report.reused = reused.len() as u64;
-            let old = previous.as_ref().map_or(&[][..], |m| m.shards("frames"));
-            let rows = reused.into_iter().map(|(file, old)| {
-                let old_id = old.video_id.clone();
-                (
-                    VideoRow {
-                        video_id: file.video_id,
-                        root: file.root,
-                        path: file.path,
-                        size_bytes: file.size_bytes,
-                        mtime_ns: file.mtime_ns,
-                        ..old
-                    },
-                    old_id,
-                )
-            });
-            write_reused(index, old, rows.collect(), &mut writers)?;
-        }
+        let tables = write_kept_rows(index, previous.as_ref(), &old_videos, &plan.keep_ids, reused, &mut writers)?;
+        report.reused = reused_count;
         report.stage_seconds.plan = plan_started.elapsed().as_secs_f64();
 
         let mut failures: Vec<Failure> = plan.kept_failures.clone();
@@ -329,27 +307,19 @@ impl<'a> Run<'a> {
         for failure in &failures {
             progress.println(&failure_line(failure));
         }
-        let committer = Committer {
-            index,
-            template: Manifest {
-                format_version: crate::store::FORMAT_VERSION,
-                model: identity,
-                sampling: SamplingRecord { fps: sampling.fps, max_frames: sampling.max_frames },
-                preprocess,
-                roots: merged_roots(previous.as_ref(), &root_names),
-                tables,
-                committed_at_us: 0,
-                last_run: None,
-                suspects: Vec::new(),
-            },
-            tag,
-            crashed_journals,
-            every_videos: options.commit_every.max(1),
-            every: options.commit_interval,
-            last_commit: Instant::now(),
-            since_commit: 0,
-            commits: 0,
+        let template = Manifest {
+            format_version: crate::store::FORMAT_VERSION,
+            model: identity,
+            sampling: SamplingRecord { fps: sampling.fps, max_frames: sampling.max_frames },
+            preprocess,
+            roots: merged_roots(previous.as_ref(), &root_names),
+            tables,
+            committed_at_us: 0,
+            last_run: None,
+            suspects: Vec::new(),
         };
+        let committer =
+            Committer::new(index, template, tag, crashed_journals, options.commit_every, options.commit_interval);
         Ok(Run {
             options,
             started,
@@ -530,6 +500,42 @@ impl<'a> Run<'a> {
         drop(self.lock);
         Ok(report)
     }
+}
+
+/// Carries the old rows that stay over into `writers` (whole shards listed again where they
+/// can be) and writes the rows of reused files under their new identity. Returns the tables
+/// the next commit starts from.
+fn write_kept_rows(
+    index: &Path,
+    previous: Option<&Manifest>,
+    old_videos: &[VideoRow],
+    keep_ids: &HashSet<String>,
+    reused: Vec<(VideoFile, VideoRow)>,
+    writers: &mut RowWriters,
+) -> Result<BTreeMap<String, Vec<crate::store::ShardInfo>>, StoreError> {
+    let mut tables = previous.map(|m| m.tables.clone()).unwrap_or_default();
+    for table in ["videos", "frames"] {
+        let old = previous.map_or(&[][..], |m| m.shards(table));
+        let kept = carry_over(index, table, old, old_videos, keep_ids, writers)?;
+        tables.insert(table.to_string(), kept);
+    }
+    if !reused.is_empty() {
+        let old = previous.map_or(&[][..], |m| m.shards("frames"));
+        let rows = reused.into_iter().map(|(file, old)| {
+            let old_id = old.video_id.clone();
+            let row = VideoRow {
+                video_id: file.video_id,
+                root: file.root,
+                path: file.path,
+                size_bytes: file.size_bytes,
+                mtime_ns: file.mtime_ns,
+                ..old
+            };
+            (row, old_id)
+        });
+        write_reused(index, old, rows.collect(), writers)?;
+    }
+    Ok(tables)
 }
 
 /// What the manifest records of the model and its preprocessing: the loaded model's, or the

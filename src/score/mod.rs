@@ -758,14 +758,34 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     if let Some(bank) = bank {
         (reviser.col_max, reviser.col_inv_sum, reviser.active_columns) = engine.bank_statistics(bank);
     }
+    let truths = first_pass(&engine, &mut reviser, n);
+    let truth = own_scores(&engine, &reviser, &truths, n);
+    let (beaten, results) = second_pass(&engine, &reviser, &truth, sink)?;
 
-    // First pass, when anything needs the whole matrix first.
+    let mut top = vec![Vec::new(); n];
+    let mut t2v_ranks = Vec::new();
+    for strip in results {
+        for (text, items) in strip.top {
+            top[text] = items;
+        }
+        t2v_ranks.extend(strip.t2v_ranks);
+    }
+    t2v_ranks.sort_unstable();
+    Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&engine.layout.group, &beaten) })
+}
+
+/// The first pass, when anything needs the whole matrix first: the column statistics of the
+/// dual softmax and the row statistics of its symmetric form (into `reviser`), and each
+/// matched text's own cosine `(row, cosine, row is active)`, in row order.
+fn first_pass(engine: &Engine, reviser: &mut Reviser, n: usize) -> Vec<(usize, f32, bool)> {
+    let (options, columns) = (engine.options, engine.columns);
     let needs_column_stats = matches!(options.revision, Revision::Dsl | Revision::DslSym);
     let symmetric = options.revision == Revision::DslSym;
     let has_matches = engine.layout.group.iter().any(Option::is_some);
     let mut truths: Vec<(usize, f32, bool)> = Vec::new();
     if needs_column_stats || has_matches {
-        let (scale, inv_tau) = (options.scale, reviser.inv_tau);
+        let reviser_now: &Reviser = reviser;
+        let (scale, inv_tau) = (options.scale, reviser_now.inv_tau);
         let (stats, facts) = in_fixed_order(
             engine.layout.strips.len(),
             &|strips| {
@@ -787,7 +807,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                                     strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
                                 }
                                 if let Some(col) = engine.layout.group[pos] {
-                                    let active = reviser.row_is_active(s_row);
+                                    let active = reviser_now.row_is_active(s_row);
                                     strip_facts.truths.push((pos, s_row[col as usize], active));
                                 }
                             }
@@ -817,15 +837,19 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
         truths = facts.into_iter().flat_map(|f| f.truths).collect();
         truths.sort_unstable_by_key(|t| t.0);
     }
+    truths
+}
 
-    // Each matched text's own revised score, and each video's best own caption for V2T.
+/// Each matched text's own revised score, and each video's best own caption for V2T.
+fn own_scores(engine: &Engine, reviser: &Reviser, truths: &[(usize, f32, bool)], n: usize) -> Truths {
+    let columns = engine.columns;
     let mut truth = Truths {
         t2v: vec![f64::INFINITY; n],
         v2t: vec![f64::INFINITY; columns],
         v2t_below: Vec::new(),
         v2t_above: Vec::new(),
     };
-    for &(pos, s, active) in &truths {
+    for &(pos, s, active) in truths {
         let col = engine.layout.group[pos].expect("truths are matched rows") as usize;
         truth.t2v[pos] = reviser.t2v_value(s, col, active);
         let v = reviser.v2t_value(s, col, pos, active);
@@ -833,9 +857,20 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     }
     truth.v2t_below = truth.v2t.iter().map(|&v| f32_below(v)).collect();
     truth.v2t_above = truth.v2t.iter().map(|&v| f32_above(v)).collect();
+    truth
+}
 
-    // Second pass: revise, rank, keep the top-k, count the groups that beat each video's own.
-    let state = (0..engine.layout.strips.len())
+/// The second pass: revise, rank, keep the top-k, count the groups that beat each video's
+/// own. Returns those counts per column and each strip's results.
+fn second_pass(
+    engine: &Engine,
+    reviser: &Reviser,
+    truth: &Truths,
+    sink: Option<&dyn RowSink>,
+) -> Result<(Vec<u32>, Vec<StripResults>), std::io::Error> {
+    let columns = engine.columns;
+    let symmetric = engine.options.revision == Revision::DslSym;
+    (0..engine.layout.strips.len())
         .into_par_iter()
         .try_fold(
             || PassTwoState {
@@ -855,7 +890,7 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 let strip = engine.strip(index);
                 let results = crate::simd::with_wide_vectors(
                     #[inline(always)]
-                    || second_pass_strip(&engine, &reviser, &mut st, range, &strip, &truth, sink),
+                    || second_pass_strip(engine, reviser, &mut st, range, &strip, truth, sink),
                 )?;
                 st.results.push(results);
                 Ok(st)
@@ -871,17 +906,5 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
                 results.extend(other_results);
                 Ok((beaten, results))
             },
-        )?;
-    let (beaten, results) = state;
-
-    let mut top = vec![Vec::new(); n];
-    let mut t2v_ranks = Vec::new();
-    for strip in results {
-        for (text, items) in strip.top {
-            top[text] = items;
-        }
-        t2v_ranks.extend(strip.t2v_ranks);
-    }
-    t2v_ranks.sort_unstable();
-    Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&engine.layout.group, &beaten) })
+        )
 }

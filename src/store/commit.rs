@@ -113,20 +113,43 @@ pub fn merged_roots(previous: Option<&Manifest>, roots: &[String]) -> Vec<String
 /// Publishes the run's work: periodically while it runs (so a crash late in a long run keeps
 /// most of it), and once at the end.
 pub struct Committer<'a> {
-    pub index: &'a Path,
+    index: &'a Path,
     /// The manifest to publish, less this run's new shards, failures and suspects.
-    pub template: Manifest,
+    template: Manifest,
     pub tag: String,
     /// Journals of crashed runs, removed once a commit has recorded their counts.
     pub crashed_journals: Vec<PathBuf>,
-    pub every_videos: u64,
-    pub every: Duration,
-    pub last_commit: Instant,
+    every_videos: u64,
+    every: Duration,
+    last_commit: Instant,
     pub since_commit: u64,
     pub commits: u64,
 }
 
-impl Committer<'_> {
+impl<'a> Committer<'a> {
+    /// A committer for the run tagged `tag`, publishing `template` with the run's work every
+    /// `every_videos` finished files or `every`, whichever comes first.
+    pub fn new(
+        index: &'a Path,
+        template: Manifest,
+        tag: String,
+        crashed_journals: Vec<PathBuf>,
+        every_videos: u64,
+        every: Duration,
+    ) -> Committer<'a> {
+        Committer {
+            index,
+            template,
+            tag,
+            crashed_journals,
+            every_videos: every_videos.max(1),
+            every,
+            last_commit: Instant::now(),
+            since_commit: 0,
+            commits: 0,
+        }
+    }
+
     pub fn due(&self) -> bool {
         self.since_commit >= self.every_videos || self.last_commit.elapsed() >= self.every
     }
