@@ -13,6 +13,13 @@
 //! `SIGINT*2` sends a second SIGINT once the first has been seen (a user pressing Ctrl-C
 //! twice), and the point then waits for the process to end.
 //! Unset, every check is one relaxed atomic load.
+//!
+//! `VTR_INDEX_FAIL_AT=STEP[:N]` makes the N-th I/O step of that kind fail instead, as a full
+//! disk or a revoked permission would: `write` (a temporary file created), `sync` (a finished
+//! temporary file synced), `rename` (a temporary renamed into place), `sync-dir` (a folder
+//! synced after a rename). The error is `VTR_INDEX_FAIL_WITH` (`ENOSPC`, the default, `EACCES`
+//! or `EIO`). Every atomic write goes through these steps (`store::create_temporary`,
+//! `store::sync_temporary`, `store::publish`), so a test can fail each one in turn.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +51,42 @@ fn target() -> Option<&'static Target> {
             Some(Target { point, signal, twice, hit_number, hits: AtomicU64::new(0) })
         })
         .as_ref()
+}
+
+struct IoTarget {
+    step: String,
+    errno: i32,
+    hit_number: u64,
+    hits: AtomicU64,
+}
+
+fn io_target() -> Option<&'static IoTarget> {
+    static TARGET: OnceLock<Option<IoTarget>> = OnceLock::new();
+    TARGET
+        .get_or_init(|| {
+            let spec = std::env::var("VTR_INDEX_FAIL_AT").ok()?;
+            let (step, hit_number) = match spec.rsplit_once(':').map(|(p, n)| (p, n.parse::<u64>())) {
+                Some((step, Ok(n))) => (step.to_string(), n.max(1)),
+                _ => (spec, 1),
+            };
+            let errno = match std::env::var("VTR_INDEX_FAIL_WITH").as_deref() {
+                Ok("EACCES") => libc::EACCES,
+                Ok("EIO") => libc::EIO,
+                _ => libc::ENOSPC,
+            };
+            Some(IoTarget { step, errno, hit_number, hits: AtomicU64::new(0) })
+        })
+        .as_ref()
+}
+
+/// Fails this I/O step if a test asked for it.
+pub fn io_step(step: &str) -> std::io::Result<()> {
+    match io_target() {
+        Some(target) if target.step == step && target.hits.fetch_add(1, Ordering::SeqCst) + 1 == target.hit_number => {
+            Err(std::io::Error::from_raw_os_error(target.errno))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Kills (or signals) the process here if a test asked for it.

@@ -11,6 +11,7 @@ use vtr_index::preprocess::pixel_values;
 use vtr_index::types::DeviceChoice;
 use vtr_index::types::RgbImage;
 
+use crate::tolerance::*;
 use crate::util::*;
 
 fn tiny_clip() -> Clip {
@@ -60,7 +61,7 @@ fn image_tower_matches_transformers_on_identical_pixels() {
     let embeddings = clip.embed_images(&pixels, images.len()).unwrap();
     for (image, embedding) in images.iter().zip(embeddings.chunks(clip.embed_dim())) {
         let c = cosine(embedding, &image.embedding);
-        assert!(c >= 0.99999, "{}: cosine {c}", image.name);
+        assert!(c >= SAME_INPUT_COSINE, "{}: cosine {c}", image.name);
     }
 }
 
@@ -73,10 +74,10 @@ fn preprocessing_matches_clip_image_processor() {
         assert_eq!(ours.len(), image.pixel_values.len(), "{}", image.name);
         let mad: f64 =
             ours.iter().zip(&image.pixel_values).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / ours.len() as f64;
-        assert!(mad <= 0.01, "{}: mean absolute difference {mad}", image.name);
+        assert!(mad <= PIXEL_MEAN_ABS, "{}: mean absolute difference {mad}", image.name);
         let embedding = clip.embed_images(&ours, 1).unwrap();
         let c = cosine(&embedding, &image.embedding);
-        assert!(c >= 0.9999, "{}: cosine {c}", image.name);
+        assert!(c >= PIXEL_EMBEDDING_COSINE, "{}: cosine {c}", image.name);
     }
 }
 
@@ -169,12 +170,16 @@ fn ingest_matches_pyav_and_transformers_reference() {
             let got_pts: Vec<f64> = got.iter().map(|f| f.1).collect();
             assert_eq!(got.len(), pts[i].len(), "{id}: frames {got_pts:?} vs reference {:?}", pts[i]);
             for (j, frame) in got.iter().enumerate() {
-                assert!((frame.1 - pts[i][j] as f64).abs() < 1e-3, "{id}: pts {got_pts:?} vs {:?}", pts[i]);
+                assert!(
+                    (frame.1 - pts[i][j] as f64).abs() < INGEST_FRAME_TIME_S,
+                    "{id}: pts {got_pts:?} vs {:?}",
+                    pts[i]
+                );
                 let c = cosine(&frame.2, &frames[i][j]);
-                assert!(c >= 0.99, "{id} frame {j} at {:.3} s: cosine {c}", frame.1);
+                assert!(c >= INGEST_COSINE, "{id} frame {j} at {:.3} s: cosine {c}", frame.1);
             }
             let c = cosine(&video_embeddings[id], &videos[i]);
-            assert!(c >= 0.99, "{id}: video cosine {c}");
+            assert!(c >= INGEST_COSINE, "{id}: video cosine {c}");
             checked += 1;
         }
     }
@@ -220,6 +225,6 @@ fn text_tower_matches_transformers_on_identical_tokens() {
     let embeddings = clip.embed_texts(&tokens).unwrap();
     for (reference, embedding) in references.iter().zip(embeddings.chunks(clip.embed_dim())) {
         let c = cosine(embedding, &reference.embedding);
-        assert!(c >= 0.99999, "{:?}: cosine {c}", reference.text);
+        assert!(c >= SAME_INPUT_COSINE, "{:?}: cosine {c}", reference.text);
     }
 }

@@ -10,6 +10,8 @@
 #[allow(dead_code)]
 mod scoring;
 #[allow(dead_code)]
+mod tolerance;
+#[allow(dead_code)]
 mod util;
 
 use vtr_index::gpu::{self, KERNEL_SOURCES, Probe};

@@ -6,6 +6,7 @@
 use vtr_index::score::{Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 
 use crate::scoring::*;
+use crate::tolerance::*;
 use crate::util::*;
 
 const REVISIONS: [Revision; 4] = [Revision::None, Revision::Dsl, Revision::DslSym, Revision::Qbnorm];
@@ -53,7 +54,10 @@ fn symmetric_dual_softmax_matrices_match_the_reference() {
             assert_eq!(shape, [rows, columns]);
             let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let worst = got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
-            assert!(worst <= 1e-5 * largest, "{name} {direction}: max |M − R| = {worst}, max |R| = {largest}");
+            assert!(
+                worst <= SCORE_RELATIVE * largest,
+                "{name} {direction}: max |M − R| = {worst}, max |R| = {largest}"
+            );
         }
     }
 }
@@ -130,7 +134,7 @@ fn dense_matrices_of_every_revision_equal_the_formulas_in_f64() {
                 let largest = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 let worst = got.iter().zip(want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
                 assert!(
-                    worst <= 1e-5 * largest,
+                    worst <= SCORE_RELATIVE * largest,
                     "{name} {} {direction}: max |M − R| = {worst}, max |R| = {largest}",
                     revision.name()
                 );

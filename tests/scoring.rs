@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use vtr_index::score::{Metrics, Problem, Revision, RowSink};
 
+use crate::tolerance::*;
 use crate::util::*;
 
 pub struct Case {
@@ -81,7 +82,7 @@ pub fn assert_metrics_equal(got: Option<Metrics>, want: Metrics, what: &str) {
     let got = got.unwrap_or_else(|| panic!("{what}: no metrics"));
     let pairs = [(got.r1, want.r1), (got.r5, want.r5), (got.r10, want.r10), (got.mdr, want.mdr), (got.mnr, want.mnr)];
     for (g, w) in pairs {
-        assert!((g - w).abs() <= 1e-6, "{what}: got {got:?}, want {want:?}");
+        assert!((g - w).abs() <= METRICS_ABS, "{what}: got {got:?}, want {want:?}");
     }
     assert_eq!(got.n, want.n, "{what}");
 }

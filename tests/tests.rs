@@ -1,7 +1,8 @@
 //! vtr-index's integration tests: one binary, one module per boundary.
 //! Fixtures come from `tests/fixtures/` (its README says how each was made); the tolerances are
-//! those of `docs/contract.md` §6.
+//! those of `docs/contract.md` §6, defined once in `tolerance.rs`.
 
+mod tolerance;
 mod util;
 
 mod checkpoints;

@@ -279,7 +279,7 @@ pub fn snapshot(index: &Path) -> Option<Snapshot> {
     })
 }
 
-/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ 0.99999 (batches
+/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ `RERUN_COSINE` (batches
 /// may be composed differently), frame times equal.
 pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
     assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
@@ -288,12 +288,12 @@ pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
     assert_eq!(got.streams, want.streams, "{what}: streams");
     for (id, embedding) in &got.videos {
         let c = cosine(embedding, &want.videos[id]);
-        assert!(c >= 0.99999, "{what}: {id}: cosine {c}");
+        assert!(c >= crate::tolerance::RERUN_COSINE, "{what}: {id}: cosine {c}");
     }
     for (key, (pts, embedding)) in &got.frames {
         let (want_pts, want_embedding) = &want.frames[key];
         assert_eq!(pts, want_pts, "{what}: {key:?}");
-        assert!(cosine(embedding, want_embedding) >= 0.99999, "{what}: {key:?}");
+        assert!(cosine(embedding, want_embedding) >= crate::tolerance::RERUN_COSINE, "{what}: {key:?}");
     }
 }
 

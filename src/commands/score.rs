@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use clap::Args;
 
-use crate::score::npy::NpyWriter;
 use crate::score::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, is_positive, score};
+use crate::store::npy::NpyWriter;
 use crate::store::{
     Manifest, TextSet, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk,
 };

@@ -18,7 +18,6 @@
 
 pub mod kernels;
 pub mod metrics;
-pub mod npy;
 pub mod topk;
 
 use std::ops::Range;

@@ -11,6 +11,7 @@ mod files;
 mod journal;
 mod lock;
 mod manifest;
+pub mod npy;
 mod scores;
 mod shard;
 mod tables;
@@ -68,9 +69,9 @@ fn atomic_write_with(path: &Path, bytes: &[u8], before_rename: &str) -> Result<(
 /// Returns the temporary path, for [`publish`].
 pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf, StoreError> {
     let tmp = temporary_path(path);
-    let written = std::fs::File::create(&tmp).and_then(|mut file| {
+    let written = create_temporary(&tmp).and_then(|mut file| {
         file.write_all(bytes)?;
-        file.sync_all()
+        sync_temporary(&file)
     });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -79,14 +80,52 @@ pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf, StoreError>
     Ok(tmp)
 }
 
+/// Creates the temporary file of an atomic write (the fault step `write`). Streamed outputs
+/// (shards, `topk.parquet`, `.npy`) create theirs here, [`write_temporary`] its own.
+pub fn create_temporary(tmp: &Path) -> std::io::Result<std::fs::File> {
+    crate::fault::io_step("write")?;
+    std::fs::File::create(tmp)
+}
+
+/// Syncs a finished temporary file before it is published (the fault step `sync`).
+pub fn sync_temporary(file: &std::fs::File) -> std::io::Result<()> {
+    crate::fault::io_step("sync")?;
+    file.sync_all()
+}
+
 /// The second half: renames each synced temporary file to its final path, then syncs the
-/// folders, so the renames survive a power cut. Several files renamed together are published
-/// within a moment of each other (`score` does it under one lock, see `interrupt`).
+/// folders, so the renames survive a power cut. Several files are published all or none: each
+/// one replaced is first linked to a backup name, and a rename that fails puts back the ones
+/// already renamed (`score` also does it under one lock, see `interrupt`). Every rename of the
+/// crate goes through here.
 pub fn publish(renames: &[(PathBuf, PathBuf)]) -> Result<(), StoreError> {
-    let mut folders = Vec::new();
+    let mut done: Vec<(&Path, Option<PathBuf>)> = Vec::new();
     for (tmp, path) in renames {
-        std::fs::rename(tmp, path).map_err(io_error(path))?;
-        let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let backup = (renames.len() > 1).then(|| backup_of(path)).flatten();
+        let renamed = crate::fault::io_step("rename").and_then(|()| std::fs::rename(tmp, path));
+        if let Err(e) = renamed {
+            for (path, backup) in done.iter().rev() {
+                let _ = match backup {
+                    Some(backup) => std::fs::rename(backup, path),
+                    None => std::fs::remove_file(path),
+                };
+            }
+            for (tmp, _) in renames {
+                let _ = std::fs::remove_file(tmp);
+            }
+            if let Some(backup) = backup {
+                let _ = std::fs::remove_file(backup);
+            }
+            return Err(io_error(path)(e));
+        }
+        done.push((path, backup));
+    }
+    for backup in done.iter().filter_map(|(_, backup)| backup.as_ref()) {
+        let _ = std::fs::remove_file(backup);
+    }
+    let mut folders: Vec<&Path> = Vec::new();
+    for (_, path) in renames {
+        let folder = path.parent().unwrap_or(Path::new("."));
         if !folders.contains(&folder) {
             folders.push(folder);
         }
@@ -94,8 +133,18 @@ pub fn publish(renames: &[(PathBuf, PathBuf)]) -> Result<(), StoreError> {
     folders.iter().try_for_each(|folder| sync_dir(folder))
 }
 
+/// A hard link to the file at `path` under a temporary name, if there is one to keep.
+fn backup_of(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_string_lossy();
+    let backup = temporary_path(&path.with_file_name(format!("{name}.replaced")));
+    std::fs::hard_link(path, &backup).ok().map(|()| backup)
+}
+
 pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(folder).and_then(|f| f.sync_all()).map_err(io_error(folder))
+    crate::fault::io_step("sync-dir")
+        .and_then(|()| std::fs::File::open(folder))
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(folder))
 }
 
 /// Brings a manifest of an older format to [`FORMAT_VERSION`] for the writer about to commit

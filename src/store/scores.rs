@@ -122,7 +122,7 @@ fn write_topk_to<'a>(path: &Path, tmp: &Path, rows: impl Iterator<Item = TopKRow
     const BATCH: usize = 64 * 1024;
     let parquet_error =
         |e: &dyn std::fmt::Display| StoreError::Parquet { path: path.to_path_buf(), message: e.to_string() };
-    let file = File::create(tmp).map_err(io_error(tmp))?;
+    let file = super::create_temporary(tmp).map_err(io_error(tmp))?;
     let mut writer = ArrowWriter::try_new(file, topk_schema(), Some(super::shard::writer_properties()))
         .map_err(|e| parquet_error(&e))?;
     let mut pending: Vec<TopKRow> = Vec::with_capacity(BATCH);
@@ -151,5 +151,5 @@ fn write_topk_to<'a>(path: &Path, tmp: &Path, rows: impl Iterator<Item = TopKRow
         flush(&mut pending, &mut writer)?;
     }
     let file = writer.into_inner().map_err(|e| parquet_error(&e))?;
-    file.sync_all().map_err(io_error(tmp))
+    super::sync_temporary(&file).map_err(io_error(tmp))
 }

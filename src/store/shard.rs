@@ -12,7 +12,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use super::tables::TableRows;
-use super::{ShardInfo, StoreError, io_error, sync_dir};
+use super::{ShardInfo, StoreError, io_error};
 
 /// Rows buffered before they are handed to the Parquet writer as one record batch.
 const BATCH_ROWS: usize = 1024;
@@ -105,7 +105,7 @@ impl<R: TableRows> ShardWriter<R> {
         let n = self.done.len();
         let name = format!("part-{}-{n:05}.parquet", self.tag);
         let tmp_path = super::temporary_path(&self.index.join(&self.table).join(&name));
-        let file = File::create(&tmp_path).map_err(io_error(&tmp_path))?;
+        let file = super::create_temporary(&tmp_path).map_err(io_error(&tmp_path))?;
         let writer = ArrowWriter::try_new(file, R::schema(self.dim), Some(writer_properties()))
             .map_err(|e| StoreError::Parquet { path: tmp_path.clone(), message: e.to_string() })?;
         Ok(OpenShard { writer, tmp_path, final_rel: format!("{}/{name}", self.table), rows: 0 })
@@ -113,15 +113,23 @@ impl<R: TableRows> ShardWriter<R> {
 
     fn close_shard(&mut self) -> Result<(), StoreError> {
         let Some(shard) = self.open.take() else { return Ok(()) };
-        let file = shard
-            .writer
-            .into_inner()
-            .map_err(|e| StoreError::Parquet { path: shard.tmp_path.clone(), message: e.to_string() })?;
-        file.sync_all().map_err(io_error(&shard.tmp_path))?;
-        crate::fault::point("shard-written");
-        drop(file);
         let final_path = self.index.join(&shard.final_rel);
-        std::fs::rename(&shard.tmp_path, &final_path).map_err(io_error(&final_path))?;
+        let tmp_path = shard.tmp_path.clone();
+        let published = (|| {
+            let file = shard
+                .writer
+                .into_inner()
+                .map_err(|e| StoreError::Parquet { path: tmp_path.clone(), message: e.to_string() })?;
+            super::sync_temporary(&file).map_err(io_error(&tmp_path))?;
+            crate::fault::point("shard-written");
+            drop(file);
+            super::publish(&[(tmp_path.clone(), final_path.clone())])
+        })();
+        if let Err(e) = published {
+            // A shard that failed to be written or renamed is never listed: remove it now.
+            let _ = std::fs::remove_file(&tmp_path);
+            return Err(e);
+        }
         crate::fault::point("shard-renamed");
         let (bytes, sha256) = size_and_sha256(&final_path)?;
         self.done.push(ShardInfo { path: shard.final_rel, rows: shard.rows, bytes, sha256 });
@@ -132,7 +140,6 @@ impl<R: TableRows> ShardWriter<R> {
     pub fn finish(mut self) -> Result<Vec<ShardInfo>, StoreError> {
         self.write_pending()?;
         self.close_shard()?;
-        sync_dir(&self.index.join(&self.table))?;
         Ok(std::mem::take(&mut self.done))
     }
 }

@@ -1,4 +1,4 @@
-//! Dense matrices as NumPy `.npy` files (format 1.0, little-endian float32, C order), written
+//! Dense matrices as NumPy `.npy` files (score's `--dense`) (format 1.0, little-endian float32, C order), written
 //! row by row at their offsets, so strips finished out of order on several threads each
 //! write their own rows without holding the matrix.
 
@@ -17,7 +17,7 @@ pub struct NpyWriter {
 impl NpyWriter {
     pub fn create(path: &Path, rows: usize, cols: usize) -> std::io::Result<NpyWriter> {
         let header = npy_header("<f4", &[rows, cols]);
-        let mut file = File::create(path)?;
+        let mut file = super::create_temporary(path)?;
         file.write_all(&header)?;
         file.set_len(header.len() as u64 + (rows * cols * 4) as u64)?;
         Ok(NpyWriter { file, path: path.to_path_buf(), data_offset: header.len() as u64, cols })
@@ -30,7 +30,7 @@ impl NpyWriter {
     }
 
     pub fn finish(self) -> std::io::Result<PathBuf> {
-        self.file.sync_all()?;
+        super::sync_temporary(&self.file)?;
         Ok(self.path)
     }
 }
