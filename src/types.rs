@@ -59,7 +59,8 @@ impl Precision {
 pub struct ModelIdentity {
     /// A short name: the checkpoint folder's (or file's) name.
     pub id: String,
-    /// The path the user gave.
+    /// The checkpoint's canonical absolute path (an index of format 1 or 2 recorded the path as
+    /// typed until its next writer upgraded it).
     pub source: String,
     /// SHA-256 of the weights file: two copies of the same model match, anything else does not.
     pub sha256: String,

@@ -18,8 +18,9 @@ pub const VIDEO_EXTENSIONS: &[&str] = &[
     "3gp", "3g2", "mxf",
 ];
 
-/// An ingest root: the folder as the user named it (any bytes), and the name the index stores
-/// it under ([`escape_path_bytes`] of that path; the path itself wherever it is UTF-8).
+/// An ingest root: the folder (any bytes), and the name the index stores it under: the
+/// canonical absolute path ([`escape_path_bytes`] of it; the path itself wherever it is
+/// UTF-8), so a root reached from any working folder, or through a link, is one root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Root {
     pub path: PathBuf,
@@ -27,11 +28,20 @@ pub struct Root {
 }
 
 impl Root {
+    /// The root at `path`, canonicalised; a path that cannot be (a missing folder) keeps the
+    /// name it was given, for the error that names it.
     pub fn new(path: impl Into<PathBuf>) -> Root {
         let path = path.into();
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
         let name = escape_path_bytes(path.as_os_str());
         Root { path, name }
     }
+}
+
+/// A root or model path recorded by an older writer as it was typed, resolved as the current
+/// working folder sees it: its canonical absolute name, if it is there.
+pub fn canonical_name(recorded: &str) -> Option<String> {
+    std::fs::canonicalize(recorded).ok().map(|path| escape_path_bytes(path.as_os_str()))
 }
 
 /// A video file found under one of the roots.

@@ -327,5 +327,95 @@ fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
         let schema = read_parquet(&index.join(&shard.path))[0].schema();
         assert!(schema.field_with_name("stream_index").is_ok(), "{}: upgraded", shard.path);
     }
+    let videos = dir.path().join("videos").canonicalize().unwrap().to_str().unwrap().to_string();
+    assert_eq!(manifest.roots, [videos], "the root, recorded as typed in format 1, is canonical");
     TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+}
+
+/// An index written in format 2, kept in `tests/data/index-v2` as that version wrote it, run
+/// from its folder as `vtr-index ingest videos --index index --model model` over
+/// `videos/short_h264.mp4` and a file that is not a video, `videos/broken.mp4`: the root and
+/// the model are recorded as typed (relative). The next ingest, run from that folder with
+/// nothing to do, makes them canonical in the manifest and in every row that carries them,
+/// embeds nothing again and keeps the failure; afterwards every command works from any folder.
+#[test]
+fn an_index_of_format_2_gets_canonical_paths_from_its_next_writer() {
+    let dir = Dir::new();
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v2");
+    for (rel, bytes) in file_tree(&old) {
+        dir.create(&format!("index/{rel}"), &bytes);
+    }
+    let index = dir.join("index");
+    dir.copy(&sample().join("model"), "model");
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    assert_eq!((manifest.format_version, manifest.roots.as_slice()), (2, &["videos".to_string()][..]));
+    assert_eq!(manifest.model.source, "model");
+    // The files as that index saw them: the same bytes (the failure: any bytes of its size)
+    // and modification times.
+    let mtime = |ns: i64| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64);
+    for row in read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap() {
+        let copy = dir.copy(&fixtures().join("videos").join(&row.path), &format!("videos/{}", row.path));
+        std::fs::File::open(copy).unwrap().set_modified(mtime(row.mtime_ns)).unwrap();
+    }
+    let failures: Vec<vtr_index::failure::Failure> = read_table(&index, manifest.shards("failures")).unwrap();
+    assert_eq!(failures.len(), 1);
+    let broken = dir.create(&format!("videos/{}", failures[0].path), &vec![b'x'; failures[0].size_bytes as usize]);
+    std::fs::File::options().write(true).open(broken).unwrap().set_modified(mtime(failures[0].mtime_ns)).unwrap();
+    let before = snapshot(&index).unwrap();
+
+    let (_, stderr) =
+        TestCommand::new(&["ingest", "videos", "--index", "index"]).current_dir(dir.path()).expect_code(2);
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 1 unchanged, 0 removed, 1 failed"), "{stderr}");
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    assert_eq!(manifest.format_version, vtr_index::store::FORMAT_VERSION);
+    let canonical = |rel: &str| dir.path().join(rel).canonicalize().unwrap().to_str().unwrap().to_string();
+    assert_eq!(manifest.roots, [canonical("videos")]);
+    assert_eq!(manifest.model.source, canonical("model"));
+    let videos: Vec<VideoRow> = read_table(&index, manifest.shards("videos")).unwrap();
+    let failures: Vec<vtr_index::failure::Failure> = read_table(&index, manifest.shards("failures")).unwrap();
+    assert!(videos.iter().all(|v| v.root == canonical("videos")), "{videos:?}");
+    assert!(failures.iter().all(|f| f.root == canonical("videos") && f.attempts == 1), "{failures:?}");
+    assert_eq!(snapshot(&index).unwrap(), before, "nothing embedded again");
+
+    // From any folder, with the root spelled another way: the same root, nothing to do.
+    let elsewhere = Dir::new();
+    let (_, stderr) = TestCommand::new(&["ingest"])
+        .arg(dir.path().join("index/../videos"))
+        .arg("--index")
+        .arg(&index)
+        .current_dir(elsewhere.path())
+        .expect_code(2);
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 1 unchanged, 0 removed"), "{stderr}");
+    let (stdout, _) =
+        TestCommand::new(&["search", "a clip", "--index"]).arg(&index).current_dir(elsewhere.path()).expect_code(0);
+    assert!(stdout.contains("short_h264"), "{stdout}");
+}
+
+/// The README's own commands with relative paths (`ingest videos --index index --model
+/// model`), then every reader and writer run from another folder (a cron job's home, a
+/// notebook): the index records absolute paths, so each finds the model and the roots.
+#[test]
+fn commands_run_from_another_folder_find_the_model_and_the_roots() {
+    let dir = Dir::new();
+    corpus(&dir, "videos", &["short_h264.mp4", "bars_mpeg4.avi"]);
+    dir.copy(&sample().join("model"), "model");
+    let captions = dir.create("captions.csv", b"video_id,sentence\nshort_h264,a short clip\nbars_mpeg4,colour bars\n");
+    TestCommand::new(&["ingest", "videos", "--index", "index", "--model", "model"])
+        .current_dir(dir.path())
+        .expect_code(0);
+    let index = dir.join("index");
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    let canonical = |rel: &str| dir.path().join(rel).canonicalize().unwrap().to_str().unwrap().to_string();
+    assert_eq!(manifest.roots, [canonical("videos")]);
+    assert_eq!(manifest.model.source, canonical("model"));
+
+    let elsewhere = Dir::new();
+    let run = |args: &[&str]| TestCommand::new(args).current_dir(elsewhere.path());
+    run(&["encode-text"]).arg(&captions).arg("--index").arg(&index).expect_code(0);
+    run(&["score", "--texts", "captions", "--out", "scores", "--index"]).arg(&index).expect_code(0);
+    assert!(elsewhere.join("scores/metrics.json").is_file());
+    let (stdout, _) = run(&["search", "colour bars", "--index"]).arg(&index).expect_code(0);
+    assert!(stdout.contains("bars_mpeg4"), "{stdout}");
+    let (_, stderr) = run(&["ingest"]).arg(dir.join("videos")).arg("--index").arg(&index).expect_code(0);
+    assert!(stderr.contains("0 new, 0 changed, 0 reused, 2 unchanged"), "{stderr}");
 }

@@ -236,16 +236,16 @@ fn a_job_file_runs_ingest_encode_text_and_score() {
         "captions.csv",
         b"video_id,sentence\nshort_h264,a short clip\nrotated90_h264,a rotated clip\nnested/deeper/gradient_h264,a gradient\n",
     );
+    // Paths relative to the job file's folder, run from another folder (a cron job's home).
     let job = format!(
-        "[ingest]\nroots = [{root:?}]\nindex = {index:?}\nmodel = {model:?}\n\n[encode_text]\ncaptions = {captions:?}\n\n[score]\ntexts = \"captions\"\nrevise = \"dsl\"\nout = {out:?}\n",
-        root = root.to_str().unwrap(),
-        index = dir.join("index").to_str().unwrap(),
+        "[ingest]\nroots = [\"videos\"]\nindex = \"index\"\nmodel = {model:?}\n\n[encode_text]\ncaptions = \"captions.csv\"\n\n[score]\ntexts = \"captions\"\nrevise = \"dsl\"\nout = \"scores\"\n",
         model = sample().join("model").to_str().unwrap(),
-        captions = captions.to_str().unwrap(),
-        out = dir.join("scores").to_str().unwrap(),
     );
+    assert!(root.ends_with("videos") && captions.ends_with("captions.csv"));
     let job = dir.create("nightly.toml", job.as_bytes());
-    TestCommand::new(&["run"]).arg(&job).expect_code(0);
+    let elsewhere = Dir::new();
+    TestCommand::new(&["run"]).arg(&job).current_dir(elsewhere.path()).expect_code(0);
+    assert!(std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(), "nothing written where it ran");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("scores/metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["t2v"]["n"], 3);

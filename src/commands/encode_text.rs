@@ -176,7 +176,7 @@ fn write_and_commit(
 ) -> Result<EncodeTextReport, EncodeTextError> {
     let table = format!("texts/{name}");
     let tag = crate::store::now_us().to_string();
-    crate::store::upgrade(&options.index, &mut manifest, &tag)?;
+    crate::store::upgrade(&options.index, &mut manifest, &tag, crate::walk::canonical_name)?;
     let mut out = ShardWriter::<TextRow>::new(&options.index, &table, &tag, clip.embed_dim(), TEXT_SHARD_ROWS)?;
     let mut report = EncodeTextReport { name: name.to_string(), ..Default::default() };
     let mut chunk: Vec<Caption> = Vec::with_capacity(CHUNK_TEXTS);

@@ -5,7 +5,9 @@
 //! turned into that command's arguments and parsed by the same clap definitions as the
 //! command line (given by `cli`, which runs the steps), so a job file accepts exactly what the
 //! flags accept. Unknown tables and keys
-//! are errors naming them. `index` may be given once, in `[ingest]`, for every step.
+//! are errors naming them. `index` may be given once, in `[ingest]`, for every step. Relative
+//! paths (`roots`, `index`, `model`, `captions`, `out`) are relative to the job file's folder,
+//! so a job runs the same from any working folder (a cron job's home, a scheduler's).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,9 @@ pub struct RunArgs {
     #[arg(value_name = "JOB.toml")]
     pub job: PathBuf,
 }
+
+/// Keys whose values are paths, resolved against the job file's folder.
+const PATH_KEYS: [&str; 5] = ["roots", "index", "model", "captions", "out"];
 
 /// The steps a job can have, in the order they run: (table, subcommand, positional key).
 const STEPS: [(&str, &str, Option<&str>); 3] =
@@ -46,6 +51,12 @@ pub fn steps<T>(
         let mut step = step.clone();
         if let Some(index) = &shared_index {
             step.entry("index").or_insert_with(|| index.clone());
+        }
+        let folder = path.parent().unwrap_or(Path::new(""));
+        for key in PATH_KEYS {
+            if let Some(value) = step.get_mut(key) {
+                relative_to(folder, value);
+            }
         }
         let line = step_arguments(program, subcommand, positional, &step)
             .and_then(|line| Ok((parse(&line)?, line)))
@@ -95,6 +106,18 @@ fn step_arguments(
         line.extend(positionals);
     }
     Ok(line)
+}
+
+/// A relative path (or each of a flat array) joined to `folder`; other values are left as
+/// they are, for the checks that name them.
+fn relative_to(folder: &Path, value: &mut Value) {
+    match value {
+        Value::String(text) if Path::new(text.as_str()).is_relative() => {
+            *text = folder.join(text.as_str()).to_string_lossy().into_owned();
+        }
+        Value::Array(values) => values.iter_mut().for_each(|v| relative_to(folder, v)),
+        _ => {}
+    }
 }
 
 /// A value, or each value of a flat array, as command-line text.
@@ -162,6 +185,26 @@ mod tests {
         assert!(lines[0].contains(&"--retry-failed".to_string()));
         assert!(lines[1].contains(&"/i".to_string()), "index is shared: {:?}", lines[1]);
         assert!(lines[2].windows(2).any(|w| w == ["--revise", "dsl"]));
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_job_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        let text = "[ingest]\nroots = [\"videos\", \"/abs\"]\nindex = \"idx\"\nmodel = \"m\"\n[score]\ntexts = \"t\"\nout = \"o\"\n";
+        std::fs::write(&path, text).unwrap();
+        let parse = |line: &[String]| crate::cli::parse_step(line);
+        let lines: Vec<Vec<String>> = steps(&path, &<crate::cli::Cli as clap::CommandFactory>::command(), parse)
+            .unwrap()
+            .into_iter()
+            .map(|(line, _)| line)
+            .collect();
+        let under = |rel: &str| dir.path().join(rel).to_string_lossy().into_owned();
+        assert!(lines[0].ends_with(&[under("videos"), "/abs".to_string()]), "{:?}", lines[0]);
+        assert!(lines[0].windows(2).any(|w| w == ["--index".to_string(), under("idx")]), "{:?}", lines[0]);
+        assert!(lines[0].windows(2).any(|w| w == ["--model".to_string(), under("m")]), "{:?}", lines[0]);
+        assert!(lines[1].windows(2).any(|w| w == ["--out".to_string(), under("o")]), "{:?}", lines[1]);
+        assert!(lines[1].windows(2).any(|w| w == ["--texts".to_string(), "t".to_string()]), "{:?}", lines[1]);
     }
 
     #[test]

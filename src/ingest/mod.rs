@@ -168,7 +168,12 @@ impl<'a> Opened<'a> {
         // An index of an older format moves to this one in this run's commit (after the
         // collection above: the old shards must outlive every manifest that lists them).
         let upgraded = match previous.as_mut() {
-            Some(manifest) => crate::store::upgrade(&options.index, manifest, &started_at_us.to_string())?,
+            Some(manifest) => crate::store::upgrade(
+                &options.index,
+                manifest,
+                &started_at_us.to_string(),
+                crate::walk::canonical_name,
+            )?,
             None => false,
         };
         // Files in flight when earlier runs died: counted once per crash, on top of the counts

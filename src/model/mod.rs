@@ -159,7 +159,11 @@ impl Checkpoint {
         let name = self.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(ModelIdentity {
             id: name,
-            source: self.source.to_string_lossy().into_owned(),
+            // Canonical and absolute, so a reader in any working folder finds the model.
+            source: std::fs::canonicalize(&self.source)
+                .unwrap_or_else(|_| self.source.clone())
+                .to_string_lossy()
+                .into_owned(),
             sha256: sha256_file(&self.weights)?,
             embed_dim: self.config.projection_dim,
             image_size: self.config.vision.image_size,

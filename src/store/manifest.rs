@@ -14,7 +14,7 @@ use crate::types::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
 /// The format this build writes. 2 added `stream_index` to `videos`.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build reads; a writer upgrades it ([`crate::store::upgrade`]).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 

@@ -16,8 +16,11 @@ mod scores;
 mod shard;
 mod tables;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::failure::Failure;
 
 pub use commit::{Committer, RowWriters, carry_over, merged_roots, write_reused, write_run_report};
 pub use files::{collect_garbage, foreign_entries, is_own_temporary_name, temporary_path};
@@ -148,22 +151,66 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 }
 
 /// Brings a manifest of an older format to [`FORMAT_VERSION`] for the writer about to commit
-/// it: the `videos` shards are rewritten with the columns added since (null in the old rows),
-/// so one commit moves the whole table to the new schema and no table ever mixes two. The old
-/// shards stay until that commit's garbage collection. Returns whether anything changed; the
-/// caller must then commit even if it has nothing else to do. The new shards are tagged
-/// `TAG-0`, a tag the writer's own shards never take (`TAG`, then `TAG-1`, `TAG-2`… for each
-/// periodic commit's new writers), so the two cannot clash.
-pub fn upgrade(index: &Path, manifest: &mut Manifest, tag: &str) -> Result<bool, StoreError> {
+/// it, in that writer's commit:
+/// - format 1 → 2: the `videos` shards are rewritten with the columns added since (null in the
+///   old rows), so no table ever mixes two schemas;
+/// - 2 → 3: roots and the model's path, recorded as typed, become the canonical absolute paths
+///   `canonical` gives for them (`walk::canonical_name`: as the writer's working folder sees
+///   them; one it cannot resolve is kept), in the manifest and in the rows of `videos` and
+///   `failures` that carry them, so the plan matches them and nothing is embedded again.
+///
+/// The old shards stay until that commit's garbage collection. Returns whether anything
+/// changed; the caller must then commit even if it has nothing else to do. The new shards are
+/// tagged `TAG-0`, a tag the writer's own shards never take (`TAG`, then `TAG-1`, `TAG-2`… for
+/// each periodic commit's new writers), so the two cannot clash.
+pub fn upgrade(
+    index: &Path,
+    manifest: &mut Manifest,
+    tag: &str,
+    canonical: impl Fn(&str) -> Option<String>,
+) -> Result<bool, StoreError> {
     if manifest.format_version == FORMAT_VERSION {
         return Ok(false);
     }
-    let mut writer =
-        ShardWriter::<VideoRow>::new(index, "videos", &format!("{tag}-0"), manifest.model.embed_dim, VIDEO_SHARD_ROWS)?;
-    for row in read_table::<VideoRow>(index, manifest.shards("videos"))? {
-        writer.push(row)?;
+    let renamed: HashMap<String, String> = if manifest.format_version < 3 {
+        manifest.roots.iter().filter_map(|r| canonical(r).filter(|c| c != r).map(|c| (r.clone(), c))).collect()
+    } else {
+        HashMap::new()
+    };
+    let rename = |root: &mut String| {
+        if let Some(name) = renamed.get(root.as_str()) {
+            root.clone_from(name);
+        }
+    };
+    let tag = format!("{tag}-0");
+    let mut videos = ShardWriter::<VideoRow>::new(index, "videos", &tag, manifest.model.embed_dim, VIDEO_SHARD_ROWS)?;
+    for mut row in read_table::<VideoRow>(index, manifest.shards("videos"))? {
+        rename(&mut row.root);
+        videos.push(row)?;
     }
-    manifest.tables.insert("videos".to_string(), writer.finish()?);
+    manifest.tables.insert("videos".to_string(), videos.finish()?);
+    if !renamed.is_empty() {
+        let mut failures = ShardWriter::<Failure>::new(index, "failures", &tag, 0, u64::MAX)?;
+        for mut row in read_table::<Failure>(index, manifest.shards("failures"))? {
+            rename(&mut row.root);
+            failures.push(row)?;
+        }
+        manifest.tables.insert("failures".to_string(), failures.finish()?);
+        manifest.suspects.iter_mut().for_each(|s| rename(&mut s.root));
+        let mut roots: Vec<String> = Vec::new();
+        for mut root in std::mem::take(&mut manifest.roots) {
+            rename(&mut root);
+            if !roots.contains(&root) {
+                roots.push(root);
+            }
+        }
+        manifest.roots = roots;
+    }
+    if manifest.format_version < 3
+        && let Some(source) = canonical(&manifest.model.source)
+    {
+        manifest.model.source = source;
+    }
     manifest.format_version = FORMAT_VERSION;
     Ok(true)
 }
