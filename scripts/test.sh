@@ -8,8 +8,16 @@ cd "$(dirname "$0")/.."
 # ffmpeg builds the conformance corpus at test time (installed only if missing).
 bash scripts/setup-system.sh --tests
 nvrtc=$(bash scripts/fetch-nvrtc.sh)
+# The build without default features (no OpenBLAS), kept aside for the test that compares it
+# with the default build (ignored by a plain `cargo test`, run below).
+cargo build --locked --no-default-features
+mkdir -p target/no-default-features
+cp target/debug/vtr-index target/no-default-features/vtr-index
 cargo build --locked
 LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda "$@"
+VTR_INDEX_NO_DEFAULT_FEATURES_BIN="$PWD/target/no-default-features/vtr-index" \
+  LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --locked --features cuda --test integration -- --ignored the_build_without_default_features
 # The tests that need a CUDA device are ignored above; run them where there is one.
 gpu=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo run --quiet --locked --features cuda -- info --gpu)
 echo "$gpu"

@@ -55,6 +55,32 @@ fn lowest_cosine_to_openai_reference(clip: &Clip) -> f64 {
     lowest
 }
 
+/// `tests/data/hf-pickle-tiny/`: a Hugging Face folder whose weights are a PyTorch pickle
+/// (`pytorch_model.bin`, as older hub repositories have) beside `config.json`, a tiny CLIP of
+/// vocabulary 100 (`make/hf_pickle.py`): found, its config applied, and its embeddings
+/// transformers' (`reference.json`).
+#[test]
+fn a_hugging_face_folder_with_pytorch_model_bin_matches_transformers() {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf-pickle-tiny");
+    let checkpoint = Checkpoint::open(&folder).unwrap();
+    assert_eq!(checkpoint.weights, folder.join("pytorch_model.bin"));
+    assert_eq!(checkpoint.layout, Layout::HuggingFace);
+    assert!(!checkpoint.config_inferred, "config.json is applied");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap();
+    let floats = |key: &str| -> Vec<f32> {
+        reference[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    };
+    let ids: Vec<u32> = reference["text_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let clip = Clip::load(checkpoint, DeviceChoice::Cpu).unwrap();
+    let text = clip.embed_texts(&[ids]).unwrap();
+    let image = clip.embed_images(&vec![0.2; 3 * 224 * 224], 1).unwrap();
+    for (kind, got) in [("text", text), ("image", image)] {
+        let c = cosine(&got, &floats(kind));
+        assert!(c >= SAME_INPUT_COSINE, "{kind}: cosine {c} to transformers");
+    }
+}
+
 #[test]
 fn openai_and_clip4clip_files_without_config_match_transformers() {
     for (file, layout) in [("tiny-openai.pt", Layout::OpenAi), ("tiny-clip4clip.bin.1", Layout::Clip4Clip)] {

@@ -125,3 +125,28 @@ fn a_job_stops_at_a_step_that_exits_1() {
     assert!(stderr.contains("vtr-index: run: ingest"), "{stderr}");
     assert!(!stderr.contains("vtr-index: run: encode-text"), "encode-text did not run: {stderr}");
 }
+
+/// `cargo build --no-default-features` (no OpenBLAS: the `gemm` crate does every product)
+/// builds a binary that indexes and scores the sample like the default build, within the
+/// tolerance of a re-batched run. `scripts/test.sh` builds it and runs this test with it;
+/// without it the test is reported as ignored.
+#[test]
+#[ignore = "needs the --no-default-features binary in VTR_INDEX_NO_DEFAULT_FEATURES_BIN (scripts/test.sh)"]
+fn the_build_without_default_features_indexes_like_the_default_one() {
+    let binary = std::env::var_os("VTR_INDEX_NO_DEFAULT_FEATURES_BIN")
+        .expect("VTR_INDEX_NO_DEFAULT_FEATURES_BIN names the --no-default-features binary");
+    let binary = std::path::PathBuf::from(binary);
+    let (version, _) = TestCommand::of_binary(&binary, &["--version"]).expect_code(0);
+    assert!(version.starts_with("vtr-index "), "{version}");
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS);
+    let mut indexes = Vec::new();
+    for (name, command) in
+        [("default", TestCommand::new(&["ingest"])), ("plain", TestCommand::of_binary(&binary, &["ingest"]))]
+    {
+        let index = dir.join(name);
+        command.arg(&root).arg("--index").arg(&index).arg("--model").arg(sample().join("model")).expect_code(0);
+        indexes.push(snapshot(&index).unwrap());
+    }
+    assert_same_index(&indexes[1], &indexes[0], "without default features");
+}

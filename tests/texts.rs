@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use arrow::array::AsArray;
-use arrow::datatypes::{DataType, Float32Type, Int32Type, UInt64Type};
-use vtr_index::model::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use std::collections::HashMap;
 
+use arrow::datatypes::{DataType, Float32Type, Int32Type, Int64Type, UInt64Type};
+
+use crate::tolerance::*;
 use crate::util::*;
 
 /// The fixture videos, ingested once; each test works on its own copy.
@@ -52,20 +54,17 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     assert_eq!(schema.field_with_name("text_id").unwrap().data_type(), &DataType::UInt64);
     assert!(schema.field_with_name("video_id").unwrap().is_nullable());
     assert!(matches!(schema.field_with_name("embedding").unwrap().data_type(), DataType::FixedSizeList(_, 32)));
-    let tokenizer = ClipTokenizer::new(CONTEXT_LENGTH);
     let mut rows = 0;
     let csv = std::fs::read_to_string(&captions).unwrap();
     let sentences: Vec<&str> = csv.lines().skip(1).map(|l| l.splitn(4, ',').nth(3).unwrap()).collect();
+    let caption_videos: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap()).collect();
     for batch in &batches {
         let ids = batch.column_by_name("text_id").unwrap().as_primitive::<UInt64Type>();
         let texts = strings(batch, "text");
-        let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
         let embeddings = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
         for (i, text) in texts.iter().enumerate() {
             assert_eq!(ids.value(i), rows as u64);
             assert_eq!(*text, sentences[rows]);
-            let want: Vec<i32> = tokenizer.encode(text).into_iter().map(|t| t as i32).collect();
-            assert_eq!(tokens.value(i).as_primitive::<Int32Type>().values().to_vec(), want);
             let e = embeddings.value(i);
             let norm: f32 = e.as_primitive::<Float32Type>().values().iter().map(|x| x * x).sum();
             assert!((norm - 1.0).abs() < 1e-5);
@@ -90,9 +89,6 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     assert_eq!(metrics["n_videos"], 12);
     assert_eq!(metrics["n_texts_unmatched"], 0);
     assert_eq!(metrics["t2v"]["n"], sentences.len());
-    for key in ["r1", "r5", "r10", "mdr", "mnr"] {
-        assert!(metrics["t2v"][key].is_number() && metrics["v2t"][key].is_number(), "{metrics}");
-    }
     let videos_txt = std::fs::read_to_string(out.join("videos.txt")).unwrap();
     let columns: Vec<&str> = videos_txt.lines().collect();
     let mut sorted = columns.clone();
@@ -100,6 +96,36 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     assert_eq!((columns.len(), &columns), (12, &sorted));
     let (t2v, shape) = read_npy(&out.join("t2v.npy"));
     assert_eq!(shape, [sentences.len(), 12]);
+    // The metrics, computed here from the dense matrices by contract §5's definitions.
+    let (v2t, _) = read_npy(&out.join("v2t.npy"));
+    let column = |video: &str| columns.iter().position(|c| *c == video).unwrap();
+    let t2v_ranks: Vec<usize> = (0..sentences.len())
+        .map(|t| {
+            let row = &t2v[t * 12..(t + 1) * 12];
+            let own = row[column(caption_videos[t])];
+            1 + row.iter().filter(|&&s| s > own).count()
+        })
+        .collect();
+    let captioned: Vec<&str> = columns.iter().copied().filter(|c| caption_videos.contains(c)).collect();
+    let group_score = |video: &str, of: &str| {
+        let texts = (0..sentences.len()).filter(|&t| caption_videos[t] == of);
+        texts.map(|t| v2t[t * 12 + column(video)]).fold(f64::NEG_INFINITY, f64::max)
+    };
+    let v2t_ranks: Vec<usize> = captioned
+        .iter()
+        .map(|video| {
+            let own = group_score(video, video);
+            1 + captioned.iter().filter(|other| group_score(video, other) > own).count()
+        })
+        .collect();
+    for (direction, ranks) in [("t2v", t2v_ranks), ("v2t", v2t_ranks)] {
+        let want = metrics_of(&ranks);
+        for (key, value) in ["r1", "r5", "r10", "mdr", "mnr"].iter().zip(want) {
+            let got = metrics[direction][key].as_f64().unwrap();
+            assert!((got - value).abs() <= METRICS_ABS, "{direction} {key}: {got}, by the definition {value}");
+        }
+        assert_eq!(metrics[direction]["n"], ranks.len());
+    }
     let topk = read_parquet(&out.join("topk.parquet"));
     let top_ids = strings(&topk[0], "video_id");
     let top_scores = topk[0].column_by_name("score").unwrap().as_primitive::<arrow::datatypes::Float64Type>();
@@ -109,15 +135,107 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     assert_eq!(top_ids[0], columns[best]);
     assert!((top_scores.value(0) as f32 - t2v[best] as f32).abs() <= 1e-6 * t2v[best].abs() as f32);
 
-    // Search: one query, top videos with their best frame's time.
-    let (stdout, _) = TestCommand::new(&["search", "a test pattern with a moving clock", "--index"])
-        .arg(&index)
-        .args(&["-k", "3", "--json"])
-        .expect_code(0);
+    // Search: one query, top videos with their best frame's time, against the tables: the
+    // query's embedding as encode-text stores it, every video's and frame's from the index.
+    let query = "a test pattern with a moving clock";
+    let queries = dir.create("query.txt", format!("{query}\n").as_bytes());
+    encode_text(&index, &queries, &["--name", "query"]).expect_code(0);
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let stored = |table: &str| -> Vec<arrow::array::RecordBatch> {
+        manifest.shards(table).iter().flat_map(|s| read_parquet(&index.join(&s.path))).collect()
+    };
+    let query_embedding = fixed_lists(&stored("texts/query")[0], "embedding").remove(0);
+    let dot = |e: &[f32]| e.iter().zip(&query_embedding).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
+    let scale = f64::from(manifest.model.logit_scale).exp();
+    let mut want: Vec<(f64, String)> = Vec::new();
+    for batch in stored("videos") {
+        for (id, e) in strings(&batch, "video_id").into_iter().zip(fixed_lists(&batch, "embedding")) {
+            want.push((scale * dot(&e), id));
+        }
+    }
+    want.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes())));
+    let mut best_frame: HashMap<String, (f64, f64)> = HashMap::new();
+    for batch in stored("frames") {
+        let pts = batch.column_by_name("pts_s").unwrap().as_primitive::<arrow::datatypes::Float64Type>();
+        for (i, (id, e)) in strings(&batch, "video_id").into_iter().zip(fixed_lists(&batch, "embedding")).enumerate() {
+            let entry = best_frame.entry(id).or_insert((f64::NEG_INFINITY, 0.0));
+            if dot(&e) > entry.0 {
+                *entry = (dot(&e), pts.value(i));
+            }
+        }
+    }
+    let (stdout, _) =
+        TestCommand::new(&["search", query, "--index"]).arg(&index).args(&["-k", "12", "--json"]).expect_code(0);
     let hits: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(hits.len(), 3);
-    assert!(hits.windows(2).all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()));
-    assert!(hits.iter().all(|h| h["best_frame_s"].is_number()), "{stdout}");
+    assert_eq!(hits.len(), 12);
+    // Not every best frame is the first: a search that returned each video's first frame fails.
+    assert!(hits.iter().any(|h| h["best_frame_s"].as_f64().unwrap() > 0.0), "{stdout}");
+    for (hit, (score, id)) in hits.iter().zip(&want) {
+        assert_eq!(hit["video_id"], id.as_str(), "{stdout}");
+        assert!((hit["score"].as_f64().unwrap() - score).abs() <= 1e-4, "{id}: {stdout}");
+        assert_eq!(hit["best_frame_s"].as_f64().unwrap(), best_frame[id].1, "{id}: the best frame's time");
+    }
+}
+
+/// R@1, R@5, R@10, median and mean rank of a list of ranks (contract §5).
+fn metrics_of(ranks: &[usize]) -> [f64; 5] {
+    let n = ranks.len() as f64;
+    let recall = |k: usize| 100.0 * ranks.iter().filter(|&&r| r <= k).count() as f64 / n;
+    let mut sorted = ranks.to_vec();
+    sorted.sort_unstable();
+    let median = match sorted.len() % 2 {
+        1 => sorted[sorted.len() / 2] as f64,
+        _ => (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) as f64 / 2.0,
+    };
+    [recall(1), recall(5), recall(10), median, ranks.iter().sum::<usize>() as f64 / n]
+}
+
+/// A `FixedSizeList<Float32>` column as vectors.
+fn fixed_lists(batch: &arrow::array::RecordBatch, name: &str) -> Vec<Vec<f32>> {
+    let column = batch.column_by_name(name).unwrap().as_fixed_size_list();
+    (0..arrow::array::Array::len(column))
+        .map(|i| column.value(i).as_primitive::<Float32Type>().values().to_vec())
+        .collect()
+}
+
+/// The stored token ids and embeddings of `encode-text` over `reference/captions.txt` equal
+/// CLIP's tokenizer (transformers) and transformers' text tower, through the whole command.
+#[test]
+fn encoded_texts_match_the_reference_tokenizer_and_tower() {
+    let dir = Dir::new();
+    let index = copy_of_index(&dir);
+    encode_text(&index, &fixtures().join("reference/captions.txt"), &["--name", "reference"]).output();
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let mut stored: HashMap<String, (Vec<u32>, Vec<f32>)> = HashMap::new();
+    for shard in manifest.shards("texts/reference") {
+        for batch in read_parquet(&index.join(&shard.path)) {
+            let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
+            let embeddings = fixed_lists(&batch, "embedding");
+            for (i, (text, embedding)) in strings(&batch, "text").into_iter().zip(embeddings).enumerate() {
+                let ids = tokens.value(i).as_primitive::<Int32Type>().values().iter().map(|&t| t as u32).collect();
+                stored.insert(text, (ids, embedding));
+            }
+        }
+    }
+    let mut compared = 0;
+    for batch in read_parquet(&fixtures().join("reference/text_tiny.parquet")) {
+        let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
+        for (i, (text, embedding)) in
+            strings(&batch, "text").into_iter().zip(f64_lists(&batch, "embedding")).enumerate()
+        {
+            let want: Vec<u32> =
+                tokens.value(i).as_primitive::<Int64Type>().values().iter().map(|&t| t as u32).collect();
+            let Some((ids, got)) = stored.get(text.trim()).or_else(|| stored.get(&text)) else {
+                assert!(text.trim().is_empty(), "{text:?} was not stored");
+                continue;
+            };
+            assert_eq!(ids, &want, "{text:?}");
+            let c = cosine(got, &embedding);
+            assert!(c >= SAME_INPUT_COSINE, "{text:?}: cosine {c}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 40, "{compared} texts compared");
 }
 
 #[test]
@@ -130,6 +248,15 @@ fn csv_json_lines_and_plain_queries_with_their_problems() {
     let (_, stderr) = encode_text(&index, &csv, &[]).expect_code(2);
     assert!(stderr.contains("line 3: empty caption"), "{stderr}");
     assert!(stderr.contains("2 texts encoded into texts/caps"), "{stderr}");
+
+    // TSV (MSR-VTT and VATEX exports): tab-separated, so a caption keeps its commas.
+    let tsv =
+        dir.create("caps_tab.tsv", b"video_id\tsentence\ntestsrc2_h264\ta clock, ticking\nbars_mpeg4\tcolour bars\n");
+    encode_text(&index, &tsv, &[]).expect_code(0);
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let batch = &read_parquet(&index.join(&manifest.shards("texts/caps_tab")[0].path))[0];
+    assert_eq!(strings(batch, "text"), ["a clock, ticking", "colour bars"]);
+    assert_eq!(strings(batch, "video_id"), ["testsrc2_h264", "bars_mpeg4"]);
 
     // A malformed row stops with the line named; the index keeps what it had.
     let before = std::fs::read_to_string(index.join("manifest.json")).unwrap();
@@ -171,7 +298,7 @@ fn csv_json_lines_and_plain_queries_with_their_problems() {
         .args(&["--texts", "nope", "--out"])
         .arg(&out)
         .expect_code(1);
-    assert!(stderr.contains("no text set named nope") && stderr.contains("caps, queries"), "{stderr}");
+    assert!(stderr.contains("no text set named nope") && stderr.contains("caps, caps_tab, queries"), "{stderr}");
     let (_, stderr) = TestCommand::new(&["score", "--index"])
         .arg(&index)
         .args(&["--texts", "caps", "--revise", "qbnorm", "--out"])

@@ -76,7 +76,12 @@ pub struct TestCommand {
 
 impl TestCommand {
     pub fn new(args: &[&str]) -> TestCommand {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vtr-index"));
+        TestCommand::of_binary(Path::new(env!("CARGO_BIN_EXE_vtr-index")), args)
+    }
+
+    /// Another build of the binary (the `--no-default-features` one, say).
+    pub fn of_binary(binary: &Path, args: &[&str]) -> TestCommand {
+        let mut cmd = Command::new(binary);
         cmd.args(args);
         TestCommand { cmd }
     }
