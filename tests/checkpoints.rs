@@ -81,10 +81,24 @@ fn a_hugging_face_folder_with_pytorch_model_bin_matches_transformers() {
     }
 }
 
+/// `tiny-openai.pt`'s tensors as a CLIP4Clip checkpoint names them (every key under `clip.`, in
+/// a file named `pytorch_model.bin.1`), made here: no reference depends on the file itself.
+fn clip4clip_variant(dir: &Dir) -> std::path::PathBuf {
+    let openai = candle_core::pickle::read_all(openai_format().join("tiny-openai.pt")).unwrap();
+    let tensors: HashMap<String, Tensor> = openai.into_iter().map(|(k, v)| (format!("clip.{k}"), v)).collect();
+    let path = dir.join("pytorch_model.bin.1");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
 #[test]
 fn openai_and_clip4clip_files_without_config_match_transformers() {
-    for (file, layout) in [("tiny-openai.pt", Layout::OpenAi), ("tiny-clip4clip.bin.1", Layout::Clip4Clip)] {
-        let checkpoint = Checkpoint::open(&openai_format().join(file)).unwrap();
+    let dir = Dir::new();
+    let files =
+        [(openai_format().join("tiny-openai.pt"), Layout::OpenAi), (clip4clip_variant(&dir), Layout::Clip4Clip)];
+    for (path, layout) in files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let checkpoint = Checkpoint::open(&path).unwrap();
         assert_eq!(checkpoint.layout, layout, "{file}");
         assert!(checkpoint.config_inferred, "{file}");
         let c = &checkpoint.config;
@@ -285,11 +299,12 @@ fn open_error(path: &std::path::Path) -> String {
 #[test]
 fn a_truncated_checkpoint_is_refused_as_incomplete() {
     let dir = Dir::new();
-    for file in ["tiny-openai.pt", "tiny-clip4clip.bin.1"] {
-        let bytes = std::fs::read(openai_format().join(file)).unwrap();
-        let cut = dir.create(file, &bytes[..bytes.len() / 2]);
+    for path in [openai_format().join("tiny-openai.pt"), clip4clip_variant(&dir)] {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.create(&format!("cut/{file}"), &bytes[..bytes.len() / 2]);
         let message = open_error(&cut);
-        assert!(message.contains(file) && message.contains("is the file complete?"), "{message}");
+        assert!(message.contains(&file) && message.contains("is the file complete?"), "{message}");
     }
     let bytes = std::fs::read(fixtures().join("tiny-clip/model.safetensors")).unwrap();
     let cut = dir.create("model.safetensors", &bytes[..bytes.len() - 1000]);
@@ -335,8 +350,8 @@ fn a_non_clip_state_dict_is_refused_clearly() {
 
 #[test]
 fn info_reports_what_was_detected() {
-    let (stdout, _) =
-        TestCommand::new(&["info", "--model"]).arg(openai_format().join("tiny-clip4clip.bin.1")).expect_code(0);
+    let dir = Dir::new();
+    let (stdout, _) = TestCommand::new(&["info", "--model"]).arg(clip4clip_variant(&dir)).expect_code(0);
     for expected in
         ["layout:     clip4clip", "inferred from the tensor shapes", "f16 + f32", "patch 32", "image size 224"]
     {
