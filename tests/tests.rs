@@ -5,6 +5,7 @@
 mod tolerance;
 mod util;
 
+mod architecture;
 mod checkpoints;
 mod cli;
 mod conformance;
