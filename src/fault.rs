@@ -24,57 +24,65 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// `NAME[:N]` from an environment variable: fires the N-th time (1-based) NAME is reached.
+struct Trigger {
+    name: String,
+    hit_number: u64,
+    hits: AtomicU64,
+}
+
+impl Trigger {
+    fn from_env(variable: &str) -> Option<Trigger> {
+        let spec = std::env::var(variable).ok()?;
+        let (name, hit_number) = match spec.rsplit_once(':').map(|(p, n)| (p, n.parse::<u64>())) {
+            Some((name, Ok(n))) => (name.to_string(), n.max(1)),
+            _ => (spec, 1),
+        };
+        Some(Trigger { name, hit_number, hits: AtomicU64::new(0) })
+    }
+
+    /// Counts a pass through `name`; true on the one that fires.
+    fn fires(&self, name: &str) -> bool {
+        self.name == name && self.hits.fetch_add(1, Ordering::SeqCst) + 1 == self.hit_number
+    }
+}
+
+/// `VTR_INDEX_KILL_AT` and what to send.
 struct Target {
-    point: String,
+    trigger: Trigger,
     signal: i32,
     /// Send the signal a second time once the first has been seen.
     twice: bool,
-    hit_number: u64,
-    hits: AtomicU64,
 }
 
 fn target() -> Option<&'static Target> {
     static TARGET: OnceLock<Option<Target>> = OnceLock::new();
     TARGET
         .get_or_init(|| {
-            let spec = std::env::var("VTR_INDEX_KILL_AT").ok()?;
-            let (point, hit_number) = match spec.rsplit_once(':').map(|(p, n)| (p, n.parse::<u64>())) {
-                Some((point, Ok(n))) => (point.to_string(), n.max(1)),
-                _ => (spec, 1),
-            };
+            let trigger = Trigger::from_env("VTR_INDEX_KILL_AT")?;
             let (signal, twice) = match std::env::var("VTR_INDEX_KILL_WITH").as_deref() {
                 Ok("SIGINT") => (libc::SIGINT, false),
                 Ok("SIGINT*2") => (libc::SIGINT, true),
                 Ok("SIGTERM") => (libc::SIGTERM, false),
                 _ => (libc::SIGKILL, false),
             };
-            Some(Target { point, signal, twice, hit_number, hits: AtomicU64::new(0) })
+            Some(Target { trigger, signal, twice })
         })
         .as_ref()
 }
 
-struct IoTarget {
-    step: String,
-    errno: i32,
-    hit_number: u64,
-    hits: AtomicU64,
-}
-
-fn io_target() -> Option<&'static IoTarget> {
-    static TARGET: OnceLock<Option<IoTarget>> = OnceLock::new();
+/// `VTR_INDEX_FAIL_AT` and the error to return.
+fn io_target() -> Option<&'static (Trigger, i32)> {
+    static TARGET: OnceLock<Option<(Trigger, i32)>> = OnceLock::new();
     TARGET
         .get_or_init(|| {
-            let spec = std::env::var("VTR_INDEX_FAIL_AT").ok()?;
-            let (step, hit_number) = match spec.rsplit_once(':').map(|(p, n)| (p, n.parse::<u64>())) {
-                Some((step, Ok(n))) => (step.to_string(), n.max(1)),
-                _ => (spec, 1),
-            };
+            let trigger = Trigger::from_env("VTR_INDEX_FAIL_AT")?;
             let errno = match std::env::var("VTR_INDEX_FAIL_WITH").as_deref() {
                 Ok("EACCES") => libc::EACCES,
                 Ok("EIO") => libc::EIO,
                 _ => libc::ENOSPC,
             };
-            Some(IoTarget { step, errno, hit_number, hits: AtomicU64::new(0) })
+            Some((trigger, errno))
         })
         .as_ref()
 }
@@ -82,9 +90,7 @@ fn io_target() -> Option<&'static IoTarget> {
 /// Fails this I/O step if a test asked for it.
 pub fn io_step(step: &str) -> std::io::Result<()> {
     match io_target() {
-        Some(target) if target.step == step && target.hits.fetch_add(1, Ordering::SeqCst) + 1 == target.hit_number => {
-            Err(std::io::Error::from_raw_os_error(target.errno))
-        }
+        Some((trigger, errno)) if trigger.fires(step) => Err(std::io::Error::from_raw_os_error(*errno)),
         _ => Ok(()),
     }
 }
@@ -92,7 +98,7 @@ pub fn io_step(step: &str) -> std::io::Result<()> {
 /// Kills (or signals) the process here if a test asked for it.
 pub fn point(name: &str) {
     let Some(target) = target().filter(|_| !name.is_empty()) else { return };
-    if target.point == name && target.hits.fetch_add(1, Ordering::SeqCst) + 1 == target.hit_number {
+    if target.trigger.fires(name) {
         // SAFETY: raising a signal at our own process touches no memory.
         unsafe {
             libc::kill(libc::getpid(), target.signal);
