@@ -14,6 +14,7 @@ use vtr_index::types::{DeviceChoice, Precision};
 
 fn main() -> anyhow::Result<()> {
     vtr_index::model::keep_freed_activation_memory();
+    vtr_index::matmul::choose_blas_kernels();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() >= 6, "usage: tower_throughput MODEL PIXELS.f32 COUNT BATCH OUT.f32 [DTYPE] [DEVICE]");
     let precision = Precision::parse(args.get(6).map_or("f32", String::as_str)).map_err(anyhow::Error::msg)?;

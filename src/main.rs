@@ -11,6 +11,7 @@ use vtr_index::interrupt;
 /// as asked exits 128 + the signal.
 fn main() -> ExitCode {
     vtr_index::model::keep_freed_activation_memory();
+    vtr_index::matmul::choose_blas_kernels();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -8,7 +8,38 @@
 //! its strips, and any view BLAS cannot describe or a build without the feature, go to the `gemm`
 //! crate. OpenBLAS runs on the calling thread only (its own pool is set to one thread once);
 //! spreading a product over cores is done here with rayon, so the process has one pool working
-//! and no core is oversubscribed.
+//! and no core is oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels
+//! on CPUs newer than the library.
+
+/// The OpenBLAS kernels a CPU's features allow, best first: what [`choose_blas_kernels`] asks
+/// for where OpenBLAS itself fell back to its generic ones. `None` below AVX2 + FMA, where the
+/// generic kernels are what there is.
+pub fn blas_kernels_for(avx512_bf16: bool, avx512: bool, avx2_fma: bool) -> Option<&'static str> {
+    match (avx512_bf16, avx512, avx2_fma) {
+        (true, true, _) => Some("Cooperlake"),
+        (_, true, _) => Some("SkylakeX"),
+        (_, _, true) => Some("Haswell"),
+        _ => None,
+    }
+}
+
+/// Debian 12's OpenBLAS (0.3.21) chooses its kernels when the process starts, from the CPU's
+/// model number, and on a CPU it does not know (Intel's Sapphire Rapids, for one) falls back to
+/// its generic `Prescott` kernels: the image tower then runs 4.6 frames/s where the right ones
+/// give 20.9 (`benchmarks/RESULTS.md`). Where that happened and the user set no
+/// `OPENBLAS_CORETYPE`, this asks OpenBLAS to choose again with the kernels the CPU's features
+/// allow, and returns their name. Call it first thing in `main`, before any other thread reads
+/// the environment and before any product. A no-op without the `openblas` feature.
+pub fn choose_blas_kernels() -> Option<&'static str> {
+    #[cfg(all(feature = "openblas", target_arch = "x86_64"))]
+    {
+        blas::choose_kernels()
+    }
+    #[cfg(not(all(feature = "openblas", target_arch = "x86_64")))]
+    {
+        None
+    }
+}
 
 /// A matrix in memory for [`gemm_f32`]: its first element and the distances, in elements,
 /// from one row to the next and from one column to the next.
@@ -170,6 +201,43 @@ mod blas {
     unsafe extern "C" {
         /// OpenBLAS's own (not part of CBLAS): the size of its thread pool.
         fn openblas_set_num_threads(threads: std::ffi::c_int);
+        /// OpenBLAS's own: the name of the kernels it runs.
+        fn openblas_get_corename() -> *const std::ffi::c_char;
+        /// OpenBLAS's dynamic-architecture start-up and shutdown (exported by builds with
+        /// `DYNAMIC_ARCH`, as Debian's): the choice of kernels, from `OPENBLAS_CORETYPE` if set.
+        fn gotoblas_dynamic_init();
+        fn gotoblas_dynamic_quit();
+    }
+
+    /// See [`super::choose_blas_kernels`].
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn choose_kernels() -> Option<&'static str> {
+        if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+            return None; // the user's choice
+        }
+        // SAFETY: returns a pointer to a static, NUL-terminated name.
+        let current = unsafe { std::ffi::CStr::from_ptr(openblas_get_corename()) }.to_string_lossy().to_lowercase();
+        if current != "prescott" {
+            return None;
+        }
+        let wanted = super::blas_kernels_for(
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl"),
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        )?;
+        // SAFETY: the caller runs this before any other thread of the program reads the
+        // environment; OpenBLAS has run no product yet, so no buffer was sized for the old
+        // kernels, and its own threads only wait for work.
+        unsafe {
+            std::env::set_var("OPENBLAS_CORETYPE", wanted);
+            gotoblas_dynamic_quit();
+            gotoblas_dynamic_init();
+            std::env::remove_var("OPENBLAS_CORETYPE");
+        }
+        Some(wanted)
     }
 
     /// Rows of the result below which splitting over the pool costs more than it gives.
@@ -294,6 +362,15 @@ mod blas {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn blas_kernels_follow_the_cpu_features() {
+        use super::blas_kernels_for;
+        assert_eq!(blas_kernels_for(true, true, true), Some("Cooperlake"));
+        assert_eq!(blas_kernels_for(false, true, true), Some("SkylakeX"));
+        assert_eq!(blas_kernels_for(false, false, true), Some("Haswell"));
+        assert_eq!(blas_kernels_for(false, false, false), None);
+    }
+
     use super::*;
 
     /// The product by its definition, in f64.
