@@ -363,6 +363,25 @@ fn an_index_of_format_2_gets_canonical_paths_from_its_next_writer() {
     std::fs::File::options().write(true).open(broken).unwrap().set_modified(mtime(failures[0].mtime_ns)).unwrap();
     let before = snapshot(&index).unwrap();
 
+    // A writer run from an unrelated folder that holds another `videos` upgrades the format but
+    // keeps the root as recorded: its files are not there.
+    let decoy = Dir::new();
+    decoy.create("videos/other.mp4", b"not this index's file");
+    let copy = decoy.copy(&index, "index");
+    let captions = decoy.create("captions.csv", b"video_id,sentence\nshort_h264,a short clip\n");
+    TestCommand::new(&["encode-text"])
+        .arg(&captions)
+        .arg("--index")
+        .arg(&copy)
+        .arg("--model")
+        .arg(dir.join("model"))
+        .current_dir(decoy.path())
+        .expect_code(0);
+    let upgraded = Manifest::load(&copy).unwrap().unwrap();
+    assert_eq!(upgraded.format_version, vtr_index::store::FORMAT_VERSION);
+    assert_eq!(upgraded.roots, ["videos"], "not the decoy's folder");
+    assert_eq!(upgraded.model.source, "model", "no model at the decoy's ./model");
+
     let (_, stderr) =
         TestCommand::new(&["ingest", "videos", "--index", "index"]).current_dir(dir.path()).expect_code(2);
     assert!(stderr.contains("0 new, 0 changed, 0 reused, 1 unchanged, 0 removed, 1 failed"), "{stderr}");

@@ -136,6 +136,17 @@ pub fn publish(renames: &[(PathBuf, PathBuf)]) -> Result<(), StoreError> {
     folders.iter().try_for_each(|folder| sync_dir(folder))
 }
 
+/// Whether a root recorded as typed, resolved from the working folder to `resolved`, is the
+/// folder the index was built from: the first file recorded under it is there with its size
+/// (a root with no file recorded is taken as resolved). A working folder that happens to hold
+/// a folder of the same name elsewhere fails this, and the root keeps its recorded name.
+fn holds_its_files<'a>(resolved: &str, mut files: impl Iterator<Item = &'a (&'a String, &'a String, u64)>) -> bool {
+    match files.next() {
+        Some((_, path, size)) => std::fs::metadata(Path::new(resolved).join(path)).is_ok_and(|m| m.len() == *size),
+        None => true,
+    }
+}
+
 /// A hard link to the file at `path` under a temporary name, if there is one to keep.
 fn backup_of(path: &Path) -> Option<PathBuf> {
     let name = path.file_name()?.to_string_lossy();
@@ -156,8 +167,9 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 ///   old rows), so no table ever mixes two schemas;
 /// - 2 → 3: roots and the model's path, recorded as typed, become the canonical absolute paths
 ///   `canonical` gives for them (`walk::canonical_name`: as the writer's working folder sees
-///   them; one it cannot resolve is kept), in the manifest and in the rows of `videos` and
-///   `failures` that carry them, so the plan matches them and nothing is embedded again.
+///   them), in the manifest and in the rows of `videos` and `failures` that carry them, so the
+///   plan matches them and nothing is embedded again. A root is resolved only where a file
+///   recorded under it is found with its size; one that cannot be is kept as recorded.
 ///
 /// The old shards stay until that commit's garbage collection. Returns whether anything
 /// changed; the caller must then commit even if it has nothing else to do. The new shards are
@@ -172,8 +184,20 @@ pub fn upgrade(
     if manifest.format_version == FORMAT_VERSION {
         return Ok(false);
     }
+    let rows = read_table::<VideoRow>(index, manifest.shards("videos"))?;
     let renamed: HashMap<String, String> = if manifest.format_version < 3 {
-        manifest.roots.iter().filter_map(|r| canonical(r).filter(|c| c != r).map(|c| (r.clone(), c))).collect()
+        let failures = read_table::<Failure>(index, manifest.shards("failures"))?;
+        let files = rows
+            .iter()
+            .map(|v| (&v.root, &v.path, v.size_bytes))
+            .chain(failures.iter().map(|f| (&f.root, &f.path, f.size_bytes)));
+        let files: Vec<(&String, &String, u64)> = files.collect();
+        manifest
+            .roots
+            .iter()
+            .filter_map(|r| canonical(r).filter(|c| c != r).map(|c| (r.clone(), c)))
+            .filter(|(root, resolved)| holds_its_files(resolved, files.iter().filter(|f| f.0 == root)))
+            .collect()
     } else {
         HashMap::new()
     };
@@ -184,7 +208,7 @@ pub fn upgrade(
     };
     let tag = format!("{tag}-0");
     let mut videos = ShardWriter::<VideoRow>::new(index, "videos", &tag, manifest.model.embed_dim, VIDEO_SHARD_ROWS)?;
-    for mut row in read_table::<VideoRow>(index, manifest.shards("videos"))? {
+    for mut row in rows {
         rename(&mut row.root);
         videos.push(row)?;
     }
