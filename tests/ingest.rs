@@ -266,6 +266,27 @@ fn a_file_past_its_deadline_is_a_timeout_failure_and_the_run_goes_on() {
     assert!(failures_by_path(&index).is_empty());
 }
 
+/// A copy of the committed index `tests/data/NAME` as `DIR/index`, with the videos it lists
+/// under `DIR/videos` as it saw them: the fixtures' bytes and the recorded modification times.
+fn committed_index(dir: &Dir, name: &str) -> std::path::PathBuf {
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    for (rel, bytes) in file_tree(&old) {
+        dir.create(&format!("index/{rel}"), &bytes);
+    }
+    let index = dir.join("index");
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    for row in read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap() {
+        let copy = dir.copy(&fixtures().join("videos").join(&row.path), &format!("videos/{}", row.path));
+        std::fs::File::open(copy).unwrap().set_modified(mtime(row.mtime_ns)).unwrap();
+    }
+    index
+}
+
+/// A recorded `mtime_ns` as a time to set.
+fn mtime(ns: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
+}
+
 /// An index written in format 1 (before `videos.stream_index`), kept in `tests/data/index-v1`
 /// as that version wrote it over `short_h264.mp4` and `bars_mpeg4.avi` under the root `videos`:
 /// every reader reads it, and the next ingest moves it to the current format in its commit,
@@ -273,18 +294,7 @@ fn a_file_past_its_deadline_is_a_timeout_failure_and_the_run_goes_on() {
 #[test]
 fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
     let dir = Dir::new();
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v1");
-    for (rel, bytes) in file_tree(&old) {
-        dir.create(&format!("index/{rel}"), &bytes);
-    }
-    let index = dir.join("index");
-    // The files as that index saw them: the same bytes and modification times.
-    let manifest = Manifest::load(&index).unwrap().unwrap();
-    for row in read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap() {
-        let copy = dir.copy(&fixtures().join("videos").join(&row.path), &format!("videos/{}", row.path));
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(row.mtime_ns as u64);
-        std::fs::File::open(copy).unwrap().set_modified(mtime).unwrap();
-    }
+    let index = committed_index(&dir, "index-v1");
     let before = snapshot(&index).unwrap();
     assert_eq!(before.videos.len(), 2);
     assert!(before.streams.values().all(Option::is_none), "{:?}", before.streams);
@@ -341,22 +351,12 @@ fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
 #[test]
 fn an_index_of_format_2_gets_canonical_paths_from_its_next_writer() {
     let dir = Dir::new();
-    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v2");
-    for (rel, bytes) in file_tree(&old) {
-        dir.create(&format!("index/{rel}"), &bytes);
-    }
-    let index = dir.join("index");
+    let index = committed_index(&dir, "index-v2");
     dir.copy(&sample().join("model"), "model");
     let manifest = Manifest::load(&index).unwrap().unwrap();
     assert_eq!((manifest.format_version, manifest.roots.as_slice()), (2, &["videos".to_string()][..]));
     assert_eq!(manifest.model.source, "model");
-    // The files as that index saw them: the same bytes (the failure: any bytes of its size)
-    // and modification times.
-    let mtime = |ns: i64| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64);
-    for row in read_table::<VideoRow>(&index, manifest.shards("videos")).unwrap() {
-        let copy = dir.copy(&fixtures().join("videos").join(&row.path), &format!("videos/{}", row.path));
-        std::fs::File::open(copy).unwrap().set_modified(mtime(row.mtime_ns)).unwrap();
-    }
+    // The failed file as that index saw it: any bytes of its size, its modification time.
     let failures: Vec<vtr_index::failure::Failure> = read_table(&index, manifest.shards("failures")).unwrap();
     assert_eq!(failures.len(), 1);
     let broken = dir.create(&format!("videos/{}", failures[0].path), &vec![b'x'; failures[0].size_bytes as usize]);

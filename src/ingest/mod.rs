@@ -76,10 +76,10 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started_at_us = now_us();
     crate::walk::check_roots(&options.roots)?;
     refuse_dangerous_placement(&options.index, &options.roots)?;
-    let opened = Opened::open(options, started_at_us)?;
+    let (opened, journal) = Opened::open(options, started_at_us)?;
     let mut run = Run::plan(options, opened, started, started_at_us)?;
-    run.process()?;
-    run.finish()
+    run.process(journal.get())?;
+    run.finish(journal)
 }
 
 /// The model an index is built with, loaded only when something is to be embedded.
@@ -121,14 +121,13 @@ struct Opened<'a> {
     /// Crashes per (root, path) in flight: the manifest's counts plus the crashed journals'.
     suspects: BTreeMap<(String, String), u32>,
     crashed_journals: Vec<PathBuf>,
-    journal: JournalGuard,
 }
 
 impl<'a> Opened<'a> {
     /// Locks the index (creating it once the model checks pass), checks the options against
     /// what the index records, collects the index's unlisted files, upgrades an older format,
-    /// reads the crash journals and starts this run's.
-    fn open(options: &'a IngestOptions, started_at_us: i64) -> Result<Opened<'a>, IngestError> {
+    /// reads the crash journals and starts this run's, which it returns beside the index.
+    fn open(options: &'a IngestOptions, started_at_us: i64) -> Result<(Opened<'a>, JournalGuard), IngestError> {
         // Lock before reading the manifest, so no other writer commits between our read and
         // ours. A new index is locked once its folder exists (below), after the model checks.
         let mut lock = options.index.is_dir().then(|| lock_index(&options.index)).transpose()?;
@@ -187,7 +186,7 @@ impl<'a> Opened<'a> {
             *suspects.entry(file).or_insert(0) += crashes;
         }
         let journal = JournalGuard(Some(InFlightJournal::create(&options.index, &started_at_us.to_string())?));
-        Ok(Opened { lock, previous, model, clip, sampling, upgraded, suspects, crashed_journals, journal })
+        Ok((Opened { lock, previous, model, clip, sampling, upgraded, suspects, crashed_journals }, journal))
     }
 }
 
@@ -197,7 +196,6 @@ struct Run<'a> {
     started: Instant,
     started_at_us: i64,
     lock: WriterLock,
-    journal: JournalGuard,
     previous: Option<Manifest>,
     clip: Option<Clip>,
     sampling: SamplingConfig,
@@ -223,7 +221,6 @@ struct Run<'a> {
     writers: RowWriters,
     committer: Committer<'a>,
     progress: Progress,
-    stage_nanos: StageNanos,
     finished: usize,
 }
 
@@ -236,8 +233,7 @@ impl<'a> Run<'a> {
         started: Instant,
         started_at_us: i64,
     ) -> Result<Run<'a>, IngestError> {
-        let Opened { lock, previous, model, mut clip, sampling, upgraded, mut suspects, crashed_journals, journal } =
-            opened;
+        let Opened { lock, previous, model, mut clip, sampling, upgraded, mut suspects, crashed_journals } = opened;
         let index = &options.index;
         let root_names: Vec<String> = options.roots.iter().map(|r| r.name.clone()).collect();
         let suspects_before = suspects.clone();
@@ -330,7 +326,6 @@ impl<'a> Run<'a> {
             started,
             started_at_us,
             lock,
-            journal,
             previous,
             clip,
             sampling,
@@ -354,14 +349,15 @@ impl<'a> Run<'a> {
             writers,
             committer,
             progress,
-            stage_nanos: StageNanos::default(),
             finished: 0,
         })
     }
 
-    /// Runs the planned files through the stages, writing and committing as they finish.
-    fn process(&mut self) -> Result<(), IngestError> {
+    /// Runs the planned files through the stages, writing and committing as they finish; the
+    /// decode workers record the files in flight in `journal`.
+    fn process(&mut self, journal: &InFlightJournal) -> Result<(), IngestError> {
         let files = std::mem::take(&mut self.files);
+        let nanos = StageNanos::default();
         if let Some(clip) = self.clip.take()
             && !files.is_empty()
         {
@@ -372,26 +368,20 @@ impl<'a> Run<'a> {
                 timeout: self.options.decode_timeout,
                 cancelled: crate::interrupt::was_requested,
             };
-            let journal = self.journal.take();
             let pipeline = Pipeline {
                 options: self.options,
                 decode: &decode,
                 preprocess: &clip.checkpoint.preprocess,
                 clip: &clip,
-                journal: &journal,
+                journal,
             };
-            let stage_nanos = StageNanos::default();
-            let outcome = pipeline.run(files, &stage_nanos, |outcome| self.consume(outcome, &stage_nanos));
-            self.stage_nanos = stage_nanos;
-            self.journal = JournalGuard(Some(journal));
-            outcome?;
+            pipeline.run(files, &nanos, |outcome| self.consume(outcome, &nanos))?;
         }
         self.progress.finish();
         if let Some(signal) = crate::interrupt::requested() {
             self.report.interrupted = Some(crate::interrupt::signal_name(signal).to_string());
             self.report.not_processed = (self.processed - self.finished + self.held_back) as u64;
         }
-        let nanos = &self.stage_nanos;
         self.report.stage_seconds.decode = nanos.seconds(&nanos.decode);
         self.report.stage_seconds.encode = nanos.seconds(&nanos.encode);
         self.report.stage_seconds.write = nanos.seconds(&nanos.write);
@@ -459,7 +449,7 @@ impl<'a> Run<'a> {
 
     /// Commits the run when it changed anything (otherwise only writes its report), removes
     /// its journal and releases the lock.
-    fn finish(mut self) -> Result<IngestReport, IngestError> {
+    fn finish(mut self, journal: JournalGuard) -> Result<IngestReport, IngestError> {
         // Failed files whose retry never ran (the run was interrupted first) keep their record.
         let mut failures = std::mem::take(&mut self.failures);
         failures.extend(std::mem::take(&mut self.retried_failures).into_values());
@@ -501,7 +491,7 @@ impl<'a> Run<'a> {
             write_run_report(&self.options.index, &self.committer.tag, &report.json())?;
         }
         let report = std::mem::take(&mut self.report);
-        drop(self.journal);
+        drop(journal);
         drop(self.lock);
         Ok(report)
     }

@@ -35,10 +35,8 @@ pub enum Encoded {
 pub struct JournalGuard(pub Option<InFlightJournal>);
 
 impl JournalGuard {
-    /// The journal, out of the guard while the stages use it (it goes back before the guard
-    /// is dropped).
-    pub fn take(&mut self) -> InFlightJournal {
-        self.0.take().expect("the journal is taken once at a time")
+    pub fn get(&self) -> &InFlightJournal {
+        self.0.as_ref().expect("the journal lives as long as its guard")
     }
 }
 

@@ -185,8 +185,13 @@ pub fn upgrade(
         return Ok(false);
     }
     let rows = read_table::<VideoRow>(index, manifest.shards("videos"))?;
+    // Read once: what tells where a root is, and what is rewritten when one moves.
+    let failures = if manifest.format_version < 3 {
+        read_table::<Failure>(index, manifest.shards("failures"))?
+    } else {
+        Vec::new()
+    };
     let renamed: HashMap<String, String> = if manifest.format_version < 3 {
-        let failures = read_table::<Failure>(index, manifest.shards("failures"))?;
         let files = rows
             .iter()
             .map(|v| (&v.root, &v.path, v.size_bytes))
@@ -214,12 +219,12 @@ pub fn upgrade(
     }
     manifest.tables.insert("videos".to_string(), videos.finish()?);
     if !renamed.is_empty() {
-        let mut failures = ShardWriter::<Failure>::new(index, "failures", &tag, 0, u64::MAX)?;
-        for mut row in read_table::<Failure>(index, manifest.shards("failures"))? {
+        let mut writer = ShardWriter::<Failure>::new(index, "failures", &tag, 0, u64::MAX)?;
+        for mut row in failures {
             rename(&mut row.root);
-            failures.push(row)?;
+            writer.push(row)?;
         }
-        manifest.tables.insert("failures".to_string(), failures.finish()?);
+        manifest.tables.insert("failures".to_string(), writer.finish()?);
         manifest.suspects.iter_mut().for_each(|s| rename(&mut s.root));
         let mut roots: Vec<String> = Vec::new();
         for mut root in std::mem::take(&mut manifest.roots) {
