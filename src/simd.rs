@@ -29,7 +29,8 @@ pub fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
 /// call per element) and it gives the same bits in a vector loop as on one value. Cody and
 /// Waite's reduction: `x = n·ln2 + r` with `|r| ≤ ln2/2` (ln 2 split in two so that `n·LN2_HI`
 /// is exact), `e^r` by its Taylor series, `2^n` built from the exponent bits. `x` is clamped to
-/// the range where the result is a finite normal number.
+/// the range where the result is a finite normal number; below that range the result is either
+/// the range's bottom value (`below: clamp`) or 0 (`below: zero`).
 ///
 /// The series is evaluated by Estrin's scheme (pairs `c₂ₖ + c₂ₖ₊₁·r`, then pairs of those with
 /// `r²`, with `r⁴`, …): its dependency chain is a third of Horner's, so a vector loop runs at the
@@ -41,7 +42,7 @@ macro_rules! branch_free_exp {
         $(#[$doc:meta])*
         fn $name:ident($float:ident as $bits:ident, $signed:ident);
         shift: $shift:expr, log2_e: $log2_e:expr, ln2: ($ln2_hi:expr, $ln2_lo:expr),
-        range: ($min:expr, $max:expr), exponent: (bias $bias:expr, shift $mantissa_bits:expr),
+        range: ($min:expr, $max:expr), below: $below:ident, exponent: (bias $bias:expr, shift $mantissa_bits:expr),
         series: $series:ident
     ) => {
         $(#[$doc])*
@@ -49,14 +50,22 @@ macro_rules! branch_free_exp {
         pub fn $name(x: $float) -> $float {
             // Adding `shift` (1.5 · 2^mantissa bits) rounds to an integer held in the low bits.
             const SHIFT: $float = $shift;
-            let x = x.clamp($min, $max);
-            let k = x * $log2_e + SHIFT;
+            let clamped = x.clamp($min, $max);
+            let k = clamped * $log2_e + SHIFT;
             let n = k - SHIFT;
-            let r = x - n * $ln2_hi - n * $ln2_lo;
+            let r = clamped - n * $ln2_hi - n * $ln2_lo;
             let p = $series(r);
             let exponent = (k.to_bits().wrapping_sub(SHIFT.to_bits()) as $signed).wrapping_add($bias);
-            p * $float::from_bits((exponent as $bits) << $mantissa_bits)
+            let value = p * $float::from_bits((exponent as $bits) << $mantissa_bits);
+            branch_free_exp!(@below $below, x < $min, value)
         }
+    };
+    // A select, not a branch: the loops still vectorise (a compare and a blend per lane).
+    (@below zero, $underflows:expr, $value:expr) => {
+        if $underflows { 0.0 } else { $value }
+    };
+    (@below clamp, $underflows:expr, $value:expr) => {
+        $value
     };
 }
 
@@ -97,21 +106,25 @@ fn exp_series_f32(r: f32) -> f32 {
 }
 
 branch_free_exp! {
-    /// e^x in f64 to within a few units in the last place. Scoring's revisions use it.
+    /// e^x in f64 to within a few units in the last place, and exactly 0 for x below −708 (where
+    /// e^x leaves f64's normal range: numpy and PyTorch give subnormals down to −745, then 0).
+    /// Scoring's revisions use it; the GPU kernels follow the same rule (`exp_flushed` in
+    /// `kernels/score.cu`), so both paths give 0, and ties, for the same values (contract §1).
     fn exp_f64(f64 as u64, i64);
     shift: 6755399441055744.0, log2_e: std::f64::consts::LOG2_E,
     ln2: (6.931_471_803_691_238e-1, 1.908_214_929_270_587_7e-10),
-    range: (-708.0, 709.0), exponent: (bias 1023, shift 52),
+    range: (-708.0, 709.0), below: zero, exponent: (bias 1023, shift 52),
     series: exp_series_f64
 }
 
 branch_free_exp! {
-    /// e^x in f32 to within about 2 units in the last place. The model's softmax and quick_gelu
-    /// use it.
+    /// e^x in f32 to within about 2 units in the last place, and e^−87 for any x below −87. The
+    /// model's softmax and quick_gelu use it, and scoring's f32 bounds, which rely on a value
+    /// there that is positive (`score::kernels::dual_softmax_bounds`).
     fn exp_f32(f32 as u32, i32);
     shift: 12_582_912.0, log2_e: std::f32::consts::LOG2_E,
     ln2: (0.693_359_4, -2.121_944_4e-4),
-    range: (-87.0, 88.0), exponent: (bias 127, shift 23),
+    range: (-87.0, 88.0), below: clamp, exponent: (bias 127, shift 23),
     series: exp_series_f32
 }
 
@@ -132,7 +145,8 @@ mod tests {
         }
         assert!(worst < 1e-15, "relative error {worst}");
         assert_eq!(exp_f64(0.0), 1.0);
-        assert_eq!(exp_f64(-1e9), exp_f64(-708.0));
+        assert!(exp_f64(-708.0) > 0.0 && exp_f64(-708.0).is_normal());
+        assert_eq!((exp_f64(-708.0001), exp_f64(-1e9)), (0.0, 0.0));
     }
 
     #[test]

@@ -80,23 +80,8 @@ fn dense_matrices_of_every_revision_equal_the_formulas_in_f64() {
             (0..rows).flat_map(|t| (0..columns).map(move |v| (t, v))).map(|(t, v)| cos(text(t), video(v))).collect();
         let s: Vec<f64> = cosines.iter().map(|c| scale * c).collect();
         let at = |m: &[f64], t: usize, v: usize| m[t * columns + v];
-        // softmax over texts (down each column) and over videos (along each row) of S / τ:
-        // `lines` lists each softmax's (text, video) cells.
-        let softmax = |lines: Vec<Vec<(usize, usize)>>| {
-            let mut out = vec![0.0; rows * columns];
-            for line in lines {
-                let top = line.iter().map(|&(t, v)| at(&s, t, v) / tau).fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = line.iter().map(|&(t, v)| (at(&s, t, v) / tau - top).exp()).sum();
-                for (t, v) in line {
-                    out[t * columns + v] = (at(&s, t, v) / tau - top).exp() / sum;
-                }
-            }
-            out
-        };
-        let over_texts = softmax((0..columns).map(|v| (0..rows).map(|t| (t, v)).collect()).collect());
-        let over_videos = softmax((0..rows).map(|t| (0..columns).map(|v| (t, v)).collect()).collect());
-        let times = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).collect::<Vec<f64>>();
-        let dsl = times(&s, &over_texts);
+        let dsl = dual_softmax_formula(&s, columns, 1.0 / tau, true);
+        let over_videos = dual_softmax_formula(&s, columns, 1.0 / tau, false);
         // QB-Norm: the bank's normalisers and activation set; rows of active queries replaced.
         let bank_rows = case.bank.len() / dim;
         let bank = |b: usize| &case.bank[b * dim..(b + 1) * dim];
@@ -122,7 +107,7 @@ fn dense_matrices_of_every_revision_equal_the_formulas_in_f64() {
         let cases: [(Revision, &[f64], &[f64]); 4] = [
             (Revision::None, &s, &s),
             (Revision::Dsl, &dsl, &dsl),
-            (Revision::DslSym, &dsl, &times(&s, &over_videos)),
+            (Revision::DslSym, &dsl, &over_videos),
             (Revision::Qbnorm, &qbnorm, &qbnorm),
         ];
         for (revision, want_t2v, want_v2t) in cases {
@@ -266,35 +251,56 @@ fn ranks_and_top_k_follow_the_definitions() {
         ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 7, strip_bytes: 1, ..ScoreOptions::default() };
     let outcome = score(&problem, &options, Some(&sink)).unwrap();
     let matrix = sink.t2v.into_inner().unwrap();
-    let row = |t: usize| &matrix[t * 120..(t + 1) * 120];
-    let mut t2v = Vec::new();
-    for (t, video) in text_video.iter().enumerate() {
-        let mut order: Vec<usize> = (0..120).collect();
-        order.sort_by(|&a, &b| row(t)[b].total_cmp(&row(t)[a]).then(a.cmp(&b)));
-        let top: Vec<u32> = outcome.top[t].iter().map(|&(c, _)| c).collect();
-        assert_eq!(top, order[..7].iter().map(|&c| c as u32).collect::<Vec<_>>(), "text {t}");
-        if let Some(v) = video {
-            let own = row(t)[*v as usize];
-            t2v.push((t, 1 + row(t).iter().filter(|&&x| x > own).count() as u32));
-        }
-    }
-    assert_eq!(outcome.t2v_ranks, t2v);
-    let mut v2t = Vec::new();
-    for video in 0..120u32 {
-        let groups: Vec<u32> = (0..120u32).filter(|g| text_video.contains(&Some(*g))).collect();
-        if !groups.contains(&video) {
-            continue;
-        }
-        let best = |g: u32| {
-            (0..300)
-                .filter(|&t| text_video[t] == Some(g))
-                .map(|t| row(t)[video as usize])
-                .fold(f64::NEG_INFINITY, f64::max)
+    let want = by_definition(&matrix, &matrix, &text_video, 7);
+    let top: Vec<Vec<u32>> = outcome.top.iter().map(|items| items.iter().map(|&(c, _)| c).collect()).collect();
+    assert_eq!(top, want.top);
+    assert_eq!(outcome.t2v_ranks, want.t2v_ranks);
+    assert_eq!(outcome.v2t_ranks, want.v2t_ranks);
+}
+
+/// Contract §1's underflow rule: at scale 100 and τ = 0.01 most exponents fall below −708, and
+/// those values are 0, tied, on every path (with and without `--dense`, in one strip or many).
+/// Against the formula written in the tests from exact cosines (their exponents equal the
+/// engine's to the bit), so every value and every comparison is decided the same way.
+#[test]
+fn weights_below_the_exponent_range_are_zero_and_tie() {
+    let (dim, texts_count, videos_count, top_k) = (8, 240, 70, 12);
+    let (texts, videos, text_video) = dyadic(texts_count, videos_count, dim, 9);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    let (scale, temperature) = (100.0, 0.01);
+    let logits: Vec<f64> = cosines_f64(&problem).iter().map(|c| scale * c).collect();
+    for revision in [Revision::Dsl, Revision::DslSym] {
+        let t2v = dual_softmax_formula(&logits, videos_count, 1.0 / temperature, true);
+        let v2t = if revision == Revision::DslSym {
+            dual_softmax_formula(&logits, videos_count, 1.0 / temperature, false)
+        } else {
+            t2v.clone()
         };
-        let own = best(video);
-        v2t.push((video, 1 + groups.iter().filter(|&&g| best(g) > own).count() as u32));
+        let zeros = t2v.iter().filter(|&&x| x == 0.0).count();
+        assert!(zeros * 2 > t2v.len(), "the case must underflow: {zeros} of {} values are 0", t2v.len());
+        let want = by_definition(&t2v, &v2t, &text_video, top_k);
+        assert!(
+            want.t2v_ranks.iter().any(|&(t, _)| t2v[t * videos_count + text_video[t].unwrap() as usize] == 0.0),
+            "some true values must be among the tied zeros"
+        );
+        for strip_bytes in [1, usize::MAX / 8] {
+            let options = ScoreOptions { revision, scale, temperature, top_k, strip_bytes, ..ScoreOptions::default() };
+            let what = format!("{} in strips of {strip_bytes} bytes", revision.name());
+            let sink = DenseRows::new(texts_count, videos_count);
+            for outcome in [score(&problem, &options, Some(&sink)).unwrap(), score(&problem, &options, None).unwrap()] {
+                let top: Vec<Vec<u32>> = outcome.top.iter().map(|i| i.iter().map(|&(c, _)| c).collect()).collect();
+                assert_eq!(top, want.top, "{what}: top-k");
+                assert_eq!(outcome.t2v_ranks, want.t2v_ranks, "{what}: T2V ranks");
+                assert_eq!(outcome.v2t_ranks, want.v2t_ranks, "{what}: V2T ranks");
+            }
+            for (direction, got, want) in [("t2v", &sink.t2v, &t2v), ("v2t", &sink.v2t, &v2t)] {
+                for (i, (g, w)) in got.lock().unwrap().iter().zip(want.iter()).enumerate() {
+                    let close = if *w == 0.0 { *g == 0.0 } else { (g - w).abs() <= 1e-12 * w.abs() };
+                    assert!(close, "{what} {direction}: element {i} is {g:e}, the formula gives {w:e}");
+                }
+            }
+        }
     }
-    assert_eq!(outcome.v2t_ranks, v2t);
 }
 
 #[test]
@@ -317,5 +323,36 @@ fn invalid_problems_are_refused() {
     ] {
         let err = score(&p, &options, None).unwrap_err();
         assert!(err.to_string().contains("f32"), "{err}");
+    }
+}
+
+/// Contract §6: the CPU sums each column's softmax terms in f32 (a loop of eight lanes) into f64
+/// sums, the GPU in f64. On the CPU's own logits (`--revise none` gives `scale · s` exactly),
+/// every dual-softmax value stays within [`SUM_TERMS_RELATIVE`] of the formula computed here with
+/// f64 terms, the GPU's way: the bound the device tests hold the two paths to.
+#[test]
+fn dual_softmax_values_are_within_the_sum_tolerance_of_f64_terms() {
+    let (dim, n, m, scale) = (48, 1000, 600, 100.0);
+    let (texts, videos, text_video) = synthetic(n, m, dim, 11);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    let raw = DenseRows::new(n, m);
+    score(&problem, &ScoreOptions { revision: Revision::None, scale, ..ScoreOptions::default() }, Some(&raw)).unwrap();
+    let logits = raw.t2v.into_inner().unwrap();
+    for temperature in [1.0, 0.5, 0.1, 0.02] {
+        let sink = DenseRows::new(n, m);
+        let options = ScoreOptions { revision: Revision::DslSym, scale, temperature, ..ScoreOptions::default() };
+        score(&problem, &options, Some(&sink)).unwrap();
+        for (direction, got, over_texts) in [("t2v", &sink.t2v, true), ("v2t", &sink.v2t, false)] {
+            let want = dual_softmax_formula(&logits, m, 1.0 / temperature, over_texts);
+            let worst = got
+                .lock()
+                .unwrap()
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| if *w == 0.0 { if *g == 0.0 { 0.0 } else { f64::INFINITY } } else { ((g - w) / w).abs() })
+                .fold(0f64, f64::max);
+            eprintln!("τ {temperature} {direction}: largest relative difference {worst:.2e}");
+            assert!(worst <= SUM_TERMS_RELATIVE, "τ {temperature} {direction}: {worst:e}");
+        }
     }
 }

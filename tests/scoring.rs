@@ -116,3 +116,82 @@ pub fn synthetic(texts: usize, videos: usize, dim: usize, seed: u64) -> (Vec<f32
     }
     (text_matrix, video_matrix, text_video)
 }
+
+/// Like [`synthetic`], but every entry is a multiple of 1/8 in [−3/8, 3/8] (not unit vectors):
+/// each product and partial sum of a dot product is exact in f32, so every GEMM, on the CPU or
+/// the GPU, gives the exact cosines, and a reference computed here in f64 starts from the same
+/// matrix, its exponents equal to the engine's to the bit.
+pub fn dyadic(texts: usize, videos: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<Option<u32>>) {
+    let (t, v, text_video) = synthetic(texts, videos, dim, seed);
+    let snap = |x: f32| ((x * 8.0).round().clamp(-3.0, 3.0)) / 8.0;
+    (t.into_iter().map(snap).collect(), v.into_iter().map(snap).collect(), text_video)
+}
+
+/// The cosines of every text with every video, in f64 (exact for [`dyadic`] embeddings).
+pub fn cosines_f64(problem: &Problem) -> Vec<f64> {
+    let dim = problem.dim;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>();
+    problem.texts.chunks_exact(dim).flat_map(|t| problem.videos.chunks_exact(dim).map(move |v| dot(t, v))).collect()
+}
+
+/// `S ⊙ softmax(S · inv_tau)` of the logits `s` (rows × `columns`), written from contract §1 with
+/// libm's `exp`: the softmax down each column (`over_texts`) or along each row, a weight whose
+/// exponent is below −708 being 0 (the underflow rule).
+pub fn dual_softmax_formula(s: &[f64], columns: usize, inv_tau: f64, over_texts: bool) -> Vec<f64> {
+    let rows = s.len() / columns;
+    let lines: Vec<Vec<usize>> = if over_texts {
+        (0..columns).map(|v| (0..rows).map(|t| t * columns + v).collect()).collect()
+    } else {
+        (0..rows).map(|t| (0..columns).map(|v| t * columns + v).collect()).collect()
+    };
+    let mut out = vec![0.0; s.len()];
+    for line in lines {
+        let max = line.iter().map(|&i| s[i] * inv_tau).fold(f64::NEG_INFINITY, f64::max);
+        let weight = |i: usize| {
+            let exponent = s[i] * inv_tau - max;
+            if exponent < -708.0 { 0.0 } else { exponent.exp() }
+        };
+        let sum: f64 = line.iter().map(|&i| weight(i)).sum();
+        for &i in &line {
+            out[i] = s[i] * weight(i) / sum;
+        }
+    }
+    out
+}
+
+/// What contract §5 makes of dense matrices, by brute force: each text's top-k columns (ties to
+/// the lower column), the T2V ranks `(text, rank)` and the V2T ranks `(video, rank)`.
+pub struct ByDefinition {
+    pub top: Vec<Vec<u32>>,
+    pub t2v_ranks: Vec<(usize, u32)>,
+    pub v2t_ranks: Vec<(u32, u32)>,
+}
+
+pub fn by_definition(t2v: &[f64], v2t: &[f64], text_video: &[Option<u32>], top_k: usize) -> ByDefinition {
+    let columns = t2v.len() / text_video.len().max(1);
+    let row = |m: &'_ [f64], t: usize| m[t * columns..(t + 1) * columns].to_vec();
+    let mut out = ByDefinition { top: Vec::new(), t2v_ranks: Vec::new(), v2t_ranks: Vec::new() };
+    for (t, video) in text_video.iter().enumerate() {
+        let values = row(t2v, t);
+        let mut order: Vec<usize> = (0..columns).collect();
+        // −0 (a negative logit's underflowed value) ties with 0, as every comparison has it.
+        order.sort_by(|&a, &b| values[b].partial_cmp(&values[a]).expect("no NaN").then(a.cmp(&b)));
+        out.top.push(order.iter().take(top_k).map(|&c| c as u32).collect());
+        if let Some(v) = video {
+            let own = values[*v as usize];
+            out.t2v_ranks.push((t, 1 + values.iter().filter(|&&x| x > own).count() as u32));
+        }
+    }
+    let groups: Vec<u32> = (0..columns as u32).filter(|g| text_video.contains(&Some(*g))).collect();
+    for &video in &groups {
+        let best = |g: u32| {
+            (0..text_video.len())
+                .filter(|&t| text_video[t] == Some(g))
+                .map(|t| v2t[t * columns + video as usize])
+                .fold(f64::NEG_INFINITY, f64::max)
+        };
+        let own = best(video);
+        out.v2t_ranks.push((video, 1 + groups.iter().filter(|&&g| best(g) > own).count() as u32));
+    }
+    out
+}

@@ -33,6 +33,9 @@ pub const EXTRA_STREAMS_COSINE: f64 = 0.999999;
 pub const RERUN_COSINE: f64 = 0.99999;
 /// Score values against f64 reference matrices: max |M − R| ≤ this · max |R|.
 pub const SCORE_RELATIVE: f64 = 1e-5;
+/// Each dual-softmax value of the CPU path (f32 terms in the column sums) against the same value
+/// with f64 terms (the formula; the GPU path), relative to the value.
+pub const SUM_TERMS_RELATIVE: f64 = 2e-7;
 /// Metrics against the fixtures' reference metrics.
 pub const METRICS_ABS: f64 = 1e-6;
 
@@ -61,6 +64,7 @@ fn the_contract_states_these_tolerances() {
         ("a file with extra streams", format!("cosine ≥ {EXTRA_STREAMS_COSINE}")),
         ("an interrupted, resumed", format!("cosine ≥ {RERUN_COSINE}")),
         ("score values", format!("max \\|M − R\\| ≤ {SCORE_RELATIVE:e} · max \\|R\\|")),
+        ("dual-softmax values with f32 sum terms", format!("each value within {SUM_TERMS_RELATIVE:e} of itself")),
         ("metrics", format!("within {METRICS_ABS:e}")),
     ];
     for (starts, says) in checks {

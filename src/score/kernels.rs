@@ -97,7 +97,7 @@ const BOUNDS_ABSOLUTE: f32 = 2.350_988_7e-38;
 /// takes four lanes and a long one: the second pass decides nearly every comparison on the
 /// interval and computes the f64 value only where the interval straddles the other side.
 ///
-/// Below an exponent of −86 the f32 `exp` is clamped (and the f64 one, below −708), so there
+/// Below an exponent of −86 the f32 `exp` is clamped (and the f64 one is 0 below −708), so there
 /// the interval is widened to hold everything between 0 and the f32 value.
 #[inline(always)]
 pub fn dual_softmax_bounds(s: f32, scale: f32, factor: f32, top: f32, inv_sum: f32) -> (f32, f32) {
