@@ -25,6 +25,14 @@
 // ---------------------------------------------------------------------------------------------
 // Values
 
+// e^x, and 0 where x is below −708, where e^x leaves f64's normal range: the underflow rule of
+// contract §1, which the CPU's exp_f64 (src/simd.rs) follows too, so both paths tie the same
+// values at 0 (CUDA's exp would give subnormals down to −745, which the CPU does not).
+#define EXP_MIN (-708.0)
+__device__ __forceinline__ double exp_flushed(double x) {
+    return x < EXP_MIN ? 0.0 : exp(x);
+}
+
 __device__ __forceinline__ double logit(float cosine, double scale) {
     return __dmul_rn(scale, (double)cosine);
 }
@@ -32,7 +40,7 @@ __device__ __forceinline__ double logit(float cosine, double scale) {
 // CAMoE's dual softmax of one logit with the statistics of its column (or row):
 // l · exp(l/τ − max) / sum, rounded step by step exactly as the CPU computes it.
 __device__ __forceinline__ double dual_softmax(double l, double inv_tau, double max, double inv_sum) {
-    return __dmul_rn(__dmul_rn(l, exp(__dsub_rn(__dmul_rn(l, inv_tau), max))), inv_sum);
+    return __dmul_rn(__dmul_rn(l, exp_flushed(__dsub_rn(__dmul_rn(l, inv_tau), max))), inv_sum);
 }
 
 __device__ __forceinline__ double t2v_value(int mode, float cosine, double scale, double inv_tau,
@@ -52,10 +60,10 @@ __device__ __forceinline__ double v2t_value(int mode, float cosine, double scale
 // Online softmax statistics: the maximum and the sum of exp(x − max).
 __device__ __forceinline__ void stats_add(double &max, double &sum, double x) {
     if (x > max) {
-        sum = sum * exp(max - x) + 1.0;
+        sum = sum * exp_flushed(max - x) + 1.0;
         max = x;
     } else {
-        sum += exp(x - max);
+        sum += exp_flushed(x - max);
     }
 }
 
@@ -67,7 +75,7 @@ __device__ __forceinline__ void stats_merge(double &max, double &sum, double oth
         return;
     }
     double m = fmax(max, other_max);
-    sum = sum * exp(max - m) + other_sum * exp(other_max - m);
+    sum = sum * exp_flushed(max - m) + other_sum * exp_flushed(other_max - m);
     max = m;
 }
 
@@ -131,21 +139,33 @@ cosines_f32(const float *__restrict__ a, const float *__restrict__ b, float *__r
     }
 }
 
-// Column statistics of S·scale/τ over one part of the rows: grid (column blocks, parts);
-// part p covers rows [p·rows_per_part, …) of this block and is written at part_offset + p.
+// Column statistics of S·scale/τ over parts of the rows fixed for the whole matrix: part p is
+// rows [p·rows_per_part, (p + 1)·rows_per_part), wherever the row blocks are cut. A block holds
+// rows [row0, row0 + rows) of S (row r of the block is row row0 + r) and meets parts first_part,
+// first_part + 1, … (grid.y); a part that began in an earlier block continues from the partial
+// that block stored. Each part's rows are thus added in the same order, one after another,
+// however the matrix is cut into blocks, and the blocking changes no bit (src/gpu/score.rs,
+// `ColumnParts`, whose unit test runs this arithmetic on the CPU).
 extern "C" __global__ void __launch_bounds__(THREADS)
-column_stats_partial(const float *__restrict__ s, int rows, int cols, int rows_per_part, double scale,
-                     double inv_tau, double *__restrict__ part_max, double *__restrict__ part_sum,
-                     int part_offset) {
+column_stats_partial(const float *__restrict__ s, int row0, int rows, int cols, int rows_per_part,
+                     int first_part, double scale, double inv_tau, double *__restrict__ part_max,
+                     double *__restrict__ part_sum) {
     const int col = blockIdx.x * THREADS + threadIdx.x;
     if (col >= cols) return;
-    const int first = blockIdx.y * rows_per_part;
-    const int last = min(rows, first + rows_per_part);
+    const int part = first_part + blockIdx.y;
+    const long long part_start = (long long)part * rows_per_part, part_end = part_start + rows_per_part;
+    const long long block_end = (long long)row0 + rows;
+    const int first = (int)((part_start > row0 ? part_start : row0) - row0);
+    const int last = (int)((part_end < block_end ? part_end : block_end) - row0);
+    const long long at = (long long)part * cols + col;
     double max = -INFINITY, sum = 0.0;
+    if (part_start < row0) {
+        max = part_max[at];
+        sum = part_sum[at];
+    }
     for (int r = first; r < last; ++r) {
         stats_add(max, sum, __dmul_rn(logit(s[(long long)r * cols + col], scale), inv_tau));
     }
-    const long long at = (long long)(part_offset + blockIdx.y) * cols + col;
     part_max[at] = max;
     part_sum[at] = sum;
 }
@@ -315,7 +335,8 @@ t2v_apply(const float *__restrict__ s, int cols, int row0, const int *__restrict
     double values[TOPK_MAX];
     int columns[TOPK_MAX];
     int held = 0;
-    double bar = -INFINITY;
+    // With k = 0 nothing may enter the list (insert_top would write values[-1]).
+    double bar = k > 0 ? -INFINITY : INFINITY;
     unsigned greater = 0;
     for (int col = threadIdx.x; col < cols; col += THREADS) {
         double v = t2v_value(mode, row[col], scale, inv_tau, col_max[col], col_inv_sum[col]);
@@ -407,6 +428,11 @@ revise_rows(const float *__restrict__ s, int rows, int cols, int row0, int direc
 // grows only with N + M. Each element's products are accumulated in the same order in every
 // pass, so a recomputed tile has the same bits as the first. The embeddings' width is padded
 // with zeros to a multiple of F_BK by the host.
+//
+// mma.sync.m16n8k16 with f16 operands needs sm_80: on sm_75 (Turing) these kernels are left
+// out, the module still builds, and the host offers only the f32 path there (src/gpu/mod.rs,
+// `FUSED_MIN_CAPABILITY`). NVRTC defines __CUDA_ARCH__ as the architecture it compiles for.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 
 #define F_BM 64
 #define F_BN 128
@@ -415,13 +441,19 @@ revise_rows(const float *__restrict__ s, int rows, int cols, int row0, int direc
 #define S_STRIDE (F_BN + 4)
 
 // The shared memory of one tile: the f16 operands while the product runs, then the f32 tile.
-union FusedShared {
+// Operands are stored 16 bytes (a uint4) at a time, so the union and every operand row start
+// on 16 bytes: the alignment is explicit, and the row strides are checked to keep it.
+union __align__(16) FusedShared {
     struct {
         unsigned short a[F_BM][F_STRIDE];
         unsigned short b[F_BN][F_STRIDE];
     } operands;
     float s[F_BM][S_STRIDE];
 };
+static_assert(alignof(FusedShared) >= 16, "uint4 stores need 16-byte alignment");
+static_assert(F_STRIDE * sizeof(unsigned short) % 16 == 0, "each operand row must start on 16 bytes");
+static_assert(F_BM * F_STRIDE * sizeof(unsigned short) % 16 == 0, "operands.b must start on 16 bytes");
+static_assert(F_BK % 8 == 0, "a row's F_BK halves are copied 8 (16 bytes) at a time");
 
 __device__ __forceinline__ void mma_16816(float *c, const unsigned *a, const unsigned *b) {
     asm volatile(
@@ -660,3 +692,5 @@ fused_apply(const unsigned short *__restrict__ t, const unsigned short *__restri
         rank[row0 + r] = groups[r] >= 0 ? 1 + greater[r] : 0;
     }
 }
+
+#endif  // __CUDA_ARCH__ >= 800: the fused path

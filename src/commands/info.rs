@@ -38,7 +38,12 @@ fn print_gpu_info() -> Result<u8> {
     if let gpu::Probe::Ready { devices } = gpu::probe() {
         for ordinal in 0..devices {
             match gpu::Gpu::open(ordinal) {
-                Ok(device) => println!("cuda:{ordinal}:    {} (kernels compiled)", device.name),
+                Ok(device) => println!(
+                    "cuda:{ordinal}:    {} ({}, kernels compiled): {}",
+                    device.name,
+                    gpu::architecture(device.capability),
+                    gpu::paths(device.capability)
+                ),
                 Err(e) => println!("cuda:{ordinal}:    {e}"),
             }
         }

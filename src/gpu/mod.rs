@@ -21,6 +21,33 @@ pub const SCORE_KERNELS: &str = include_str!("../../kernels/score.cu");
 /// Every kernel source, by file name: what the tests compile for each architecture.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[("score.cu", SCORE_KERNELS)];
 
+/// A device's compute capability, (major, minor): sm_75 is (7, 5).
+pub type Capability = (u32, u32);
+
+/// The oldest architecture CUDA 13, whose NVRTC compiles our kernels, still supports: Turing
+/// (sm_75). CUDA 13 dropped Maxwell, Pascal and Volta.
+pub const MIN_CAPABILITY: Capability = (7, 5);
+
+/// The f16 path's `mma.sync.m16n8k16` with f16 operands needs Ampere (sm_80); its kernels are
+/// compiled only from there (`#if __CUDA_ARCH__ >= 800` in `kernels/score.cu`).
+pub const FUSED_MIN_CAPABILITY: Capability = (8, 0);
+
+/// The architecture name NVRTC takes: `sm_75`, `sm_90`, `sm_120`.
+pub fn architecture((major, minor): Capability) -> String {
+    format!("sm_{major}{minor}")
+}
+
+/// Which scoring paths a device of this capability gets, in words (`info --gpu`).
+pub fn paths(capability: Capability) -> String {
+    if capability < MIN_CAPABILITY {
+        format!("none: CUDA 13 supports {} and newer", architecture(MIN_CAPABILITY))
+    } else if capability < FUSED_MIN_CAPABILITY {
+        format!("--gpu-inputs f32 only (f16 needs {})", architecture(FUSED_MIN_CAPABILITY))
+    } else {
+        "--gpu-inputs f32 and f16".to_string()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("no CUDA driver: libcuda could not be loaded (is the NVIDIA driver installed?)")]
@@ -32,6 +59,16 @@ pub enum GpuError {
          or of the nvidia-cuda-nvrtc 13.0 wheel on LD_LIBRARY_PATH (scripts/fetch-nvrtc.sh fetches it)"
     )]
     NoNvrtc,
+    #[error(
+        "{name} is {arch}: CUDA 13, which compiles our kernels, supports sm_75 (Turing) and newer \
+         (it dropped Maxwell, Pascal and Volta); score on the CPU: leave out --device"
+    )]
+    TooOld { name: String, arch: String },
+    #[error(
+        "--gpu-inputs f16 runs on tensor-core instructions (mma.sync m16n8k16 with f16 operands) \
+         that need sm_80 (Ampere) or newer; {name} is {arch}: use --gpu-inputs f32"
+    )]
+    NoFusedPath { name: String, arch: String },
     #[error("{name} does not compile for {arch}:\n{log}")]
     Compile { name: String, arch: String, log: String },
     #[error("CUDA: {0}")]
@@ -94,6 +131,14 @@ pub fn nvrtc_present() -> bool {
 #[cfg(feature = "cuda-encoder")]
 pub fn nvrtc_present() -> bool {
     true
+}
+
+/// Refuses the f16 path below [`FUSED_MIN_CAPABILITY`], naming the device and the reason.
+fn fused_path(name: &str, capability: Capability) -> Result<(), GpuError> {
+    if capability < FUSED_MIN_CAPABILITY {
+        return Err(GpuError::NoFusedPath { name: name.to_string(), arch: architecture(capability) });
+    }
+    Ok(())
 }
 
 /// A compiled kernel source and what ptxas said about it.
@@ -183,6 +228,7 @@ pub fn kernel_resources(log: &str) -> Vec<KernelResources> {
 pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
+    pub capability: Capability,
     stream: Arc<CudaStream>,
     score_module: Arc<CudaModule>,
 }
@@ -198,9 +244,18 @@ impl Gpu {
         }
         let context = CudaContext::new(ordinal)?;
         let (major, minor) = context.compute_capability()?;
-        let compiled = compile("score.cu", SCORE_KERNELS, &format!("sm_{major}{minor}"))?;
+        let (name, capability) = (context.name()?, (major as u32, minor as u32));
+        if capability < MIN_CAPABILITY {
+            return Err(GpuError::TooOld { name, arch: architecture(capability) });
+        }
+        let compiled = compile("score.cu", SCORE_KERNELS, &architecture(capability))?;
         let score_module = context.load_module(Ptx::from_src(compiled.ptx))?;
-        Ok(Gpu { name: context.name()?, ordinal, stream: context.default_stream(), score_module })
+        Ok(Gpu { name, ordinal, capability, stream: context.default_stream(), score_module })
+    }
+
+    /// Whether this device runs the f16 path, and why not.
+    pub fn check_fused_path(&self) -> Result<(), GpuError> {
+        fused_path(&self.name, self.capability)
     }
 
     fn score_kernel(&self, name: &str) -> Result<CudaFunction, GpuError> {
@@ -221,6 +276,19 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turing_gets_the_f32_path_and_ampere_on_both() {
+        let t4 = fused_path("Tesla T4", (7, 5)).unwrap_err().to_string();
+        assert!(t4.contains("Tesla T4 is sm_75") && t4.contains("sm_80") && t4.contains("--gpu-inputs f32"), "{t4}");
+        for capability in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert!(fused_path("device", capability).is_ok(), "{capability:?}");
+        }
+        assert_eq!(paths((7, 5)), "--gpu-inputs f32 only (f16 needs sm_80)");
+        assert_eq!(paths((9, 0)), "--gpu-inputs f32 and f16");
+        assert!(paths((7, 0)).starts_with("none"), "Volta is not supported by CUDA 13");
+        assert_eq!((architecture((12, 0)), architecture((7, 5))), ("sm_120".to_string(), "sm_75".to_string()));
+    }
 
     #[test]
     fn reads_ptxas_reports() {

@@ -3,8 +3,9 @@
 //!
 //! Texts go up in the CPU path's order (grouped by video, unmatched last) and are cut into row
 //! blocks that end on group boundaries and whose cosines fit in device memory. Pass one computes
-//! each block's cosines (an f32 GEMM), the column softmax statistics (and, for the symmetric
-//! form, each row's), and each text's own cosine; pass two revises each block, keeps each row's
+//! each block's cosines (an f32 GEMM), the column softmax statistics over parts of the rows that
+//! do not depend on the blocks ([`ColumnParts`]; and, for the symmetric form, each row's), and
+//! each text's own cosine; pass two revises each block, keeps each row's
 //! top-k, counts T2V ranks and the caption groups that beat each video's own. A matrix that fits
 //! in one block is computed once; otherwise each block is computed in both passes, and device
 //! memory stays bounded by one block whatever the corpus.
@@ -51,6 +52,39 @@ fn launch_config(grid: (usize, usize)) -> LaunchConfig {
 
 fn blocks_for(items: usize) -> usize {
     items.div_ceil(THREADS as usize).max(1)
+}
+
+/// Rows of the f32 path's row blocks for blocks of `block_bytes` of cosines: at least one, at
+/// most the 65,535 tiles a GEMM grid has down.
+fn block_rows(block_bytes: usize, columns: usize) -> usize {
+    (block_bytes / (4 * columns.max(1))).clamp(1, 65_535 * TILE)
+}
+
+/// The parts of the rows over which `column_stats_partial` sums each column: fixed ranges of
+/// `rows_per_part` rows over the whole matrix, chosen from its shape alone (enough parts to fill
+/// a large GPU), so where the row blocks are cut, which follows the free device memory, changes
+/// no sum: a part that a block boundary cuts is continued by the next block from its stored
+/// partial, and the parts are merged in their order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ColumnParts {
+    rows_per_part: usize,
+    count: usize,
+}
+
+impl ColumnParts {
+    fn new(rows: usize, columns: usize) -> ColumnParts {
+        let parts = COLUMN_KERNEL_BLOCKS.div_ceil(blocks_for(columns)).clamp(1, rows.max(1));
+        let rows_per_part = rows.div_ceil(parts).max(1);
+        ColumnParts { rows_per_part, count: rows.div_ceil(rows_per_part).max(1) }
+    }
+
+    /// The parts that the rows `block` meet, in order: the launch's grid.y, from its first.
+    fn meeting(&self, block: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        if block.is_empty() {
+            return 0..0;
+        }
+        block.start / self.rows_per_part..(block.end - 1) / self.rows_per_part + 1
+    }
 }
 
 fn int(value: usize, what: &str) -> Result<i32, GpuError> {
@@ -101,7 +135,10 @@ pub fn score(
     let run = Run { gpu, problem, options, layout, n, columns, mode, top_k };
     match (options.device_inputs, sink) {
         (DeviceInputs::F32, sink) => run.stored(sink),
-        (DeviceInputs::F16, None) => run.fused(),
+        (DeviceInputs::F16, None) => {
+            gpu.check_fused_path()?;
+            run.fused()
+        }
         (DeviceInputs::F16, Some(_)) => Err(GpuError::Unsupported(
             "--dense writes the matrix, which f16 inputs never store: use --gpu-inputs f32".into(),
         )),
@@ -197,7 +234,7 @@ impl Run<'_> {
         rows
     }
 
-    /// Merges `parts` partial column statistics (parts × columns) into `stats`.
+    /// Merges `parts` partial column statistics (parts × columns), in their order, into `stats`.
     fn merge_column_stats(
         &self,
         part_max: &CudaSlice<f64>,
@@ -285,9 +322,7 @@ impl Run<'_> {
             0 => gpu.memory()?.0 / 4,
             bytes => bytes,
         };
-        // A GEMM grid has at most 65,535 tiles down.
-        let block_rows = (block_bytes / (4 * columns)).clamp(1, 65_535 * TILE);
-        let blocks = Layout::with_strip_rows(self.problem.text_video, block_rows).strips;
+        let blocks = Layout::with_strip_rows(self.problem.text_video, block_rows(block_bytes, columns)).strips;
         let largest_block = blocks.iter().map(|s| s.len()).max().unwrap_or(0);
         let single_block = blocks.len() == 1;
         let mut matrix = StoredMatrix {
@@ -339,9 +374,9 @@ impl Run<'_> {
         self.outcome(results)
     }
 
-    /// The f32 path's first pass, block by block: the column statistics (partial sums per part
-    /// of each block, merged into `stats`), the row statistics of the symmetric form, and each
-    /// row's own cosine, which it returns. Leaves the last block's cosines in `matrix`.
+    /// The f32 path's first pass, block by block: the column statistics (partial sums over the
+    /// fixed [`ColumnParts`], merged into `stats`), the row statistics of the symmetric form, and
+    /// each row's own cosine, which it returns. Leaves the last block's cosines in `matrix`.
     fn stored_first_pass(
         &self,
         matrix: &mut StoredMatrix,
@@ -352,34 +387,26 @@ impl Run<'_> {
         let (gpu, stream, columns) = (self.gpu, self.stream(), self.columns);
         let cols = columns as i32;
         let column_blocks = blocks_for(columns);
-        let parts_per_block: Vec<usize> =
-            blocks.iter().map(|s| COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, s.len().max(1))).collect();
-        let total_parts: usize = parts_per_block.iter().sum();
+        let parts = ColumnParts::new(self.n, columns);
         let needs_column_stats = self.mode != 0;
-        let part_len = if needs_column_stats { total_parts * columns } else { 1 };
+        let part_len = if needs_column_stats { parts.count * columns } else { 1 };
         let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
         let mut own_cosine = zeros::<f32>(stream, self.n)?;
         let partial_kernel = gpu.score_kernel("column_stats_partial")?;
         let row_stats_kernel = gpu.score_kernel("row_stats")?;
         let gather_kernel = gpu.score_kernel("gather_own")?;
-        let mut part_offset = 0;
-        for (rows, &parts) in blocks.iter().zip(&parts_per_block) {
+        let rows_per_part = int(parts.rows_per_part, "rows per part")?;
+        for rows in blocks {
             matrix.compute(self, rows.clone())?;
             let (cosines, row0, row_count) = (&matrix.cosines, rows.start as i32, rows.len() as i32);
-            if needs_column_stats {
-                let rows_per_part = rows.len().div_ceil(parts) as i32;
-                let offset = int(part_offset, "a part")?;
+            let meeting = parts.meeting(rows);
+            if needs_column_stats && !meeting.is_empty() {
+                let first_part = int(meeting.start, "a part")?;
                 let mut launch = stream.launch_builder(&partial_kernel);
-                launch
-                    .arg(cosines)
-                    .arg(&row_count)
-                    .arg(&cols)
-                    .arg(&rows_per_part)
-                    .arg(&stats.scale)
-                    .arg(&stats.inv_tau);
-                launch.arg(&mut part_max).arg(&mut part_sum).arg(&offset);
-                // SAFETY: matches column_stats_partial; parts are laid out total_parts × columns.
-                unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+                launch.arg(cosines).arg(&row0).arg(&row_count).arg(&cols).arg(&rows_per_part).arg(&first_part);
+                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&mut part_max).arg(&mut part_sum);
+                // SAFETY: matches column_stats_partial; parts are laid out parts.count × columns.
+                unsafe { launch.launch(launch_config((column_blocks, meeting.len())))? };
             }
             if self.options.revision == Revision::DslSym && !rows.is_empty() {
                 let mut launch = stream.launch_builder(&row_stats_kernel);
@@ -392,10 +419,9 @@ impl Run<'_> {
             launch.arg(cosines).arg(&row_count).arg(&cols).arg(&row0).arg(group).arg(&mut own_cosine);
             // SAFETY: matches gather_own.
             unsafe { launch.launch(launch_config((blocks_for(rows.len()), 1)))? };
-            part_offset += parts;
         }
         if needs_column_stats {
-            self.merge_column_stats(&part_max, &part_sum, total_parts, stats)?;
+            self.merge_column_stats(&part_max, &part_sum, parts.count, stats)?;
         }
         Ok(own_cosine)
     }
@@ -498,19 +524,20 @@ pub fn dual_softmax_stored(
     let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "columns")?);
     let inv_tau = 1.0 / temperature;
     let column_blocks = blocks_for(cols);
-    let parts = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, rows.max(1));
-    let rows_per_part = int(rows.div_ceil(parts), "rows per part")?;
-    let (mut part_max, mut part_sum) = (zeros::<f64>(stream, parts * cols)?, zeros::<f64>(stream, parts * cols)?);
+    let parts = ColumnParts::new(rows, cols);
+    let rows_per_part = int(parts.rows_per_part, "rows per part")?;
+    let (mut part_max, mut part_sum) =
+        (zeros::<f64>(stream, parts.count * cols)?, zeros::<f64>(stream, parts.count * cols)?);
     let (mut col_max, mut col_inv_sum) = (zeros::<f64>(stream, cols)?, zeros::<f64>(stream, cols)?);
     let unused = zeros::<f64>(stream, 1)?;
     let partial = gpu.score_kernel("column_stats_partial")?;
     let mut launch = stream.launch_builder(&partial);
-    launch.arg(cosines).arg(&rows_i).arg(&cols_i).arg(&rows_per_part).arg(&scale).arg(&inv_tau);
-    launch.arg(&mut part_max).arg(&mut part_sum).arg(&0i32);
-    // SAFETY: matches column_stats_partial.
-    unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+    launch.arg(cosines).arg(&0i32).arg(&rows_i).arg(&cols_i).arg(&rows_per_part).arg(&0i32);
+    launch.arg(&scale).arg(&inv_tau).arg(&mut part_max).arg(&mut part_sum);
+    // SAFETY: matches column_stats_partial; one block holding every row meets every part.
+    unsafe { launch.launch(launch_config((column_blocks, parts.count)))? };
     let merge = gpu.score_kernel("column_stats_merge")?;
-    let parts_i = parts as i32;
+    let parts_i = parts.count as i32;
     let mut launch = stream.launch_builder(&merge);
     launch.arg(&part_max).arg(&part_sum).arg(&parts_i).arg(&cols_i).arg(&mut col_max).arg(&mut col_inv_sum);
     // SAFETY: matches column_stats_merge.
@@ -618,4 +645,138 @@ fn dense_rows(
         first = last;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The host-side logic of the f32 path run on the CPU: the row blocks a device would cut, the
+    //! fixed parts of the column statistics, and `column_stats_partial` / `column_stats_merge`
+    //! emulated operation by operation (f64, the same order), so that a change that made the
+    //! column sums depend on the blocking fails here, without a device.
+
+    use super::*;
+
+    fn exp_flushed(x: f64) -> f64 {
+        if x < -708.0 { 0.0 } else { x.exp() }
+    }
+
+    fn stats_add((max, sum): &mut (f64, f64), x: f64) {
+        if x > *max {
+            *sum = *sum * exp_flushed(*max - x) + 1.0;
+            *max = x;
+        } else {
+            *sum += exp_flushed(x - *max);
+        }
+    }
+
+    fn stats_merge((max, sum): &mut (f64, f64), (other_max, other_sum): (f64, f64)) {
+        if other_sum == 0.0 {
+            return;
+        }
+        if *sum == 0.0 {
+            (*max, *sum) = (other_max, other_sum);
+            return;
+        }
+        let m = max.max(other_max);
+        *sum = *sum * exp_flushed(*max - m) + other_sum * exp_flushed(other_max - m);
+        *max = m;
+    }
+
+    /// What the f32 path's first pass leaves as each column's (max, sum) of `x` (rows × columns,
+    /// by position), launching `column_stats_partial` per block as `stored_first_pass` does.
+    fn column_statistics(x: &[f64], columns: usize, blocks: &[std::ops::Range<usize>]) -> Vec<(f64, f64)> {
+        let parts = ColumnParts::new(x.len() / columns, columns);
+        let mut partial = vec![(0.0, 0.0); parts.count * columns];
+        for block in blocks {
+            for part in parts.meeting(block) {
+                let (start, end) = (part * parts.rows_per_part, (part + 1) * parts.rows_per_part);
+                for col in 0..columns {
+                    let at = part * columns + col;
+                    let mut stats = if start < block.start { partial[at] } else { (f64::NEG_INFINITY, 0.0) };
+                    for row in start.max(block.start)..end.min(block.end) {
+                        stats_add(&mut stats, x[row * columns + col]);
+                    }
+                    partial[at] = stats;
+                }
+            }
+        }
+        (0..columns)
+            .map(|col| {
+                let mut stats = (f64::NEG_INFINITY, 0.0);
+                for part in 0..parts.count {
+                    stats_merge(&mut stats, partial[part * columns + col]);
+                }
+                stats
+            })
+            .collect()
+    }
+
+    #[test]
+    fn column_statistics_do_not_depend_on_the_row_blocks() {
+        let (n, columns) = (3000, 300);
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        // Cosines in [−0.3, 0.7] at scale 100 and τ 1; one to five captions per video.
+        let x: Vec<f64> = (0..n * columns).map(|_| 100.0 * f64::from((next() - 0.3) as f32)).collect();
+        let text_video: Vec<Option<u32>> =
+            (0..n).map(|t| if t % 17 == 3 { None } else { Some(((t * 7) % columns) as u32) }).collect();
+        let layout_blocks = |bytes: usize| Layout::with_strip_rows(&text_video, block_rows(bytes, columns)).strips;
+        let whole = column_statistics(&x, columns, &layout_blocks(usize::MAX / 8));
+        assert_eq!(layout_blocks(usize::MAX / 8).len(), 1);
+        // Blocks of 100 rows (the device test's), of one row, and of sizes that cut parts anywhere.
+        for rows in [100, 1, 7, 37, 999, 2999] {
+            let blocks = layout_blocks(rows * 4 * columns);
+            assert!(blocks.len() > 1, "{rows}-row blocks");
+            let blocked = column_statistics(&x, columns, &blocks);
+            let differing = whole.iter().zip(&blocked).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{rows}-row blocks change {differing} of {columns} columns' statistics");
+        }
+        // And they are the column softmax statistics: the f64 sums of exp(x − max).
+        for (col, &(max, sum)) in whole.iter().enumerate() {
+            let column: Vec<f64> = (0..n).map(|r| x[r * columns + col]).collect();
+            let want_max = column.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let want_sum: f64 = column.iter().map(|v| exp_flushed(v - want_max)).sum();
+            assert_eq!(max, want_max);
+            assert!(((sum - want_sum) / want_sum).abs() < 1e-12, "column {col}: {sum} vs {want_sum}");
+        }
+    }
+
+    #[test]
+    fn parts_are_fixed_by_the_shape_and_cover_every_row_once() {
+        for (n, columns) in [(1, 1), (5, 3), (3000, 300), (100_000, 100_000), (7, 1_000_000)] {
+            let parts = ColumnParts::new(n, columns);
+            assert!(parts.count * parts.rows_per_part >= n && (parts.count - 1) * parts.rows_per_part < n);
+            assert_eq!(parts.meeting(&(0..n)), 0..parts.count, "one block meets every part");
+            assert_eq!(parts.meeting(&(n..n)), 0..0);
+        }
+    }
+
+    /// The device's `cosines_f32` adds each cosine's products one after another with FMA, from
+    /// zero (`acc = fmaf(a[k], b[k], acc)` for k = 0, 1, …); the CPU's strip GEMM rounds the
+    /// same way, so both paths revise the same logits and differ only in their column sums
+    /// (contract §6).
+    #[test]
+    fn the_cpu_gemm_rounds_as_the_device_gemm() {
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64 - 0.5) as f32
+        };
+        // The widths of CLIP's embeddings (ViT-B: 512, ViT-L: 768, ViT-H: 1024) and a small one.
+        for (rows, columns, dim) in [(37, 53, 48), (37, 53, 512), (9, 70, 768), (9, 70, 1024)] {
+            let a: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
+            let b: Vec<f32> = (0..columns * dim).map(|_| next()).collect();
+            let mut cpu = vec![0f32; rows * columns];
+            crate::score::kernels::strip_gemm(&a, &b, dim, &mut cpu);
+            for r in 0..rows {
+                for c in 0..columns {
+                    let device = (0..dim).fold(0f32, |acc, k| a[r * dim + k].mul_add(b[c * dim + k], acc));
+                    assert_eq!(cpu[r * columns + c].to_bits(), device.to_bits(), "width {dim}: row {r}, column {c}");
+                }
+            }
+        }
+    }
 }
