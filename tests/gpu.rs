@@ -18,8 +18,7 @@ use vtr_index::gpu::{self, KERNEL_SOURCES, Probe};
 use vtr_index::score::{DeviceInputs, Outcome, Problem, Revision, ScoreOptions, score};
 
 use crate::scoring::{
-    DenseRows, assert_metrics_equal, by_definition, cosines_f64, dual_softmax_formula, dyadic, load_case, problem,
-    reference_metrics, synthetic,
+    DenseRows, UnderflowCase, assert_metrics_equal, load_case, problem, reference_metrics, synthetic,
 };
 use crate::tolerance::SUM_TERMS_RELATIVE;
 
@@ -222,35 +221,22 @@ fn device_edge_shapes_equal_the_cpu_path() {
 #[ignore = "needs a CUDA device: run with -- --ignored"]
 fn device_ties_underflowed_values_as_the_cpu_does() {
     let gpu = device();
-    let (dim, n, m, top_k) = (8, 240, 70, 12);
-    let (texts, videos, text_video) = dyadic(n, m, dim, 9);
-    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
-    let (scale, temperature) = (100.0, 0.01);
-    let logits: Vec<f64> = cosines_f64(&problem).iter().map(|c| scale * c).collect();
+    let case = UnderflowCase::new();
     for revision in [Revision::Dsl, Revision::DslSym] {
-        let t2v = dual_softmax_formula(&logits, m, 1.0 / temperature, true);
-        let v2t = if revision == Revision::DslSym {
-            dual_softmax_formula(&logits, m, 1.0 / temperature, false)
-        } else {
-            t2v.clone()
-        };
-        let want = by_definition(&t2v, &v2t, &text_video, top_k);
-        for device_block_bytes in [0, 5 * 4 * m] {
-            let options =
-                ScoreOptions { revision, scale, temperature, top_k, device_block_bytes, ..ScoreOptions::default() };
+        let expected = case.expected(revision);
+        for device_block_bytes in [0, 5 * 4 * UnderflowCase::VIDEOS] {
+            let options = ScoreOptions {
+                revision,
+                scale: case.scale,
+                temperature: case.temperature,
+                top_k: case.top_k,
+                device_block_bytes,
+                ..ScoreOptions::default()
+            };
             let what = format!("{} in blocks of {device_block_bytes} bytes", revision.name());
-            let sink = DenseRows::new(n, m);
-            let outcome = gpu::score::score(&gpu, &problem, &options, Some(&sink)).unwrap();
-            let top: Vec<Vec<u32>> = outcome.top.iter().map(|i| i.iter().map(|&(c, _)| c).collect()).collect();
-            assert_eq!(top, want.top, "{what}: top-k");
-            assert_eq!(outcome.t2v_ranks, want.t2v_ranks, "{what}: T2V ranks");
-            assert_eq!(outcome.v2t_ranks, want.v2t_ranks, "{what}: V2T ranks");
-            for (direction, got, want) in [("t2v", &sink.t2v, &t2v), ("v2t", &sink.v2t, &v2t)] {
-                for (i, (g, w)) in got.lock().unwrap().iter().zip(want.iter()).enumerate() {
-                    let close = if *w == 0.0 { *g == 0.0 } else { (g - w).abs() <= 1e-12 * w.abs() };
-                    assert!(close, "{what} {direction}: element {i} is {g:e}, the formula gives {w:e}");
-                }
-            }
+            let sink = DenseRows::new(UnderflowCase::TEXTS, UnderflowCase::VIDEOS);
+            expected.assert_outcome(&gpu::score::score(&gpu, &case.problem(), &options, Some(&sink)).unwrap(), &what);
+            expected.assert_dense(&sink, &what);
         }
     }
 }

@@ -264,41 +264,31 @@ fn ranks_and_top_k_follow_the_definitions() {
 /// engine's to the bit), so every value and every comparison is decided the same way.
 #[test]
 fn weights_below_the_exponent_range_are_zero_and_tie() {
-    let (dim, texts_count, videos_count, top_k) = (8, 240, 70, 12);
-    let (texts, videos, text_video) = dyadic(texts_count, videos_count, dim, 9);
-    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
-    let (scale, temperature) = (100.0, 0.01);
-    let logits: Vec<f64> = cosines_f64(&problem).iter().map(|c| scale * c).collect();
+    let case = UnderflowCase::new();
+    let (n, m) = (UnderflowCase::TEXTS, UnderflowCase::VIDEOS);
     for revision in [Revision::Dsl, Revision::DslSym] {
-        let t2v = dual_softmax_formula(&logits, videos_count, 1.0 / temperature, true);
-        let v2t = if revision == Revision::DslSym {
-            dual_softmax_formula(&logits, videos_count, 1.0 / temperature, false)
-        } else {
-            t2v.clone()
-        };
-        let zeros = t2v.iter().filter(|&&x| x == 0.0).count();
-        assert!(zeros * 2 > t2v.len(), "the case must underflow: {zeros} of {} values are 0", t2v.len());
-        let want = by_definition(&t2v, &v2t, &text_video, top_k);
-        assert!(
-            want.t2v_ranks.iter().any(|&(t, _)| t2v[t * videos_count + text_video[t].unwrap() as usize] == 0.0),
-            "some true values must be among the tied zeros"
-        );
+        let expected = case.expected(revision);
+        let zeros = expected.t2v.iter().filter(|&&x| x == 0.0).count();
+        assert!(zeros * 2 > n * m, "the case must underflow: {zeros} of {} values are 0", n * m);
+        let tied_truths =
+            expected.outcome.t2v_ranks.iter().filter(|&&(t, _)| {
+                expected.t2v[t * m + case.text_video[t].expect("a query has a video") as usize] == 0.0
+            });
+        assert!(tied_truths.count() > 0, "some true values must be among the tied zeros");
         for strip_bytes in [1, usize::MAX / 8] {
-            let options = ScoreOptions { revision, scale, temperature, top_k, strip_bytes, ..ScoreOptions::default() };
+            let options = ScoreOptions {
+                revision,
+                scale: case.scale,
+                temperature: case.temperature,
+                top_k: case.top_k,
+                strip_bytes,
+                ..ScoreOptions::default()
+            };
             let what = format!("{} in strips of {strip_bytes} bytes", revision.name());
-            let sink = DenseRows::new(texts_count, videos_count);
-            for outcome in [score(&problem, &options, Some(&sink)).unwrap(), score(&problem, &options, None).unwrap()] {
-                let top: Vec<Vec<u32>> = outcome.top.iter().map(|i| i.iter().map(|&(c, _)| c).collect()).collect();
-                assert_eq!(top, want.top, "{what}: top-k");
-                assert_eq!(outcome.t2v_ranks, want.t2v_ranks, "{what}: T2V ranks");
-                assert_eq!(outcome.v2t_ranks, want.v2t_ranks, "{what}: V2T ranks");
-            }
-            for (direction, got, want) in [("t2v", &sink.t2v, &t2v), ("v2t", &sink.v2t, &v2t)] {
-                for (i, (g, w)) in got.lock().unwrap().iter().zip(want.iter()).enumerate() {
-                    let close = if *w == 0.0 { *g == 0.0 } else { (g - w).abs() <= 1e-12 * w.abs() };
-                    assert!(close, "{what} {direction}: element {i} is {g:e}, the formula gives {w:e}");
-                }
-            }
+            let sink = DenseRows::new(n, m);
+            expected.assert_outcome(&score(&case.problem(), &options, Some(&sink)).unwrap(), &what);
+            expected.assert_outcome(&score(&case.problem(), &options, None).unwrap(), &what);
+            expected.assert_dense(&sink, &what);
         }
     }
 }

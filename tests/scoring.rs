@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use vtr_index::score::{Metrics, Problem, Revision, RowSink};
+use vtr_index::score::{Metrics, Outcome, Problem, Revision, RowSink};
 
 use crate::tolerance::*;
 use crate::util::*;
@@ -194,4 +194,71 @@ pub fn by_definition(t2v: &[f64], v2t: &[f64], text_video: &[Option<u32>], top_k
         out.v2t_ranks.push((video, 1 + groups.iter().filter(|&&g| best(g) > own).count() as u32));
     }
     out
+}
+
+/// Contract §1's underflow case: exact cosines ([`dyadic`]) at scale 100 and τ = 0.01, where most
+/// weights fall below e^−708 and are 0, tied; the engine's exponents equal the formula's to the
+/// bit, so every value and every comparison must come out as the formula has them.
+pub struct UnderflowCase {
+    pub texts: Vec<f32>,
+    pub videos: Vec<f32>,
+    pub text_video: Vec<Option<u32>>,
+    pub dim: usize,
+    pub top_k: usize,
+    pub scale: f64,
+    pub temperature: f64,
+}
+
+/// The formula's dense matrices of one revision, and what the definitions make of them.
+pub struct Expected {
+    pub t2v: Vec<f64>,
+    pub v2t: Vec<f64>,
+    pub outcome: ByDefinition,
+}
+
+impl UnderflowCase {
+    pub const TEXTS: usize = 240;
+    pub const VIDEOS: usize = 70;
+
+    pub fn new() -> UnderflowCase {
+        let dim = 8;
+        let (texts, videos, text_video) = dyadic(Self::TEXTS, Self::VIDEOS, dim, 9);
+        UnderflowCase { texts, videos, text_video, dim, top_k: 12, scale: 100.0, temperature: 0.01 }
+    }
+
+    pub fn problem(&self) -> Problem<'_> {
+        Problem { texts: &self.texts, videos: &self.videos, dim: self.dim, text_video: &self.text_video, bank: None }
+    }
+
+    pub fn expected(&self, revision: Revision) -> Expected {
+        let logits: Vec<f64> = cosines_f64(&self.problem()).iter().map(|c| self.scale * c).collect();
+        let inv_tau = 1.0 / self.temperature;
+        let t2v = dual_softmax_formula(&logits, Self::VIDEOS, inv_tau, true);
+        let v2t = match revision {
+            Revision::DslSym => dual_softmax_formula(&logits, Self::VIDEOS, inv_tau, false),
+            _ => t2v.clone(),
+        };
+        let outcome = by_definition(&t2v, &v2t, &self.text_video, self.top_k);
+        Expected { t2v, v2t, outcome }
+    }
+}
+
+impl Expected {
+    /// The outcome's top-k columns and ranks are the definitions'.
+    pub fn assert_outcome(&self, outcome: &Outcome, what: &str) {
+        let top: Vec<Vec<u32>> = outcome.top.iter().map(|i| i.iter().map(|&(c, _)| c).collect()).collect();
+        assert_eq!(top, self.outcome.top, "{what}: top-k");
+        assert_eq!(outcome.t2v_ranks, self.outcome.t2v_ranks, "{what}: T2V ranks");
+        assert_eq!(outcome.v2t_ranks, self.outcome.v2t_ranks, "{what}: V2T ranks");
+    }
+
+    /// Every dense value is the formula's: 0 exactly where it is 0, otherwise to 1e-12.
+    pub fn assert_dense(&self, sink: &DenseRows, what: &str) {
+        for (direction, got, want) in [("t2v", &sink.t2v, &self.t2v), ("v2t", &sink.v2t, &self.v2t)] {
+            for (i, (g, w)) in got.lock().unwrap().iter().zip(want.iter()).enumerate() {
+                let close = if *w == 0.0 { *g == 0.0 } else { (g - w).abs() <= 1e-12 * w.abs() };
+                assert!(close, "{what} {direction}: element {i} is {g:e}, the formula gives {w:e}");
+            }
+        }
+    }
 }
