@@ -29,7 +29,7 @@ pub struct PreparedVideo<K> {
     pub frames: Vec<(f64, Vec<f32>)>,
 }
 
-/// An embedded video: L2-normalised frame embeddings and the video vector pooled from them.
+/// An embedded video: L2-normalised frame embeddings and the video vector its head made.
 #[derive(Debug, Clone)]
 pub struct EmbeddedVideo<K> {
     pub key: K,
@@ -59,10 +59,11 @@ pub struct BatchEncoder<K, F, P> {
 impl<K, F, P> BatchEncoder<K, F, P>
 where
     F: FnMut(&[f32], usize) -> Result<Vec<Vec<f32>>, String>,
-    P: Fn(&[Vec<f32>]) -> Vec<f32>,
+    P: Fn(Vec<Vec<f32>>) -> Result<(Vec<Vec<f32>>, Vec<f32>), String>,
 {
-    /// `embed` turns `n` images' CHW pixels into their frame embeddings; `pool` turns a video's
-    /// frame embeddings, in time order, into its vector.
+    /// `embed` turns `n` images' CHW pixels into their frame features; `pool` turns a video's
+    /// frame features, in time order, into the embeddings its frames are stored with and its
+    /// vector.
     pub fn new(batch_size: usize, embed: F, pool: P) -> Self {
         BatchEncoder {
             batch_size: batch_size.max(1),
@@ -87,7 +88,7 @@ where
         let mut done = Vec::new();
         while self.queue.len() >= self.batch_size {
             self.run_batch(self.batch_size)?;
-            done.extend(self.take_completed());
+            done.extend(self.take_completed()?);
         }
         Ok(done)
     }
@@ -97,7 +98,7 @@ where
         if !self.queue.is_empty() {
             self.run_batch(self.queue.len())?;
         }
-        Ok(self.take_completed())
+        self.take_completed()
     }
 
     fn run_batch(&mut self, count: usize) -> Result<(), String> {
@@ -115,17 +116,17 @@ where
         Ok(())
     }
 
-    fn take_completed(&mut self) -> Vec<EmbeddedVideo<K>> {
+    fn take_completed(&mut self) -> Result<Vec<EmbeddedVideo<K>>, String> {
         let mut done = Vec::new();
         while self.in_flight.front().is_some_and(|v| v.remaining == 0) {
             let finished = self.in_flight.pop_front().expect("checked above");
             self.first_slot += 1;
-            let embeddings: Vec<Vec<f32>> = finished.embeddings.into_iter().map(|e| e.expect("all embedded")).collect();
-            let embedding = (self.pool)(&embeddings);
+            let features: Vec<Vec<f32>> = finished.embeddings.into_iter().map(|e| e.expect("all embedded")).collect();
+            let (embeddings, embedding) = (self.pool)(features)?;
             let frames = finished.video.frames.iter().map(|(t, _)| *t).zip(embeddings).collect();
             done.push(EmbeddedVideo { key: finished.video.key, facts: finished.video.facts, frames, embedding });
         }
-        done
+        Ok(done)
     }
 }
 
@@ -154,7 +155,10 @@ mod tests {
                 batch_sizes.push(n);
                 Ok(pixels.chunks(2).map(|p| vec![p[0] + 1.0, p[1] + 1.0]).collect())
             },
-            |frames: &[Vec<f32>]| frames.iter().map(|f| f[0]).collect(),
+            |frames: Vec<Vec<f32>>| {
+                let pooled = frames.iter().map(|f| f[0]).collect();
+                Ok((frames, pooled))
+            },
         );
         let mut done = Vec::new();
         for (key, frames) in [(1, 3), (2, 1), (3, 5), (4, 2)] {

@@ -1,6 +1,7 @@
 //! The plain types several layers share, so that none of them has to depend on another for
-//! them: where and in what precision a model runs ([`DeviceChoice`], [`Precision`]), what the
-//! manifest records of a model ([`ModelIdentity`]), and a decoded picture ([`RgbImage`]).
+//! them: where and in what precision a model runs ([`DeviceChoice`], [`Precision`]), how a
+//! video's frames become its vector ([`HeadKind`]), what the manifest records of a model
+//! ([`ModelIdentity`]), and a decoded picture ([`RgbImage`]).
 //! No logic beyond parsing and naming; this module depends on nothing else in the crate.
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,43 @@ impl Precision {
     }
 }
 
+/// CLIP4Clip's similarity heads that give one vector per video: `meanP` (parameter-free
+/// pooling, plain CLIP's), `seqTransf` (a transformer over the frames) and `seqLSTM` (an LSTM
+/// over them). Named as CLIP4Clip's `--sim_header` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum HeadKind {
+    #[default]
+    #[serde(rename = "meanP")]
+    MeanP,
+    #[serde(rename = "seqTransf")]
+    SeqTransf,
+    #[serde(rename = "seqLSTM")]
+    SeqLstm,
+}
+
+impl HeadKind {
+    /// Parses a head's name, in any case (`meanP`, `meanp`, `seqTransf`, `seqLSTM`, …).
+    pub fn parse(text: &str) -> Result<HeadKind, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "meanp" => Ok(HeadKind::MeanP),
+            "seqtransf" => Ok(HeadKind::SeqTransf),
+            "seqlstm" => Ok(HeadKind::SeqLstm),
+            "tighttransf" => Err("tightTransf scores each (text, video) pair with a cross-encoder and gives no \
+                 vector per video, which an index stores: use meanP, seqTransf or seqLSTM"
+                .into()),
+            _ => Err(format!("unknown head {text:?}: use meanP, seqTransf or seqLSTM")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadKind::MeanP => "meanP",
+            HeadKind::SeqTransf => "seqTransf",
+            HeadKind::SeqLstm => "seqLSTM",
+        }
+    }
+}
+
 /// What the manifest records about the model an index was built with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelIdentity {
@@ -71,6 +109,10 @@ pub struct ModelIdentity {
     /// The dtype embeddings are computed in (indexes from before this field are f32).
     #[serde(default)]
     pub dtype: Precision,
+    /// The head that pooled the videos' frames; `None` in an index made before heads existed,
+    /// which is meanP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadKind>,
 }
 
 /// A packed 8-bit RGB image, rows of `width * 3` bytes, as displayed (rotation applied).

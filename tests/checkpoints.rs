@@ -170,7 +170,7 @@ fn half_precision_checkpoints_load_and_match_within_their_precision() {
 /// from: each element a counter-based hash of its tensor's name and flat index (FNV-1a of the
 /// name, SplitMix64 of it plus the index, the top 24 bits as a uniform in [0, 1)), scaled to
 /// ±0.1 around 1 for LayerNorm weights and ±0.02 around 0 for everything else.
-fn hashed_tensor(name: &str, shape: &[usize], offset: f64, scale: f64) -> Tensor {
+pub fn hashed_tensor(name: &str, shape: &[usize], offset: f64, scale: f64) -> Tensor {
     let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     let count: usize = shape.iter().product();
     let values: Vec<f32> = (0..count as u64)
@@ -194,12 +194,21 @@ fn hashed_weight(name: &str, shape: &[usize]) -> Tensor {
 /// An OpenAI-layout state dict of a given shape with hashed weights, as a safetensors file:
 /// one layer per tower, heads of width 64, embeddings of 32, CLIP's vocabulary and context.
 fn hashed_openai_checkpoint(dir: &Dir, width: usize, patch: usize, grid: usize) -> std::path::PathBuf {
+    let tensors = hashed_openai_tensors(width, patch, grid, 32);
+    let path = dir.join(&format!("vit-{patch}-{}.safetensors", grid * patch));
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// `make/checkpoints_reference.py`'s `hashed_state_dict`: OpenAI names, one layer per tower,
+/// `width` wide, embeddings of `embed`, CLIP's vocabulary and context.
+pub fn hashed_openai_tensors(width: usize, patch: usize, grid: usize, embed: usize) -> HashMap<String, Tensor> {
     let mut tensors = HashMap::new();
     let mut add = |name: String, shape: &[usize]| {
         let tensor = hashed_weight(&name, shape);
         tensors.insert(name, tensor);
     };
-    let (embed, vocab, context) = (32, 49408, 77);
+    let (vocab, context) = (49408, 77);
     add("visual.conv1.weight".into(), &[width, 3, patch, patch]);
     add("visual.class_embedding".into(), &[width]);
     add("visual.positional_embedding".into(), &[grid * grid + 1, width]);
@@ -227,9 +236,7 @@ fn hashed_openai_checkpoint(dir: &Dir, width: usize, patch: usize, grid: usize) 
     add("positional_embedding".into(), &[context, width]);
     add("text_projection".into(), &[width, embed]);
     tensors.insert("logit_scale".into(), Tensor::new(100f32.ln(), &Device::Cpu).unwrap());
-    let path = dir.join(&format!("vit-{patch}-{}.safetensors", grid * patch));
-    candle_core::safetensors::save(&tensors, &path).unwrap();
-    path
+    tensors
 }
 
 /// `reference/checkpoints.parquet`: (checkpoint, kind) → open_clip's embedding.
@@ -407,25 +414,14 @@ fn an_open_clip_training_checkpoint_loads_from_its_state_dict() {
     }
 }
 
-/// CLIP4Clip's seqTransf head sits beside `clip.*`: recognised, reported and left out (meanP
-/// does not use it); anything else unknown is an error naming it.
+/// Beside `clip.*` and CLIP4Clip's head tensors, anything unknown is an error naming it.
 #[test]
-fn clip4clip_head_tensors_are_recognised_and_other_extras_refused() {
+fn unknown_tensors_beside_clip4clips_are_refused() {
     let openai = candle_core::pickle::read_all(openai_format().join("tiny-openai.pt")).unwrap();
     let mut tensors: HashMap<String, Tensor> = openai.into_iter().map(|(k, v)| (format!("clip.{k}"), v)).collect();
-    let small = || Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap();
-    tensors.insert("frame_position_embeddings.weight".into(), small());
-    tensors.insert("transformerClip.resblocks.0.attn.in_proj_weight".into(), small());
+    tensors.insert("loss_head.weight".into(), Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap());
     let dir = Dir::new();
-    let path = dir.join("clip4clip_seqtransf.safetensors");
-    candle_core::safetensors::save(&tensors, &path).unwrap();
-    let checkpoint = Checkpoint::open(&path).unwrap();
-    assert_eq!(checkpoint.layout, Layout::Clip4Clip);
-    assert_eq!(checkpoint.ignored.len(), 2, "{:?}", checkpoint.ignored);
-    let (stdout, _) = TestCommand::new(&["info", "--model"]).arg(&path).expect_code(0);
-    assert!(stdout.contains("frame_position_embeddings.weight"), "{stdout}");
-
-    tensors.insert("loss_head.weight".into(), small());
+    let path = dir.join("clip4clip_extra.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let message = open_error(&path);
     assert!(message.contains("unexpected tensors: loss_head.weight"), "{message}");

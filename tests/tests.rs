@@ -10,6 +10,7 @@ mod checkpoints;
 mod cli;
 mod conformance;
 mod fidelity;
+mod heads;
 mod ingest;
 mod interrupt;
 mod nightly;

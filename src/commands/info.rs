@@ -73,6 +73,7 @@ fn print_index_info(index: &Path) -> Result<u8> {
         m.model.image_size,
         m.model.logit_scale.exp()
     );
+    println!("head:      {}", m.model.head.map_or("meanP (made before temporal heads)", crate::types::HeadKind::name));
     println!("sampling:  {} fps, at most {} frames per video", m.sampling.fps, m.sampling.max_frames);
     println!("roots:     {}", m.roots.join(", "));
     println!("size:      {} bytes in {} shards", index_bytes(&m), m.tables.values().map(Vec::len).sum::<usize>());
@@ -96,9 +97,13 @@ fn print_model_info(model: &Path) -> Result<u8> {
     );
     println!("dtype:      {} (as stored)", checkpoint.stored_dtypes.join(" + "));
     println!("parameters: {}", checkpoint.parameters);
+    println!(
+        "head:       {}",
+        checkpoint.head.as_ref().map_or("none: videos are pooled with meanP".to_string(), |h| h.describe())
+    );
     if !checkpoint.ignored.is_empty() {
         println!(
-            "ignored:    {} tensors not used by CLIP meanP: {}",
+            "ignored:    {} saved buffers, not weights: {}",
             checkpoint.ignored.len(),
             crate::model::layout::name_list(&checkpoint.ignored, 4)
         );

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::ingest::{IngestOptions, ingest};
-use crate::types::Precision;
+use crate::types::{HeadKind, Precision};
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
@@ -38,6 +38,10 @@ pub struct IngestArgs {
     /// the index is created [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// How a video's frames become its vector: meanP, seqTransf or seqLSTM (CLIP4Clip's heads);
+    /// fixed when the index is created [default: the head the checkpoint carries, else meanP].
+    #[arg(long, value_name = "HEAD")]
+    pub head: Option<String>,
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
@@ -69,6 +73,7 @@ pub fn run(args: IngestArgs) -> Result<u8> {
         batch: args.batch.max(1),
         device: super::device(&args.device)?,
         dtype: args.dtype.as_deref().map(Precision::parse).transpose().map_err(anyhow::Error::msg)?,
+        head: args.head.as_deref().map(HeadKind::parse).transpose().map_err(anyhow::Error::msg)?,
         decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
         retry_failed: args.retry_failed,

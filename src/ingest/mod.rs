@@ -27,7 +27,7 @@ use crate::store::{
     WriterLock, carry_over, collect_garbage, crashed_runs, merged_roots, now_us, read_table, write_reused,
     write_run_report,
 };
-use crate::types::{DeviceChoice, ModelIdentity, Precision};
+use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
 use crate::walk::{Root, VideoFile, WalkError, walk_roots};
 use pipeline::{Encoded, JournalGuard, Pipeline, StageNanos};
 use plan::Plan;
@@ -46,6 +46,9 @@ pub struct IngestOptions {
     pub device: DeviceChoice,
     /// The dtype the model runs in; fixed when the index is created [default: f32].
     pub dtype: Option<Precision>,
+    /// The head that pools each video's frames; fixed when the index is created [default: the
+    /// checkpoint's head, meanP for plain CLIP].
+    pub head: Option<HeadKind>,
     pub decode_timeout: Duration,
     pub decode_workers: usize,
     pub retry_failed: bool,
@@ -87,6 +90,8 @@ struct ModelSource<'a> {
     options: &'a IngestOptions,
     path: PathBuf,
     precision: Precision,
+    /// Frames per video at most: a seqTransf head must have a position for each.
+    max_frames: usize,
     /// The model the index was built with, which any other is refused for.
     recorded: Option<ModelIdentity>,
 }
@@ -94,7 +99,20 @@ struct ModelSource<'a> {
 impl ModelSource<'_> {
     fn load(&self) -> Result<Clip, IngestError> {
         let checkpoint = Checkpoint::open(&self.path)?.with_precision(self.precision);
-        let clip = Clip::load(checkpoint, self.options.device)?;
+        let found = checkpoint.head.as_ref().map(|h| h.kind());
+        let head = resolve_head(self.options, self.recorded.as_ref(), found)?;
+        if let Some(positions) = checkpoint.head.as_ref().filter(|h| h.kind() == head).and_then(|h| h.max_frames())
+            && self.max_frames > positions
+        {
+            return Err(IngestError::Refused(format!(
+                "--frames {}: the {} head of {} has position embeddings for {positions} frames; sample at most that many",
+                self.max_frames,
+                head.name(),
+                self.path.display()
+            )));
+        }
+        let mut clip = Clip::load(checkpoint, self.options.device)?;
+        clip.use_head(head)?;
         if let Some(recorded) = &self.recorded
             && recorded.sha256 != clip.identity.sha256
         {
@@ -144,7 +162,13 @@ impl<'a> Opened<'a> {
         };
         let sampling = resolve_sampling(options, previous.as_ref())?;
         let precision = resolve_precision(options, previous.as_ref())?;
-        let model = ModelSource { options, path, precision, recorded: previous.as_ref().map(|m| m.model.clone()) };
+        let model = ModelSource {
+            options,
+            path,
+            precision,
+            max_frames: sampling.max_frames,
+            recorded: previous.as_ref().map(|m| m.model.clone()),
+        };
         // A re-run with the index's own model loads it only when there is something to embed,
         // so a run that finds nothing to do stays fast however large the model.
         let clip = if options.model.is_some() || previous.is_none() { Some(model.load()?) } else { None };
@@ -648,6 +672,39 @@ fn resolve_sampling(options: &IngestOptions, previous: Option<&Manifest>) -> Res
             "this index was built with --frames {} --fps {}; build a new index to sample differently",
             built.max_frames, built.fps
         )));
+    }
+    Ok(built)
+}
+
+/// The head that pools the videos: for a new index `--head`, else the checkpoint's head, else
+/// meanP; afterwards the index's own (an index made before heads is meanP, and a checkpoint's
+/// head is then left unused, which is said once: the run's commit records meanP). Another
+/// `--head` on an existing index is refused: its videos were pooled by its own.
+fn resolve_head(
+    options: &IngestOptions,
+    recorded: Option<&ModelIdentity>,
+    found: Option<HeadKind>,
+) -> Result<HeadKind, IngestError> {
+    let Some(recorded) = recorded else { return Ok(options.head.or(found).unwrap_or_default()) };
+    let built = recorded.head.unwrap_or_default();
+    if let Some(asked) = options.head
+        && asked != built
+    {
+        return Err(IngestError::Refused(format!(
+            "{}: this index's videos were pooled with the {} head; build a new index for --head {}",
+            options.index.display(),
+            built.name(),
+            asked.name()
+        )));
+    }
+    if recorded.head.is_none()
+        && let Some(carried) = found.filter(|&k| k != built)
+    {
+        eprintln!(
+            "vtr-index: {}: this index was made before temporal heads and pools with meanP; the checkpoint's {} head is not used (build a new index to use it)",
+            options.index.display(),
+            carried.name()
+        );
     }
     Ok(built)
 }

@@ -170,11 +170,12 @@ impl Pipeline<'_> {
                     let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
                         crate::fault::point("encode");
                         let started = Instant::now();
-                        let flat = self.clip.embed_images(pixels, count).map_err(|e| e.to_string())?;
+                        let flat = self.clip.image_features(pixels, count).map_err(|e| e.to_string())?;
                         nanos.add(&nanos.encode, started);
                         Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
                     };
-                    let mut encoder = BatchEncoder::new(self.options.batch, embed, crate::model::mean_pool);
+                    let pool = |features: Vec<Vec<f32>>| self.clip.pool_video(features).map_err(|e| e.to_string());
+                    let mut encoder = BatchEncoder::new(self.options.batch, embed, pool);
                     for item in decoded_rx {
                         let done = match item {
                             Decoded::Video(video) => encoder.push(video)?,

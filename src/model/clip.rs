@@ -283,9 +283,10 @@ impl ClipModel {
         })
     }
 
-    /// L2-normalised f32 image embeddings, [batch, projection_dim].
-    pub fn image_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
-        l2_normalise(&self.visual_projection.forward(&self.vision_model.forward(pixels)?)?)
+    /// f32 image embeddings, [batch, projection_dim], L2-normalised or as projected.
+    pub fn image_embeddings(&self, pixels: &Tensor, normalise: bool) -> Result<Tensor> {
+        let features = self.visual_projection.forward(&self.vision_model.forward(pixels)?)?;
+        if normalise { l2_normalise(&features) } else { features.to_dtype(DType::F32) }
     }
 
     /// L2-normalised f32 text embeddings, [batch, projection_dim].

@@ -38,8 +38,14 @@ pub struct Dense {
 
 impl Dense {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        Ok(Dense { weight_t: weight.t()?.contiguous()?, bias: vb.get(out_dim, "bias")? })
+        Dense::with_names(vb, in_dim, out_dim, "weight", "bias")
+    }
+
+    /// A layer whose weight and bias are stored under other names (`nn.MultiheadAttention`'s
+    /// `in_proj_weight` and `in_proj_bias`).
+    pub fn with_names(vb: VarBuilder, in_dim: usize, out_dim: usize, weight: &str, bias: &str) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), weight)?;
+        Ok(Dense { weight_t: weight.t()?.contiguous()?, bias: vb.get(out_dim, bias)? })
     }
 
     /// Several layers over the same input as one (their outputs side by side).

@@ -41,10 +41,6 @@ impl Layout {
 /// Head width of every released CLIP; OpenAI's `build_model` infers the head count from it.
 const HEAD_WIDTH: usize = 64;
 
-/// Tensors CLIP4Clip adds beside `clip.*` for its temporal heads; meanP does not use them.
-const CLIP4CLIP_HEADS: [&str; 5] =
-    ["frame_position_embeddings.", "transformerClip.", "lstm_visual.", "similarity_dense.", "cross."];
-
 /// Tensors that carry no weights: buffers older exports saved, scalars OpenAI's JIT files keep.
 fn is_buffer(name: &str) -> bool {
     name.ends_with("embeddings.position_ids") || matches!(name, "input_resolution" | "context_length" | "vocab_size")
@@ -56,7 +52,9 @@ pub struct Normalised {
     pub tensors: HashMap<String, Tensor>,
     /// Hugging Face name → the name in the file, for messages.
     pub file_names: HashMap<String, String>,
-    /// Tensors recognised and left out (CLIP4Clip heads, buffers), by their names in the file.
+    /// CLIP4Clip's head tensors beside `clip.*`, by their names in the file (`head.rs` reads them).
+    pub head_tensors: HashMap<String, Tensor>,
+    /// Tensors recognised and left out (buffers), by their names in the file.
     pub ignored: Vec<String>,
     /// Tensors nobody recognised, by their names in the file.
     pub unknown: Vec<String>,
@@ -102,6 +100,7 @@ pub fn normalise(raw: Vec<(String, Tensor)>, from_state_dict: bool) -> Result<No
         layout,
         tensors: HashMap::new(),
         file_names: HashMap::new(),
+        head_tensors: HashMap::new(),
         ignored: Vec::new(),
         unknown: Vec::new(),
         stored_dtypes: BTreeSet::new(),
@@ -110,8 +109,8 @@ pub fn normalise(raw: Vec<(String, Tensor)>, from_state_dict: bool) -> Result<No
         let name = match name.strip_prefix("clip.") {
             Some(inner) => inner.to_string(),
             None if had_clip_prefix => {
-                if CLIP4CLIP_HEADS.iter().any(|head| name.starts_with(head)) {
-                    out.ignored.push(file_name);
+                if super::head::HEAD_PREFIXES.iter().any(|head| name.starts_with(head)) {
+                    out.head_tensors.insert(name, tensor);
                 } else {
                     out.unknown.push(file_name);
                 }

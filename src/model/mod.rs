@@ -4,10 +4,11 @@
 //! [`Checkpoint::open`] reads the weights a `--model` path names (a Hugging Face folder, or a
 //! safetensors or PyTorch file in any layout `layout.rs` knows), brings them to one set of
 //! names, takes the configuration from `config.json` or from the tensor shapes, and checks every
-//! tensor against it; the model's identity is the SHA-256 of its weights file. [`Clip::load`]
-//! builds both towers from it in the dtype asked for.
-//! Callers hand in plain `f32` pixel values or token ids and get L2-normalised embeddings back
-//! as plain vectors, so no other module sees a tensor.
+//! tensor against it, and recognises a CLIP4Clip temporal head beside the towers (`head.rs`);
+//! the model's identity is the SHA-256 of its weights file. [`Clip::load`] builds both towers
+//! from it in the dtype asked for, and [`Clip::use_head`] the head that pools a video's frames.
+//! Callers hand in plain `f32` pixel values or token ids and get embeddings back as plain
+//! vectors, so no other module sees a tensor.
 
 pub mod clip;
 pub mod config;
@@ -23,11 +24,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::ClipConfig;
-pub use head::mean_pool;
+pub use head::{Head, HeadConfig, mean_pool};
 pub use layout::Layout;
 
 use crate::preprocess::PreprocessConfig;
-use crate::types::{DeviceChoice, ModelIdentity, Precision};
+use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -76,11 +77,14 @@ pub struct Checkpoint {
     pub stored_dtypes: Vec<String>,
     /// Parameters in the two towers and projections.
     pub parameters: usize,
-    /// Tensors recognised and not used (CLIP4Clip's temporal heads, saved buffers).
+    /// Tensors recognised and not used (saved buffers).
     pub ignored: Vec<String>,
+    /// The CLIP4Clip temporal head the checkpoint carries beside the towers, if any.
+    pub head: Option<HeadConfig>,
     /// The dtype the model will run in.
     pub precision: Precision,
     tensors: HashMap<String, Tensor>,
+    head_tensors: HashMap<String, Tensor>,
 }
 
 /// How a weights file is encoded, from its first bytes (names such as `pytorch_model.bin.1`
@@ -128,6 +132,7 @@ impl Checkpoint {
             layout::infer_config(&normalised.tensors).map_err(weights_error)?
         };
         let parameters = layout::check(&normalised, &config).map_err(weights_error)?;
+        let head = head::find(&normalised.head_tensors, config.projection_dim).map_err(weights_error)?;
         let preprocess = if use_config {
             read_preprocessor_config(&folder, config.vision.image_size as u32)?
         } else {
@@ -143,9 +148,30 @@ impl Checkpoint {
             stored_dtypes: normalised.stored_dtypes.into_iter().collect(),
             parameters,
             ignored: normalised.ignored,
+            head,
             precision: Precision::F32,
             tensors: normalised.tensors,
+            head_tensors: normalised.head_tensors,
         })
+    }
+
+    /// The head `kind` of this checkpoint: meanP for any, seqTransf or seqLSTM where the
+    /// checkpoint carries that head.
+    pub fn load_head(&self, kind: HeadKind) -> Result<Head, ModelError> {
+        match &self.head {
+            _ if kind == HeadKind::MeanP => Ok(Head::MeanP),
+            Some(config) if config.kind() == kind => Head::new(config, &self.head_tensors).map_err(|e| {
+                ModelError::Weights { path: self.weights.clone(), message: format!("the {} head: {e}", kind.name()) }
+            }),
+            found => Err(ModelError::Mismatch(format!(
+                "--head {}: {} carries {}",
+                kind.name(),
+                self.source.display(),
+                found
+                    .as_ref()
+                    .map_or("no temporal head (meanP only)".to_string(), |c| format!("a {} head", c.kind().name()))
+            ))),
+        }
     }
 
     /// The same checkpoint, to run in `precision`.
@@ -169,6 +195,7 @@ impl Checkpoint {
             image_size: self.config.vision.image_size,
             logit_scale,
             dtype: self.precision,
+            head: None,
         })
     }
 }
@@ -290,11 +317,13 @@ fn candle_device(choice: DeviceChoice) -> Result<Device, ModelError> {
     }
 }
 
-/// A loaded CLIP model, ready to embed images and texts.
+/// A loaded CLIP model, ready to embed images and texts, and the head that makes a video's
+/// vector of its frames (meanP until [`Clip::use_head`] says otherwise).
 pub struct Clip {
     model: clip::ClipModel,
     device: Device,
     dtype: DType,
+    head: Head,
     pub checkpoint: Checkpoint,
     pub identity: ModelIdentity,
 }
@@ -312,7 +341,20 @@ impl Clip {
             message: format!("not a usable CLIP checkpoint: {e}"),
         })?;
         let identity = checkpoint.identity(model.logit_scale)?;
-        Ok(Clip { model, device, dtype, checkpoint, identity })
+        Ok(Clip { model, device, dtype, head: Head::MeanP, checkpoint, identity })
+    }
+
+    /// Pools videos with the checkpoint's head `kind` from now on, and records it in the identity.
+    pub fn use_head(&mut self, kind: HeadKind) -> Result<(), ModelError> {
+        self.head = self.checkpoint.load_head(kind)?;
+        self.identity.head = Some(kind);
+        Ok(())
+    }
+
+    /// One video's raw frame features ([`Clip::image_features`]), in time order → the frames'
+    /// L2-normalised embeddings and the video's vector, by the head in use.
+    pub fn pool_video(&self, raw: Vec<Vec<f32>>) -> Result<(Vec<Vec<f32>>, Vec<f32>), ModelError> {
+        self.head.pool(raw).map_err(|e| ModelError::Compute(format!("the {} head: {e}", self.head.kind().name())))
     }
 
     /// Loads the model an index records: from `path` when given (another copy of it), else from
@@ -350,12 +392,22 @@ impl Clip {
     /// Embeds `count` preprocessed images (`pixels` holds `count` CHW tensors back to back);
     /// returns `count × embed_dim` L2-normalised values, row-major.
     pub fn embed_images(&self, pixels: &[f32], count: usize) -> Result<Vec<f32>, ModelError> {
+        self.images(pixels, count, true)
+    }
+
+    /// Like [`Clip::embed_images`], but the projected features as they are, not normalised:
+    /// what CLIP4Clip's heads take.
+    pub fn image_features(&self, pixels: &[f32], count: usize) -> Result<Vec<f32>, ModelError> {
+        self.images(pixels, count, false)
+    }
+
+    fn images(&self, pixels: &[f32], count: usize, normalise: bool) -> Result<Vec<f32>, ModelError> {
         let size = self.checkpoint.config.vision.image_size;
         let compute = |e: candle_core::Error| ModelError::Compute(e.to_string());
         let input = Tensor::from_slice(pixels, (count, 3, size, size), &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(compute)?;
-        let out = self.model.image_embeddings(&input).map_err(compute)?;
+        let out = self.model.image_embeddings(&input, normalise).map_err(compute)?;
         out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(compute)
     }
 
