@@ -97,22 +97,10 @@ struct ModelSource<'a> {
 }
 
 impl ModelSource<'_> {
+    /// Loads the model, refuses another than the index's, and sets the head that pools videos.
     fn load(&self) -> Result<Clip, IngestError> {
         let checkpoint = Checkpoint::open(&self.path)?.with_precision(self.precision);
-        let found = checkpoint.head.as_ref().map(|h| h.kind());
-        let head = resolve_head(self.options, self.recorded.as_ref(), found)?;
-        if let Some(positions) = checkpoint.head.as_ref().filter(|h| h.kind() == head).and_then(|h| h.max_frames())
-            && self.max_frames > positions
-        {
-            return Err(IngestError::Refused(format!(
-                "--frames {}: the {} head of {} has position embeddings for {positions} frames; sample at most that many",
-                self.max_frames,
-                head.name(),
-                self.path.display()
-            )));
-        }
         let mut clip = Clip::load(checkpoint, self.options.device)?;
-        clip.use_head(head)?;
         if let Some(recorded) = &self.recorded
             && recorded.sha256 != clip.identity.sha256
         {
@@ -124,6 +112,19 @@ impl ModelSource<'_> {
                 self.path.display()
             )));
         }
+        let carried = clip.checkpoint.head.clone();
+        let head = resolve_head(self.options, self.recorded.as_ref(), carried.as_ref().map(|h| h.kind()))?;
+        if let Some(positions) = carried.filter(|h| h.kind() == head).and_then(|h| h.max_frames())
+            && self.max_frames > positions
+        {
+            return Err(IngestError::Refused(format!(
+                "--frames {}: the {} head of {} has position embeddings for {positions} frames; sample at most that many",
+                self.max_frames,
+                head.name(),
+                self.path.display()
+            )));
+        }
+        clip.use_head(head)?;
         Ok(clip)
     }
 }
