@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::commands::{encode_text, info, ingest, job, score, search, verify};
+use crate::commands::{encode_text, info, ingest, job, merge, score, search, verify};
 
 #[derive(Debug, Parser)]
 #[command(name = "vtr-index", version, about = "Index video corpora with CLIP for text-to-video retrieval")]
@@ -17,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Embed every video under the given folders into the index (only new or changed files).
     Ingest(ingest::IngestArgs),
+    /// Join the parts of a sharded ingest (`ingest --shard I/N`) into one index.
+    Merge(merge::MergeArgs),
     /// Encode captions or queries (CSV, JSON Lines or plain text) into a text set of the index.
     EncodeText(encode_text::EncodeTextArgs),
     /// Score a text set against every video: top-k, retrieval metrics, optional dense matrices.
@@ -52,11 +54,12 @@ pub fn run(cli: Cli) -> Result<u8> {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
         }
-        Command::Run(_) => {}
+        Command::Run(_) | Command::Merge(_) => {}
     }
     match cli.command {
         Command::Run(args) => run_job(&args),
         Command::Ingest(args) => ingest::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::EncodeText(args) => encode_text::run(args),
         Command::Score(args) => score::run(args),
         Command::Search(args) => search::run(args),

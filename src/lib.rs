@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod interrupt;
 pub mod matmul;
 pub mod model;
+pub mod partition;
 pub mod preprocess;
 pub mod progress;
 pub mod sampling;

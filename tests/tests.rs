@@ -17,5 +17,6 @@ mod nightly;
 mod placement;
 mod score;
 mod scoring;
+mod shards;
 mod texts;
 mod walk;

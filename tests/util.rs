@@ -96,6 +96,12 @@ impl TestCommand {
         self
     }
 
+    /// Runs the command without the variable `key`, whatever the test runner's environment.
+    pub fn env_remove(mut self, key: &str) -> TestCommand {
+        self.cmd.env_remove(key);
+        self
+    }
+
     /// Runs the command from `dir` (relative roots are resolved against it).
     pub fn current_dir(mut self, dir: &Path) -> TestCommand {
         self.cmd.current_dir(dir);

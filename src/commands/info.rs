@@ -76,6 +76,14 @@ fn print_index_info(index: &Path) -> Result<u8> {
     println!("head:      {}", m.model.head.map_or("meanP (made before temporal heads)", crate::types::HeadKind::name));
     println!("sampling:  {} fps, at most {} frames per video", m.sampling.fps, m.sampling.max_frames);
     println!("roots:     {}", m.roots.join(", "));
+    if let Some(shard) = m.shard {
+        println!("part:      {shard} of a sharded ingest (`vtr-index merge` joins the parts)");
+    }
+    if let Some(merged) = &m.merged {
+        let parts: Vec<String> =
+            merged.parts.iter().map(|p| format!("{}/{} {}", p.shard, merged.count, p.path)).collect();
+        println!("merged:    {} parts: {}", merged.count, parts.join(", "));
+    }
     println!("size:      {} bytes in {} shards", index_bytes(&m), m.tables.values().map(Vec::len).sum::<usize>());
     if let Some(run) = &m.last_run {
         println!("last run:  {run}");

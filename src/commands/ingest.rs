@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::ingest::{IngestOptions, ingest};
+use crate::partition::Shard;
 use crate::types::{HeadKind, Precision};
 
 #[derive(Debug, Args)]
@@ -42,6 +43,10 @@ pub struct IngestArgs {
     /// fixed when the index is created [default: the head the checkpoint carries, else meanP].
     #[arg(long, value_name = "HEAD")]
     pub head: Option<String>,
+    /// Index only part I of N: the files whose BLAKE3(video_id) mod N is I. `auto/N` takes I
+    /// from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `vtr-index merge` joins the parts.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
@@ -74,6 +79,12 @@ pub fn run(args: IngestArgs) -> Result<u8> {
         device: super::device(&args.device)?,
         dtype: args.dtype.as_deref().map(Precision::parse).transpose().map_err(anyhow::Error::msg)?,
         head: args.head.as_deref().map(HeadKind::parse).transpose().map_err(anyhow::Error::msg)?,
+        shard: args
+            .shard
+            .as_deref()
+            .map(|s| Shard::parse(s, |name| std::env::var(name).ok()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
         retry_failed: args.retry_failed,

@@ -7,6 +7,7 @@ pub mod encode_text;
 pub mod info;
 pub mod ingest;
 pub mod job;
+pub mod merge;
 pub mod score;
 pub mod search;
 pub mod verify;

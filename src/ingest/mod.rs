@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::encode::EmbeddedVideo;
 use crate::failure::{Failure, Rejection};
 use crate::model::{Checkpoint, Clip, ModelError};
+use crate::partition::Shard;
 use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
 use crate::store::{
@@ -49,6 +50,8 @@ pub struct IngestOptions {
     /// The head that pools each video's frames; fixed when the index is created [default: the
     /// checkpoint's head, meanP for plain CLIP].
     pub head: Option<HeadKind>,
+    /// Index only this part of the files (`--shard I/N`); the index records it.
+    pub shard: Option<Shard>,
     pub decode_timeout: Duration,
     pub decode_workers: usize,
     pub retry_failed: bool,
@@ -161,6 +164,9 @@ impl<'a> Opened<'a> {
                 )));
             }
         };
+        if let Some(manifest) = &previous {
+            check_part(options, manifest)?;
+        }
         let sampling = resolve_sampling(options, previous.as_ref())?;
         let precision = resolve_precision(options, previous.as_ref())?;
         let model = ModelSource {
@@ -263,7 +269,11 @@ impl<'a> Run<'a> {
         let root_names: Vec<String> = options.roots.iter().map(|r| r.name.clone()).collect();
         let suspects_before = suspects.clone();
         let walk_started = Instant::now();
-        let walked = walk_roots(&options.roots, index, started_at_us)?;
+        let mut walked = walk_roots(&options.roots, index, started_at_us)?;
+        if let Some(shard) = options.shard {
+            walked.videos.retain(|file| shard.holds(&file.video_id));
+            walked.failures.retain(|failure| shard.holds(&failure.path));
+        }
         for link in &walked.repeated_folders {
             eprintln!("vtr-index: {link}: skipped, a folder this walk reaches by another path");
         }
@@ -343,6 +353,8 @@ impl<'a> Run<'a> {
             committed_at_us: 0,
             last_run: None,
             suspects: Vec::new(),
+            shard: options.shard,
+            merged: None,
         };
         let committer =
             Committer::new(index, template, tag, crashed_journals, options.commit_every, options.commit_interval);
@@ -675,6 +687,28 @@ fn resolve_sampling(options: &IngestOptions, previous: Option<&Manifest>) -> Res
         )));
     }
     Ok(built)
+}
+
+/// An existing index is run as what it is: a part only as the same part, a whole index only
+/// whole, and a merged index never (`merge` alone writes it).
+fn check_part(options: &IngestOptions, manifest: &Manifest) -> Result<(), IngestError> {
+    let index = options.index.display();
+    if manifest.merged.is_some() {
+        return Err(IngestError::Refused(format!(
+            "{index}: a merged index, which only `vtr-index merge` writes: ingest into its parts and merge them again"
+        )));
+    }
+    match (manifest.shard, options.shard) {
+        (recorded, asked) if recorded == asked => Ok(()),
+        (Some(recorded), asked) => Err(IngestError::Refused(format!(
+            "{index}: this index is part {recorded} of a sharded ingest; run it again as --shard {recorded}{}",
+            asked.map_or(String::new(), |a| format!(", not {a}"))
+        ))),
+        (None, Some(asked)) => Err(IngestError::Refused(format!(
+            "{index}: this index holds every file, not one part: build part {asked} in a new index"
+        ))),
+        (None, None) => unreachable!("equal above"),
+    }
 }
 
 /// The head that pools the videos: for a new index `--head`, else the checkpoint's head, else

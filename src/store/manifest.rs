@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{StoreError, atomic_write_with};
+use crate::partition::Shard;
 use crate::types::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -64,6 +65,30 @@ pub struct Manifest {
     /// file is recorded as a `crashed_decoder` failure instead of being tried again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub suspects: Vec<Suspect>,
+    /// The part of a sharded ingest this index is (`ingest --shard I/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+    /// The parts `merge` made this index of; only `merge` writes its videos, frames and failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<Merged>,
+}
+
+/// What a merged index was made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merged {
+    /// N: the number of parts.
+    pub count: u32,
+    pub parts: Vec<MergedPart>,
+}
+
+/// One part as `merge` found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedPart {
+    pub shard: u32,
+    /// The part's canonical absolute path.
+    pub path: String,
+    /// Its manifest's `committed_at_us` when merged.
+    pub committed_at_us: i64,
 }
 
 /// A file in flight when an ingest process died.

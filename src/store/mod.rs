@@ -11,6 +11,7 @@ mod files;
 mod journal;
 mod lock;
 mod manifest;
+mod merge;
 pub mod npy;
 mod scores;
 mod shard;
@@ -27,8 +28,10 @@ pub use files::{collect_garbage, foreign_entries, is_own_temporary_name, tempora
 pub use journal::{InFlightJournal, crashed_runs, mark_journals_interrupted};
 pub use lock::{LOCK_FILE, WriterLock};
 pub use manifest::{
-    FORMAT_VERSION, MANIFEST, Manifest, OLDEST_FORMAT_VERSION, PreprocessRecord, SamplingRecord, ShardInfo, Suspect,
+    FORMAT_VERSION, MANIFEST, Manifest, Merged, MergedPart, OLDEST_FORMAT_VERSION, PreprocessRecord, SamplingRecord,
+    ShardInfo, Suspect,
 };
+pub use merge::{MERGED_TABLES, MergeError, MergeReport, merge};
 pub use scores::{
     Embeddings, TextSet, TopKRow, read_frames_of, read_text_embeddings, read_video_embeddings, topk_schema, write_topk,
 };
