@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, CI): builds the default configuration, then runs every test with the
-# `cuda` feature, so the GPU path is built too and its kernels are compiled for sm_80 and sm_90
-# through NVRTC (fetched by fetch-nvrtc.sh; no GPU or CUDA install needed). Tests that need a
-# CUDA device are reported as ignored, and run afterwards where `info --gpu` finds one.
+# `cuda` feature, so the GPU path is built too and its kernels are compiled for every architecture
+# CUDA 13 supports through NVRTC (fetched by fetch-nvrtc.sh; no GPU or CUDA install needed). Tests
+# that need a CUDA device are reported as ignored, and run afterwards where `info --gpu` finds one;
+# the Slurm tests likewise with VTR_INDEX_SLURM=1 (CI starts a cluster, .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # ffmpeg builds the conformance corpus at test time (installed only if missing).
@@ -26,4 +27,15 @@ if grep -q "^cuda: *ready" <<<"$gpu"; then
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --test integration -- --ignored scoring_on_cuda
 else
   echo "not run: the tests that need a CUDA device (reported as ignored): no device here"
+fi
+# The tests that submit pipelines/slurm/ to a real cluster are ignored above; with
+# VTR_INDEX_SLURM=1 (.ci/run sets it once scripts/slurm-cluster.sh has started one) they run
+# here, and the run fails if they did not.
+if [ "${VTR_INDEX_SLURM:-}" = 1 ]; then
+  slurm=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test --locked --features cuda --test integration -- --ignored slurm:: 2>&1) || { echo "$slurm"; exit 1; }
+  echo "$slurm"
+  grep -Eq "test result: ok\. [1-9][0-9]* passed" <<<"$slurm" || { echo "the Slurm tests did not run" >&2; exit 1; }
+else
+  echo "not run: the tests that need a Slurm cluster (reported as ignored): VTR_INDEX_SLURM is not 1"
 fi

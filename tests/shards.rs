@@ -13,7 +13,7 @@ use crate::util::*;
 
 /// Two roots holding the fixture clips (one of them twice: a `duplicate_id`), a broken file
 /// and a nested folder: what a sharded run must split and merge exactly as a single run does.
-fn two_roots(dir: &Dir) -> (PathBuf, PathBuf) {
+pub fn two_roots(dir: &Dir) -> (PathBuf, PathBuf) {
     let a = dir.copy(&fixtures().join("videos"), "roots/a");
     std::fs::write(a.join("broken.mp4"), b"not a video at all").unwrap();
     let b = corpus(dir, "roots/b", &["short_h264.mp4", "vfr_h264.mp4"]);
@@ -21,7 +21,7 @@ fn two_roots(dir: &Dir) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn ingest_roots(index: &Path, roots: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+pub fn ingest_roots(index: &Path, roots: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = TestCommand::new(&["ingest"]);
     for root in roots {
         command = command.arg(root);
@@ -44,13 +44,13 @@ fn merge(parts: &[PathBuf], out: &Path) -> (i32, String) {
 
 /// An index's rows without the run-time columns: videos (embedding apart), frames by
 /// (video, frame), failures by (root, path) with stage, kind and message.
-struct Rows {
+pub struct Rows {
     videos: BTreeMap<String, VideoRow>,
     frames: BTreeMap<(String, u32), (f64, Vec<f32>)>,
     failures: BTreeMap<(String, String), (String, String, String)>,
 }
 
-fn rows(index: &Path) -> Rows {
+pub fn rows(index: &Path) -> Rows {
     let manifest = Manifest::load(index).unwrap().expect("an index");
     let videos: Vec<VideoRow> = read_table(index, manifest.shards("videos")).unwrap();
     let failures: Vec<Failure> = read_table(index, manifest.shards("failures")).unwrap();
@@ -69,7 +69,7 @@ fn rows(index: &Path) -> Rows {
 
 /// The same rows in every table; frame times equal; embeddings at [`BATCH_COSINE`] (a part's
 /// batches hold other videos' frames than the single run's, which moves the last bits).
-fn assert_same_rows(got: &Rows, want: &Rows, what: &str) {
+pub fn assert_same_rows(got: &Rows, want: &Rows, what: &str) {
     assert_eq!(got.failures, want.failures, "{what}: failures");
     assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
     for (id, row) in &got.videos {

@@ -18,5 +18,6 @@ mod placement;
 mod score;
 mod scoring;
 mod shards;
+mod slurm;
 mod texts;
 mod walk;

@@ -70,6 +70,7 @@ fn the_contract_states_these_tolerances() {
         ("score values", format!("max \\|M − R\\| ≤ {SCORE_RELATIVE:e} · max \\|R\\|")),
         ("dual-softmax values with f32 sum terms", format!("each value within {SUM_TERMS_RELATIVE:e} of itself")),
         ("metrics", format!("within {METRICS_ABS:e}")),
+        ("a sharded ingest, merged", format!("cosine ≥ {BATCH_COSINE}")),
     ];
     for (starts, says) in checks {
         let line = row(starts);
