@@ -13,6 +13,7 @@ mod fidelity;
 mod heads;
 mod ingest;
 mod interrupt;
+mod kubernetes;
 mod nightly;
 mod placement;
 mod score;
