@@ -18,6 +18,7 @@
 
 pub mod kernels;
 pub mod metrics;
+pub mod split;
 pub mod topk;
 
 use std::ops::Range;
@@ -322,6 +323,11 @@ impl Reviser {
         self.revision == Revision::Qbnorm && self.active_columns[argmax(s_row)]
     }
 
+    /// [`Self::row_is_active`] of a row whose top-1 column is `top`.
+    fn is_active(&self, top: u32) -> bool {
+        self.revision == Revision::Qbnorm && self.active_columns[top as usize]
+    }
+
     #[inline(always)]
     fn t2v_value(&self, s: f32, col: usize, active: bool) -> f64 {
         match self.revision {
@@ -338,9 +344,15 @@ impl Reviser {
 
     #[inline(always)]
     fn v2t_value(&self, s: f32, col: usize, pos: usize, active: bool) -> f64 {
+        self.v2t_value_in_row(s, col, self.row_stats.get(pos).copied(), active)
+    }
+
+    /// [`Self::v2t_value`] with the row's statistics given (the symmetric form's).
+    #[inline(always)]
+    fn v2t_value_in_row(&self, s: f32, col: usize, row: Option<SoftmaxStats>, active: bool) -> f64 {
         match self.revision {
             Revision::DslSym => {
-                let stats = self.row_stats[pos];
+                let stats = row.expect("the symmetric form has row statistics");
                 dual_softmax(self.scale * s as f64, self.inv_tau, stats.max, 1.0 / stats.sum)
             }
             _ => self.t2v_value(s, col, active),
@@ -386,8 +398,9 @@ impl Reviser {
 /// What the first pass learns from one strip.
 #[derive(Default)]
 struct StripFacts {
-    /// `(position, own logit's cosine, row active under QB-Norm)` for rows with a video.
-    truths: Vec<(usize, f32, bool)>,
+    /// `(position, own logit's cosine, the row's top-1 column under QB-Norm, else 0)` for rows
+    /// with a video.
+    truths: Vec<(usize, f32, u32)>,
     /// `(position, row statistics)`, for the symmetric form.
     row_stats: Vec<(usize, SoftmaxStats)>,
 }
@@ -452,8 +465,8 @@ impl Engine<'_> {
         cached.unwrap_or_else(|| self.compute_strip(&self.layout.strips[strip_index]))
     }
 
-    /// QB-Norm's bank statistics: `(max, 1/sum)` of `β·cos` per column and the activation set.
-    fn bank_statistics(&self, bank: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<bool>) {
+    /// QB-Norm's bank statistics: the column statistics of `β·cos` and the activation set.
+    fn bank_statistics(&self, bank: &[f32]) -> (ColumnStats, Vec<bool>) {
         let (dim, columns, beta) = (self.problem.dim, self.columns, self.options.beta);
         let rows_per_strip = (self.options.strip_bytes / (4 * columns.max(1))).clamp(8, 1024);
         let bank_strips: Vec<&[f32]> = bank.chunks(rows_per_strip * dim).collect();
@@ -481,8 +494,7 @@ impl Engine<'_> {
                 (a.merge(b), active_a)
             },
         );
-        let (max, inv_sum, _) = stats.finish();
-        (max, inv_sum, active)
+        (stats, active)
     }
 }
 
@@ -755,7 +767,8 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
         active_columns: Vec::new(),
     };
     if let Some(bank) = bank {
-        (reviser.col_max, reviser.col_inv_sum, reviser.active_columns) = engine.bank_statistics(bank);
+        let (stats, active) = engine.bank_statistics(bank);
+        reviser.install_bank(stats, active);
     }
     let truths = first_pass(&engine, &mut reviser, n);
     let truth = own_scores(&engine, &reviser, &truths, n);
@@ -773,74 +786,106 @@ pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSin
     Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&engine.layout.group, &beaten) })
 }
 
-/// The first pass, when anything needs the whole matrix first: the column statistics of the
-/// dual softmax and the row statistics of its symmetric form (into `reviser`), and each
-/// matched text's own cosine `(row, cosine, row is active)`, in row order.
-fn first_pass(engine: &Engine, reviser: &mut Reviser, n: usize) -> Vec<(usize, f32, bool)> {
+/// What the first pass learns of a problem's rows, before any of it is installed in a
+/// [`Reviser`]: the dual softmax's column statistics, the symmetric form's row statistics by
+/// position, and each matched row's `(position, own cosine, top-1 column under QB-Norm)`, in
+/// row order.
+struct FirstPass {
+    stats: Option<ColumnStats>,
+    row_stats: Vec<(usize, SoftmaxStats)>,
+    truths: Vec<(usize, f32, u32)>,
+}
+
+/// The first pass, when anything needs the whole matrix first (for a split score, one block's
+/// rows: `split`).
+fn gather_first_pass(engine: &Engine) -> FirstPass {
     let (options, columns) = (engine.options, engine.columns);
     let needs_column_stats = matches!(options.revision, Revision::Dsl | Revision::DslSym);
     let symmetric = options.revision == Revision::DslSym;
+    let needs_top = options.revision == Revision::Qbnorm;
     let has_matches = engine.layout.group.iter().any(Option::is_some);
-    let mut truths: Vec<(usize, f32, bool)> = Vec::new();
-    if needs_column_stats || has_matches {
-        let reviser_now: &Reviser = reviser;
-        let (scale, inv_tau) = (options.scale, reviser_now.inv_tau);
-        let (stats, facts) = in_fixed_order(
-            engine.layout.strips.len(),
-            &|strips| {
-                let mut stats = needs_column_stats.then(|| ColumnStats::new(columns));
-                let (mut facts, mut row) = (Vec::new(), vec![0f64; if symmetric { columns } else { 0 }]);
-                for index in strips {
-                    let range = engine.layout.strips[index].clone();
-                    let strip = engine.compute_strip(&range);
-                    let strip_facts = crate::simd::with_wide_vectors(
-                        #[inline(always)]
-                        || {
-                            if let Some(stats) = stats.as_mut() {
-                                stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau);
-                            }
-                            let mut strip_facts = StripFacts::default();
-                            for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
-                                if symmetric {
-                                    kernels::logits(s_row, scale, &mut row);
-                                    strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
-                                }
-                                if let Some(col) = engine.layout.group[pos] {
-                                    let active = reviser_now.row_is_active(s_row);
-                                    strip_facts.truths.push((pos, s_row[col as usize], active));
-                                }
-                            }
-                            strip_facts
-                        },
-                    );
-                    facts.push(strip_facts);
-                    engine.keep_if_room(index, strip);
-                }
-                (stats, facts)
-            },
-            &|(a, mut fa): (Option<ColumnStats>, Vec<StripFacts>), (b, fb)| {
-                fa.extend(fb);
-                (a.zip(b).map(|(a, b)| a.merge(b)), fa)
-            },
-        );
-        if let Some(stats) = stats {
-            (reviser.col_max, reviser.col_inv_sum, reviser.col_top) = stats.finish();
-            reviser.col_inv_sum_f32 = reviser.col_inv_sum.iter().map(|&inv| inv as f32).collect();
-        }
-        if symmetric {
-            reviser.row_stats = vec![SoftmaxStats::EMPTY; n];
-            for (pos, stats) in facts.iter().flat_map(|f| &f.row_stats) {
-                reviser.row_stats[*pos] = *stats;
-            }
-        }
-        truths = facts.into_iter().flat_map(|f| f.truths).collect();
-        truths.sort_unstable_by_key(|t| t.0);
+    if !(needs_column_stats || has_matches) {
+        return FirstPass { stats: None, row_stats: Vec::new(), truths: Vec::new() };
     }
-    truths
+    let (scale, inv_tau) = (options.scale, 1.0 / options.temperature);
+    let (stats, facts) = in_fixed_order(
+        engine.layout.strips.len(),
+        &|strips| {
+            let mut stats = needs_column_stats.then(|| ColumnStats::new(columns));
+            let (mut facts, mut row) = (Vec::new(), vec![0f64; if symmetric { columns } else { 0 }]);
+            for index in strips {
+                let range = engine.layout.strips[index].clone();
+                let strip = engine.compute_strip(&range);
+                let strip_facts = crate::simd::with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        if let Some(stats) = stats.as_mut() {
+                            stats.add_strip(&strip, columns, |s| scale * s as f64 * inv_tau);
+                        }
+                        let mut strip_facts = StripFacts::default();
+                        for (pos, s_row) in range.zip(strip.chunks_exact(columns)) {
+                            if symmetric {
+                                kernels::logits(s_row, scale, &mut row);
+                                strip_facts.row_stats.push((pos, kernels::row_stats(&row, inv_tau)));
+                            }
+                            if let Some(col) = engine.layout.group[pos] {
+                                let top = if needs_top { argmax(s_row) as u32 } else { 0 };
+                                strip_facts.truths.push((pos, s_row[col as usize], top));
+                            }
+                        }
+                        strip_facts
+                    },
+                );
+                facts.push(strip_facts);
+                engine.keep_if_room(index, strip);
+            }
+            (stats, facts)
+        },
+        &|(a, mut fa): (Option<ColumnStats>, Vec<StripFacts>), (b, fb)| {
+            fa.extend(fb);
+            (a.zip(b).map(|(a, b)| a.merge(b)), fa)
+        },
+    );
+    let mut pass = FirstPass { stats, row_stats: Vec::new(), truths: Vec::new() };
+    for f in facts {
+        pass.row_stats.extend(f.row_stats);
+        pass.truths.extend(f.truths);
+    }
+    pass.truths.sort_unstable_by_key(|t| t.0);
+    pass
+}
+
+/// The first pass of a whole score: its statistics installed in `reviser`; returns the truths.
+fn first_pass(engine: &Engine, reviser: &mut Reviser, n: usize) -> Vec<(usize, f32, u32)> {
+    let pass = gather_first_pass(engine);
+    if let Some(stats) = pass.stats {
+        reviser.install_columns(stats);
+    }
+    if engine.options.revision == Revision::DslSym {
+        reviser.row_stats = vec![SoftmaxStats::EMPTY; n];
+        for (pos, stats) in pass.row_stats {
+            reviser.row_stats[pos] = stats;
+        }
+    }
+    pass.truths
+}
+
+impl Reviser {
+    /// Installs the dual softmax's column statistics.
+    fn install_columns(&mut self, stats: ColumnStats) {
+        (self.col_max, self.col_inv_sum, self.col_top) = stats.finish();
+        self.col_inv_sum_f32 = self.col_inv_sum.iter().map(|&inv| inv as f32).collect();
+    }
+
+    /// Installs QB-Norm's bank statistics and activation set.
+    fn install_bank(&mut self, stats: ColumnStats, active: Vec<bool>) {
+        (self.col_max, self.col_inv_sum, _) = stats.finish();
+        self.active_columns = active;
+    }
 }
 
 /// Each matched text's own revised score, and each video's best own caption for V2T.
-fn own_scores(engine: &Engine, reviser: &Reviser, truths: &[(usize, f32, bool)], n: usize) -> Truths {
+fn own_scores(engine: &Engine, reviser: &Reviser, truths: &[(usize, f32, u32)], n: usize) -> Truths {
     let columns = engine.columns;
     let mut truth = Truths {
         t2v: vec![f64::INFINITY; n],
@@ -848,7 +893,8 @@ fn own_scores(engine: &Engine, reviser: &Reviser, truths: &[(usize, f32, bool)],
         v2t_below: Vec::new(),
         v2t_above: Vec::new(),
     };
-    for &(pos, s, active) in truths {
+    for &(pos, s, top) in truths {
+        let active = reviser.is_active(top);
         let col = engine.layout.group[pos].expect("truths are matched rows") as usize;
         truth.t2v[pos] = reviser.t2v_value(s, col, active);
         let v = reviser.v2t_value(s, col, pos, active);
