@@ -296,3 +296,92 @@ fn a_re_merge_updates_the_changed_part_and_keeps_the_texts() {
     TestCommand::new(&["verify", "--index"]).arg(&out).expect_code(0);
     TestCommand::new(&["search", "a fractal", "--index"]).arg(&out).expect_code(0);
 }
+
+/// `topk.parquet` as `(text_id, rank, video_id, score)` rows.
+pub fn topk(out: &Path) -> Vec<(u64, u32, String, f64)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Float64Type, UInt32Type, UInt64Type};
+    let mut rows = Vec::new();
+    for batch in read_parquet(&out.join("topk.parquet")) {
+        let text = batch.column_by_name("text_id").unwrap().as_primitive::<UInt64Type>().clone();
+        let rank = batch.column_by_name("rank").unwrap().as_primitive::<UInt32Type>().clone();
+        let score = batch.column_by_name("score").unwrap().as_primitive::<Float64Type>().clone();
+        for (i, video) in strings(&batch, "video_id").into_iter().enumerate() {
+            rows.push((text.value(i), rank.value(i), video, score.value(i)));
+        }
+    }
+    rows
+}
+
+/// The score split in three parts by stages, as the array tasks of a scheduler run them (in any
+/// order, some twice), gives the single score's `topk.parquet` and `metrics.json` for every
+/// revision; a stage run early or after the index changed is refused.
+#[test]
+fn a_score_split_in_stages_equals_a_single_score() {
+    let dir = Dir::new();
+    let index = dir.join("index");
+    assert_eq!(ingest_roots(&index, &[&sample().join("videos")], &[], &[]).0, 0);
+    let captions = sample().join("captions.csv");
+    TestCommand::new(&["encode-text"]).arg(&captions).arg("--index").arg(&index).expect_code(0);
+    TestCommand::new(&["encode-text"])
+        .arg(&captions)
+        .arg("--index")
+        .arg(&index)
+        .args(&["--name", "bank"])
+        .expect_code(0);
+    let score = |extra: &[&str]| {
+        TestCommand::new(&["score", "--index"]).arg(&index).args(&["--texts", "captions", "-k", "5"]).args(extra)
+    };
+    for revise in ["none", "dsl", "dsl-sym", "qbnorm"] {
+        let mut settings = vec!["--revise", revise];
+        if revise == "qbnorm" {
+            settings.extend(["--bank", "bank"]);
+        }
+        let single = dir.join(&format!("single-{revise}"));
+        score(&settings).arg("--out").arg(&single).expect_code(0);
+        let work = dir.join(&format!("work-{revise}"));
+        let stage = |name: &str, part: Option<&str>| {
+            let command = score(&settings).args(&["--stage", name]).arg("--work").arg(&work);
+            match part {
+                Some(part) => command.args(&["--part", part]),
+                None => command,
+            }
+        };
+        let (_, stderr) = stage("rank", Some("1/3")).expect_code(1);
+        assert!(stderr.contains("needs every part's stats stage done first"), "{stderr}");
+        for part in ["2/3", "0/3", "1/3"] {
+            stage("stats", Some(part)).expect_code(0);
+        }
+        let (_, stderr) = stage("stats", Some("0/3")).expect_code(0);
+        assert!(stderr.contains("done already"), "{stderr}");
+        for part in ["1/3", "0/3", "2/3"] {
+            stage("rank", Some(part)).expect_code(0);
+        }
+        let split = dir.join(&format!("split-{revise}"));
+        stage("finish", None).arg("--out").arg(&split).expect_code(0);
+        let (got, want) = (topk(&split), topk(&single));
+        assert_eq!(got.len(), want.len(), "{revise}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{revise}: the same top-k in the same order");
+            assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{revise}: {g:?} vs {w:?}");
+        }
+        let metrics = |out: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+        };
+        assert_eq!(metrics(&split), metrics(&single), "{revise}: metrics");
+    }
+    // The index changed since the stats stage (a new text set): the rank stage refuses.
+    let work = dir.join("work-changed");
+    let stage = |name: &str, part: &str| {
+        score(&["--revise", "dsl"]).args(&["--stage", name, "--part", part]).arg("--work").arg(&work)
+    };
+    stage("stats", "0/1").expect_code(0);
+    TestCommand::new(&["encode-text"])
+        .arg(&captions)
+        .arg("--index")
+        .arg(&index)
+        .args(&["--name", "other"])
+        .expect_code(0);
+    let (_, stderr) = stage("rank", "0/1").expect_code(1);
+    assert!(stderr.contains("manifest changed since the stats stage"), "{stderr}");
+}

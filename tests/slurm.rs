@@ -1,6 +1,7 @@
 //! The shipped Slurm scripts (`pipelines/slurm/`) against a real one-node Slurm cluster: the
-//! ingest array, the merge chained on it, a task killed mid-run and the chain resubmitted, and
-//! an index equal to a single run's (contract §7). Ignored unless asked for: CI starts a
+//! ingest array, the merge chained on it, a task killed mid-run and the chain resubmitted, an
+//! index equal to a single run's, and the captions' score split in three parts equal to a
+//! single-machine score of that index (contract §7). Ignored unless asked for: CI starts a
 //! cluster (`scripts/slurm-cluster.sh start`) and runs them with `--ignored slurm::`; asked for
 //! without a cluster, they fail.
 
@@ -8,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::shards::{assert_same_rows, ingest_roots, rows, two_roots};
+use crate::shards::{assert_same_rows, ingest_roots, rows, topk, two_roots};
+use crate::tolerance::SUM_TERMS_RELATIVE;
 use crate::util::*;
 
 fn repository() -> &'static Path {
@@ -58,6 +60,9 @@ fn the_slurm_chain_resumes_a_killed_task_and_builds_a_single_runs_index() {
         ("VTR_WORK", work.display().to_string()),
         ("VTR_MODEL", sample().join("model").display().to_string()),
         ("VTR_BIN", env!("CARGO_BIN_EXE_vtr-index").to_string()),
+        ("VTR_CAPTIONS", fixtures().join("videos_captions.csv").display().to_string()),
+        ("VTR_SCORE_PARTS", "3".to_string()),
+        ("VTR_SCORE_ARGS", "--revise dsl-sym".to_string()),
     ];
     // Task 1 of the array dies by kill -9 as its first batch is encoded, before any commit.
     let script = repository().join("pipelines/slurm/ingest.sbatch");
@@ -87,4 +92,23 @@ fn the_slurm_chain_resumes_a_killed_task_and_builds_a_single_runs_index() {
     assert!(ingest_states.iter().all(|s| s == "COMPLETED"), "every part: {ingest_states:?}");
     assert_eq!(wait_for(&job("merge")), ["COMPLETED"], "the merge ran once the array succeeded");
     assert_same_rows(&rows(&work.join("index")), &rows(&single), "Slurm chain vs single run");
+    for name in ["encode", "stats", "rank", "finish"] {
+        let states = wait_for(&job(name));
+        assert!(states.iter().all(|s| s == "COMPLETED"), "{name}: {states:?}");
+    }
+    let here = dir.join("scored-here");
+    TestCommand::new(&["score", "--index"])
+        .arg(work.join("index"))
+        .args(&["--texts", "videos_captions", "--revise", "dsl-sym", "--out"])
+        .arg(&here)
+        .expect_code(0);
+    let split = work.join("scores/videos_captions");
+    let (got, want) = (topk(&split), topk(&here));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "the split score's top-k");
+        assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{g:?} vs {w:?}");
+    }
+    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&split), metrics(&here), "the split score's metrics");
 }

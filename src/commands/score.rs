@@ -4,6 +4,11 @@
 //!
 //! Columns are the videos in ascending `video_id` byte order; rows are texts in `text_id`
 //! order. Each output file is written under a temporary name and renamed when complete.
+//!
+//! With `--stage stats|rank --part I/N --work DIR` and then `--stage finish --work DIR --out
+//! DIR`, the same score is split over many machines ([`crate::score::split`], contract §7):
+//! each stage writes one small file into the shared `--work` folder, atomically, and a stage
+//! whose file is there already is done.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,9 +64,31 @@ pub struct ScoreArgs {
     /// cores (the matrix is never stored, for corpora whose matrix exceeds device memory).
     #[arg(long, value_enum, default_value_t = crate::score::DEFAULT_DEVICE_INPUTS)]
     pub gpu_inputs: DeviceInputs,
-    /// Output folder.
+    /// Output folder (the whole score, and `--stage finish`).
+    #[arg(long, value_name = "DIR", required_unless_present = "stage")]
+    pub out: Option<PathBuf>,
+    /// One stage of a score split over many machines: `stats` then `rank` for each part
+    /// (`--part`), then `finish` once (contract §7).
+    #[arg(long, value_enum, requires = "work")]
+    pub stage: Option<Stage>,
+    /// The part of a split score: I/N, or auto/N from SLURM_ARRAY_TASK_ID or
+    /// JOB_COMPLETION_INDEX.
+    #[arg(long, value_name = "I/N")]
+    pub part: Option<String>,
+    /// The shared folder of a split score's stage files.
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub work: Option<PathBuf>,
+}
+
+/// The stages of a split score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// Per part: its column statistics, its slice of the bank's, its texts' own cosines.
+    Stats,
+    /// Per part, once every part's stats are done: its texts' top-k and ranks.
+    Rank,
+    /// Once every part's rank is done: topk.parquet and metrics.json into --out.
+    Finish,
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +101,7 @@ pub struct ScoreCommand {
     pub beta: f64,
     pub top_k: usize,
     pub dense: bool,
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Overrides the model's `exp(logit_scale)`.
     pub scale: Option<f64>,
     pub cache_bytes: usize,
@@ -218,6 +245,10 @@ pub fn run(args: ScoreArgs) -> Result<u8> {
         device: super::device(&args.device)?,
         gpu_inputs: args.gpu_inputs,
     };
+    if let Some(stage) = args.stage {
+        let work = args.work.as_deref().expect("clap requires --work with --stage");
+        return run_stage(&command, stage, args.part.as_deref(), work);
+    }
     let report = run_score(&command)?;
     eprintln!("vtr-index: {}", report.summary());
     for file in &report.files {
@@ -315,12 +346,9 @@ impl Inputs {
     }
 }
 
-pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
-    let started = Instant::now();
+/// What every way of scoring starts from: the index's manifest, the inputs, the options.
+fn prepare(command: &ScoreCommand) -> Result<(Manifest, Inputs, ScoreOptions)> {
     let manifest = super::load_manifest(&command.index)?;
-    if command.top_k == 0 && !command.dense {
-        eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
-    }
     let inputs = Inputs::read(command, &manifest)?;
     let scale = command.scale.unwrap_or_else(|| f64::from(manifest.model.logit_scale).exp());
     let options = ScoreOptions {
@@ -333,30 +361,57 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         device_inputs: command.gpu_inputs,
         ..ScoreOptions::default()
     };
+    Ok((manifest, inputs, options))
+}
 
-    std::fs::create_dir_all(&command.out).with_context(|| format!("{}: cannot create", command.out.display()))?;
-    // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
-    crate::interrupt::remove_temporaries_in(&command.out, crate::store::is_own_temporary_name);
-    // Every output is written under its temporary name first; then all are renamed into place
-    // together, under the lock an interruption waits for, so the folder never mixes this run's
-    // outputs with an earlier run's. A run that fails first removes them (`Staged`).
-    let mut staged = Staged(Vec::new());
-    let dense = if command.dense { Some(DenseFiles::create(&command.out, &inputs, &mut staged)?) } else { None };
+pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
+    let started = Instant::now();
+    let out = command.out.as_deref().context("--out names the output folder")?;
+    if command.top_k == 0 && !command.dense {
+        eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
+    }
+    let (_, inputs, options) = prepare(command)?;
+    let mut staged = open_outputs(out)?;
+    let dense = if command.dense { Some(DenseFiles::create(out, &inputs, &mut staged)?) } else { None };
     let sink = dense.as_ref().map(|d| d as &dyn RowSink);
     let outcome = match command.device {
         DeviceChoice::Cpu => score(&inputs.problem(), &options, sink)?,
         DeviceChoice::Cuda(ordinal) => score_on_gpu(ordinal, &inputs.problem(), &options, sink)?,
     };
     if let Some(dense) = dense {
-        dense.finish(&command.out, &inputs, &mut staged)?;
+        dense.finish(out, &inputs, &mut staged)?;
     }
-    stage_topk(&command.out, &inputs, &outcome, &mut staged)?;
+    publish_outcome(command, out, &inputs, &options, &outcome, staged, started)
+}
+
+/// Makes the output folder and clears this process's temporaries from it. Every output is
+/// then written under its temporary name first and all are renamed into place together, under
+/// the lock an interruption waits for, so the folder never mixes this run's outputs with an
+/// earlier run's. A run that fails first removes them (`Staged`).
+fn open_outputs(out: &Path) -> Result<Staged> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    // Interrupted, the process removes its temporary files here and leaves the outputs as they were.
+    crate::interrupt::remove_temporaries_in(out, crate::store::is_own_temporary_name);
+    Ok(Staged(Vec::new()))
+}
+
+/// Writes `topk.parquet` and `metrics.json` beside what `staged` holds, and publishes them all.
+fn publish_outcome(
+    command: &ScoreCommand,
+    out: &Path,
+    inputs: &Inputs,
+    options: &ScoreOptions,
+    outcome: &Outcome,
+    mut staged: Staged,
+    started: Instant,
+) -> Result<ScoreReport> {
+    stage_topk(out, inputs, outcome, &mut staged)?;
     let metrics = MetricsFile {
         t2v: outcome.t2v_metrics(),
         v2t: outcome.v2t_metrics(),
         revise: command.revise,
         temperature: command.temperature,
-        scale,
+        scale: options.scale,
         beta: (command.revise == Revision::Qbnorm).then_some(command.beta),
         bank: command.bank.clone(),
         texts: command.texts.clone(),
@@ -366,7 +421,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
         n_texts_without_video_id: inputs.n_texts_without_video_id,
     };
     if metrics.t2v.is_some() {
-        let path = command.out.join("metrics.json");
+        let path = out.join("metrics.json");
         let mut json = serde_json::to_string_pretty(&metrics)?;
         json.push('\n');
         staged.0.push((crate::store::write_temporary(&path, json.as_bytes())?, path));
@@ -377,6 +432,162 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     crate::store::publish(&staged.0)?;
     let files = std::mem::take(&mut staged.0).into_iter().map(|(_, path)| path).collect();
     Ok(ScoreReport { metrics, files, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// What a split score's stage files record besides their data, so that every stage works on
+/// one score of one index: the manifest read (its SHA-256) and the settings (numbers by their
+/// bits, which JSON carries exactly).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+struct StageHeader {
+    manifest_sha256: String,
+    texts: String,
+    revise: String,
+    bank: Option<String>,
+    temperature_bits: u64,
+    scale_bits: u64,
+    beta_bits: u64,
+    top_k: usize,
+    parts: u32,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct StageFile<T> {
+    header: StageHeader,
+    data: T,
+}
+
+fn stage_path(work: &Path, stage: &str, part: u32, parts: u32) -> PathBuf {
+    work.join(format!("{stage}-{part}-of-{parts}.json"))
+}
+
+/// Reads a stage file and checks it belongs to this score of this index.
+fn read_stage<T: serde::de::DeserializeOwned>(path: &Path, header: &StageHeader) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: missing", path.display()))?;
+    let file: StageFile<T> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a stage file of vtr-index", path.display()))?;
+    if file.header.manifest_sha256 != header.manifest_sha256 {
+        bail!(
+            "{}: made from another state of the index (its manifest changed since the stats stage: a commit, a new text set): run the split score again in a new --work folder",
+            path.display()
+        );
+    }
+    if file.header != *header {
+        bail!("{}: made for other settings ({:?}); use one --work folder per score", path.display(), file.header);
+    }
+    Ok(file.data)
+}
+
+/// Writes a stage file atomically.
+fn write_stage<T: Serialize>(path: &Path, header: &StageHeader, data: T) -> Result<()> {
+    let json = serde_json::to_string(&StageFile { header: header.clone(), data })?;
+    crate::store::atomic_write(path, json.as_bytes())?;
+    Ok(())
+}
+
+/// One stage of a split score (contract §7). `stats` and `rank` write `WORK/<stage>-I-of-N.json`
+/// and are done at once if it is there (made for this index and these settings); `finish`
+/// joins every part's `rank` file into the outputs.
+fn run_stage(command: &ScoreCommand, stage: Stage, part: Option<&str>, work: &Path) -> Result<u8> {
+    use crate::score::split;
+    let started = Instant::now();
+    if command.dense || command.device != DeviceChoice::Cpu {
+        bail!("a split score runs on the CPU and writes top-k and metrics: leave out --dense and --device");
+    }
+    std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    let manifest_sha256 = crate::checksum::sha256_file(&command.index.join(crate::store::MANIFEST))
+        .with_context(|| format!("{}: not an index", command.index.display()))?
+        .1;
+    let part = match (stage, part) {
+        (Stage::Finish, None) => None,
+        (Stage::Finish, Some(_)) => bail!("--stage finish joins every part: leave out --part"),
+        (_, Some(text)) => {
+            Some(crate::partition::Shard::parse(text, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?)
+        }
+        (_, None) => bail!("--stage stats and rank need --part I/N"),
+    };
+    let parts = match part {
+        Some(shard) => shard.count,
+        None => finished_parts(work)?,
+    };
+    let (_, inputs, options) = prepare(command)?;
+    let header = StageHeader {
+        manifest_sha256,
+        texts: command.texts.clone(),
+        revise: command.revise.name().to_string(),
+        bank: command.bank.clone(),
+        temperature_bits: command.temperature.to_bits(),
+        scale_bits: options.scale.to_bits(),
+        beta_bits: command.beta.to_bits(),
+        top_k: command.top_k,
+        parts,
+    };
+    let problem = inputs.problem();
+    let blocks = split::blocks(&inputs.text_video, parts as usize);
+    match (stage, part) {
+        (Stage::Stats | Stage::Rank, Some(shard)) => {
+            let name = if stage == Stage::Stats { "stats" } else { "rank" };
+            let path = stage_path(work, name, shard.index, parts);
+            if path.exists() {
+                if stage == Stage::Stats {
+                    read_stage::<split::BlockStats>(&path, &header)?;
+                } else {
+                    read_stage::<split::BlockRanks>(&path, &header)?;
+                }
+                eprintln!("vtr-index: {name} of part {shard}: done already ({})", path.display());
+                return Ok(0);
+            }
+            let i = shard.index as usize;
+            if stage == Stage::Stats {
+                write_stage(&path, &header, split::stats(&problem, &options, &blocks, i)?)?;
+            } else {
+                let all = (0..parts)
+                    .map(|p| read_stage(&stage_path(work, "stats", p, parts), &header))
+                    .collect::<Result<Vec<split::BlockStats>>>()
+                    .context("the rank stage needs every part's stats stage done first")?;
+                write_stage(&path, &header, split::rank(&problem, &options, &blocks, i, &all)?)?;
+            }
+            eprintln!(
+                "vtr-index: {name} of part {shard}: {} texts in {:.1} s",
+                blocks[i].len(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        (Stage::Finish, _) => {
+            let out = command.out.as_deref().context("--stage finish writes into --out")?;
+            let all = (0..parts)
+                .map(|p| read_stage(&stage_path(work, "rank", p, parts), &header))
+                .collect::<Result<Vec<split::BlockRanks>>>()
+                .context("the finish stage needs every part's rank stage done first")?;
+            let outcome = split::finish(&inputs.text_video, inputs.columns.len(), all);
+            let staged = open_outputs(out)?;
+            let report = publish_outcome(command, out, &inputs, &options, &outcome, staged, started)?;
+            eprintln!("vtr-index: {} (from {parts} parts)", report.summary());
+            for file in &report.files {
+                println!("{}", file.display());
+            }
+            Ok(0)
+        }
+        _ => unreachable!("parts were checked above"),
+    }
+}
+
+/// N of the split score whose rank files are in `work`: the one N they all share.
+fn finished_parts(work: &Path) -> Result<u32> {
+    let mut counts = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(work).with_context(|| format!("{}: cannot read", work.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(n) =
+            name.strip_prefix("rank-").and_then(|r| r.strip_suffix(".json")).and_then(|r| r.split_once("-of-"))
+        {
+            counts.insert(n.1.parse::<u32>().with_context(|| format!("{name}: not a rank file"))?);
+        }
+    }
+    match counts.len() {
+        1 => Ok(*counts.first().expect("one")),
+        0 => bail!("{}: no rank stage has finished here", work.display()),
+        _ => bail!("{}: rank files of splits into {counts:?} parts: use one --work folder per score", work.display()),
+    }
 }
 
 /// Writes `topk.parquet` under its temporary name: each text's top videos, texts in

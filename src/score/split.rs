@@ -12,8 +12,10 @@
 //! 3. [`finish`]: the blocks' top-k and T2V ranks, and their V2T counts summed.
 //!
 //! Blocks end on caption-group boundaries ([`blocks`]), so a video's captions never straddle
-//! two; the bank is cut into N equal slices. Every stage output is plain data
-//! (`serde`, f64 and f32 values by their bits, which JSON cannot hold when infinite).
+//! two; the bank is cut into N equal slices. Every stage output is plain data (`serde`; the
+//! column statistics' f64 and f32 values by their bits, since JSON cannot hold the infinite
+//! maximum of a column a block has no row of; finite values round-trip exactly through
+//! `serde_json`'s `float_roundtrip`).
 
 use std::ops::Range;
 use std::sync::Mutex;
