@@ -1,14 +1,14 @@
 //! The shipped Kubernetes manifests (`pipelines/kubernetes/`), without a cluster: they parse,
-//! the ingest is an Indexed Job whose pods take their part from `JOB_COMPLETION_INDEX`, the
-//! merge names every part, both command lines are accepted by our CLI, and running them as the
-//! Job controller would (N processes, each with its index, then the merge) gives a single run's
-//! index (contract §7).
+//! the ingest and the score stages are Indexed Jobs whose pods take their part from
+//! `JOB_COMPLETION_INDEX`, the merge names every part, every command line is accepted by our
+//! CLI, and running them as the Job controller would (N processes, each with its index, then
+//! the next Job) gives a single run's index and a single machine's score (contract §7).
 
 use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::shards::{assert_same_rows, ingest_roots, rows};
+use crate::shards::{assert_same_rows, ingest_roots, rows, topk};
 use crate::util::*;
 
 fn manifest(name: &str) -> Yaml {
@@ -54,6 +54,17 @@ fn the_manifests_are_an_indexed_ingest_and_a_merge_of_every_part() {
     let expected: Vec<String> = (0..parts).map(|i| format!("/shared/vtr/parts/part-{i}")).collect();
     assert_eq!(named, expected.iter().collect::<Vec<_>>(), "the merge names parts 0…N−1");
 
+    for stage in ["stats", "rank"] {
+        let job = manifest(&format!("score-{stage}-job.yaml"));
+        assert_eq!(job["spec"]["completionMode"].as_str(), Some("Indexed"));
+        let count = job["spec"]["completions"].as_i64().unwrap();
+        let line = command_line(&job);
+        assert!(line.windows(2).any(|w| w == ["--part".to_string(), format!("auto/{count}")]), "{line:?}");
+        vtr_index::cli::parse_step(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    }
+    let line = command_line(&manifest("score-finish-job.yaml"));
+    vtr_index::cli::parse_step(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+
     let volume = manifest("volume.yaml");
     assert_eq!(volume["spec"]["accessModes"][0].as_str(), Some("ReadWriteMany"));
     let claim = volume["metadata"]["name"].as_str().unwrap();
@@ -77,25 +88,52 @@ fn the_indexed_job_run_as_its_controller_would_gives_a_single_runs_index() {
             .replace("/shared", &shared.to_string_lossy())
             .replace("/models/clip/pytorch_model.bin.4", &model.to_string_lossy())
     };
-    let ingest = manifest("ingest-job.yaml");
-    let parts = ingest["spec"]["completions"].as_i64().unwrap();
-    let line: Vec<String> = command_line(&ingest).iter().map(|w| map(w)).collect();
-    let pods: Vec<_> = (0..parts)
-        .map(|i| {
-            let words: Vec<String> =
-                line[1..].iter().map(|w| w.replace("$JOB_COMPLETION_INDEX", &i.to_string())).collect();
-            let words: Vec<&str> = words.iter().map(String::as_str).collect();
-            TestCommand::new(&words).env("JOB_COMPLETION_INDEX", &i.to_string()).spawn()
-        })
-        .collect();
-    for pod in pods {
-        let out = pod.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let merge: Vec<String> = command_line(&manifest("merge-job.yaml")).iter().map(|w| map(w)).collect();
-    let words: Vec<&str> = merge[1..].iter().map(String::as_str).collect();
-    TestCommand::new(&words).expect_code(0);
+    // Each Job in turn: its pods at once (an Indexed Job's), or its one pod.
+    let run_job = |name: &str| {
+        let job = manifest(name);
+        let line: Vec<String> = command_line(&job).iter().map(|w| map(w)).collect();
+        let indexed = job["spec"]["completionMode"].as_str() == Some("Indexed");
+        let pods = if indexed { job["spec"]["completions"].as_i64().unwrap() } else { 1 };
+        let running: Vec<_> = (0..pods)
+            .map(|i| {
+                let words: Vec<String> =
+                    line[1..].iter().map(|w| w.replace("$JOB_COMPLETION_INDEX", &i.to_string())).collect();
+                let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                let pod = TestCommand::new(&words);
+                if indexed { pod.env("JOB_COMPLETION_INDEX", &i.to_string()) } else { pod }.spawn()
+            })
+            .collect();
+        for pod in running {
+            let out = pod.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    run_job("ingest-job.yaml");
+    run_job("merge-job.yaml");
     let single: PathBuf = dir.join("single");
     assert_eq!(ingest_roots(&single, &[&videos], &[], &[]).0, 0);
-    assert_same_rows(&rows(&shared.join("vtr/index")), &rows(&single), "Indexed Job vs single run");
+    let index = shared.join("vtr/index");
+    assert_same_rows(&rows(&index), &rows(&single), "Indexed Job vs single run");
+
+    let captions = fixtures().join("videos_captions.csv");
+    TestCommand::new(&["encode-text"])
+        .arg(&captions)
+        .arg("--index")
+        .arg(&index)
+        .args(&["--name", "captions"])
+        .expect_code(0);
+    for job in ["score-stats-job.yaml", "score-rank-job.yaml", "score-finish-job.yaml"] {
+        run_job(job);
+    }
+    let here = dir.join("scored-here");
+    TestCommand::new(&["score", "--index"])
+        .arg(&index)
+        .args(&["--texts", "captions", "--revise", "dsl", "--out"])
+        .arg(&here)
+        .expect_code(0);
+    let split = shared.join("vtr/scores/captions");
+    let key = |rows: Vec<(u64, u32, String, f64)>| rows.into_iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>();
+    assert_eq!(key(topk(&split)), key(topk(&here)), "the split score's top-k");
+    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&split), metrics(&here), "the split score's metrics");
 }
