@@ -136,6 +136,8 @@ pub fn stats(
     let block = &blocks[part];
     let (rows, text_video) = block_rows(problem, block);
     let sub = Problem { texts: &rows, videos: problem.videos, dim: problem.dim, text_video: &text_video, bank: None };
+    // Stage 2 runs in another process: a strip kept for it would only take memory.
+    let options = &ScoreOptions { cache_bytes: 0, ..options.clone() };
     let engine = engine(&sub, options, columns);
     let pass = gather_first_pass(&engine);
     let text_at = |pos: usize| block[engine.layout.order[pos]];
