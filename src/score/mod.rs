@@ -317,6 +317,22 @@ struct Reviser {
 }
 
 impl Reviser {
+    /// A reviser of `options`, its statistics still to be installed.
+    fn new(options: &ScoreOptions) -> Reviser {
+        Reviser {
+            revision: options.revision,
+            scale: options.scale,
+            inv_tau: 1.0 / options.temperature,
+            beta: options.beta,
+            col_max: Vec::new(),
+            col_inv_sum: Vec::new(),
+            col_top: Vec::new(),
+            col_inv_sum_f32: Vec::new(),
+            row_stats: Vec::new(),
+            active_columns: Vec::new(),
+        }
+    }
+
     /// Whether a QB-Norm row is revised: its own top-1 video is in the activation set.
     #[inline(always)]
     fn row_is_active(&self, s_row: &[f32]) -> bool {
@@ -436,6 +452,21 @@ struct Engine<'a> {
     columns: usize,
     cache: Vec<Mutex<Option<Vec<f32>>>>,
     cached_bytes: AtomicUsize,
+}
+
+impl<'a> Engine<'a> {
+    /// The engine of `problem` (`columns` videos), its strips cut from `options.strip_bytes`.
+    fn new(problem: &'a Problem<'a>, options: &'a ScoreOptions, columns: usize) -> Engine<'a> {
+        let layout = Layout::new(problem.text_video, columns, options.strip_bytes);
+        Engine {
+            problem,
+            options,
+            cache: (0..layout.strips.len()).map(|_| Mutex::new(None)).collect(),
+            layout,
+            columns,
+            cached_bytes: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Engine<'_> {
@@ -745,27 +776,8 @@ pub(crate) fn v2t_ranks(group: &[Option<u32>], beaten: &[u32]) -> Vec<(u32, u32)
 /// Scores every text against every video. `sink` receives every revised row (`--dense`).
 pub fn score(problem: &Problem, options: &ScoreOptions, sink: Option<&dyn RowSink>) -> Result<Outcome, ScoreError> {
     let (n, columns, bank) = check(problem, options)?;
-    let layout = Layout::new(problem.text_video, columns, options.strip_bytes);
-    let engine = Engine {
-        problem,
-        options,
-        cache: (0..layout.strips.len()).map(|_| Mutex::new(None)).collect(),
-        layout,
-        columns,
-        cached_bytes: AtomicUsize::new(0),
-    };
-    let mut reviser = Reviser {
-        revision: options.revision,
-        scale: options.scale,
-        inv_tau: 1.0 / options.temperature,
-        beta: options.beta,
-        col_max: Vec::new(),
-        col_inv_sum: Vec::new(),
-        col_top: Vec::new(),
-        col_inv_sum_f32: Vec::new(),
-        row_stats: Vec::new(),
-        active_columns: Vec::new(),
-    };
+    let engine = Engine::new(problem, options, columns);
+    let mut reviser = Reviser::new(options);
     if let Some(bank) = bank {
         let (stats, active) = engine.bank_statistics(bank);
         reviser.install_bank(stats, active);

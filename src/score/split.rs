@@ -18,8 +18,6 @@
 //! `serde_json`'s `float_roundtrip`).
 
 use std::ops::Range;
-use std::sync::Mutex;
-use std::sync::atomic::AtomicUsize;
 
 use serde::{Deserialize, Serialize};
 
@@ -98,33 +96,6 @@ fn block_rows(problem: &Problem, block: &[usize]) -> (Vec<f32>, Vec<Option<u32>>
     (rows, block.iter().map(|&t| problem.text_video[t]).collect())
 }
 
-fn engine<'a>(problem: &'a Problem<'a>, options: &'a ScoreOptions, columns: usize) -> Engine<'a> {
-    let layout = Layout::new(problem.text_video, columns, options.strip_bytes);
-    Engine {
-        problem,
-        options,
-        cache: (0..layout.strips.len()).map(|_| Mutex::new(None)).collect(),
-        layout,
-        columns,
-        cached_bytes: AtomicUsize::new(0),
-    }
-}
-
-fn reviser(options: &ScoreOptions) -> Reviser {
-    Reviser {
-        revision: options.revision,
-        scale: options.scale,
-        inv_tau: 1.0 / options.temperature,
-        beta: options.beta,
-        col_max: Vec::new(),
-        col_inv_sum: Vec::new(),
-        col_top: Vec::new(),
-        col_inv_sum_f32: Vec::new(),
-        row_stats: Vec::new(),
-        active_columns: Vec::new(),
-    }
-}
-
 /// Stage 1 for block `part` of `blocks`.
 pub fn stats(
     problem: &Problem,
@@ -138,7 +109,7 @@ pub fn stats(
     let sub = Problem { texts: &rows, videos: problem.videos, dim: problem.dim, text_video: &text_video, bank: None };
     // Stage 2 runs in another process: a strip kept for it would only take memory.
     let options = &ScoreOptions { cache_bytes: 0, ..options.clone() };
-    let engine = engine(&sub, options, columns);
+    let engine = Engine::new(&sub, options, columns);
     let pass = gather_first_pass(&engine);
     let text_at = |pos: usize| block[engine.layout.order[pos]];
     let bank = bank.map(|bank| {
@@ -167,7 +138,7 @@ pub fn rank(
     if all.len() != blocks.len() {
         return Err(ScoreError::Invalid(format!("{} stage-1 outputs for {} blocks", all.len(), blocks.len())));
     }
-    let mut reviser = reviser(options);
+    let mut reviser = Reviser::new(options);
     // Merged in block order: the same sums whichever task ran first.
     let merge = |parts: Vec<ColumnStats>| parts.into_iter().reduce(ColumnStats::merge);
     if let Some(stats) = merge(all.iter().filter_map(|b| b.columns.as_ref().map(Columns::stats)).collect()) {
@@ -188,7 +159,7 @@ pub fn rank(
     let block = &blocks[part];
     let (rows, text_video) = block_rows(problem, block);
     let sub = Problem { texts: &rows, videos: problem.videos, dim: problem.dim, text_video: &text_video, bank: None };
-    let engine = engine(&sub, options, columns);
+    let engine = Engine::new(&sub, options, columns);
     let text_at = |pos: usize| block[engine.layout.order[pos]];
     if options.revision == Revision::DslSym {
         reviser.row_stats =
