@@ -7,6 +7,7 @@
 //! file's contents.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,8 @@ pub enum WalkError {
     NotAFolder { root: String },
     #[error("{root}: cannot read the folder: {source}")]
     Unreadable { root: String, source: std::io::Error },
+    #[error("{list}: cannot read the list of files: {message}")]
+    List { list: String, message: String },
 }
 
 pub fn is_video_path(path: &Path) -> bool {
@@ -201,50 +204,110 @@ pub fn walk_roots(roots: &[Root], index: &Path, now_us: i64) -> Result<WalkOutco
             if entry.file_type().is_dir() {
                 continue;
             }
-            let path = entry.path();
-            if !is_video_path(path) {
-                outcome.skipped += 1;
-                continue;
-            }
-            let metadata = match entry.metadata() {
-                Ok(m) => m,
-                Err(err) => {
-                    let message = format!("cannot read file metadata: {err}");
-                    outcome.failures.push(failure(path, FailureKind::Io, message));
-                    continue;
-                }
-            };
-            if !metadata.is_file() {
-                let message = "not a regular file (a named pipe, socket or device)".to_string();
-                outcome.failures.push(failure(path, FailureKind::Io, message));
-                continue;
-            }
-            let rel = relative_path(root_path, path);
-            let video_id = strip_extension(&rel).to_string();
-            if let Some((first_root, first_path)) = seen_ids.get(&video_id) {
-                let message = format!(
-                    "video_id {video_id:?} is already taken by {first_root}/{first_path}; rename one of the two files"
-                );
-                let mut duplicate = failure(path, FailureKind::DuplicateId, message);
-                duplicate.size_bytes = metadata.len();
-                duplicate.mtime_ns = mtime_ns(&metadata);
-                outcome.failures.push(duplicate);
-                continue;
-            }
-            seen_ids.insert(video_id.clone(), (root.clone(), rel.clone()));
-            outcome.videos.push(VideoFile {
-                root: root.clone(),
-                path: rel,
-                video_id,
-                abs_path: path.to_path_buf(),
-                size_bytes: metadata.len(),
-                mtime_ns: mtime_ns(&metadata),
-            });
+            let found = Found { root, root_path, path: entry.path(), now_us };
+            found.add_to(&mut outcome, &mut seen_ids, entry.metadata().map_err(std::io::Error::from));
         }
         outcome.failures.extend(link_failures);
         outcome.repeated_folders.extend(repeated);
     }
     Ok(outcome)
+}
+
+/// The files a list names, one path per line relative to `root` (`ingest --files-from`), as
+/// a walk of the root would have found them: the same video ids, skips and failures
+/// (`duplicate_id` included), without walking the tree. A listed file that is gone is left out,
+/// as a walk would leave it out; blank lines are skipped.
+pub fn list_files(root: &Root, list: &Path, now_us: i64) -> Result<WalkOutcome, WalkError> {
+    check_roots(std::slice::from_ref(root))?;
+    let bytes = std::fs::read(list)
+        .map_err(|e| WalkError::List { list: list.display().to_string(), message: e.to_string() })?;
+    let mut outcome = WalkOutcome::default();
+    let mut seen_ids = HashMap::new();
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).collect();
+    lines.retain(|l| !l.is_empty());
+    lines.sort_unstable();
+    lines.dedup();
+    for line in lines {
+        let path = root.path.join(std::ffi::OsStr::from_bytes(line));
+        let metadata = match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            other => other,
+        };
+        let found = Found { root: &root.name, root_path: &root.path, path: &path, now_us };
+        found.add_to(&mut outcome, &mut seen_ids, metadata);
+    }
+    Ok(outcome)
+}
+
+/// A file a walk or a list came upon.
+struct Found<'a> {
+    root: &'a str,
+    root_path: &'a Path,
+    path: &'a Path,
+    now_us: i64,
+}
+
+impl Found<'_> {
+    fn failure(&self, kind: FailureKind, message: String) -> Failure {
+        Failure {
+            root: self.root.to_string(),
+            path: relative_path(self.root_path, self.path),
+            stage: Stage::Walk,
+            kind,
+            message,
+            first_seen_us: self.now_us,
+            attempts: 1,
+            size_bytes: 0,
+            mtime_ns: 0,
+        }
+    }
+
+    /// Adds the file to `outcome`: skipped (not a video by its extension), a failure (no
+    /// metadata, not a regular file, an id already taken), or a video file.
+    fn add_to(
+        &self,
+        outcome: &mut WalkOutcome,
+        seen_ids: &mut HashMap<String, (String, String)>,
+        metadata: std::io::Result<std::fs::Metadata>,
+    ) {
+        if !is_video_path(self.path) {
+            outcome.skipped += 1;
+            return;
+        }
+        let metadata = match metadata {
+            Ok(m) => m,
+            Err(err) => {
+                outcome.failures.push(self.failure(FailureKind::Io, format!("cannot read file metadata: {err}")));
+                return;
+            }
+        };
+        if !metadata.is_file() {
+            let message = "not a regular file (a named pipe, socket or device)".to_string();
+            outcome.failures.push(self.failure(FailureKind::Io, message));
+            return;
+        }
+        let rel = relative_path(self.root_path, self.path);
+        let video_id = strip_extension(&rel).to_string();
+        if let Some((first_root, first_path)) = seen_ids.get(&video_id) {
+            let message = format!(
+                "video_id {video_id:?} is already taken by {first_root}/{first_path}; rename one of the two files"
+            );
+            let mut duplicate = self.failure(FailureKind::DuplicateId, message);
+            duplicate.size_bytes = metadata.len();
+            duplicate.mtime_ns = mtime_ns(&metadata);
+            outcome.failures.push(duplicate);
+            return;
+        }
+        seen_ids.insert(video_id.clone(), (self.root.to_string(), rel.clone()));
+        outcome.videos.push(VideoFile {
+            root: self.root.to_string(),
+            path: rel,
+            video_id,
+            abs_path: self.path.to_path_buf(),
+            size_bytes: metadata.len(),
+            mtime_ns: mtime_ns(&metadata),
+        });
+    }
 }
 
 /// (device, inode) → path of every folder under the roots reached without following a link,

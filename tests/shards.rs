@@ -385,3 +385,42 @@ fn a_score_split_in_stages_equals_a_single_score() {
     let (_, stderr) = stage("rank", "0/1").expect_code(1);
     assert!(stderr.contains("manifest changed since the stats stage"), "{stderr}");
 }
+
+/// `--files-from`: the parts take their files from one list instead of walking the tree
+/// (a listed file that is gone is left out, a file not listed is not indexed), and merge into
+/// the index a walk gives.
+#[test]
+fn parts_take_their_files_from_a_list() {
+    let dir = Dir::new();
+    let root = corpus(
+        &dir,
+        "root",
+        &["short_h264.mp4", "vfr_h264.mp4", "testsrc2_h264.mp4", "nested/deeper/gradient_h264.mp4"],
+    );
+    std::fs::write(root.join("notes.txt"), "not a video").unwrap();
+    let list = dir.join("files.txt");
+    let listed =
+        "short_h264.mp4\nvfr_h264.mp4\n\ntestsrc2_h264.mp4\nnested/deeper/gradient_h264.mp4\nnotes.txt\ngone.mp4\n";
+    std::fs::write(&list, listed).unwrap();
+    let list_arg = list.to_string_lossy().into_owned();
+    let parts: Vec<PathBuf> = (0..2).map(|i| dir.join(&format!("part-{i}"))).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let (code, stderr) =
+            ingest_roots(part, &[&root], &["--shard", &format!("{i}/2"), "--files-from", &list_arg], &[]);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let out = dir.join("merged");
+    assert_eq!(merge(&parts, &out).0, 0);
+    let walked = dir.join("walked");
+    assert_eq!(ingest_roots(&walked, &[&root], &[], &[]).0, 0);
+    assert_same_rows(&rows(&out), &rows(&walked), "listed parts vs a walk");
+
+    std::fs::write(&list, "short_h264.mp4\n").unwrap();
+    let one = dir.join("one");
+    assert_eq!(ingest_roots(&one, &[&root], &["--files-from", &list_arg], &[]).0, 0);
+    assert_eq!(rows(&one).videos.keys().collect::<Vec<_>>(), ["short_h264"], "only the listed file");
+    let (code, stderr) =
+        ingest_roots(&dir.join("two"), &[&root, &root.join("nested")], &["--files-from", &list_arg], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("exactly one root"), "{stderr}");
+}

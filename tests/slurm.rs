@@ -1,7 +1,7 @@
 //! The shipped Slurm scripts (`pipelines/slurm/`) against a real one-node Slurm cluster: the
 //! ingest array, the merge chained on it, a task killed mid-run and the chain resubmitted, an
-//! index equal to a single run's, and the captions' score split in three parts equal to a
-//! single-machine score of that index (contract §7). Ignored unless asked for: CI starts a
+//! index equal to a single run's, and the captions' score split in three parts, for every
+//! revision, equal to a single-machine score of that index (contract §7). Ignored unless asked for: CI starts a
 //! cluster (`scripts/slurm-cluster.sh start`) and runs them with `--ignored slurm::`; asked for
 //! without a cluster, they fail.
 
@@ -96,19 +96,56 @@ fn the_slurm_chain_resumes_a_killed_task_and_builds_a_single_runs_index() {
         let states = wait_for(&job(name));
         assert!(states.iter().all(|s| s == "COMPLETED"), "{name}: {states:?}");
     }
-    let here = dir.join("scored-here");
-    TestCommand::new(&["score", "--index"])
-        .arg(work.join("index"))
-        .args(&["--texts", "videos_captions", "--revise", "dsl-sym", "--out"])
-        .arg(&here)
-        .expect_code(0);
-    let split = work.join("scores/videos_captions");
-    let (got, want) = (topk(&split), topk(&here));
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "the split score's top-k");
-        assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{g:?} vs {w:?}");
+    // The other revisions' stages, submitted as the chain submits them, side by side.
+    let stage_script = repository().join("pipelines/slurm/score-stage.sbatch").to_string_lossy().into_owned();
+    let others =
+        [("none", "--revise none"), ("dsl", "--revise dsl"), ("qbnorm", "--revise qbnorm --bank videos_captions")];
+    for (label, settings) in others {
+        let mut env = env.to_vec();
+        env.push(("VTR_SCORE_ARGS", settings.to_string()));
+        env.push(("VTR_SCORE_LABEL", label.to_string()));
+        let mut previous: Option<String> = None;
+        for stage in ["stats", "rank", "finish"] {
+            env.push(("VTR_STAGE", stage.to_string()));
+            let mut args = vec!["--parsable".to_string(), "--cpus-per-task=1".to_string()];
+            if stage != "finish" {
+                args.push("--array=0-2".to_string());
+            }
+            if let Some(id) = &previous {
+                args.push(format!("--dependency=afterok:{id}"));
+                args.push("--kill-on-invalid-dep=yes".to_string());
+            }
+            args.push(stage_script.clone());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            previous = Some(slurm("sbatch", &args, &env, &logs).trim().to_string());
+            env.pop();
+        }
+        let states = wait_for(previous.as_deref().unwrap());
+        assert_eq!(states, ["COMPLETED"], "{label}: the finish job");
     }
-    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
-    assert_eq!(metrics(&split), metrics(&here), "the split score's metrics");
+    for (label, settings) in [
+        ("videos_captions", "--revise dsl-sym"),
+        ("none", "--revise none"),
+        ("dsl", "--revise dsl"),
+        ("qbnorm", "--revise qbnorm --bank videos_captions"),
+    ] {
+        let here = dir.join(&format!("scored-here-{label}"));
+        let settings: Vec<&str> = settings.split_whitespace().collect();
+        TestCommand::new(&["score", "--index"])
+            .arg(work.join("index"))
+            .args(&["--texts", "videos_captions"])
+            .args(&settings)
+            .arg("--out")
+            .arg(&here)
+            .expect_code(0);
+        let split = work.join("scores").join(label);
+        let (got, want) = (topk(&split), topk(&here));
+        assert_eq!(got.len(), want.len(), "{label}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{label}: the split score's top-k");
+            assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{label}: {g:?} vs {w:?}");
+        }
+        let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
+        assert_eq!(metrics(&split), metrics(&here), "{label}: the split score's metrics");
+    }
 }

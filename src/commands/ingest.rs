@@ -47,6 +47,10 @@ pub struct IngestArgs {
     /// from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. `vtr-index merge` joins the parts.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// Take the root's files from LIST (one path per line, relative to the root) instead of
+    /// walking it: the list a step before made once, for every part of a sharded ingest.
+    #[arg(long, value_name = "LIST")]
+    pub files_from: Option<PathBuf>,
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
@@ -85,6 +89,7 @@ pub fn run(args: IngestArgs) -> Result<u8> {
             .map(|s| Shard::parse(s, |name| std::env::var(name).ok()))
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        files_from: args.files_from,
         decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
         retry_failed: args.retry_failed,

@@ -29,7 +29,7 @@ use crate::store::{
     write_run_report,
 };
 use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
-use crate::walk::{Root, VideoFile, WalkError, walk_roots};
+use crate::walk::{Root, VideoFile, WalkError, list_files, walk_roots};
 use pipeline::{Encoded, JournalGuard, Pipeline, StageNanos};
 use plan::Plan;
 pub use report::{IngestReport, StageSeconds, failure_line};
@@ -52,6 +52,9 @@ pub struct IngestOptions {
     pub head: Option<HeadKind>,
     /// Index only this part of the files (`--shard I/N`); the index records it.
     pub shard: Option<Shard>,
+    /// Take the files from this list (one path per line, relative to the one root) instead of
+    /// walking the root.
+    pub files_from: Option<PathBuf>,
     pub decode_timeout: Duration,
     pub decode_workers: usize,
     pub retry_failed: bool,
@@ -81,6 +84,11 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let started_at_us = now_us();
     crate::walk::check_roots(&options.roots)?;
+    if options.files_from.is_some() && options.roots.len() != 1 {
+        return Err(IngestError::Refused(
+            "--files-from lists paths relative to one root: give exactly one root with it".into(),
+        ));
+    }
     refuse_dangerous_placement(&options.index, &options.roots)?;
     let (opened, journal) = Opened::open(options, started_at_us)?;
     let mut run = Run::plan(options, opened, started, started_at_us)?;
@@ -269,7 +277,10 @@ impl<'a> Run<'a> {
         let root_names: Vec<String> = options.roots.iter().map(|r| r.name.clone()).collect();
         let suspects_before = suspects.clone();
         let walk_started = Instant::now();
-        let mut walked = walk_roots(&options.roots, index, started_at_us)?;
+        let mut walked = match &options.files_from {
+            Some(list) => list_files(&options.roots[0], list, started_at_us)?,
+            None => walk_roots(&options.roots, index, started_at_us)?,
+        };
         if let Some(shard) = options.shard {
             walked.videos.retain(|file| shard.holds(&file.video_id));
             walked.failures.retain(|failure| shard.holds(&failure.path));
