@@ -350,18 +350,22 @@ impl Inputs {
 fn prepare(command: &ScoreCommand) -> Result<(Manifest, Inputs, ScoreOptions)> {
     let manifest = super::load_manifest(&command.index)?;
     let inputs = Inputs::read(command, &manifest)?;
-    let scale = command.scale.unwrap_or_else(|| f64::from(manifest.model.logit_scale).exp());
-    let options = ScoreOptions {
+    let options = score_options(command, &manifest);
+    Ok((manifest, inputs, options))
+}
+
+/// The engine's options: the command's, with the model's logit scale unless `--scale` is given.
+fn score_options(command: &ScoreCommand, manifest: &Manifest) -> ScoreOptions {
+    ScoreOptions {
         revision: command.revise,
-        scale,
+        scale: command.scale.unwrap_or_else(|| f64::from(manifest.model.logit_scale).exp()),
         temperature: command.temperature,
         beta: command.beta,
         top_k: command.top_k,
         cache_bytes: command.cache_bytes,
         device_inputs: command.gpu_inputs,
         ..ScoreOptions::default()
-    };
-    Ok((manifest, inputs, options))
+    }
 }
 
 pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
@@ -509,7 +513,9 @@ fn run_stage(command: &ScoreCommand, stage: Stage, part: Option<&str>, work: &Pa
         Some(shard) => shard.count,
         None => finished_parts(work)?,
     };
-    let (_, inputs, options) = prepare(command)?;
+    // The header needs the manifest alone: a stage found done returns before the inputs are read.
+    let manifest = super::load_manifest(&command.index)?;
+    let options = score_options(command, &manifest);
     let header = StageHeader {
         manifest_sha256,
         texts: command.texts.clone(),
@@ -521,21 +527,25 @@ fn run_stage(command: &ScoreCommand, stage: Stage, part: Option<&str>, work: &Pa
         top_k: command.top_k,
         parts,
     };
+    let name = if stage == Stage::Stats { "stats" } else { "rank" };
+    if let Some(shard) = part {
+        let path = stage_path(work, name, shard.index, parts);
+        if path.exists() {
+            if stage == Stage::Stats {
+                read_stage::<split::BlockStats>(&path, &header)?;
+            } else {
+                read_stage::<split::BlockRanks>(&path, &header)?;
+            }
+            eprintln!("vtr-index: {name} of part {shard}: done already ({})", path.display());
+            return Ok(0);
+        }
+    }
+    let inputs = Inputs::read(command, &manifest)?;
     let problem = inputs.problem();
     let blocks = split::blocks(&inputs.text_video, parts as usize);
     match (stage, part) {
         (Stage::Stats | Stage::Rank, Some(shard)) => {
-            let name = if stage == Stage::Stats { "stats" } else { "rank" };
             let path = stage_path(work, name, shard.index, parts);
-            if path.exists() {
-                if stage == Stage::Stats {
-                    read_stage::<split::BlockStats>(&path, &header)?;
-                } else {
-                    read_stage::<split::BlockRanks>(&path, &header)?;
-                }
-                eprintln!("vtr-index: {name} of part {shard}: done already ({})", path.display());
-                return Ok(0);
-            }
             let i = shard.index as usize;
             if stage == Stage::Stats {
                 write_stage(&path, &header, split::stats(&problem, &options, &blocks, i)?)?;
