@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::shards::{assert_same_rows, ingest_roots, rows, topk};
+use crate::shards::{assert_same_rows, assert_same_scores, ingest_roots, rows};
 use crate::util::*;
 
 fn manifest(name: &str) -> Yaml {
@@ -131,9 +131,5 @@ fn the_indexed_job_run_as_its_controller_would_gives_a_single_runs_index() {
         .args(&["--texts", "captions", "--revise", "dsl", "--out"])
         .arg(&here)
         .expect_code(0);
-    let split = shared.join("vtr/scores/captions");
-    let key = |rows: Vec<(u64, u32, String, f64)>| rows.into_iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>();
-    assert_eq!(key(topk(&split)), key(topk(&here)), "the split score's top-k");
-    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
-    assert_eq!(metrics(&split), metrics(&here), "the split score's metrics");
+    assert_same_scores(&shared.join("vtr/scores/captions"), &here, "Indexed Jobs' split score");
 }

@@ -298,7 +298,7 @@ fn a_re_merge_updates_the_changed_part_and_keeps_the_texts() {
 }
 
 /// `topk.parquet` as `(text_id, rank, video_id, score)` rows.
-pub fn topk(out: &Path) -> Vec<(u64, u32, String, f64)> {
+fn topk(out: &Path) -> Vec<(u64, u32, String, f64)> {
     use arrow::array::AsArray;
     use arrow::datatypes::{Float64Type, UInt32Type, UInt64Type};
     let mut rows = Vec::new();
@@ -311,6 +311,20 @@ pub fn topk(out: &Path) -> Vec<(u64, u32, String, f64)> {
         }
     }
     rows
+}
+
+/// A split score's outputs against a single score's (contract §7): the same top-k ids in the
+/// same order, values within [`SUM_TERMS_RELATIVE`] (sums merged in another order), the same
+/// `metrics.json`.
+pub fn assert_same_scores(split: &Path, single: &Path, what: &str) {
+    let (got, want) = (topk(split), topk(single));
+    assert_eq!(got.len(), want.len(), "{what}: top-k rows");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{what}: the same top-k in the same order");
+        assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{what}: {g:?} vs {w:?}");
+    }
+    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
+    assert_eq!(metrics(split), metrics(single), "{what}: metrics");
 }
 
 /// The score split in three parts by stages, as the array tasks of a scheduler run them (in any
@@ -359,16 +373,7 @@ fn a_score_split_in_stages_equals_a_single_score() {
         }
         let split = dir.join(&format!("split-{revise}"));
         stage("finish", None).arg("--out").arg(&split).expect_code(0);
-        let (got, want) = (topk(&split), topk(&single));
-        assert_eq!(got.len(), want.len(), "{revise}");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{revise}: the same top-k in the same order");
-            assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{revise}: {g:?} vs {w:?}");
-        }
-        let metrics = |out: &Path| -> serde_json::Value {
-            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
-        };
-        assert_eq!(metrics(&split), metrics(&single), "{revise}: metrics");
+        assert_same_scores(&split, &single, revise);
     }
     // The index changed since the stats stage (a new text set): the rank stage refuses.
     let work = dir.join("work-changed");

@@ -9,8 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::shards::{assert_same_rows, ingest_roots, rows, topk, two_roots};
-use crate::tolerance::SUM_TERMS_RELATIVE;
+use crate::shards::{assert_same_rows, assert_same_scores, ingest_roots, rows, two_roots};
 use crate::util::*;
 
 fn repository() -> &'static Path {
@@ -138,14 +137,6 @@ fn the_slurm_chain_resumes_a_killed_task_and_builds_a_single_runs_index() {
             .arg("--out")
             .arg(&here)
             .expect_code(0);
-        let split = work.join("scores").join(label);
-        let (got, want) = (topk(&split), topk(&here));
-        assert_eq!(got.len(), want.len(), "{label}");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{label}: the split score's top-k");
-            assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{label}: {g:?} vs {w:?}");
-        }
-        let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
-        assert_eq!(metrics(&split), metrics(&here), "{label}: the split score's metrics");
+        assert_same_scores(&work.join("scores").join(label), &here, label);
     }
 }
