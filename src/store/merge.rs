@@ -53,6 +53,9 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeReport, MergeError> {
     let parts = read_parts(parts)?;
     let count = check_parts(&parts)?;
     let first = &parts[0].manifest;
+    // Lock before reading OUT's manifest, so no other merge commits between our read and ours.
+    std::fs::create_dir_all(out).map_err(io_error(out))?;
+    let _lock = WriterLock::acquire(out, "merge")?;
     let previous = Manifest::load(out)?;
     if let Some(previous) = &previous {
         if previous.merged.is_none() {
@@ -69,8 +72,6 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeReport, MergeError> {
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(io_error(out))?;
-    let _lock = WriterLock::acquire(out, "merge")?;
     collect_garbage(out, previous.as_ref())?;
 
     let mut report = MergeReport { parts: count, ..Default::default() };
