@@ -54,7 +54,8 @@ pub fn rows(index: &Path) -> Rows {
     let manifest = Manifest::load(index).unwrap().expect("an index");
     let videos: Vec<VideoRow> = read_table(index, manifest.shards("videos")).unwrap();
     let failures: Vec<Failure> = read_table(index, manifest.shards("failures")).unwrap();
-    Rows {
+    let counts = (videos.len(), manifest.rows("frames") as usize, failures.len());
+    let rows = Rows {
         videos: videos.into_iter().map(|v| (v.video_id.clone(), v)).collect(),
         frames: snapshot(index).unwrap().frames,
         failures: failures
@@ -64,7 +65,10 @@ pub fn rows(index: &Path) -> Rows {
                 ((f.root, f.path), what)
             })
             .collect(),
-    }
+    };
+    // Keyed maps would hide a row held twice (two parts holding one file): none is.
+    assert_eq!((rows.videos.len(), rows.frames.len(), rows.failures.len()), counts, "{}: a row twice", index.display());
+    rows
 }
 
 /// The same rows in every table; frame times equal; embeddings at [`BATCH_COSINE`] (a part's
