@@ -18,9 +18,15 @@ The script makes everything it measures and runs both sides in one run on the sa
   4. the long clip alone: the time vtr-index takes to sample its 12 frames (the decode module,
      as ingest runs it) against PyAV decoding every frame of it (no conversion);
   5. peak RSS of `vtr-index ingest` over 10 and over 1,000 distinct small clips with the
-     bundled tiny CLIP (`--tiny-model`), to show memory does not grow with the corpus.
+     bundled tiny CLIP (`--tiny-model`), to show memory does not grow with the corpus;
+  6. `stages`: on the short clips and on 30 MSR-VTT-like clips with sound (320x240, 10-20 s,
+     stereo AAC), in alternated rounds: (a) ingest's decode workers alone (decode, sample,
+     preprocess, hash; `examples/ingest_stages.rs decode`), (b) the tower alone on the frames
+     (a) made, in ingest's batches (`ingest_stages tower`), (c) the whole ingest, (d) the Python
+     pipeline. It prints each one's median wall and CPU time, the bound (CPU a + CPU b) / cores
+     that (c) would reach if its stages overlapped perfectly, (c) / bound and (d) / (c).
 
-Usage: benchmarks/.venv/bin/python benchmarks/ingest_vs_pyav.py [--clips 24] [--steps e2e e2e-long long rss]
+Usage: benchmarks/.venv/bin/python benchmarks/ingest_vs_pyav.py [--clips 24] [--steps e2e e2e-long long rss stages] [--rounds 3]
 Set up once: python3 -m venv benchmarks/.venv &&
   benchmarks/.venv/bin/pip install torch transformers av pillow numpy pyarrow
 The corpus is written once under benchmarks/work/ingest (about 1 GB) and reused.
@@ -48,10 +54,13 @@ from tower_vs_pytorch import random_vit_b32
 
 MAX_FRAMES = 12
 SHORT_SIZES = [(320, 240), (480, 360), (640, 480), (1280, 720)]
+# MSR-VTT-like: 320x240, 10-20 s, with sound.
+LOWRES_CLIPS = 30
 
 
-def write_clip(path, width, height, seconds, fps, seed, preset):
-    """A moving, textured H.264 clip (written as yuv420p planes, so no conversion is timed)."""
+def write_clip(path, width, height, seconds, fps, seed, preset, sound=False):
+    """A moving, textured H.264 clip (written as yuv420p planes, so no conversion is timed);
+    with `sound`, also a stereo AAC track at 48 kHz (a tone with noise), as camera clips have."""
     rng = np.random.default_rng(seed)
     # Flat 32-pixel tiles of random grey that pan 2 pixels a frame and change brightness every
     # second: real motion for the encoder and new content each second, at a bit rate like
@@ -65,6 +74,10 @@ def write_clip(path, width, height, seconds, fps, seed, preset):
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": preset, "crf": "26"}
+        audio = None
+        if sound:
+            audio = container.add_stream("aac", rate=48_000, layout="stereo")
+            samples_per_frame = 48_000 // fps
         planes = np.empty((height * 3 // 2, width), dtype=np.uint8)
         planes[height:] = chroma.reshape(height // 2, width)
         for i in range(int(seconds * fps)):
@@ -76,8 +89,19 @@ def write_clip(path, width, height, seconds, fps, seed, preset):
             frame.pts, frame.time_base = i, Fraction(1, fps)
             for packet in stream.encode(frame):
                 container.mux(packet)
+            if audio is not None:
+                t = (i * samples_per_frame + np.arange(samples_per_frame)) / 48_000
+                tone = 0.2 * np.sin(2 * np.pi * (220 + 20 * (i // fps)) * t) + 0.02 * rng.standard_normal(t.size)
+                sound_frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]).astype(np.float32), format="fltp",
+                                                         layout="stereo")
+                sound_frame.sample_rate, sound_frame.pts = 48_000, i * samples_per_frame
+                for packet in audio.encode(sound_frame):
+                    container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio is not None:
+            for packet in audio.encode():
+                container.mux(packet)
     tmp.rename(path)
 
 
@@ -95,6 +119,13 @@ def make_corpus(work, clips, steps):
         print("writing the 10-minute 1080p clip (a few minutes, once)", flush=True)
         long_path.parent.mkdir(parents=True, exist_ok=True)
         write_clip(long_path, 1920, 1080, 600, 25, seed=10_000, preset="ultrafast")
+    lowres = work / "corpus" / "lowres"
+    if "stages" in steps:
+        lowres.mkdir(parents=True, exist_ok=True)
+        for i in range(LOWRES_CLIPS):
+            path = lowres / f"msrvtt_like_{i:03d}.mp4"
+            if not path.exists():
+                write_clip(path, 320, 240, 10 + (i * 7) % 11, 30, seed=30_000 + i, preset="veryfast", sound=True)
     if "rss" in steps:
         rss = work / "rss" / "1000"
         rss10 = work / "rss" / "10"
@@ -108,7 +139,7 @@ def make_corpus(work, clips, steps):
             target = rss10 / f"small_{i:04d}.mp4"
             if not target.exists():
                 shutil.copyfile(rss / f"small_{i:04d}.mp4", target)
-    return short, long_path
+    return short, long_path, lowres
 
 
 def on_screen_each_second(container):
@@ -212,6 +243,85 @@ def end_to_end(args, binary, model_dir, root, label):
           f"{min(cosines):.5f}, median {float(np.median(cosines)):.5f}", flush=True)
 
 
+def child_run(cmd):
+    """Runs `cmd`; returns its wall time, its CPU time (user + system, its threads and
+    children included) and its stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, proc.stdout
+
+
+def stages(args, binary, model_dir, root, label):
+    """(a) decode + sample + preprocess alone, (b) the tower alone on the frames (a) made, at
+    ingest's batch size, (c) the whole ingest, (d) the Python pipeline, in alternated rounds.
+    The bound is what (c) would take if its stages overlapped perfectly on every core."""
+    cores = os.cpu_count()
+    stage_bin = "target/release/examples/ingest_stages"
+    workers = str(max(1, cores // 2))
+    pixels = args.work / f"pixels-{label.replace(' ', '-')}.f32"
+    index = args.work / f"index-stages-{label.replace(' ', '-')}"
+    paths = sorted(root.glob("*.mp4"))
+    runs = {side: [] for side in "abcd"}
+    frames = {}
+
+    def side_a():
+        wall, cpu, out = child_run([stage_bin, "decode", str(root), str(model_dir), workers, str(pixels)])
+        frames["a"] = int(re.search(r"frames=(\d+)", out).group(1))
+        return wall, cpu
+
+    def side_b():
+        wall, cpu, out = child_run([stage_bin, "tower", str(model_dir), str(pixels), str(args.batch)])
+        frames["b"] = int(re.search(r"frames=(\d+)", out).group(1))
+        return wall, cpu
+
+    def side_c():
+        shutil.rmtree(index, ignore_errors=True)
+        wall, cpu, _ = child_run([binary, "ingest", str(root), "--index", str(index), "--model", str(model_dir),
+                                  "--batch", str(args.batch)])
+        report = json.loads(max((index / "runs").glob("*.json")).read_text())
+        frames["c"] = report["frames"]
+        frames["c-stages"] = report["stage_seconds"]
+        return wall, cpu
+
+    def side_d():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        _, frames["d"] = python_pipeline(paths, model_dir)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    sides = {"a": side_a, "b": side_b, "c": side_c, "d": side_d}
+    side_a()  # (b) reads the frames (a) writes
+    for round_ in range(args.rounds):
+        order = "abcd"[round_ % 4:] + "abcd"[:round_ % 4]
+        for side in order:
+            runs[side].append(sides[side]())
+        print(f"  round {round_ + 1}: " + ", ".join(f"{s} {runs[s][-1][0]:.2f} s" for s in "abcd"), flush=True)
+    median = {side: (float(np.median([w for w, _ in r])), float(np.median([c for _, c in r])))
+              for side, r in runs.items()}
+    bound = (median["a"][1] + median["b"][1]) / cores
+    n = len(paths)
+    print(f"\n{label}: {n} videos, frames a/b/c/d = {frames['a']}/{frames['b']}/{frames['c']}/{frames['d']}, "
+          f"{cores} cores, median of {args.rounds} alternated rounds (ingest's last run report: "
+          f"{frames['c-stages']})")
+    print("| stage | wall | CPU | frames/s |")
+    print("|---|---|---|---|")
+    names = {"a": "(a) decode + sample + preprocess alone", "b": f"(b) tower alone, batches of {args.batch}",
+             "c": "(c) vtr-index ingest", "d": "(d) Python (PyAV + transformers)"}
+    for side in "abcd":
+        wall, cpu = median[side]
+        print(f"| {names[side]} | {wall:.2f} s | {cpu:.2f} s | {frames[side] / wall:.2f} |")
+    print(f"bound (CPU a + CPU b) / {cores} = {bound:.2f} s; (c) / bound = **{median['c'][0] / bound:.3f}**; "
+          f"(d) / (c) = {median['d'][0] / median['c'][0]:.2f}", flush=True)
+
+
 def long_video(long_path, runs):
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "sample_video"], check=True)
     print(f"\n{long_path.name}: 12 frames sampled by vtr-index vs every frame decoded by PyAV")
@@ -244,16 +354,19 @@ def rss_growth(binary, work, tiny_model):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--clips", type=int, default=24)
-    steps = ["e2e", "e2e-long", "long", "rss"]
+    steps = ["e2e", "e2e-long", "long", "rss", "stages"]
     parser.add_argument("--steps", nargs="+", default=steps, choices=steps)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the stages step")
+    parser.add_argument("--batch", type=int, default=32, help="ingest's batch size (its default)")
     parser.add_argument("--long-runs", type=int, default=3)
     parser.add_argument("--tiny-model", default="tests/fixtures/tiny-clip")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/ingest"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = random_vit_b32(Path("benchmarks/work/tower"))
-    short, long_path = make_corpus(args.work, args.clips, args.steps)
-    subprocess.run(["cargo", "build", "--quiet", "--release"], check=True)
+    short, long_path, lowres = make_corpus(args.work, args.clips, args.steps)
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--bin", "vtr-index", "--example", "ingest_stages"],
+                   check=True)
     binary = "target/release/vtr-index"
     print(f"cores: {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads), av {av.__version__}")
     if "e2e" in args.steps:
@@ -264,6 +377,9 @@ def main():
         long_video(long_path, args.long_runs)
     if "rss" in args.steps:
         rss_growth(binary, args.work, args.tiny_model)
+    if "stages" in args.steps:
+        stages(args, binary, model_dir, short, "benchmark corpus")
+        stages(args, binary, model_dir, lowres, "low-res clips with sound")
 
 
 if __name__ == "__main__":

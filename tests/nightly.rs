@@ -215,13 +215,43 @@ fn a_run_report_counts_and_times_every_stage() {
     assert_eq!(report["commits"], 3, "one per file and the last: {report}");
     // One decode worker: no stage's time (summed over its threads) can exceed the run's.
     let wall = report["wall_s"].as_f64().unwrap();
-    for stage in ["walk", "plan", "decode", "encode", "write"] {
+    for stage in ["walk", "plan", "decode", "decode_waiting", "encode", "encode_waiting", "write"] {
         let seconds = report["stage_seconds"][stage].as_f64().unwrap_or_else(|| panic!("{stage}: {report}"));
         assert!((0.0..=wall).contains(&seconds), "{stage}: {seconds} s of a {wall} s run");
     }
     for stage in ["decode", "encode"] {
         assert!(report["stage_seconds"][stage].as_f64().unwrap() > 0.0, "{stage} did work: {report}");
     }
+    // The timeline holds the same seconds, slot by slot, and the process's CPU time.
+    let timeline = &report["timeline"];
+    let slot = timeline["slot_s"].as_f64().unwrap();
+    let column = |name: &str| -> Vec<f64> {
+        let values = timeline[name].as_array().unwrap_or_else(|| panic!("{name}: {timeline}"));
+        values.iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    for stage in ["decode", "decode_waiting", "encode", "encode_waiting", "write"] {
+        let slots = column(stage);
+        let total: f64 = slots.iter().sum();
+        let seconds = report["stage_seconds"][stage].as_f64().unwrap();
+        assert!(
+            (total - seconds).abs() <= 0.001 * slots.len() as f64,
+            "{stage}: {total} s in {slots:?}, {seconds} s in all"
+        );
+        assert!(
+            slots.iter().all(|&s| (0.0..=slot + 0.001).contains(&s)),
+            "{stage}: one thread, {slot} s slots: {slots:?}"
+        );
+        assert!(
+            slots.len() as f64 * slot <= wall + slot,
+            "{stage}: {} slots of {slot} s in a {wall} s run",
+            slots.len()
+        );
+    }
+    let cpu: f64 = column("cpu").iter().sum();
+    assert!(
+        cpu > 0.0 && cpu >= report["stage_seconds"]["encode"].as_f64().unwrap() * 0.5,
+        "{cpu} s of CPU: {timeline}"
+    );
     let frames = snapshot(&index).unwrap().frames.len() as f64;
     assert_eq!(report["frames"].as_f64().unwrap(), frames);
     let rate = report["frames_per_s"].as_f64().unwrap();

@@ -12,6 +12,7 @@
 pub mod pipeline;
 pub mod plan;
 pub mod report;
+pub mod timeline;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -30,9 +31,10 @@ use crate::store::{
 };
 use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
 use crate::walk::{Root, VideoFile, WalkError, list_files, walk_roots};
-use pipeline::{Encoded, JournalGuard, Pipeline, StageNanos};
+use pipeline::{Encoded, JournalGuard, Pipeline};
 use plan::Plan;
 pub use report::{IngestReport, StageSeconds, failure_line};
+use timeline::{Activity, StageClock};
 
 /// Resolved options of one ingest run.
 #[derive(Debug, Clone)]
@@ -405,7 +407,7 @@ impl<'a> Run<'a> {
     /// decode workers record the files in flight in `journal`.
     fn process(&mut self, journal: &InFlightJournal) -> Result<(), IngestError> {
         let files = std::mem::take(&mut self.files);
-        let nanos = StageNanos::default();
+        let clock = StageClock::new(self.started);
         if let Some(clip) = self.clip.take()
             && !files.is_empty()
         {
@@ -423,21 +425,25 @@ impl<'a> Run<'a> {
                 clip: &clip,
                 journal,
             };
-            pipeline.run(files, &nanos, |outcome| self.consume(outcome, &nanos))?;
+            pipeline.run(files, &clock, |outcome| self.consume(outcome, &clock))?;
         }
         self.progress.finish();
         if let Some(signal) = crate::interrupt::requested() {
             self.report.interrupted = Some(crate::interrupt::signal_name(signal).to_string());
             self.report.not_processed = (self.processed - self.finished + self.held_back) as u64;
         }
-        self.report.stage_seconds.decode = nanos.seconds(&nanos.decode);
-        self.report.stage_seconds.encode = nanos.seconds(&nanos.encode);
-        self.report.stage_seconds.write = nanos.seconds(&nanos.write);
+        let stages = &mut self.report.stage_seconds;
+        stages.decode = clock.seconds(Activity::Decode);
+        stages.decode_waiting = clock.seconds(Activity::DecodeWaiting);
+        stages.encode = clock.seconds(Activity::Encode);
+        stages.encode_waiting = clock.seconds(Activity::EncodeWaiting);
+        stages.write = clock.seconds(Activity::Write);
+        self.report.timeline = clock.report();
         Ok(())
     }
 
     /// Takes one file's outcome: its rows or its failure; commits when one is due.
-    fn consume(&mut self, outcome: Encoded, nanos: &StageNanos) -> Result<(), StoreError> {
+    fn consume(&mut self, outcome: Encoded, clock: &StageClock) -> Result<(), StoreError> {
         let write_started = Instant::now();
         let key = match outcome {
             Encoded::Video(video) => {
@@ -468,7 +474,7 @@ impl<'a> Run<'a> {
         self.suspects.remove(&key);
         self.finished += 1;
         self.committer.since_commit += 1;
-        nanos.add(&nanos.write, write_started);
+        clock.add(Activity::Write, write_started);
         if self.committer.due() {
             let listed: Vec<Failure> = self.failures.iter().chain(self.retried_failures.values()).cloned().collect();
             self.report.wall_s = self.started.elapsed().as_secs_f64();

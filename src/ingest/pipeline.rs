@@ -4,11 +4,11 @@
 //! holds at most a few videos' frames. Outcomes reach the caller's `consume` on its own thread.
 //! This module wires stages; the work is done in `decode`, `preprocess`, `encode` and `model`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
+use super::timeline::{Activity, StageClock};
 use super::{IngestError, IngestOptions};
 use crate::checksum::blake3_file;
 use crate::decode::{DecodeConfig, decode_video};
@@ -20,7 +20,7 @@ use crate::store::{InFlightJournal, StoreError};
 use crate::walk::VideoFile;
 
 /// A decode worker's result for one file.
-pub(super) enum Decoded {
+pub enum Decoded {
     Video(PreparedVideo<VideoFile>),
     Failed(VideoFile, Rejection),
 }
@@ -48,26 +48,9 @@ impl Drop for JournalGuard {
     }
 }
 
-/// Busy time per stage, summed over the threads of each.
-#[derive(Default)]
-pub struct StageNanos {
-    pub decode: AtomicU64,
-    pub encode: AtomicU64,
-    pub write: AtomicU64,
-}
-
-impl StageNanos {
-    pub fn add(&self, counter: &AtomicU64, since: Instant) {
-        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    pub fn seconds(&self, counter: &AtomicU64) -> f64 {
-        counter.load(Ordering::Relaxed) as f64 / 1e9
-    }
-}
-
-/// Decodes, preprocesses and hashes one file in a decode worker.
-fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessConfig) -> Decoded {
+/// Decodes, preprocesses and hashes one file in a decode worker (public for the stage
+/// benchmark, `examples/ingest_stages.rs`, which runs this stage alone).
+pub fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessConfig) -> Decoded {
     let video = match decode_video(&file.abs_path, decode) {
         Ok(video) => video,
         Err(rejection) => return Decoded::Failed(file, rejection),
@@ -113,7 +96,7 @@ impl Pipeline<'_> {
     pub fn run(
         &self,
         files: Vec<VideoFile>,
-        nanos: &StageNanos,
+        clock: &StageClock,
         mut consume: impl FnMut(Encoded) -> Result<(), StoreError>,
     ) -> Result<(), IngestError> {
         let workers = self.options.decode_workers.max(1);
@@ -150,13 +133,18 @@ impl Pipeline<'_> {
                                 let (root, path) = (file.root.clone(), file.path.clone());
                                 let decoded = prepare(file, self.decode, self.preprocess);
                                 self.journal.finished(&root, &path);
-                                nanos.add(&nanos.decode, started);
+                                clock.add(Activity::Decode, started);
                                 // A file cut short by an interruption is not a failure: drop it.
                                 let cut_short =
                                     matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
-                                if !cut_short && out.send(decoded).is_err() {
+                                if cut_short {
+                                    continue;
+                                }
+                                let waiting = Instant::now();
+                                if out.send(decoded).is_err() {
                                     break;
                                 }
+                                clock.add(Activity::DecodeWaiting, waiting);
                             }
                         })
                         .expect("spawn a thread")
@@ -171,12 +159,15 @@ impl Pipeline<'_> {
                         crate::fault::point("encode");
                         let started = Instant::now();
                         let flat = self.clip.image_features(pixels, count).map_err(|e| e.to_string())?;
-                        nanos.add(&nanos.encode, started);
+                        clock.add(Activity::Encode, started);
                         Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
                     };
                     let pool = |features: Vec<Vec<f32>>| self.clip.pool_video(features).map_err(|e| e.to_string());
                     let mut encoder = BatchEncoder::new(self.options.batch, embed, pool);
-                    for item in decoded_rx {
+                    loop {
+                        let waiting = Instant::now();
+                        let Ok(item) = decoded_rx.recv() else { break };
+                        clock.add(Activity::EncodeWaiting, waiting);
                         let done = match item {
                             Decoded::Video(video) => encoder.push(video)?,
                             Decoded::Failed(file, rejection) => {

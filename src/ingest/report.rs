@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::timeline::TimelineReport;
 use crate::failure::Failure;
 
 /// What one run did; written to `INDEX/runs/` and summarised on stderr.
@@ -35,6 +36,9 @@ pub struct IngestReport {
     pub videos_per_s: f64,
     /// Wall time of each stage; decode, encode and write are busy time summed over threads.
     pub stage_seconds: StageSeconds,
+    /// The same, and the process's CPU time, slot by slot from the start of the run: where
+    /// the time went (`ingest/timeline.rs`).
+    pub timeline: TimelineReport,
     /// Commits made, the periodic ones included.
     pub commits: u64,
     pub committed: bool,
@@ -51,7 +55,11 @@ pub struct StageSeconds {
     /// Reading the old index, hashing possibly renamed files, carrying rows over.
     pub plan: f64,
     pub decode: f64,
+    /// Decode workers holding finished files while the encoder was busy.
+    pub decode_waiting: f64,
     pub encode: f64,
+    /// The encoder waiting for frames.
+    pub encode_waiting: f64,
     pub write: f64,
 }
 

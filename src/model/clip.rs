@@ -8,6 +8,7 @@
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear_no_bias};
+use rayon::prelude::*;
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
 use super::fused::{self, Dense, Epilogue};
@@ -126,7 +127,9 @@ impl From<&TextConfig> for TowerShape {
 impl Encoder {
     fn new(vb: VarBuilder, shape: TowerShape) -> Result<Self> {
         let vb = vb.pp("layers");
+        // Each layer transposes its weights once (`Dense`): the layers are built in parallel.
         let layers = (0..shape.layers)
+            .into_par_iter()
             .map(|i| EncoderLayer::new(vb.pp(i), shape.width, shape.heads, shape.mlp, shape.eps, shape.activation))
             .collect::<Result<Vec<_>>>()?;
         Ok(Encoder { layers })

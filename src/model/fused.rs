@@ -164,39 +164,51 @@ impl CustomOp1 for FusedDense<'_> {
         let rows = x.len() / in_dim;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked above") = out_dim;
-        let mut dst = vec![0f32; rows * out_dim];
+        // Every value is written below, in parallel: zeroing the buffer first would be one
+        // more pass over it, on one thread while the others wait.
+        let mut dst: Vec<f32> = Vec::with_capacity(rows * out_dim);
+        let spare = &mut dst.spare_capacity_mut()[..rows * out_dim];
         with_f32_slice(self.bias, |bias| {
+            if bias.len() != out_dim {
+                candle_core::bail!("fused-dense: a bias of {} values for {out_dim} outputs", bias.len());
+            }
             // The product accumulates onto what `dst` holds: the bias, or residual + bias.
             match &self.epilogue {
                 Epilogue::Residual(r) => with_f32_slice(r, |residual| {
-                    if residual.len() != dst.len() {
+                    if residual.len() != spare.len() {
                         candle_core::bail!(
                             "fused-dense: residual of {} values for {} outputs",
                             residual.len(),
-                            dst.len()
+                            spare.len()
                         );
                     }
-                    dst.par_chunks_mut(out_dim * ROWS_PER_TASK)
+                    spare
+                        .par_chunks_mut(out_dim * ROWS_PER_TASK)
                         .zip(residual.par_chunks(out_dim * ROWS_PER_TASK))
                         .for_each(|(d, r)| {
                             for (d_row, r_row) in d.chunks_mut(out_dim).zip(r.chunks(out_dim)) {
                                 for ((d, &r), &b) in d_row.iter_mut().zip(r_row).zip(bias) {
-                                    *d = r + b;
+                                    d.write(r + b);
                                 }
                             }
                         });
                     Ok(())
                 }),
                 _ => {
-                    dst.par_chunks_mut(out_dim * ROWS_PER_TASK).for_each(|d| {
+                    spare.par_chunks_mut(out_dim * ROWS_PER_TASK).for_each(|d| {
                         for d_row in d.chunks_mut(out_dim) {
-                            d_row.copy_from_slice(bias);
+                            for (d, &b) in d_row.iter_mut().zip(bias) {
+                                d.write(b);
+                            }
                         }
                     });
                     Ok(())
                 }
             }
         })?;
+        // SAFETY: both branches above wrote every one of the `rows * out_dim` values (the bias
+        // has `out_dim` values and the residual `rows * out_dim`, checked there).
+        unsafe { dst.set_len(rows * out_dim) };
         with_f32_slice(self.weight_t, |weight_t| {
             // SAFETY: `x` is [rows, in], `weight_t` [in, out], `dst` [rows, out], all
             // row-major and sized above; `dst` is a fresh buffer.

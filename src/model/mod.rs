@@ -181,22 +181,24 @@ impl Checkpoint {
     }
 
     /// The model's identity, hashing the weights file.
-    pub fn identity(&self, logit_scale: f32) -> Result<ModelIdentity, ModelError> {
+    /// What the index records of this checkpoint; `sha256` is its weights file's
+    /// ([`sha256_file`]).
+    pub fn identity(&self, logit_scale: f32, sha256: String) -> ModelIdentity {
         let name = self.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(ModelIdentity {
+        ModelIdentity {
             id: name,
             // Canonical and absolute, so a reader in any working folder finds the model.
             source: std::fs::canonicalize(&self.source)
                 .unwrap_or_else(|_| self.source.clone())
                 .to_string_lossy()
                 .into_owned(),
-            sha256: sha256_file(&self.weights)?,
+            sha256,
             embed_dim: self.config.projection_dim,
             image_size: self.config.vision.image_size,
             logit_scale,
             dtype: self.precision,
             head: None,
-        })
+        }
     }
 }
 
@@ -336,11 +338,18 @@ impl Clip {
         // is read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
         let tensors = std::mem::take(&mut checkpoint.tensors);
         let vb = VarBuilder::from_tensors(tensors, dtype, &device);
-        let model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
+        // Hashing the weights file and building the towers each take about a second for a
+        // ViT-B/32 on one core, and nothing else runs while a model loads: side by side.
+        let (sha256, model) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| sha256_file(&checkpoint.weights));
+            let model = clip::ClipModel::new(vb, &checkpoint.config);
+            (hashing.join().expect("hashing does not panic"), model)
+        });
+        let model = model.map_err(|e| ModelError::Weights {
             path: checkpoint.weights.clone(),
             message: format!("not a usable CLIP checkpoint: {e}"),
         })?;
-        let identity = checkpoint.identity(model.logit_scale)?;
+        let identity = checkpoint.identity(model.logit_scale, sha256?);
         Ok(Clip { model, device, dtype, head: Head::MeanP, checkpoint, identity })
     }
 
