@@ -180,7 +180,6 @@ impl Checkpoint {
         self
     }
 
-    /// The model's identity, hashing the weights file.
     /// What the index records of this checkpoint; `sha256` is its weights file's
     /// ([`sha256_file`]).
     pub fn identity(&self, logit_scale: f32, sha256: String) -> ModelIdentity {
