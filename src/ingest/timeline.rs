@@ -95,7 +95,7 @@ impl StageClock {
         let (read_at, read) = slots.cpu_read;
         if to > read_at {
             let rate = (cpu - read).max(0.0) / (to - read_at);
-            slots.spread(read_at, to, |_, _| {});
+            // The slots up to `to` were made by the `spread` above.
             slots.spread_cpu(read_at, to, rate);
             slots.cpu_read = (to, cpu);
         }
