@@ -2,7 +2,8 @@
 //! `benchmarks/ingest_vs_pyav.py`, which compares their sum with the whole ingest.
 //!
 //! `ingest_stages decode ROOT MODEL WORKERS PIXELS.f32` walks ROOT as ingest does and runs
-//! ingest's decode workers (decode, sample, preprocess, hash) on WORKERS threads, with no model;
+//! ingest's decode workers (decode, sample, preprocess, hash) on WORKERS threads, with no model
+//! (MODEL's `config.json` gives the image size);
 //! it writes the pixels of every frame, in the walk's order, and prints `frames=N`.
 //! `ingest_stages tower MODEL PIXELS.f32 BATCH` runs the image tower on those frames in batches
 //! of BATCH as ingest packs them (full batches across videos, one partial batch at the end),
@@ -16,14 +17,23 @@ use anyhow::{Context, Result, bail};
 use crossbeam_channel::bounded;
 use vtr_index::decode::DecodeConfig;
 use vtr_index::ingest::pipeline::{Decoded, prepare};
-use vtr_index::model::{Checkpoint, Clip};
+use vtr_index::model::{Checkpoint, Clip, ClipConfig};
+use vtr_index::preprocess::PreprocessConfig;
 use vtr_index::sampling::SamplingConfig;
 use vtr_index::types::DeviceChoice;
 use vtr_index::walk::{Root, walk_roots};
 
 fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
     vtr_index::decode::init().map_err(anyhow::Error::msg)?;
-    let preprocess = Checkpoint::open(Path::new(model))?.preprocess;
+    // The model's size from its config.json alone: reading (and hashing) the weights is the
+    // model's cost, which (b) and ingest pay, not decoding's.
+    let model = Path::new(model);
+    if model.join("preprocessor_config.json").exists() {
+        bail!("{}: a preprocessor_config.json this stage does not read", model.display());
+    }
+    let config = std::fs::read_to_string(model.join("config.json")).context("the model's config.json")?;
+    let config = ClipConfig::from_json(&config).map_err(anyhow::Error::msg)?;
+    let preprocess = PreprocessConfig::clip(config.vision.image_size as u32);
     let decode = DecodeConfig::new(SamplingConfig::default(), Duration::from_secs(300));
     let files = walk_roots(&[Root::new(root)], Path::new("/nonexistent"), 0)?.videos;
     let count = files.len();

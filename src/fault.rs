@@ -3,7 +3,7 @@
 //!
 //! `VTR_INDEX_KILL_AT=POINT` kills the process the first time it reaches `POINT`;
 //! `POINT:N` the N-th time (1-based). Points: `planned` (ingest's walk and plan done, before
-//! any file is started), `decode:FILE_NAME` (a decode worker starting on
+//! any file is started), `decode:FILE_NAME` (a thread starting to decode
 //! that file), `shard-written` (a shard synced under its temporary name), `shard-renamed`
 //! (a shard renamed, before any manifest names it), `manifest-written` (the new manifest
 //! synced under its temporary name, before the rename), `committed` (just after a commit),

@@ -308,15 +308,17 @@ pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
     }
 }
 
-/// `ingest ROOT --index INDEX` with the sample model and one decode worker (a fixed order).
+/// `ingest ROOT --index INDEX` with the sample model and one decode worker (beside the encoder,
+/// which decodes when it has nothing to encode), unless `extra` asks for another count.
 pub fn ingest_command(index: &Path, root: &Path, extra: &[&str]) -> TestCommand {
+    let workers: &[&str] = if extra.contains(&"--decode-workers") { &[] } else { &["--decode-workers", "1"] };
     TestCommand::new(&["ingest"])
         .arg(root)
         .arg("--index")
         .arg(index)
         .arg("--model")
         .arg(sample().join("model"))
-        .args(&["--decode-workers", "1"])
+        .args(workers)
         .args(extra)
 }
 

@@ -99,6 +99,7 @@ fn print_model_info(model: &Path) -> Result<u8> {
     println!("checkpoint: {}", checkpoint.source.display());
     println!("layout:     {}", checkpoint.layout.name());
     println!("weights:    {}", checkpoint.weights.display());
+    println!("sha256:     {}", checkpoint.sha256);
     println!(
         "config:     {}",
         if checkpoint.config_inferred { "inferred from the tensor shapes" } else { "config.json" }

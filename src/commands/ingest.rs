@@ -54,7 +54,8 @@ pub struct IngestArgs {
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
-    /// Files decoded in parallel [default: half the cores].
+    /// Files decoded in parallel, besides the encoder's own when it has nothing to encode
+    /// [default: half the cores].
     #[arg(long)]
     pub decode_workers: Option<usize>,
     /// Retry files that failed before even if they did not change.

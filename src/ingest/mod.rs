@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::encode::EmbeddedVideo;
 use crate::failure::{Failure, Rejection};
-use crate::model::{Checkpoint, Clip, ModelError};
+use crate::model::{Checkpoint, Clip, ModelError, Unbuilt};
 use crate::partition::Shard;
 use crate::progress::Progress;
 use crate::sampling::SamplingConfig;
@@ -98,7 +98,8 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     run.finish(journal)
 }
 
-/// The model an index is built with, loaded only when something is to be embedded.
+/// The model an index is built with, read only when something is to be embedded (or checked,
+/// when `--model` names one). Its towers are built by the encoder, while decoding starts.
 struct ModelSource<'a> {
     options: &'a IngestOptions,
     path: PathBuf,
@@ -110,10 +111,10 @@ struct ModelSource<'a> {
 }
 
 impl ModelSource<'_> {
-    /// Loads the model, refuses another than the index's, and sets the head that pools videos.
-    fn load(&self) -> Result<Clip, IngestError> {
+    /// Reads the model, refuses another than the index's, and sets the head that pools videos.
+    fn load(&self) -> Result<Clip<Unbuilt>, IngestError> {
         let checkpoint = Checkpoint::open(&self.path)?.with_precision(self.precision);
-        let mut clip = Clip::load(checkpoint, self.options.device)?;
+        let mut clip = Clip::unbuilt(checkpoint, self.options.device)?;
         if let Some(recorded) = &self.recorded
             && recorded.sha256 != clip.identity.sha256
         {
@@ -147,7 +148,7 @@ struct Opened<'a> {
     lock: WriterLock,
     previous: Option<Manifest>,
     model: ModelSource<'a>,
-    clip: Option<Clip>,
+    clip: Option<Clip<Unbuilt>>,
     sampling: SamplingConfig,
     upgraded: bool,
     /// Crashes per (root, path) in flight: the manifest's counts plus the crashed journals'.
@@ -238,7 +239,7 @@ struct Run<'a> {
     started_at_us: i64,
     lock: WriterLock,
     previous: Option<Manifest>,
-    clip: Option<Clip>,
+    clip: Option<Clip<Unbuilt>>,
     sampling: SamplingConfig,
     upgraded: bool,
     root_names: Vec<String>,
@@ -404,7 +405,7 @@ impl<'a> Run<'a> {
     }
 
     /// Runs the planned files through the stages, writing and committing as they finish; the
-    /// decode workers record the files in flight in `journal`.
+    /// threads that decode record the files in flight in `journal`.
     fn process(&mut self, journal: &InFlightJournal) -> Result<(), IngestError> {
         let files = std::mem::take(&mut self.files);
         let clock = StageClock::new(self.started);
@@ -418,14 +419,16 @@ impl<'a> Run<'a> {
                 timeout: self.options.decode_timeout,
                 cancelled: crate::interrupt::was_requested,
             };
+            let preprocess = clip.checkpoint.preprocess.clone();
+            let suspects = self.suspects.keys().cloned().collect();
             let pipeline = Pipeline {
                 options: self.options,
                 decode: &decode,
-                preprocess: &clip.checkpoint.preprocess,
-                clip: &clip,
+                preprocess: &preprocess,
                 journal,
+                suspects: &suspects,
             };
-            pipeline.run(files, &clock, |outcome| self.consume(outcome, &clock))?;
+            pipeline.run(files, clip, &clock, |outcome| self.consume(outcome, &clock))?;
         }
         self.progress.finish();
         if let Some(signal) = crate::interrupt::requested() {
@@ -438,6 +441,7 @@ impl<'a> Run<'a> {
         stages.encode = clock.seconds(Activity::Encode);
         stages.encode_waiting = clock.seconds(Activity::EncodeWaiting);
         stages.write = clock.seconds(Activity::Write);
+        stages.build_model = clock.seconds(Activity::BuildModel);
         self.report.timeline = clock.report();
         Ok(())
     }
@@ -589,7 +593,7 @@ fn write_kept_rows(
 
 /// What the manifest records of the model and its preprocessing: the loaded model's, or the
 /// index's own when nothing was embedded.
-fn model_record(clip: Option<&Clip>, previous: Option<&Manifest>) -> (ModelIdentity, PreprocessRecord) {
+fn model_record(clip: Option<&Clip<Unbuilt>>, previous: Option<&Manifest>) -> (ModelIdentity, PreprocessRecord) {
     match (clip, previous) {
         (Some(clip), _) => {
             let p = &clip.checkpoint.preprocess;

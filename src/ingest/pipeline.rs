@@ -1,12 +1,16 @@
 //! The stages of one ingest run on their own threads: a feeder, `--decode-workers` decode
-//! workers (decode, sample, preprocess, hash; each file journalled while in flight) and the
-//! encoder, joined by bounded channels, so a slow stage holds the ones before it back and memory
-//! holds at most a few videos' frames. Outcomes reach the caller's `consume` on its own thread.
-//! This module wires stages; the work is done in `decode`, `preprocess`, `encode` and `model`.
+//! workers (decode, sample, preprocess, hash; each file journalled while in flight, and a file
+//! in flight at an earlier crash decoded alone) and the encoder (which builds the model's towers
+//! first, and decodes a file itself whenever it has nothing to encode), joined by bounded
+//! channels, so a slow stage holds the ones before it back and memory holds at most a few
+//! videos' frames. Outcomes reach the caller's `consume` on its own thread. This module wires
+//! stages; the work is done in `decode`, `preprocess`, `encode` and `model`.
 
+use std::collections::HashSet;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{TryRecvError, bounded};
 
 use super::timeline::{Activity, StageClock};
 use super::{IngestError, IngestOptions};
@@ -14,12 +18,12 @@ use crate::checksum::blake3_file;
 use crate::decode::{DecodeConfig, decode_video};
 use crate::encode::{BatchEncoder, EmbeddedVideo, PreparedVideo, VideoFacts};
 use crate::failure::{FailureKind, Rejection, Stage};
-use crate::model::Clip;
+use crate::model::{Clip, Unbuilt};
 use crate::preprocess::{PreprocessConfig, pixel_values};
 use crate::store::{InFlightJournal, StoreError};
 use crate::walk::VideoFile;
 
-/// A decode worker's result for one file.
+/// One file decoded, preprocessed and hashed, or its failure.
 pub enum Decoded {
     Video(PreparedVideo<VideoFile>),
     Failed(VideoFile, Rejection),
@@ -48,7 +52,7 @@ impl Drop for JournalGuard {
     }
 }
 
-/// Decodes, preprocesses and hashes one file in a decode worker (public for the stage
+/// Decodes, preprocesses and hashes one file (public for the stage
 /// benchmark, `examples/ingest_stages.rs`, which runs this stage alone).
 pub fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessConfig) -> Decoded {
     let video = match decode_video(&file.abs_path, decode) {
@@ -81,21 +85,65 @@ pub fn prepare(file: VideoFile, decode: &DecodeConfig, preprocess: &PreprocessCo
 }
 
 /// The decode workers and the encoder of one run, on their own threads joined by bounded
-/// channels.
+/// channels. The encoder also decodes a file whenever it has nothing to encode.
 pub struct Pipeline<'a> {
     pub options: &'a IngestOptions,
     pub decode: &'a DecodeConfig,
     pub preprocess: &'a PreprocessConfig,
-    pub clip: &'a Clip,
     pub journal: &'a InFlightJournal,
+    /// (root, path) of the files in flight at an earlier crash. Each is decoded with no other
+    /// file in flight, so that a crash while it decodes blames it alone.
+    pub suspects: &'a HashSet<(String, String)>,
+}
+
+/// Who may decode now: any number of files at once, or one suspect alone.
+struct DecodeTurns(RwLock<()>);
+
+/// A turn to decode, held while a file is in flight.
+enum Turn<'a> {
+    Shared { _guard: RwLockReadGuard<'a, ()> },
+    Alone { _guard: RwLockWriteGuard<'a, ()> },
+}
+
+impl DecodeTurns {
+    /// Waits for a turn: a shared one, or one alone, once the files in flight are done.
+    fn take(&self, alone: bool) -> Turn<'_> {
+        // A poisoned lock only means a decoding thread panicked, which fails the run anyway.
+        if alone {
+            Turn::Alone { _guard: self.0.write().unwrap_or_else(PoisonError::into_inner) }
+        } else {
+            Turn::Shared { _guard: self.0.read().unwrap_or_else(PoisonError::into_inner) }
+        }
+    }
 }
 
 impl Pipeline<'_> {
-    /// Runs `files` through decode and encode and hands every outcome to `consume` on the
-    /// calling thread.
+    /// Decodes one file, journalled while in flight; `None` when the run was interrupted before
+    /// or during it (a file cut short is not a failure: the next run takes it up again).
+    fn decode_one(&self, file: VideoFile, turns: &DecodeTurns, clock: &StageClock) -> Option<Decoded> {
+        if crate::interrupt::was_requested() {
+            return None;
+        }
+        let _turn = turns.take(self.suspects.contains(&(file.root.clone(), file.path.clone())));
+        let started = Instant::now();
+        self.journal.started(&file.root, &file.path);
+        crate::fault::point(&format!("decode:{}", file.path));
+        let (root, path) = (file.root.clone(), file.path.clone());
+        let decoded = prepare(file, self.decode, self.preprocess);
+        self.journal.finished(&root, &path);
+        clock.add(Activity::Decode, started);
+        let cut_short = matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
+        (!cut_short).then_some(decoded)
+    }
+
+    /// Runs `files` through decode and encode with `clip`, and hands every outcome to `consume`
+    /// on the calling thread. The encoder builds `clip`'s towers while the workers start
+    /// decoding, and takes no file before they are built: no outcome (and so no commit) comes
+    /// before a model that fails to build.
     pub fn run(
         &self,
         files: Vec<VideoFile>,
+        clip: Clip<Unbuilt>,
         clock: &StageClock,
         mut consume: impl FnMut(Encoded) -> Result<(), StoreError>,
     ) -> Result<(), IngestError> {
@@ -103,7 +151,8 @@ impl Pipeline<'_> {
         let (task_tx, task_rx) = bounded::<VideoFile>(workers * 2);
         let (decoded_tx, decoded_rx) = bounded::<Decoded>(workers + 2);
         let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
-        let dim = self.clip.embed_dim();
+        let dim = clip.embed_dim();
+        let turns = &DecodeTurns(RwLock::new(()));
         std::thread::scope(|scope| {
             let feeder = std::thread::Builder::new()
                 .name("feed".into())
@@ -124,22 +173,7 @@ impl Pipeline<'_> {
                         .name(format!("decode-{i}"))
                         .spawn_scoped(scope, move || {
                             for file in tasks {
-                                if crate::interrupt::was_requested() {
-                                    continue;
-                                }
-                                let started = Instant::now();
-                                self.journal.started(&file.root, &file.path);
-                                crate::fault::point(&format!("decode:{}", file.path));
-                                let (root, path) = (file.root.clone(), file.path.clone());
-                                let decoded = prepare(file, self.decode, self.preprocess);
-                                self.journal.finished(&root, &path);
-                                clock.add(Activity::Decode, started);
-                                // A file cut short by an interruption is not a failure: drop it.
-                                let cut_short =
-                                    matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
-                                if cut_short {
-                                    continue;
-                                }
+                                let Some(decoded) = self.decode_one(file, turns, clock) else { continue };
                                 let waiting = Instant::now();
                                 if out.send(decoded).is_err() {
                                     break;
@@ -150,26 +184,44 @@ impl Pipeline<'_> {
                         .expect("spawn a thread")
                 })
                 .collect();
-            drop(task_rx);
             drop(decoded_tx);
             let encoder = std::thread::Builder::new()
                 .name("encode".into())
-                .spawn_scoped(scope, move || -> Result<(), String> {
+                .spawn_scoped(scope, move || -> Result<(), IngestError> {
+                    let building = Instant::now();
+                    let clip = clip.build()?;
+                    clock.add(Activity::BuildModel, building);
                     let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
                         crate::fault::point("encode");
                         let started = Instant::now();
-                        let flat = self.clip.image_features(pixels, count).map_err(|e| e.to_string())?;
+                        let flat = clip.image_features(pixels, count).map_err(|e| e.to_string())?;
                         clock.add(Activity::Encode, started);
                         Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
                     };
-                    let pool = |features: Vec<Vec<f32>>| self.clip.pool_video(features).map_err(|e| e.to_string());
+                    let pool = |features: Vec<Vec<f32>>| clip.pool_video(features).map_err(|e| e.to_string());
                     let mut encoder = BatchEncoder::new(self.options.batch, embed, pool);
                     loop {
-                        let waiting = Instant::now();
-                        let Ok(item) = decoded_rx.recv() else { break };
-                        clock.add(Activity::EncodeWaiting, waiting);
+                        // With nothing to encode (before the first batch is full, or when the
+                        // workers fall behind), the encoder decodes the next file itself rather
+                        // than leave its core idle.
+                        let item = match decoded_rx.try_recv() {
+                            Ok(item) => item,
+                            Err(TryRecvError::Disconnected) => break,
+                            Err(TryRecvError::Empty) => match task_rx.try_recv() {
+                                Ok(file) => match self.decode_one(file, turns, clock) {
+                                    Some(decoded) => decoded,
+                                    None => continue,
+                                },
+                                Err(_) => {
+                                    let waiting = Instant::now();
+                                    let Ok(item) = decoded_rx.recv() else { break };
+                                    clock.add(Activity::EncodeWaiting, waiting);
+                                    item
+                                }
+                            },
+                        };
                         let done = match item {
-                            Decoded::Video(video) => encoder.push(video)?,
+                            Decoded::Video(video) => encoder.push(video).map_err(encode_failed)?,
                             Decoded::Failed(file, rejection) => {
                                 if encoded_tx.send(Encoded::Failed(file, rejection)).is_err() {
                                     return Ok(());
@@ -183,7 +235,7 @@ impl Pipeline<'_> {
                             }
                         }
                     }
-                    for video in encoder.finish()? {
+                    for video in encoder.finish().map_err(encode_failed)? {
                         if encoded_tx.send(Encoded::Video(video)).is_err() {
                             return Ok(());
                         }
@@ -208,7 +260,11 @@ impl Pipeline<'_> {
             }
             feeder.join().map_err(|_| panicked("feed"))?;
             written?;
-            encoded.map_err(|e| IngestError::Stage("encode", e))
+            encoded
         })
     }
+}
+
+fn encode_failed(message: String) -> IngestError {
+    IngestError::Stage("encode", message)
 }

@@ -54,6 +54,8 @@ pub struct StageSeconds {
     pub walk: f64,
     /// Reading the old index, hashing possibly renamed files, carrying rows over.
     pub plan: f64,
+    /// Decoding, sampling, preprocessing and hashing: the decode workers', and the encoder's
+    /// when it had nothing to encode.
     pub decode: f64,
     /// Decode workers holding finished files while the encoder was busy.
     pub decode_waiting: f64,
@@ -61,6 +63,8 @@ pub struct StageSeconds {
     /// The encoder waiting for frames.
     pub encode_waiting: f64,
     pub write: f64,
+    /// Building the model's towers (the encoder, while the first files decode).
+    pub build_model: f64,
 }
 
 impl IngestReport {

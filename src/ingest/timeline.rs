@@ -1,7 +1,7 @@
 //! Where one ingest run's time went: each stage's busy time, its waits, and the process's CPU
 //! time, in total and as a timeline of at most [`SLOTS`] equal slots for the run report
 //! (`runs/TAG.json`). The timeline shows what totals hide: cores left idle while the model
-//! loads, the encoder waiting for frames, decoders held back by a busy encoder.
+//! loads or builds, the encoder waiting for frames, decoders held back by a busy encoder.
 //!
 //! A run of any length fits the same slots: when the next interval would end past the last
 //! slot, neighbouring slots are merged in pairs and the slot width doubles.
@@ -20,7 +20,8 @@ const FIRST_SLOT_S: f64 = 0.5;
 /// What a stage's thread spent an interval on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activity {
-    /// Decoding, sampling, preprocessing and hashing one file (a decode worker).
+    /// Decoding, sampling, preprocessing and hashing one file (a decode worker, or the encoder
+    /// when it has nothing to encode).
     Decode,
     /// A decode worker holding a finished file the encoder has no room for yet.
     DecodeWaiting,
@@ -30,9 +31,12 @@ pub enum Activity {
     EncodeWaiting,
     /// Writing one file's rows (the writer).
     Write,
+    /// Building the model's towers from the weights read (the encoder, while the first files
+    /// decode).
+    BuildModel,
 }
 
-const ACTIVITIES: usize = 5;
+const ACTIVITIES: usize = 6;
 
 /// One run's clock: totals per activity, and the timeline.
 pub struct StageClock {
@@ -55,7 +59,8 @@ struct Slots {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TimelineReport {
     pub slot_s: f64,
-    /// Seconds per slot that decode workers decoded (up to `slot_s` × workers).
+    /// Seconds per slot that decode workers and the encoder decoded (up to `slot_s` ×
+    /// (workers + 1)).
     pub decode: Vec<f64>,
     /// Seconds per slot that decode workers waited for the encoder to take their files.
     pub decode_waiting: Vec<f64>,
@@ -64,6 +69,8 @@ pub struct TimelineReport {
     /// Seconds per slot that the encoder waited for frames.
     pub encode_waiting: Vec<f64>,
     pub write: Vec<f64>,
+    /// Seconds per slot that the encoder built the model's towers.
+    pub build_model: Vec<f64>,
     /// CPU seconds the whole process used per slot (up to `slot_s` × cores): the cores a run
     /// leaves idle are the difference.
     pub cpu: Vec<f64>,
@@ -116,6 +123,7 @@ impl StageClock {
             encode: column(Activity::Encode),
             encode_waiting: column(Activity::EncodeWaiting),
             write: column(Activity::Write),
+            build_model: column(Activity::BuildModel),
             cpu: slots.cpu.iter().copied().map(round_ms).collect(),
         }
     }

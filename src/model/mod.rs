@@ -6,7 +6,9 @@
 //! names, takes the configuration from `config.json` or from the tensor shapes, and checks every
 //! tensor against it, and recognises a CLIP4Clip temporal head beside the towers (`head.rs`);
 //! the model's identity is the SHA-256 of its weights file. [`Clip::load`] builds both towers
-//! from it in the dtype asked for, and [`Clip::use_head`] the head that pools a video's frames.
+//! from it in the dtype asked for (in two steps, [`Clip::unbuilt`] and [`Clip::build`], for a
+//! caller with work to start between them), and [`Clip::use_head`] the head that pools a
+//! video's frames.
 //! Callers hand in plain `f32` pixel values or token ids and get embeddings back as plain
 //! vectors, so no other module sees a tensor.
 
@@ -68,6 +70,8 @@ pub fn keep_freed_activation_memory() {
 pub struct Checkpoint {
     pub source: PathBuf,
     pub weights: PathBuf,
+    /// The SHA-256 of `weights`: the model's identity.
+    pub sha256: String,
     pub config: ClipConfig,
     pub preprocess: PreprocessConfig,
     pub layout: Layout,
@@ -100,7 +104,8 @@ impl Checkpoint {
     /// `pytorch_model.bin`, with `config.json`), or one weights file (`.safetensors`, or a
     /// PyTorch file such as `.pt`, `.pth`, `.bin`, `pytorch_model.bin.N`) in any layout
     /// `layout.rs` knows. A `config.json` beside a Hugging Face file describes it; otherwise
-    /// the shapes do.
+    /// the shapes do. The weights file is hashed on another thread while it is read: each
+    /// takes about a second of one core for a ViT-B/32.
     pub fn open(path: &Path) -> Result<Checkpoint, ModelError> {
         if !path.exists() {
             return Err(ModelError::NotFound { path: path.to_path_buf() });
@@ -118,8 +123,20 @@ impl Checkpoint {
         } else {
             (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
         };
-        let weights_error = |message: String| ModelError::Weights { path: weights.clone(), message };
-        let (raw, from_state_dict) = read_tensors(&weights)?;
+        let (read, sha256) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| sha256_file(&weights));
+            let read = Checkpoint::read(path, &folder, &weights);
+            (read, hashing.join().expect("hashing does not panic"))
+        });
+        let mut checkpoint = read?;
+        checkpoint.sha256 = sha256?;
+        Ok(checkpoint)
+    }
+
+    /// Reads the checkpoint at `path` (`weights` in `folder`), all but the hash.
+    fn read(path: &Path, folder: &Path, weights: &Path) -> Result<Checkpoint, ModelError> {
+        let weights_error = |message: String| ModelError::Weights { path: weights.to_path_buf(), message };
+        let (raw, from_state_dict) = read_tensors(weights)?;
         let normalised = layout::normalise(raw, from_state_dict).map_err(weights_error)?;
         let config_path = folder.join("config.json");
         let use_config = normalised.layout == Layout::HuggingFace && config_path.is_file();
@@ -134,13 +151,14 @@ impl Checkpoint {
         let parameters = layout::check(&normalised, &config).map_err(weights_error)?;
         let head = head::find(&normalised.head_tensors, config.projection_dim).map_err(weights_error)?;
         let preprocess = if use_config {
-            read_preprocessor_config(&folder, config.vision.image_size as u32)?
+            read_preprocessor_config(folder, config.vision.image_size as u32)?
         } else {
             PreprocessConfig::clip(config.vision.image_size as u32)
         };
         Ok(Checkpoint {
             source: path.to_path_buf(),
-            weights,
+            weights: weights.to_path_buf(),
+            sha256: String::new(),
             config,
             preprocess,
             layout: normalised.layout,
@@ -180,9 +198,8 @@ impl Checkpoint {
         self
     }
 
-    /// What the index records of this checkpoint; `sha256` is its weights file's
-    /// ([`sha256_file`]).
-    pub fn identity(&self, logit_scale: f32, sha256: String) -> ModelIdentity {
+    /// What the index records of this checkpoint.
+    pub fn identity(&self, logit_scale: f32) -> ModelIdentity {
         let name = self.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         ModelIdentity {
             id: name,
@@ -191,7 +208,7 @@ impl Checkpoint {
                 .unwrap_or_else(|_| self.source.clone())
                 .to_string_lossy()
                 .into_owned(),
-            sha256,
+            sha256: self.sha256.clone(),
             embed_dim: self.config.projection_dim,
             image_size: self.config.vision.image_size,
             logit_scale,
@@ -300,7 +317,7 @@ fn read_preprocessor_config(folder: &Path, image_size: u32) -> Result<Preprocess
     Ok(config)
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
     crate::checksum::sha256_file(path)
         .map(|(_, sha256)| sha256)
         .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
@@ -319,9 +336,11 @@ fn candle_device(choice: DeviceChoice) -> Result<Device, ModelError> {
 }
 
 /// A loaded CLIP model, ready to embed images and texts, and the head that makes a video's
-/// vector of its frames (meanP until [`Clip::use_head`] says otherwise).
-pub struct Clip {
-    model: clip::ClipModel,
+/// vector of its frames (meanP until [`Clip::use_head`] says otherwise). Its towers are `T`:
+/// the built [`ClipModel`](clip::ClipModel), or [`Unbuilt`] between [`Clip::unbuilt`] and
+/// [`Clip::build`].
+pub struct Clip<T = clip::ClipModel> {
+    model: T,
     device: Device,
     dtype: DType,
     head: Head,
@@ -329,34 +348,59 @@ pub struct Clip {
     pub identity: ModelIdentity,
 }
 
-impl Clip {
-    pub fn load(mut checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
+/// Towers not built yet: their weights wait in the checkpoint.
+pub struct Unbuilt;
+
+impl Clip<Unbuilt> {
+    /// The model with its identity and head known and its towers not built, so a caller can
+    /// check and record the model, and start work that needs no tower (ingest's decoding),
+    /// before the build (most of a second of both cores for a ViT-B/32).
+    pub fn unbuilt(checkpoint: Checkpoint, device: DeviceChoice) -> Result<Self, ModelError> {
         let device = candle_device(device)?;
         let dtype = layout::candle_dtype(checkpoint.precision);
-        // The VarBuilder converts each tensor to `dtype` as the towers read it; `logit_scale`
-        // is read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
-        let tensors = std::mem::take(&mut checkpoint.tensors);
-        let vb = VarBuilder::from_tensors(tensors, dtype, &device);
-        // Hashing the weights file and building the towers each take about a second for a
-        // ViT-B/32 on one core, and nothing else runs while a model loads: side by side.
-        let (sha256, model) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| sha256_file(&checkpoint.weights));
-            let model = clip::ClipModel::new(vb, &checkpoint.config);
-            (hashing.join().expect("hashing does not panic"), model)
-        });
-        let model = model.map_err(|e| ModelError::Weights {
+        // Read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
+        let logit_scale = checkpoint
+            .tensors
+            .get("logit_scale")
+            .and_then(|t| t.to_dtype(DType::F32).ok())
+            .and_then(|t| t.to_scalar::<f32>().ok())
+            .ok_or_else(|| ModelError::Weights {
+                path: checkpoint.weights.clone(),
+                message: "no scalar logit_scale".into(),
+            })?;
+        let identity = checkpoint.identity(logit_scale);
+        Ok(Clip { model: Unbuilt, device, dtype, head: Head::MeanP, checkpoint, identity })
+    }
+
+    /// Builds both towers from the checkpoint's weights.
+    pub fn build(self) -> Result<Clip, ModelError> {
+        let Clip { model: Unbuilt, device, dtype, head, mut checkpoint, identity } = self;
+        // The VarBuilder converts each tensor to `dtype` as the towers read it.
+        let vb = VarBuilder::from_tensors(std::mem::take(&mut checkpoint.tensors), dtype, &device);
+        let model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
             path: checkpoint.weights.clone(),
             message: format!("not a usable CLIP checkpoint: {e}"),
         })?;
-        let identity = checkpoint.identity(model.logit_scale, sha256?);
-        Ok(Clip { model, device, dtype, head: Head::MeanP, checkpoint, identity })
+        Ok(Clip { model, device, dtype, head, checkpoint, identity })
     }
+}
 
+impl<T> Clip<T> {
     /// Pools videos with the checkpoint's head `kind` from now on, and records it in the identity.
     pub fn use_head(&mut self, kind: HeadKind) -> Result<(), ModelError> {
         self.head = self.checkpoint.load_head(kind)?;
         self.identity.head = Some(kind);
         Ok(())
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.checkpoint.config.projection_dim
+    }
+}
+
+impl Clip {
+    pub fn load(checkpoint: Checkpoint, device: DeviceChoice) -> Result<Clip, ModelError> {
+        Clip::unbuilt(checkpoint, device)?.build()
     }
 
     /// One video's raw frame features ([`Clip::image_features`]), in time order → the frames'
@@ -391,10 +435,6 @@ impl Clip {
             )));
         }
         Ok(clip)
-    }
-
-    pub fn embed_dim(&self) -> usize {
-        self.checkpoint.config.projection_dim
     }
 
     /// Embeds `count` preprocessed images (`pixels` holds `count` CHW tensors back to back);

@@ -2,7 +2,7 @@
 //! finished, so that the run after a crash knows which files were being decoded when the
 //! process died.
 //!
-//! Each ingest appends `+ROOT\tPATH` when a decode worker starts a file and `-ROOT\tPATH` when
+//! Each ingest appends `+ROOT\tPATH` when a thread starts decoding a file and `-ROOT\tPATH` when
 //! it is done to `INDEX/runs/TAG.inflight`. Appends reach the kernel at once, so they survive
 //! the process being killed (not a power cut, which a crashed decoder is not). A run that ends
 //! normally removes its journal; a journal left behind is a crash, and its unmatched `+` lines
