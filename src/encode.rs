@@ -38,8 +38,11 @@ pub struct EmbeddedVideo<K> {
     pub embedding: Vec<f32>,
 }
 
+/// A video whose frames are queued: its pixels are in the encoder's batch buffer, not here.
 struct InFlight<K> {
-    video: PreparedVideo<K>,
+    key: K,
+    facts: VideoFacts,
+    times: Vec<f64>,
     embeddings: Vec<Option<Vec<f32>>>,
     remaining: usize,
 }
@@ -76,15 +79,20 @@ where
         }
     }
 
-    /// Queues a video's frames; returns the videos completed by any batch this filled.
+    /// Queues a video's frames; returns the videos completed by any batch this filled. Each
+    /// frame's pixels are freed once copied into the batch buffer, which keeps its capacity
+    /// from batch to batch: a video waiting for its batch holds no second copy.
     pub fn push(&mut self, video: PreparedVideo<K>) -> Result<Vec<EmbeddedVideo<K>>, String> {
         let slot = self.first_slot + self.in_flight.len();
         let n = video.frames.len();
-        for (i, (_, pixels)) in video.frames.iter().enumerate() {
+        let mut times = Vec::with_capacity(n);
+        for (i, (time, pixels)) in video.frames.into_iter().enumerate() {
             self.queue.push((slot, i));
-            self.pixels.extend_from_slice(pixels);
+            self.pixels.extend_from_slice(&pixels);
+            times.push(time);
         }
-        self.in_flight.push_back(InFlight { embeddings: vec![None; n], remaining: n, video });
+        let (key, facts) = (video.key, video.facts);
+        self.in_flight.push_back(InFlight { key, facts, times, embeddings: vec![None; n], remaining: n });
         let mut done = Vec::new();
         while self.queue.len() >= self.batch_size {
             self.run_batch(self.batch_size)?;
@@ -123,8 +131,8 @@ where
             self.first_slot += 1;
             let features: Vec<Vec<f32>> = finished.embeddings.into_iter().map(|e| e.expect("all embedded")).collect();
             let (embeddings, embedding) = (self.pool)(features)?;
-            let frames = finished.video.frames.iter().map(|(t, _)| *t).zip(embeddings).collect();
-            done.push(EmbeddedVideo { key: finished.video.key, facts: finished.video.facts, frames, embedding });
+            let frames = finished.times.into_iter().zip(embeddings).collect();
+            done.push(EmbeddedVideo { key: finished.key, facts: finished.facts, frames, embedding });
         }
         Ok(done)
     }
