@@ -124,13 +124,13 @@ impl Pipeline<'_> {
         if crate::interrupt::was_requested() {
             return None;
         }
-        let _turn = turns.take(self.suspects.contains(&(file.root.clone(), file.path.clone())));
+        let key = (file.root.clone(), file.path.clone());
+        let _turn = turns.take(self.suspects.contains(&key));
         let started = Instant::now();
-        self.journal.started(&file.root, &file.path);
-        crate::fault::point(&format!("decode:{}", file.path));
-        let (root, path) = (file.root.clone(), file.path.clone());
+        self.journal.started(&key.0, &key.1);
+        crate::fault::point(&format!("decode:{}", key.1));
         let decoded = prepare(file, self.decode, self.preprocess);
-        self.journal.finished(&root, &path);
+        self.journal.finished(&key.0, &key.1);
         clock.add(Activity::Decode, started);
         let cut_short = matches!(decoded, Decoded::Failed(..)) && crate::interrupt::was_requested();
         (!cut_short).then_some(decoded)

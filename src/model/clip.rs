@@ -261,14 +261,13 @@ impl TextTransformer {
     }
 }
 
-/// The whole model: both towers, their projections and the logit scale.
+/// The whole model: both towers and their projections (the logit scale is the checkpoint's,
+/// read into the model's identity by `Clip::unbuilt`).
 pub struct ClipModel {
     pub vision_model: VisionTransformer,
     pub text_model: TextTransformer,
     visual_projection: Linear,
     text_projection: Linear,
-    /// `logit_scale` as stored (the logit multiplier is its exponential).
-    pub logit_scale: f32,
     pub config: ClipConfig,
 }
 
@@ -279,9 +278,6 @@ impl ClipModel {
             text_model: TextTransformer::new(vb.pp("text_model"), &c.text)?,
             visual_projection: linear_no_bias(c.vision.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
             text_projection: linear_no_bias(c.text.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
-            logit_scale: vb
-                .get_with_hints_dtype((), "logit_scale", Default::default(), DType::F32)?
-                .to_scalar::<f32>()?,
             config: c.clone(),
         })
     }
