@@ -17,6 +17,8 @@ a ratio worth recording.
 
 Usage: python3 benchmarks/score_vs_numpy.py [--binary target/release/vtr-index] [--sizes 4000 20000]
        [--no-numpy-above N] [--cache-mib M] [--rounds R]
+With --baseline B, each size is then scored by --binary and by B in alternating rounds (at least
+3), and a line gives both medians and the median ratio: a change's cost on the same machine.
 Needs numpy and pyarrow (`pip install numpy pyarrow`).
 """
 
@@ -131,6 +133,8 @@ def main():
     parser.add_argument("--cache-mib", type=int, default=1024)
     parser.add_argument("--work", default="benchmarks/work")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--baseline", help="another vtr-index binary (an earlier commit's build), timed against "
+                        "--binary in alternating rounds on the same index after the table")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,25 @@ def main():
                 print(f"  vtr-index {metrics['t2v']} {metrics['v2t']}\n  numpy     {t2v} {v2t}")
         else:
             print(f"| {n:,} | {wall:.2f} s | {rss:.0f} MiB | – | – | – | – | – |", flush=True)
+        if args.baseline:
+            against_baseline(args, n, index, work)
         shutil.rmtree(index)
+
+
+def against_baseline(args, n, index, work):
+    """This build against --baseline, alternating which runs first, each round on the same index."""
+    rows = []
+    for round_no in range(max(args.rounds, 3)):
+        order = [("this", args.binary), ("baseline", args.baseline)]
+        if round_no % 2:
+            order.reverse()
+        rows.append({name: run_vtr(binary, index, work / f"out-{n}-{name}", args.cache_mib) for name, binary in order})
+    walls = [(r["this"][0], r["baseline"][0]) for r in rows]
+    same = all(r["this"][2] == r["baseline"][2] for r in rows)
+    print(f"{n:,}²: this build {statistics.median(w for w, _ in walls):.2f} s, baseline "
+          f"{statistics.median(b for _, b in walls):.2f} s (medians of {len(rows)} alternating rounds: "
+          f"{', '.join(f'{w:.2f}/{b:.2f}' for w, b in walls)}); median ratio this / baseline "
+          f"{statistics.median(w / b for w, b in walls):.3f}; metrics {'equal' if same else 'DIFFER'}", flush=True)
 
 
 if __name__ == "__main__":

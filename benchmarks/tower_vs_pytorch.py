@@ -12,6 +12,8 @@ Usage: benchmarks/.venv/bin/python benchmarks/tower_vs_pytorch.py [--frames 128]
 On a GPU: --device cuda --dtype f16 runs both sides there, PyTorch in the same dtype; give
 --bin with a `tower_throughput` built with `--features cuda-encoder` where Rust is (the GPU
 machines have none), since the script otherwise builds it.
+With --baseline-bin B (another build's tower_throughput), every round also times B on the same
+pixels, after this build, and the table adds the ratio of the two and their lowest cosine.
 Set up once: python3 -m venv benchmarks/.venv && benchmarks/.venv/bin/pip install torch transformers numpy
 """
 
@@ -47,6 +49,8 @@ def main():
     parser.add_argument("--work", default="benchmarks/work/tower")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bin", help="a prebuilt tower_throughput example")
+    parser.add_argument("--baseline-bin", help="another build's tower_throughput (an earlier commit's), timed in "
+                        "every round beside this one's: the cost or gain of a change, on the same machine")
     args = parser.parse_args()
     torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     work = Path(args.work)
@@ -65,8 +69,9 @@ def main():
     if binary is None:
         subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "tower_throughput"], check=True)
         binary = "target/release/examples/tower_throughput"
-    cmd = [binary, str(model_dir), str(work / "pixels.f32"), str(args.frames), str(args.batch), str(work / "ours.f32"),
-           args.dtype, args.device]
+    def command(binary, out):
+        return [binary, str(model_dir), str(work / "pixels.f32"), str(args.frames), str(args.batch), str(work / out),
+                args.dtype, args.device]
 
     def batch_of(i):
         batch = torch.from_numpy(pixels[i:i + args.batch])
@@ -90,25 +95,36 @@ def main():
         embeddings = torch.cat(outputs).float().cpu().numpy()
         return args.frames / seconds, embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
 
-    def ours_round():
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+    def rust_round(binary, out):
+        proc = subprocess.run(command(binary, out), capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(proc.stderr)
         fps = float(re.search(r"frames_per_s=([\d.]+)", proc.stdout).group(1))
-        return fps, np.frombuffer((work / "ours.f32").read_bytes(), dtype=np.float32).reshape(args.frames, -1)
+        return fps, np.frombuffer((work / out).read_bytes(), dtype=np.float32).reshape(args.frames, -1)
 
-    # Rounds alternate between the two sides so that a slow spell of a shared machine hits both.
-    print(f"| round | PyTorch {args.dtype} ({args.device}) | vtr-index {args.dtype} ({args.device}) | vtr-index / PyTorch | lowest cosine |")
-    print("|---|---|---|---|---|")
-    ratios = []
+    # Rounds alternate between the sides so that a slow spell of a shared machine hits each.
+    baseline = ""
+    if args.baseline_bin:
+        baseline = " baseline | vtr-index / baseline | lowest cosine to baseline |"
+    print(f"| round | PyTorch {args.dtype} ({args.device}) | vtr-index {args.dtype} ({args.device}) | vtr-index / PyTorch | "
+          f"lowest cosine |{baseline}")
+    print("|---|---|---|---|---|" + ("---|---|---|" if baseline else ""))
+    ratios, baseline_ratios = [], []
     for round_no in range(1, args.rounds + 1):
         torch_fps, reference = pytorch_round()
-        ours_fps, ours = ours_round()
+        ours_fps, ours = rust_round(binary, "ours.f32")
         lowest = float(np.min(np.sum(ours * reference, axis=1)))
         ratios.append(ours_fps / torch_fps)
-        print(f"| {round_no} | {torch_fps:.2f} frames/s | {ours_fps:.2f} frames/s | {ratios[-1]:.2f}× | {lowest:.6f} |",
-              flush=True)
+        row = f"| {round_no} | {torch_fps:.2f} frames/s | {ours_fps:.2f} frames/s | {ratios[-1]:.2f}× | {lowest:.6f} |"
+        if args.baseline_bin:
+            base_fps, base = rust_round(args.baseline_bin, "baseline.f32")
+            baseline_ratios.append(ours_fps / base_fps)
+            to_base = float(np.min(np.sum(ours * base, axis=1)))
+            row += f" {base_fps:.2f} frames/s | {baseline_ratios[-1]:.3f}× | {to_base:.7f} |"
+        print(row, flush=True)
     print(f"median ratio: {statistics.median(ratios):.2f}×")
+    if baseline_ratios:
+        print(f"median ratio to the baseline: {statistics.median(baseline_ratios):.3f}×")
 
 if __name__ == "__main__":
     main()

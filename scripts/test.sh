@@ -15,7 +15,8 @@ cargo build --locked --no-default-features
 mkdir -p target/no-default-features
 cp target/debug/vtr-index target/no-default-features/vtr-index
 cargo build --locked
-LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda "$@"
+# --no-fail-fast: a failing test binary must not hide the others' results.
+LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --no-fail-fast "$@"
 VTR_INDEX_NO_DEFAULT_FEATURES_BIN="$PWD/target/no-default-features/vtr-index" \
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --locked --features cuda --test integration -- --ignored the_build_without_default_features

@@ -1,15 +1,18 @@
-//! The one f32 matrix product front that the CPU model layers and the score strips call.
+//! The f32 matrix products the CPU model layers and the score strips call.
 //!
-//! With the `openblas` feature (on by default) the model's products run OpenBLAS's `sgemm`,
-//! linked statically from the system's library: on this project's reference machine (2-core
-//! Zen 3, AVX2 + FMA) it multiplies the tower's shapes 20–30 % faster than the `gemm` crate that
-//! candle uses. OpenBLAS's bits for an element depend on the shape of the call, though, and
-//! scoring needs a row's logits to be the same in any strip ([`Rounding::RowIndependent`]), so
-//! its strips, and any view BLAS cannot describe or a build without the feature, go to the `gemm`
-//! crate. OpenBLAS runs on the calling thread only (its own pool is set to one thread once);
-//! spreading a product over cores is done here with rayon, so the process has one pool working
-//! and no core is oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels
-//! on CPUs newer than the library.
+//! Two products, for two needs. The towers' dense layers want speed with one guarantee, that a
+//! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them as products
+//! of one fixed shape through [`gemm_f32`]. With the `openblas` feature (on by default) that is
+//! OpenBLAS's `sgemm`, linked statically from the system's library: on this project's reference
+//! machine (2-core Zen 3, AVX2 + FMA) it multiplies the tower's shapes 20–30 % faster than the
+//! `gemm` crate that candle uses, which does them otherwise. Scoring wants logits with the same
+//! bits on every CPU, in any strip, and on the GPU: [`fma_chain`] computes each one as a single
+//! FMA chain. OpenBLAS runs on the calling thread only (its own pool is set to one thread once);
+//! spreading products over cores is done with rayon, so the process has one pool working and no
+//! core is oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels on CPUs
+//! newer than the library.
+
+pub mod fma_chain;
 
 /// The OpenBLAS kernels a CPU's features allow, best first: what [`choose_blas_kernels`] asks
 /// for where OpenBLAS itself fell back to its generic ones. `None` below AVX2 + FMA, where the
@@ -62,35 +65,15 @@ impl<P> Strided<P> {
     }
 }
 
-/// Where a product runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Threads {
-    /// On the calling thread alone (the caller is already one of many parallel tasks).
-    Caller,
-    /// Split by rows of the result over rayon's pool.
-    Pool,
-}
-
-/// Whether an element's bits may depend on the shape of the call it is computed in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rounding {
-    /// The fastest product (OpenBLAS where linked), whose kernels take different paths, which
-    /// round differently, for different shapes and positions in the call.
-    Fastest,
-    /// A row of the result has the same bits whichever other rows the call computes with it
-    /// (the `gemm` crate, whose microkernel sums every element in one order, with a single row
-    /// computed as two, since the crate takes another path for one row): scoring's tiled and
-    /// whole runs must rank on the same logits.
-    RowIndependent,
-}
-
-/// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]`, added to what `dst` holds when `accumulate`.
+/// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]`, added to what `dst` holds when `accumulate`,
+/// on the calling thread, by the fastest product there is (OpenBLAS where linked and the views
+/// suit it, else the `gemm` crate). Its kernels take different paths, which round differently,
+/// for different shapes and positions: an element's bits are fixed only for a fixed shape
+/// ([`accumulate_in_row_blocks`] builds on that).
 ///
 /// # Safety
 /// Each view must describe memory valid for its whole shape, and `dst` must not overlap the
 /// inputs or be written by anyone else during the call.
-// sgemm's own arguments, named, plus where and how it runs: grouping them would only rename them.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     dst: Strided<*mut f32>,
@@ -98,29 +81,16 @@ pub unsafe fn gemm_f32(
     lhs: Strided<*const f32>,
     rhs: Strided<*const f32>,
     scale: f32,
-    threads: Threads,
-    rounding: Rounding,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    if m == 1 && rounding == Rounding::RowIndependent {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { one_row_as_two((n, k), dst, accumulate, lhs, rhs, scale) };
-        return;
-    }
     #[cfg(feature = "openblas")]
-    if rounding == Rounding::Fastest
-        && let Some(product) = blas::Product::describe((m, n, k), dst, lhs, rhs)
-    {
+    if let Some(product) = blas::Product::describe((m, n, k), dst, lhs, rhs) {
         // SAFETY: forwarded from the caller's contract; `describe` checked the layout.
-        unsafe { product.run(accumulate, scale, threads) };
+        unsafe { product.run(accumulate, scale) };
         return;
     }
-    let parallelism = match (threads, rayon::current_num_threads()) {
-        (Threads::Pool, n) if n > 1 => gemm::Parallelism::Rayon(n),
-        _ => gemm::Parallelism::None,
-    };
     let keep = if accumulate { 1.0 } else { 0.0 };
     // SAFETY: forwarded from the caller's contract.
     unsafe {
@@ -143,59 +113,61 @@ pub unsafe fn gemm_f32(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
 
-/// A one-row product computed as two identical rows, so that it takes the path of every other
-/// row count.
+/// Rows of every product [`accumulate_in_row_blocks`] runs.
+pub const ROW_BLOCK: usize = 64;
+
+/// `dst[rows × n] += x[rows × k] · w[k × n]`, row-major, with `dst` holding the starting values
+/// (a bias, or a residual plus bias): the towers' dense layers.
 ///
-/// # Safety
-/// As [`gemm_f32`] with `m = 1`.
-unsafe fn one_row_as_two(
-    (n, k): (usize, usize),
-    dst: Strided<*mut f32>,
-    accumulate: bool,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    scale: f32,
-) {
-    // SAFETY: the caller vouches for one row of `k` elements of `lhs` and of `n` of `dst`; `dst`
-    // is read only when the product adds to it.
-    let (row, out) = unsafe {
-        let row: Vec<f32> = (0..k).map(|j| *lhs.ptr.offset(j as isize * lhs.col_stride)).collect();
-        let out: Vec<f32> = match accumulate {
-            true => (0..n).map(|j| *dst.ptr.offset(j as isize * dst.col_stride)).collect(),
-            false => vec![0.0; n],
-        };
-        (row, out)
-    };
-    let twice = [row.as_slice(), row.as_slice()].concat();
-    let mut both = [out.as_slice(), out.as_slice()].concat();
-    // SAFETY: `twice` is 2 × k and `both` 2 × n, row-major, ours alone.
-    unsafe {
-        gemm_f32(
-            (2, n, k),
-            Strided::rows(both.as_mut_ptr(), n),
-            accumulate,
-            Strided::rows(twice.as_ptr(), k),
-            rhs,
-            scale,
-            Threads::Caller,
-            Rounding::RowIndependent,
-        );
-        for (j, value) in both[..n].iter().enumerate() {
-            *dst.ptr.offset(j as isize * dst.col_stride) = *value;
+/// A frame's embedding must not depend on which frames share its batch, how many there are, or
+/// how many threads run (contract §6). A BLAS product rounds a row by the path its call takes,
+/// and the path follows the call's shape (tail kernels for the last rows, small-matrix kernels
+/// below a size, blocks of the split over threads). So every product here has the same shape:
+/// the rows are cut into blocks of [`ROW_BLOCK`], the last one padded with zero rows, and each
+/// block is one call, the blocks spread over rayon's pool. A row's bits then depend on its own
+/// values and its position in a block, which every kernel treats alike.
+pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), dst: &mut [f32]) {
+    assert!(k > 0 && n > 0, "a {k} × {n} product");
+    assert_eq!(w.len(), k * n, "the matrix is not {k} × {n}");
+    assert!(x.len().is_multiple_of(k) && dst.len() == x.len() / k * n, "{} inputs and {} outputs", x.len(), dst.len());
+    use rayon::prelude::*;
+    let block = |x: &[f32], dst: &mut [f32]| {
+        // SAFETY: `x` is ROW_BLOCK × k, `w` k × n and `dst` ROW_BLOCK × n, row-major, and `dst`
+        // is this task's alone.
+        unsafe {
+            gemm_f32(
+                (ROW_BLOCK, n, k),
+                Strided::rows(dst.as_mut_ptr(), n),
+                true,
+                Strided::rows(x.as_ptr(), k),
+                Strided::rows(w.as_ptr(), n),
+                1.0,
+            )
         }
-    }
+    };
+    dst.par_chunks_mut(ROW_BLOCK * n).zip(x.par_chunks(ROW_BLOCK * k)).for_each(|(dst, x)| {
+        if x.len() == ROW_BLOCK * k {
+            block(x, dst);
+        } else {
+            let mut padded_x = vec![0f32; ROW_BLOCK * k];
+            padded_x[..x.len()].copy_from_slice(x);
+            let mut padded_dst = vec![0f32; ROW_BLOCK * n];
+            padded_dst[..dst.len()].copy_from_slice(dst);
+            block(&padded_x, &mut padded_dst);
+            dst.copy_from_slice(&padded_dst[..dst.len()]);
+        }
+    });
 }
 
 #[cfg(feature = "openblas")]
 mod blas {
-    use super::{Strided, Threads};
+    use super::Strided;
     use cblas_sys::{CBLAS_LAYOUT, CBLAS_TRANSPOSE, cblas_sgemm};
-    use rayon::prelude::*;
     use std::sync::Once;
 
     unsafe extern "C" {
@@ -240,17 +212,12 @@ mod blas {
         Some(wanted)
     }
 
-    /// Rows of the result below which splitting over the pool costs more than it gives.
-    const MIN_ROWS_PER_TASK: usize = 32;
-
     /// An operand as BLAS takes it: row-major, possibly transposed, with its leading dimension.
     #[derive(Clone, Copy)]
     struct Operand {
         ptr: *const f32,
         transpose: CBLAS_TRANSPOSE,
         leading: usize,
-        /// Elements from one row of the logical matrix to the next.
-        row_step: usize,
     }
 
     impl Operand {
@@ -260,16 +227,11 @@ mod blas {
             let (row, col) = (view.row_stride, view.col_stride);
             if col == 1 && (rows == 1 || row >= cols.max(1) as isize) {
                 let leading = if rows == 1 { cols.max(1) } else { row as usize };
-                return Some(Operand {
-                    ptr: view.ptr,
-                    transpose: CBLAS_TRANSPOSE::CblasNoTrans,
-                    leading,
-                    row_step: leading,
-                });
+                return Some(Operand { ptr: view.ptr, transpose: CBLAS_TRANSPOSE::CblasNoTrans, leading });
             }
             if row == 1 && (cols == 1 || col >= rows.max(1) as isize) {
                 let leading = if cols == 1 { rows.max(1) } else { col as usize };
-                return Some(Operand { ptr: view.ptr, transpose: CBLAS_TRANSPOSE::CblasTrans, leading, row_step: 1 });
+                return Some(Operand { ptr: view.ptr, transpose: CBLAS_TRANSPOSE::CblasTrans, leading });
             }
             None
         }
@@ -285,10 +247,6 @@ mod blas {
         lhs: Operand,
         rhs: Operand,
     }
-
-    // SAFETY: the pointers are only read (inputs) or written in disjoint row ranges (the
-    // result), per `gemm_f32`'s contract, while the call that owns them waits for every task.
-    unsafe impl Sync for Product {}
 
     impl Product {
         pub(super) fn describe(
@@ -311,48 +269,26 @@ mod blas {
 
         /// # Safety
         /// As [`super::gemm_f32`].
-        pub(super) unsafe fn run(&self, accumulate: bool, scale: f32, threads: Threads) {
+        pub(super) unsafe fn run(&self, accumulate: bool, scale: f32) {
             static ONE_THREAD: Once = Once::new();
             // SAFETY: sets an integer inside OpenBLAS; called once, before any product.
             ONE_THREAD.call_once(|| unsafe { openblas_set_num_threads(1) });
-            let tasks = match threads {
-                Threads::Caller => 1,
-                Threads::Pool => rayon::current_num_threads().min(self.m / MIN_ROWS_PER_TASK).max(1),
-            };
-            if tasks == 1 {
-                // SAFETY: forwarded.
-                unsafe { self.rows(0, self.m, accumulate, scale) };
-                return;
-            }
-            let per_task = self.m.div_ceil(tasks);
-            (0..tasks).into_par_iter().for_each(|task| {
-                let first = task * per_task;
-                let count = per_task.min(self.m - first.min(self.m));
-                if count > 0 {
-                    // SAFETY: each task writes its own rows of the result.
-                    unsafe { self.rows(first, count, accumulate, scale) };
-                }
-            });
-        }
-
-        /// The product for `count` rows of the result starting at `first`.
-        unsafe fn rows(&self, first: usize, count: usize, accumulate: bool, scale: f32) {
-            // SAFETY: the offsets stay inside the views the caller vouched for.
+            // SAFETY: the views were checked by `describe`, and the caller vouches for them.
             unsafe {
                 cblas_sgemm(
                     CBLAS_LAYOUT::CblasRowMajor,
                     self.lhs.transpose,
                     self.rhs.transpose,
-                    count as i32,
+                    self.m as i32,
                     self.n as i32,
                     self.k as i32,
                     scale,
-                    self.lhs.ptr.add(first * self.lhs.row_step),
+                    self.lhs.ptr,
                     self.lhs.leading as i32,
                     self.rhs.ptr,
                     self.rhs.leading as i32,
                     if accumulate { 1.0 } else { 0.0 },
-                    self.dst.add(first * self.dst_leading),
+                    self.dst,
                     self.dst_leading as i32,
                 );
             }
@@ -391,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn every_layout_and_split_is_the_matrix_product() {
+    fn every_layout_is_the_matrix_product() {
         let (m, n, k) = (97, 33, 70);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 44.0).collect();
@@ -403,40 +339,20 @@ mod tests {
         let rhs_views = [Strided::rows(b.as_ptr(), n), Strided::transposed(b_t.as_ptr(), k)];
         for lhs in lhs_views {
             for rhs in rhs_views {
-                for (threads, rounding) in [Threads::Caller, Threads::Pool]
-                    .into_iter()
-                    .flat_map(|t| [(t, Rounding::Fastest), (t, Rounding::RowIndependent)])
-                {
-                    for accumulate in [false, true] {
-                        // A result view into wider rows, starting from ones when accumulating.
-                        let width = n + 5;
-                        let mut dst = vec![1.0f32; m * width];
-                        // SAFETY: every view covers its whole shape; dst is ours alone.
-                        unsafe {
-                            gemm_f32(
-                                (m, n, k),
-                                Strided::rows(dst.as_mut_ptr(), width),
-                                accumulate,
-                                lhs,
-                                rhs,
-                                2.0,
-                                threads,
-                                rounding,
-                            )
-                        };
-                        for i in 0..m {
-                            for j in 0..width {
-                                let got = dst[i * width + j] as f64;
-                                let expected = if j >= n {
-                                    1.0
-                                } else {
-                                    2.0 * want[i * n + j] + if accumulate { 1.0 } else { 0.0 }
-                                };
-                                assert!(
-                                    (got - expected).abs() < 1e-4,
-                                    "({i}, {j}) {got} vs {expected} ({threads:?}, {rounding:?})"
-                                );
-                            }
+                for accumulate in [false, true] {
+                    // A result view into wider rows, starting from ones when accumulating.
+                    let width = n + 5;
+                    let mut dst = vec![1.0f32; m * width];
+                    // SAFETY: every view covers its whole shape; dst is ours alone.
+                    unsafe { gemm_f32((m, n, k), Strided::rows(dst.as_mut_ptr(), width), accumulate, lhs, rhs, 2.0) };
+                    for i in 0..m {
+                        for j in 0..width {
+                            let got = dst[i * width + j] as f64;
+                            let expected = match (j >= n, accumulate) {
+                                (true, _) => 1.0,
+                                (false, accumulate) => 2.0 * want[i * n + j] + if accumulate { 1.0 } else { 0.0 },
+                            };
+                            assert!((got - expected).abs() < 1e-4, "({i}, {j}) {got} vs {expected}");
                         }
                     }
                 }
@@ -444,32 +360,36 @@ mod tests {
         }
     }
 
+    /// A row's bits in [`accumulate_in_row_blocks`] are the same whatever rows share its call,
+    /// however many there are and however many threads run (the towers' batch invariance).
     #[test]
-    fn row_independent_products_give_a_row_the_same_bits_in_any_call() {
-        let (rows, cols, dim) = (300, 700, 48);
-        let a: Vec<f32> = (0..rows * dim).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 504.0).collect();
-        let v: Vec<f32> = (0..cols * dim).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 498.0).collect();
-        let product = |first: usize, count: usize| {
-            let mut out = vec![0.0f32; count * cols];
-            // SAFETY: the views cover rows first..first + count of `a`, all of `v`, and `out`.
-            unsafe {
-                gemm_f32(
-                    (count, cols, dim),
-                    Strided::rows(out.as_mut_ptr(), cols),
-                    false,
-                    Strided::rows(a[first * dim..].as_ptr(), dim),
-                    Strided::transposed(v.as_ptr(), dim),
-                    1.0,
-                    Threads::Caller,
-                    Rounding::RowIndependent,
-                )
+    fn a_row_has_the_same_bits_in_any_batch_and_on_any_thread_count() {
+        // The shapes of a ViT-B's fc2 (3072 → 768) made smaller, and an odd one.
+        for (k, n) in [(384, 96), (77, 45)] {
+            let w: Vec<f32> = (0..k * n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 4980.0).collect();
+            let rows = 3 * ROW_BLOCK + 5;
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 504.0).collect();
+            let start: Vec<f32> = (0..rows * n).map(|i| (i % 13) as f32 / 13.0).collect();
+            let product = |first: usize, count: usize, threads: usize| {
+                let mut out = start[first * n..(first + count) * n].to_vec();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| accumulate_in_row_blocks(&x[first * k..(first + count) * k], &w, (k, n), &mut out));
+                out
             };
-            out
-        };
-        let whole = product(0, rows);
-        for (first, count) in [(0, 64), (5, 64), (8, 61), (100, 3), (298, 2), (299, 1), (0, 1), (17, 200)] {
-            let part = product(first, count);
-            assert!(part == whole[first * cols..(first + count) * cols], "rows {first}..{}", first + count);
+            let whole = product(0, rows, 2);
+            let want = reference(rows, n, k, |i, l| x[i * k + l], |l, j| w[l * n + j]);
+            for (i, (got, want)) in whole.iter().zip(&want).enumerate() {
+                let expected = want + start[i] as f64;
+                assert!((*got as f64 - expected).abs() < 1e-3, "element {i}: {got} vs {expected}");
+            }
+            for (first, count) in [(0, 1), (3, 7), (1, 64), (64, 64), (5, 130), (0, rows), (rows - 1, 1)] {
+                for threads in [1, 2] {
+                    let part = product(first, count, threads);
+                    let differing =
+                        part.iter().zip(&whole[first * n..]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(differing, 0, "{k} → {n}: rows {first}..{} on {threads} threads", first + count);
+                }
+            }
         }
     }
 }

@@ -128,7 +128,7 @@ fn a_job_stops_at_a_step_that_exits_1() {
 
 /// `cargo build --no-default-features` (no OpenBLAS: the `gemm` crate does every product)
 /// builds a binary that indexes and scores the sample like the default build, within the
-/// tolerance of a re-batched run. `scripts/test.sh` builds it and runs this test with it;
+/// tolerance of embeddings made on another CPU. `scripts/test.sh` builds it and runs this test with it;
 /// without it the test is reported as ignored.
 #[test]
 #[ignore = "needs the --no-default-features binary in VTR_INDEX_NO_DEFAULT_FEATURES_BIN (scripts/test.sh)"]
@@ -148,5 +148,7 @@ fn the_build_without_default_features_indexes_like_the_default_one() {
         command.arg(&root).arg("--index").arg(&index).arg("--model").arg(sample().join("model")).expect_code(0);
         indexes.push(snapshot(&index).unwrap());
     }
-    assert_same_index(&indexes[1], &indexes[0], "without default features");
+    // The `gemm` crate rounds as another CPU's OpenBLAS kernels would (contract §6).
+    let within = Some(crate::tolerance::OTHER_CPU_COSINE);
+    assert_same_index_within(&indexes[1], &indexes[0], "without default features", within);
 }

@@ -65,6 +65,55 @@ fn image_tower_matches_transformers_on_identical_pixels() {
     }
 }
 
+/// A frame's embedding has the same bits in any batch (of 1, 7 or 64, at any position in it)
+/// and on 1 or 2 threads, and a caption's whatever captions share its batch (the longest one
+/// sets every caption's padded length): contract §6, on one machine.
+#[test]
+fn an_embedding_has_the_same_bits_in_any_batch_and_on_any_thread_count() {
+    let clip = tiny_clip();
+    let on_threads = |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let size = clip.checkpoint.config.vision.image_size;
+    let (per_image, count) = (3 * size * size, 64);
+    let mut state = 5u64;
+    let pixels: Vec<f32> = (0..count * per_image)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 3.9 - 1.8
+        })
+        .collect();
+    let whole = on_threads(2).install(|| clip.embed_images(&pixels, count)).unwrap();
+    let dim = whole.len() / count;
+    for threads in [1, 2] {
+        for (first, batch) in [(0, 1), (0, 7), (3, 7), (0, 64)] {
+            for start in (first..count).step_by(batch) {
+                let n = batch.min(count - start);
+                let part = on_threads(threads)
+                    .install(|| clip.embed_images(&pixels[start * per_image..(start + n) * per_image], n))
+                    .unwrap();
+                for i in 0..n {
+                    let what = format!("image {} in a batch of {n} from {start}, {threads} threads", start + i);
+                    assert_same_bits(
+                        &part[i * dim..(i + 1) * dim],
+                        &whole[(start + i) * dim..(start + i + 1) * dim],
+                        &what,
+                    );
+                }
+            }
+        }
+    }
+    let caption = |length: usize| -> Vec<u32> {
+        let words = (0..length - 2).map(|i| 320 + (i as u32 * 7919) % 40_000);
+        std::iter::once(49406).chain(words).chain(std::iter::once(49407)).collect()
+    };
+    let (short, long) = (caption(9), caption(CONTEXT_LENGTH));
+    let alone = clip.embed_texts(std::slice::from_ref(&short)).unwrap();
+    for threads in [1, 2] {
+        let beside_long = on_threads(threads).install(|| clip.embed_texts(&[long.clone(), short.clone()])).unwrap();
+        let dim = alone.len();
+        assert_same_bits(&beside_long[dim..], &alone, &format!("a caption beside a longer one, {threads} threads"));
+    }
+}
+
 #[test]
 fn preprocessing_matches_clip_image_processor() {
     let clip = tiny_clip();

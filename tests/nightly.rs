@@ -6,7 +6,6 @@ use std::path::Path;
 
 use vtr_index::store::Manifest;
 
-use crate::tolerance::*;
 use crate::util::*;
 
 fn set_mtime(path: &Path, seconds_later: u64) {
@@ -99,7 +98,7 @@ fn sigkill_at_any_point_keeps_the_last_commit_and_a_rerun_completes() {
             assert_eq!(after.videos.get(id), Some(embedding), "{point}: {id} was indexed and must stay");
         }
         for (id, embedding) in &after.videos {
-            assert!(cosine(embedding, &reference.videos[id]) >= RERUN_COSINE, "{point}: {id}");
+            assert_same_bits(embedding, &reference.videos[id], &format!("{point}: {id}"));
             let frames = after.frames.keys().filter(|(v, _)| v == id).count();
             let want = reference.frames.keys().filter(|(v, _)| v == id).count();
             assert_eq!(frames, want, "{point}: {id} has all its frames or none");

@@ -351,12 +351,14 @@ fn dual_softmax_values_are_within_the_sum_tolerance_of_f64_terms() {
 
 /// A score split into blocks (contract §7: stage 1 per block, stage 2 per block from every
 /// block's stage 1, then the join), its stage outputs passed through JSON as the tasks pass
-/// them, gives the single score's outcome: the same top-k columns in the same order, the same
-/// ranks, and values within 1e-7 (the column sums are merged in another order).
+/// them, and each stage on another number of threads (as on nodes of other sizes), gives the
+/// single score's outcome: the same top-k columns in the same order, the same ranks, and values
+/// within 1e-7 (the column sums are merged in another order).
 #[test]
 fn a_split_score_equals_the_whole_one() {
     use vtr_index::score::split;
-    let dim = 16;
+    let on_threads = |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let dim = 48;
     let (texts, videos, text_video) = synthetic(900, 300, dim, 21);
     let bank = texts[..200 * dim].to_vec();
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: Some(&bank) };
@@ -367,13 +369,14 @@ fn a_split_score_equals_the_whole_one() {
             let blocks = split::blocks(&text_video, parts);
             let stats: Vec<split::BlockStats> = (0..parts)
                 .map(|p| {
-                    let out = split::stats(&problem, &options, &blocks, p).unwrap();
+                    let out = on_threads(1 + p % 3).install(|| split::stats(&problem, &options, &blocks, p)).unwrap();
                     serde_json::from_str(&serde_json::to_string(&out).unwrap()).unwrap()
                 })
                 .collect();
             let ranks: Vec<split::BlockRanks> = (0..parts)
                 .map(|p| {
-                    let out = split::rank(&problem, &options, &blocks, p, &stats).unwrap();
+                    let pool = on_threads(1 + (p + 1) % 3);
+                    let out = pool.install(|| split::rank(&problem, &options, &blocks, p, &stats)).unwrap();
                     serde_json::from_str(&serde_json::to_string(&out).unwrap()).unwrap()
                 })
                 .collect();

@@ -290,21 +290,39 @@ pub fn snapshot(index: &Path) -> Option<Snapshot> {
     })
 }
 
-/// `got` holds the same videos and frames as `want`, embeddings at cosine ≥ `RERUN_COSINE` (batches
-/// may be composed differently), frame times equal.
+/// Two embeddings with the same bits (contract §6: on one machine, whatever the batching).
+pub fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(got) == bits(want), "{what}: other bits (cosine {})", cosine(got, want));
+}
+
+/// `got` holds the same videos and frames as `want` (batches may be composed differently), with
+/// the same frame times and embeddings equal to the bit, as runs on one machine give.
 pub fn assert_same_index(got: &Snapshot, want: &Snapshot, what: &str) {
+    assert_same_index_within(got, want, what, None);
+}
+
+/// As [`assert_same_index`], with embeddings at cosine ≥ `cosine` where given instead of equal
+/// bits: indexes made by other products (another CPU kind, or the build without OpenBLAS).
+pub fn assert_same_index_within(got: &Snapshot, want: &Snapshot, what: &str, cosine_at_least: Option<f64>) {
+    let same = |got: &[f32], want: &[f32], what: String| match cosine_at_least {
+        None => assert_same_bits(got, want, &what),
+        Some(bound) => {
+            let c = cosine(got, want);
+            assert!(c >= bound, "{what}: cosine {c}");
+        }
+    };
     assert_eq!(got.videos.keys().collect::<Vec<_>>(), want.videos.keys().collect::<Vec<_>>(), "{what}: videos");
     assert_eq!(got.frames.keys().collect::<Vec<_>>(), want.frames.keys().collect::<Vec<_>>(), "{what}: frames");
     assert_eq!(got.failures, want.failures, "{what}: failures");
     assert_eq!(got.streams, want.streams, "{what}: streams");
     for (id, embedding) in &got.videos {
-        let c = cosine(embedding, &want.videos[id]);
-        assert!(c >= crate::tolerance::RERUN_COSINE, "{what}: {id}: cosine {c}");
+        same(embedding, &want.videos[id], format!("{what}: {id}"));
     }
     for (key, (pts, embedding)) in &got.frames {
         let (want_pts, want_embedding) = &want.frames[key];
         assert_eq!(pts, want_pts, "{what}: {key:?}");
-        assert!(cosine(embedding, want_embedding) >= crate::tolerance::RERUN_COSINE, "{what}: {key:?}");
+        same(embedding, want_embedding, format!("{what}: {key:?}"));
     }
 }
 

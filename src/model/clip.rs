@@ -7,7 +7,7 @@
 //! error naming the tensor: nothing here ever invents a value.
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder, layer_norm, linear_no_bias};
+use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 use rayon::prelude::*;
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
@@ -156,9 +156,9 @@ impl Encoder {
 
 /// `vision_model.*`: pixels → pooled class-token feature (before the projection).
 pub struct VisionTransformer {
-    /// `embeddings.patch_embedding.weight` flattened to [width, 3 · patch²]: the convolution
-    /// has stride = kernel, so it is one matrix product over non-overlapping patches.
-    patch_weight_t: Tensor,
+    /// `embeddings.patch_embedding.weight` as a dense layer from 3 · patch² to width: the
+    /// convolution has stride = kernel, so it is one matrix product over non-overlapping patches.
+    patch_embedding: Dense,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -174,7 +174,7 @@ impl VisionTransformer {
         let patch_weight_t =
             patch_weight.reshape((c.hidden_size, 3 * c.patch_size * c.patch_size))?.t()?.contiguous()?;
         Ok(VisionTransformer {
-            patch_weight_t,
+            patch_embedding: Dense::without_bias(patch_weight_t)?,
             class_embedding: emb.get(c.hidden_size, "class_embedding")?,
             position_embedding: emb.get((c.num_patches() + 1, c.hidden_size), "position_embedding.weight")?,
             pre_layrnorm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
@@ -195,7 +195,7 @@ impl VisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((batch, grid * grid, 3 * p * p))?;
-        let patch_embeds = patches.broadcast_matmul(&self.patch_weight_t)?;
+        let patch_embeds = self.patch_embedding.forward(&patches, Epilogue::None)?;
         let class = self.class_embedding.reshape((1, 1, c.hidden_size))?.broadcast_as((batch, 1, c.hidden_size))?;
         let x = Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x)?;
@@ -266,8 +266,8 @@ impl TextTransformer {
 pub struct ClipModel {
     pub vision_model: VisionTransformer,
     pub text_model: TextTransformer,
-    visual_projection: Linear,
-    text_projection: Linear,
+    visual_projection: Dense,
+    text_projection: Dense,
     pub config: ClipConfig,
 }
 
@@ -276,22 +276,27 @@ impl ClipModel {
         Ok(ClipModel {
             vision_model: VisionTransformer::new(vb.pp("vision_model"), &c.vision)?,
             text_model: TextTransformer::new(vb.pp("text_model"), &c.text)?,
-            visual_projection: linear_no_bias(c.vision.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
-            text_projection: linear_no_bias(c.text.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
+            visual_projection: projection(vb.pp("visual_projection"), c.vision.hidden_size, c.projection_dim)?,
+            text_projection: projection(vb.pp("text_projection"), c.text.hidden_size, c.projection_dim)?,
             config: c.clone(),
         })
     }
 
     /// f32 image embeddings, [batch, projection_dim], L2-normalised or as projected.
     pub fn image_embeddings(&self, pixels: &Tensor, normalise: bool) -> Result<Tensor> {
-        let features = self.visual_projection.forward(&self.vision_model.forward(pixels)?)?;
+        let features = self.visual_projection.forward(&self.vision_model.forward(pixels)?, Epilogue::None)?;
         if normalise { l2_normalise(&features) } else { features.to_dtype(DType::F32) }
     }
 
     /// L2-normalised f32 text embeddings, [batch, projection_dim].
     pub fn text_embeddings(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
-        l2_normalise(&self.text_projection.forward(&self.text_model.forward(token_ids, device)?)?)
+        l2_normalise(&self.text_projection.forward(&self.text_model.forward(token_ids, device)?, Epilogue::None)?)
     }
+}
+
+/// A projection without bias (`weight`: [out, in]).
+fn projection(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Dense> {
+    Dense::without_bias(vb.get((out_dim, in_dim), "weight")?.t()?.contiguous()?)
 }
 
 /// Normalises in f32 whatever the model's dtype: embeddings are always written as f32.

@@ -11,35 +11,15 @@
 //! Most comparisons need no f64 value, though: [`dual_softmax_bounds`] brackets it in f32, and
 //! the second pass computes the f64 value only where the bracket cannot decide.
 
-use crate::matmul::{Rounding, Strided, Threads, gemm_f32};
 pub use crate::simd::exp_f64 as exp;
 
-/// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread.
-///
-/// A row's products are the same bits in any strip, at any position
-/// ([`Rounding::RowIndependent`]): tiled and whole scoring rank on the same logits, and the second
-/// pass, recomputing a strip, sees the first pass's.
+/// `dst[rows × M] = a[rows × D] · videos[M × D]ᵀ`, row-major, on the calling thread: each
+/// cosine one FMA chain over the embedding ([`crate::matmul::fma_chain`]), so a cosine's bits
+/// depend on its two vectors alone. Tiled and whole scoring rank on the same logits, the second
+/// pass recomputing a strip sees the first pass's, the stages of a split score agree on any
+/// machines, and the GPU's f32 cosines are the same bits.
 pub fn strip_gemm(a: &[f32], videos: &[f32], dim: usize, dst: &mut [f32]) {
-    let rows = a.len() / dim;
-    let cols = videos.len() / dim;
-    assert_eq!(dst.len(), rows * cols);
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    // SAFETY: the pointers and strides describe exactly the three slices above, whose lengths
-    // were checked; `dst` does not alias the inputs.
-    unsafe {
-        gemm_f32(
-            (rows, cols, dim),
-            Strided::rows(dst.as_mut_ptr(), cols),
-            false,
-            Strided::rows(a.as_ptr(), dim),
-            Strided::transposed(videos.as_ptr(), dim),
-            1.0,
-            Threads::Caller,
-            Rounding::RowIndependent,
-        );
-    }
+    crate::matmul::fma_chain::a_times_bt(a, videos, dim, dst);
 }
 
 /// Running softmax statistics of one axis: the maximum and the sum of `exp(x − max)`.
