@@ -21,6 +21,11 @@ const PANEL_COLUMNS: usize = 16;
 /// Rows of the left operand per register tile: 6 × 2 accumulators, two panel vectors and one
 /// broadcast fill 15 of AVX2's 16 registers.
 const TILE_ROWS: usize = 6;
+/// Steps of the inner dimension per pass over a panel: 256 × 16 values (16 KiB) stay in L1
+/// beside a tile's rows. A chain crosses passes exactly: its accumulator is stored as the f32 it
+/// is and taken up again where it stopped, so the cut moves no bit (unlike adding the partial
+/// sums of blocks, which is what BLAS does).
+const STEPS_PER_PASS: usize = 256;
 
 /// `dst[rows × cols] = a[rows × dim] · b[cols × dim]ᵀ`, all row-major and contiguous, each
 /// element the FMA chain of its two rows (module doc), on the calling thread.
@@ -102,7 +107,7 @@ pub unsafe fn scalar_chains(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL_COLUMNS, Strided, TILE_ROWS};
+    use super::{PANEL_COLUMNS, STEPS_PER_PASS, Strided, TILE_ROWS};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -115,38 +120,55 @@ mod avx2 {
         rhs: Strided<*const f32>,
         scale: f32,
     ) {
+        // The left operand's tiles, each packed step by step (`[l][r]`): a step's six values
+        // lie side by side instead of on six rows a whole row apart.
+        let tile_values = k * TILE_ROWS;
+        let mut tiles = vec![0f32; m.div_ceil(TILE_ROWS) * tile_values];
+        for (t, tile) in tiles.chunks_exact_mut(tile_values).enumerate() {
+            for r in 0..TILE_ROWS.min(m - t * TILE_ROWS) {
+                let row = lhs.ptr.wrapping_offset((t * TILE_ROWS + r) as isize * lhs.row_stride);
+                for (l, step) in tile.chunks_exact_mut(TILE_ROWS).enumerate() {
+                    // SAFETY: (t·6 + r, l) lies inside the caller's view of `lhs`.
+                    step[r] = unsafe { *row.offset(l as isize * lhs.col_stride) };
+                }
+            }
+        }
+        let packed_lhs = Strided { ptr: tiles.as_ptr(), row_stride: 1, col_stride: TILE_ROWS as isize };
         let mut panel = vec![0f32; k * PANEL_COLUMNS];
         for first_col in (0..n).step_by(PANEL_COLUMNS) {
             let width = PANEL_COLUMNS.min(n - first_col);
             // SAFETY: columns first_col.. first_col + width of `rhs` lie inside its view.
             unsafe { pack_panel(rhs, k, first_col, width, &mut panel) };
-            let mut first_row = 0;
-            while first_row < m {
-                let rows = TILE_ROWS.min(m - first_row);
-                let tile = Tile {
-                    lhs: Strided { ptr: lhs.ptr.wrapping_offset(first_row as isize * lhs.row_stride), ..lhs },
-                    dst: Strided {
-                        ptr: dst
-                            .ptr
-                            .wrapping_offset(first_row as isize * dst.row_stride + first_col as isize * dst.col_stride),
-                        ..dst
-                    },
-                    width,
-                    scale,
-                };
-                // SAFETY: the tile's rows of `lhs` and `dst`, and its `width` columns of `dst`,
-                // lie inside the caller's views; `panel` is k × 16.
-                unsafe {
-                    match rows {
-                        6 => tile.run::<6>(&panel),
-                        5 => tile.run::<5>(&panel),
-                        4 => tile.run::<4>(&panel),
-                        3 => tile.run::<3>(&panel),
-                        2 => tile.run::<2>(&panel),
-                        _ => tile.run::<1>(&panel),
+            // An inner dimension of 0 still takes one pass, which writes the zeros.
+            for first_step in (0..k.max(1)).step_by(STEPS_PER_PASS) {
+                let steps = &panel[first_step * PANEL_COLUMNS..(first_step + STEPS_PER_PASS).min(k) * PANEL_COLUMNS];
+                let mut first_row = 0;
+                while first_row < m {
+                    let rows = TILE_ROWS.min(m - first_row);
+                    let lhs_at = (first_row * k + first_step * TILE_ROWS) as isize;
+                    let dst_at = first_row as isize * dst.row_stride + first_col as isize * dst.col_stride;
+                    let tile = Tile {
+                        lhs: Strided { ptr: packed_lhs.ptr.wrapping_offset(lhs_at), ..packed_lhs },
+                        dst: Strided { ptr: dst.ptr.wrapping_offset(dst_at), ..dst },
+                        width,
+                        resume: first_step > 0,
+                        scale: (first_step + STEPS_PER_PASS >= k).then_some(scale),
+                    };
+                    // SAFETY: the tile's rows of `lhs` from `first_step`, its rows of `dst` and
+                    // their `width` columns lie inside the caller's views; `steps` holds whole
+                    // steps of 16 values.
+                    unsafe {
+                        match rows {
+                            6 => tile.run::<6>(steps),
+                            5 => tile.run::<5>(steps),
+                            4 => tile.run::<4>(steps),
+                            3 => tile.run::<3>(steps),
+                            2 => tile.run::<2>(steps),
+                            _ => tile.run::<1>(steps),
+                        }
                     }
+                    first_row += rows;
                 }
-                first_row += rows;
             }
         }
     }
@@ -170,12 +192,16 @@ mod avx2 {
         debug_assert_eq!(panel.len(), k * PANEL_COLUMNS);
     }
 
-    /// Up to six rows of the left operand against one panel, and where their results go.
+    /// Up to six rows of the left operand against one pass over a panel, and where their
+    /// chains go.
     struct Tile {
         lhs: Strided<*const f32>,
         dst: Strided<*mut f32>,
         width: usize,
-        scale: f32,
+        /// Whether the chains carry on from the accumulators an earlier pass left in `dst`.
+        resume: bool,
+        /// On the last pass, the factor the finished chains are multiplied by.
+        scale: Option<f32>,
     }
 
     impl Tile {
@@ -186,6 +212,29 @@ mod avx2 {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn run<const R: usize>(&self, panel: &[f32]) {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let whole_rows = self.width == PANEL_COLUMNS && self.dst.col_stride == 1;
+            if self.resume && whole_rows {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: row r of the tile's output holds 16 contiguous values.
+                    unsafe {
+                        let row = self.dst.ptr.wrapping_offset(r as isize * self.dst.row_stride);
+                        *acc = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
+                    }
+                }
+            } else if self.resume {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut values = [0f32; PANEL_COLUMNS];
+                    // SAFETY: row r of the tile's output holds `width` values, which the
+                    // previous pass wrote.
+                    unsafe {
+                        let row = self.dst.ptr.wrapping_offset(r as isize * self.dst.row_stride);
+                        for (c, value) in values[..self.width].iter_mut().enumerate() {
+                            *value = *row.offset(c as isize * self.dst.col_stride);
+                        }
+                        *acc = [_mm256_loadu_ps(values.as_ptr()), _mm256_loadu_ps(values.as_ptr().add(8))];
+                    }
+                }
+            }
             let step_of_row = self.lhs.col_stride;
             let rows: [*const f32; R] =
                 std::array::from_fn(|r| self.lhs.ptr.wrapping_offset(r as isize * self.lhs.row_stride));
@@ -201,14 +250,27 @@ mod avx2 {
                     }
                 }
             }
-            let scale = _mm256_set1_ps(self.scale);
+            if let Some(scale) = self.scale {
+                let scale = _mm256_set1_ps(scale);
+                for acc in &mut acc {
+                    *acc = [_mm256_mul_ps(scale, acc[0]), _mm256_mul_ps(scale, acc[1])];
+                }
+            }
             for (r, acc) in acc.iter().enumerate() {
+                let row = self.dst.ptr.wrapping_offset(r as isize * self.dst.row_stride);
+                if whole_rows {
+                    // SAFETY: row r of the tile's output holds 16 contiguous values.
+                    unsafe {
+                        _mm256_storeu_ps(row, acc[0]);
+                        _mm256_storeu_ps(row.add(8), acc[1]);
+                    }
+                    continue;
+                }
                 let mut values = [0f32; PANEL_COLUMNS];
                 // SAFETY: `values` holds 16; row r of the tile's output holds `width` values.
                 unsafe {
-                    _mm256_storeu_ps(values.as_mut_ptr(), _mm256_mul_ps(scale, acc[0]));
-                    _mm256_storeu_ps(values.as_mut_ptr().add(8), _mm256_mul_ps(scale, acc[1]));
-                    let row = self.dst.ptr.wrapping_offset(r as isize * self.dst.row_stride);
+                    _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(values.as_mut_ptr().add(8), acc[1]);
                     if self.dst.col_stride == 1 {
                         std::ptr::copy_nonoverlapping(values.as_ptr(), row, self.width);
                     } else {
