@@ -1,8 +1,8 @@
 //! The f32 matrix products the CPU model layers and the score strips call.
 //!
 //! Two products, for two needs. The towers' dense layers want speed with one guarantee, that a
-//! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them as products
-//! of one fixed shape through [`gemm_f32`]. With the `openblas` feature (on by default) that is
+//! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them through
+//! [`gemm_f32`] as calls of whole row units, so no row meets a tail or small-matrix kernel. With the `openblas` feature (on by default) that is
 //! OpenBLAS's `sgemm`, linked statically from the system's library: on this project's reference
 //! machine (2-core Zen 3, AVX2 + FMA) it multiplies the tower's shapes 20–30 % faster than the
 //! `gemm` crate that candle uses, which does them otherwise. Scoring wants logits with the same
@@ -68,8 +68,7 @@ impl<P> Strided<P> {
 /// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]`, added to what `dst` holds when `accumulate`,
 /// on the calling thread, by the fastest product there is (OpenBLAS where linked and the views
 /// suit it, else the `gemm` crate). Its kernels take different paths, which round differently,
-/// for different shapes and positions: an element's bits are fixed only for a fixed shape
-/// ([`accumulate_in_row_blocks`] builds on that).
+/// for the tail rows of a call and for small calls ([`accumulate_in_row_blocks`] avoids both).
 ///
 /// # Safety
 /// Each view must describe memory valid for its whole shape, and `dst` must not overlap the
