@@ -12,6 +12,8 @@ nvrtc=$(bash scripts/fetch-nvrtc.sh)
 # The build without default features (no OpenBLAS), kept aside for the test that compares it
 # with the default build (ignored by a plain `cargo test`, run below).
 cargo build --locked --no-default-features
+# Its unit tests too: the products' bit-for-bit properties must hold on the `gemm` crate as well.
+cargo test --locked --no-default-features --lib
 mkdir -p target/no-default-features
 cp target/debug/vtr-index target/no-default-features/vtr-index
 cargo build --locked

@@ -138,9 +138,10 @@ const LEAST_PRODUCT: usize = 1 << 20;
 /// multiple of [`ROW_BLOCK`] rows making at least [`LEAST_PRODUCT`]): each task takes whole
 /// units as one call, and the last, partial unit is a call of its own padded with zero rows. A
 /// row's bits then depend on its own values alone; `a_row_has_the_same_bits_in_any_batch_and_on_any_thread_count`
-/// holds it on the machine that runs the tests. (Calls of one fixed shape would not rely on the
+/// holds it on the machine that runs the tests. Calls of one fixed shape would not rely on the
 /// kernels at all, but each call packs the whole weight matrix again: 64-row calls cost the
-/// ViT-B/32 tower 15–20 %, `benchmarks/RESULTS.md`.)
+/// ViT-B/32 tower 20 % (`benchmarks/RESULTS.md`). The build without OpenBLAS pays that, since
+/// the `gemm` crate's blocking follows the row count.
 pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), dst: &mut [f32]) {
     assert!(k > 0 && n > 0, "a {k} × {n} product");
     assert_eq!(w.len(), k * n, "the matrix is not {k} × {n}");
@@ -160,7 +161,13 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
     };
     let unit = ROW_BLOCK * LEAST_PRODUCT.div_ceil(ROW_BLOCK * n * k).max(1);
     let units = (x.len() / k).div_ceil(unit);
-    let task_rows = units.div_ceil(rayon::current_num_threads().max(1)).max(1) * unit;
+    // The `gemm` crate sizes its inner blocks from the row count too (rows of a 64-row and a
+    // 128-row call differ at k = 768), so without OpenBLAS every call is exactly one unit.
+    let units_per_task = match cfg!(feature = "openblas") {
+        true => units.div_ceil(rayon::current_num_threads().max(1)).max(1),
+        false => 1,
+    };
+    let task_rows = units_per_task * unit;
     dst.par_chunks_mut(task_rows * n).zip(x.par_chunks(task_rows * k)).for_each(|(dst, x)| {
         let whole_rows = x.len() / k / unit * unit;
         let (x_whole, x_tail) = x.split_at(whole_rows * k);
