@@ -2,7 +2,7 @@
 //!
 //! Two products, for two needs. The towers' dense layers want speed with one guarantee, that a
 //! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them through
-//! [`gemm_f32`] as calls of whole row units, so no row meets a tail or small-matrix kernel. With the `openblas` feature (on by default) that is
+//! [`gemm_f32`] as calls of whole row blocks, so no row meets a tail or small-matrix kernel. With the `openblas` feature (on by default) that is
 //! OpenBLAS's `sgemm`, linked statically from the system's library: on this project's reference
 //! machine (2-core Zen 3, AVX2 + FMA) it multiplies the tower's shapes 20–30 % faster than the
 //! `gemm` crate that candle uses, which does them otherwise. Scoring wants logits with the same
@@ -133,15 +133,15 @@ const LEAST_PRODUCT: usize = 1 << 20;
 /// A frame's embedding must not depend on which frames share its batch, how many there are, or
 /// how many threads run (contract §6). A BLAS product rounds a row by the path its call takes:
 /// tail kernels for the last rows when the row count is not a multiple of the kernel's height,
-/// small-matrix kernels below a size. Its inner blocking follows `k` alone, and full tiles all
-/// run the same kernel. So here every call has a row count that is a multiple of a unit (a
-/// multiple of [`ROW_BLOCK`] rows making at least [`LEAST_PRODUCT`]): each task takes whole
-/// units as one call, and the last, partial unit is a call of its own padded with zero rows. A
-/// row's bits then depend on its own values alone; `a_row_has_the_same_bits_in_any_batch_and_on_any_thread_count`
-/// holds it on the machine that runs the tests. Calls of one fixed shape would not rely on the
-/// kernels at all, but each call packs the whole weight matrix again: 64-row calls cost the
-/// ViT-B/32 tower 20 % (`benchmarks/RESULTS.md`). The build without OpenBLAS pays that, since
-/// the `gemm` crate's blocking follows the row count.
+/// small-matrix kernels below a size (the `gemm` crate: below 128 rows). Its inner blocking
+/// follows `k` alone, and full tiles all run the same kernel. So each task's rows are cut at
+/// [`ROW_BLOCK`]s: its whole blocks are one call if they make one big enough (at least
+/// [`LEAST_PRODUCT`] multiply-adds, and 128 rows without OpenBLAS), and the rest is one call
+/// padded with zero rows up to whole blocks and that size. A row's bits then depend on its own
+/// values alone; `a_row_has_the_same_bits_in_any_batch_and_on_any_thread_count` holds it, with
+/// and without OpenBLAS, on the machine that runs the tests. Calls of one fixed shape would not
+/// rely on the kernels at all, but each call packs the whole weight matrix again: 64-row calls
+/// cost the ViT-B/32 tower 20 % (`benchmarks/RESULTS.md`).
 pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), dst: &mut [f32]) {
     assert!(k > 0 && n > 0, "a {k} × {n} product");
     assert_eq!(w.len(), k * n, "the matrix is not {k} × {n}");
@@ -159,29 +159,31 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
             1.0,
         )
     };
-    let unit = ROW_BLOCK * LEAST_PRODUCT.div_ceil(ROW_BLOCK * n * k).max(1);
-    let units = (x.len() / k).div_ceil(unit);
-    // The `gemm` crate sizes its inner blocks from the row count too (rows of a 64-row and a
-    // 128-row call differ at k = 768), so without OpenBLAS every call is exactly one unit.
-    let units_per_task = match cfg!(feature = "openblas") {
-        true => units.div_ceil(rayon::current_num_threads().max(1)).max(1),
-        false => 1,
-    };
-    let task_rows = units_per_task * unit;
+    let least_rows = ROW_BLOCK * LEAST_PRODUCT.div_ceil(ROW_BLOCK * n * k).max(1);
+    // The `gemm` crate takes other paths below 128 rows (rows of a 64-row and a 128-row call
+    // differ at k = 768), so without OpenBLAS a call has at least 128.
+    let least_rows = if cfg!(feature = "openblas") { least_rows } else { least_rows.max(4 * ROW_BLOCK) };
+    let blocks = (x.len() / k).div_ceil(ROW_BLOCK);
+    let task_rows = blocks.div_ceil(rayon::current_num_threads().max(1)).max(1) * ROW_BLOCK;
     dst.par_chunks_mut(task_rows * n).zip(x.par_chunks(task_rows * k)).for_each(|(dst, x)| {
-        let whole_rows = x.len() / k / unit * unit;
-        let (x_whole, x_tail) = x.split_at(whole_rows * k);
-        let (dst_whole, dst_tail) = dst.split_at_mut(whole_rows * n);
-        if whole_rows > 0 {
-            rows_times_w(x_whole, dst_whole);
+        let rows = x.len() / k;
+        let whole_rows = rows / ROW_BLOCK * ROW_BLOCK;
+        // Whole blocks as one call where they make one big enough; the rest (the last, partial
+        // block, or all of a task too small) as one call padded with zero rows.
+        let direct_rows = if whole_rows >= least_rows { whole_rows } else { 0 };
+        let (x_direct, x_rest) = x.split_at(direct_rows * k);
+        let (dst_direct, dst_rest) = dst.split_at_mut(direct_rows * n);
+        if direct_rows > 0 {
+            rows_times_w(x_direct, dst_direct);
         }
-        if !x_tail.is_empty() {
-            let mut padded_x = vec![0f32; unit * k];
-            padded_x[..x_tail.len()].copy_from_slice(x_tail);
-            let mut padded_dst = vec![0f32; unit * n];
-            padded_dst[..dst_tail.len()].copy_from_slice(dst_tail);
+        if !x_rest.is_empty() {
+            let padded_rows = (x_rest.len() / k).next_multiple_of(ROW_BLOCK).max(least_rows);
+            let mut padded_x = vec![0f32; padded_rows * k];
+            padded_x[..x_rest.len()].copy_from_slice(x_rest);
+            let mut padded_dst = vec![0f32; padded_rows * n];
+            padded_dst[..dst_rest.len()].copy_from_slice(dst_rest);
             rows_times_w(&padded_x, &mut padded_dst);
-            dst_tail.copy_from_slice(&padded_dst[..dst_tail.len()]);
+            dst_rest.copy_from_slice(&padded_dst[..dst_rest.len()]);
         }
     });
 }
@@ -389,7 +391,7 @@ mod tests {
         // The shapes of a ViT-B's fc2 (3072 → 768) made smaller, and an odd one.
         for (k, n) in [(384, 96), (77, 45), (768, 40)] {
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 4980.0).collect();
-            let rows = 197;
+            let rows = 1000;
             let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 504.0).collect();
             let start: Vec<f32> = (0..rows * n).map(|i| (i % 13) as f32 / 13.0).collect();
             let product = |first: usize, count: usize, threads: usize| {
@@ -404,7 +406,18 @@ mod tests {
                 let expected = want + start[i] as f64;
                 assert!((*got as f64 - expected).abs() < 1e-3, "element {i}: {got} vs {expected}");
             }
-            for (first, count) in [(0, 1), (3, 7), (1, 64), (64, 64), (5, 130), (0, rows), (rows - 1, 1)] {
+            for (first, count) in [
+                (0, 1),
+                (3, 7),
+                (1, 64),
+                (64, 64),
+                (5, 130),
+                (0, rows),
+                (rows - 1, 1),
+                (7, 300),
+                (256, 512),
+                (100, 700),
+            ] {
                 for threads in [1, 2] {
                     let part = product(first, count, threads);
                     let differing =

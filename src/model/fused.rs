@@ -9,7 +9,7 @@
 //! (and residual) with the activation applied in one pass after it, and attention runs one task
 //! per (image, head) on strided views, writing each head's output where the next layer reads it.
 //! Neither depends on the batch (contract §6): the dense product runs as calls of whole row
-//! units ([`crate::matmul::accumulate_in_row_blocks`]), and attention's products, whose shapes
+//! blocks ([`crate::matmul::accumulate_in_row_blocks`]), and attention's products, whose shapes
 //! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]).
 //! They are candle custom ops, so the towers keep one code path: on other devices and dtypes
 //! the same functions fall back to plain candle ops.
