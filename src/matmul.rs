@@ -2,10 +2,11 @@
 //!
 //! Two products, for two needs. The towers' dense layers want speed with one guarantee, that a
 //! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them through
-//! [`gemm_f32`] as calls of whole row blocks, so no row meets a tail or small-matrix kernel. With the `openblas` feature (on by default) that is
-//! OpenBLAS's `sgemm`, linked statically from the system's library: on this project's reference
-//! machine (2-core Zen 3, AVX2 + FMA) it multiplies the tower's shapes 20–30 % faster than the
-//! `gemm` crate that candle uses, which does them otherwise. Scoring wants logits with the same
+//! [`gemm_f32`] as calls of whole row blocks, so no row meets a tail or small-matrix kernel.
+//! With the `openblas` feature (on by default) that is OpenBLAS's `sgemm`, linked statically
+//! from the system's library: on this project's reference machine (2-core Zen 3, AVX2 + FMA) it
+//! multiplies the tower's shapes 20–30 % faster than the `gemm` crate that candle uses, which
+//! does them otherwise. Scoring wants logits with the same
 //! bits on every CPU, in any strip, and on the GPU: [`fma_chain`] computes each one as a single
 //! FMA chain. OpenBLAS runs on the calling thread only (its own pool is set to one thread once);
 //! spreading products over cores is done with rayon, so the process has one pool working and no

@@ -63,8 +63,9 @@ pub unsafe fn product(
     if m == 0 || n == 0 {
         return;
     }
+    // An empty inner dimension (no step to pack) takes the scalar path, which writes the zeros.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if k > 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the kernel is compiled for (checked just above); the
         // views are the caller's.
         unsafe { avx2::product((m, n, k), dst, lhs, rhs, scale) };
@@ -111,7 +112,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU has AVX2 and FMA; otherwise as [`super::product`].
+    /// The CPU has AVX2 and FMA, and `k` > 0; otherwise as [`super::product`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn product(
         (m, n, k): (usize, usize, usize),
@@ -139,8 +140,7 @@ mod avx2 {
             let width = PANEL_COLUMNS.min(n - first_col);
             // SAFETY: columns first_col.. first_col + width of `rhs` lie inside its view.
             unsafe { pack_panel(rhs, k, first_col, width, &mut panel) };
-            // An inner dimension of 0 still takes one pass, which writes the zeros.
-            for first_step in (0..k.max(1)).step_by(STEPS_PER_PASS) {
+            for first_step in (0..k).step_by(STEPS_PER_PASS) {
                 let steps = &panel[first_step * PANEL_COLUMNS..(first_step + STEPS_PER_PASS).min(k) * PANEL_COLUMNS];
                 let mut first_row = 0;
                 while first_row < m {
@@ -354,6 +354,22 @@ mod tests {
             }
             assert!(blocking_shows, "width {dim}: no element tells a blocked sum from the chain");
         }
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_gives_zeros() {
+        let mut dst = vec![f32::NAN; 6];
+        // SAFETY: no input element is read when k = 0; `dst` is 2 × 3.
+        unsafe {
+            product(
+                (2, 3, 0),
+                Strided::rows(dst.as_mut_ptr(), 3),
+                Strided::rows(std::ptr::null(), 0),
+                Strided::rows(std::ptr::null(), 3),
+                1.0,
+            )
+        };
+        assert_eq!(dst, [0.0; 6]);
     }
 
     #[test]
