@@ -31,9 +31,10 @@ pub enum Epilogue<'a> {
 }
 
 /// A linear layer with bias (a layer without one has a bias of zeros: `x·W + 0` is `x·W` to the
-/// bit, so every product of the towers takes this path). The weight is kept transposed, [in, out], as the product reads
-/// it: measured alone, `gemm` ran the fc2 shape (1600 × 3072 → 768) 9 % faster this way than
-/// on the stored [out, in] read column-wise, and the other shapes about the same.
+/// bit, so every product of the towers takes this path). The weight is kept transposed,
+/// [in, out], as the product reads it: measured alone, `gemm` ran the fc2 shape
+/// (1600 × 3072 → 768) 9 % faster this way than on the stored [out, in] read column-wise, and
+/// the other shapes about the same.
 pub struct Dense {
     weight_t: Tensor,
     bias: Tensor,
