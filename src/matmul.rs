@@ -1,17 +1,17 @@
 //! The f32 matrix products the CPU model layers and the score strips call.
 //!
 //! Two products, for two needs. The towers' dense layers want speed with one guarantee, that a
-//! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] runs them through
-//! [`gemm_f32`] as calls of whole row blocks, so no row meets a tail or small-matrix kernel.
-//! With the `openblas` feature (on by default) that is OpenBLAS's `sgemm`, linked statically
-//! from the system's library: on this project's reference machine (2-core Zen 3, AVX2 + FMA) it
-//! multiplies the tower's shapes 20–30 % faster than the `gemm` crate that candle uses, which
-//! does them otherwise. Scoring wants logits with the same
-//! bits on every CPU, in any strip, and on the GPU: [`fma_chain`] computes each one as a single
-//! FMA chain. OpenBLAS runs on the calling thread only (its own pool is set to one thread once);
-//! spreading products over cores is done with rayon, so the process has one pool working and no
-//! core is oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels on CPUs
-//! newer than the library.
+//! frame's bits do not depend on its batch: [`accumulate_in_row_blocks`] cuts them into calls
+//! of whole row blocks, so no row meets a tail or small-matrix kernel. With the `openblas`
+//! feature (on by default) each call is OpenBLAS's `sgemm`, linked statically from the system's
+//! library: on this project's reference machine (2-core Zen 3, AVX2 + FMA) it multiplies the
+//! tower's shapes 20–30 % faster than the `gemm` crate that candle uses, which does them
+//! otherwise. Scoring (and attention) wants products with the same bits on every CPU, in any
+//! strip, and on the GPU: [`fma_chain`] computes each element as a single FMA chain. OpenBLAS
+//! runs on the calling thread only (its own pool is set to one thread once); spreading products
+//! over cores is done with rayon, so the process has one pool working and no core is
+//! oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels on CPUs newer
+//! than the library.
 
 pub mod fma_chain;
 
@@ -45,7 +45,7 @@ pub fn choose_blas_kernels() -> Option<&'static str> {
     }
 }
 
-/// A matrix in memory for [`gemm_f32`]: its first element and the distances, in elements,
+/// A matrix in memory for [`fma_chain::product`]: its first element and the distances, in elements,
 /// from one row to the next and from one column to the next.
 #[derive(Clone, Copy)]
 pub struct Strided<P> {
@@ -66,50 +66,40 @@ impl<P> Strided<P> {
     }
 }
 
-/// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]`, added to what `dst` holds when `accumulate`,
-/// on the calling thread, by the fastest product there is (OpenBLAS where linked and the views
-/// suit it, else the `gemm` crate). Its kernels take different paths, which round differently,
-/// for the tail rows of a call and for small calls ([`accumulate_in_row_blocks`] avoids both).
-///
-/// # Safety
-/// Each view must describe memory valid for its whole shape, and `dst` must not overlap the
-/// inputs or be written by anyone else during the call.
-pub unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: Strided<*mut f32>,
-    accumulate: bool,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    scale: f32,
-) {
-    if m == 0 || n == 0 {
+/// `dst[m × n] += x[m × k] · w[k × n]`, all row-major, on the calling thread, by the fastest
+/// product there is (OpenBLAS where linked, else the `gemm` crate). Its kernels take different
+/// paths, which round differently, for the tail rows of a call and for small calls
+/// ([`accumulate_in_row_blocks`] avoids both).
+fn add_product(x: &[f32], w: &[f32], (k, n): (usize, usize), dst: &mut [f32]) {
+    let m = x.len() / k;
+    assert!(x.len() == m * k && w.len() == k * n && dst.len() == m * n, "not an {m} × {k} · {k} × {n} product");
+    if m == 0 {
         return;
     }
     #[cfg(feature = "openblas")]
-    if let Some(product) = blas::Product::describe((m, n, k), dst, lhs, rhs) {
-        // SAFETY: forwarded from the caller's contract; `describe` checked the layout.
-        unsafe { product.run(accumulate, scale) };
+    if [m, n, k].iter().all(|&v| v <= i32::MAX as usize) {
+        blas::add_product((m, n, k), x, w, dst);
         return;
     }
-    let keep = if accumulate { 1.0 } else { 0.0 };
-    // SAFETY: forwarded from the caller's contract.
+    // SAFETY: the three slices are m × k, k × n and m × n, row-major (checked above), and `dst`,
+    // borrowed mutably, overlaps neither input.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.ptr,
-            dst.col_stride,
-            dst.row_stride,
-            accumulate,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            keep,
-            scale,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
             false,
             false,
             false,
@@ -148,18 +138,6 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
     assert_eq!(w.len(), k * n, "the matrix is not {k} × {n}");
     assert!(x.len().is_multiple_of(k) && dst.len() == x.len() / k * n, "{} inputs and {} outputs", x.len(), dst.len());
     use rayon::prelude::*;
-    // SAFETY: `x` holds whole rows of k, `w` is k × n, `dst` the same rows of n, row-major, and
-    // `dst` is the calling task's alone.
-    let rows_times_w = |x: &[f32], dst: &mut [f32]| unsafe {
-        gemm_f32(
-            (x.len() / k, n, k),
-            Strided::rows(dst.as_mut_ptr(), n),
-            true,
-            Strided::rows(x.as_ptr(), k),
-            Strided::rows(w.as_ptr(), n),
-            1.0,
-        )
-    };
     let least_rows = ROW_BLOCK * LEAST_PRODUCT.div_ceil(ROW_BLOCK * n * k).max(1);
     // The `gemm` crate takes other paths below 128 rows (rows of a 64-row and a 128-row call
     // differ at k = 768), so without OpenBLAS a call has at least 128.
@@ -175,7 +153,7 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
         let (x_direct, x_rest) = x.split_at(direct_rows * k);
         let (dst_direct, dst_rest) = dst.split_at_mut(direct_rows * n);
         if direct_rows > 0 {
-            rows_times_w(x_direct, dst_direct);
+            add_product(x_direct, w, (k, n), dst_direct);
         }
         if !x_rest.is_empty() {
             let padded_rows = (x_rest.len() / k).next_multiple_of(ROW_BLOCK).max(least_rows);
@@ -183,7 +161,7 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
             padded_x[..x_rest.len()].copy_from_slice(x_rest);
             let mut padded_dst = vec![0f32; padded_rows * n];
             padded_dst[..dst_rest.len()].copy_from_slice(dst_rest);
-            rows_times_w(&padded_x, &mut padded_dst);
+            add_product(&padded_x, w, (k, n), &mut padded_dst);
             dst_rest.copy_from_slice(&padded_dst[..dst_rest.len()]);
         }
     });
@@ -191,7 +169,6 @@ pub fn accumulate_in_row_blocks(x: &[f32], w: &[f32], (k, n): (usize, usize), ds
 
 #[cfg(feature = "openblas")]
 mod blas {
-    use super::Strided;
     use cblas_sys::{CBLAS_LAYOUT, CBLAS_TRANSPOSE, cblas_sgemm};
     use std::sync::Once;
 
@@ -237,86 +214,33 @@ mod blas {
         Some(wanted)
     }
 
-    /// An operand as BLAS takes it: row-major, possibly transposed, with its leading dimension.
-    #[derive(Clone, Copy)]
-    struct Operand {
-        ptr: *const f32,
-        transpose: CBLAS_TRANSPOSE,
-        leading: usize,
-    }
-
-    impl Operand {
-        /// The view of a `rows × cols` matrix, if one of its strides is 1 and the other leaves
-        /// room for a whole row (or column) as BLAS requires.
-        fn describe(view: Strided<*const f32>, rows: usize, cols: usize) -> Option<Operand> {
-            let (row, col) = (view.row_stride, view.col_stride);
-            if col == 1 && (rows == 1 || row >= cols.max(1) as isize) {
-                let leading = if rows == 1 { cols.max(1) } else { row as usize };
-                return Some(Operand { ptr: view.ptr, transpose: CBLAS_TRANSPOSE::CblasNoTrans, leading });
-            }
-            if row == 1 && (cols == 1 || col >= rows.max(1) as isize) {
-                let leading = if cols == 1 { rows.max(1) } else { col as usize };
-                return Some(Operand { ptr: view.ptr, transpose: CBLAS_TRANSPOSE::CblasTrans, leading });
-            }
-            None
-        }
-    }
-
-    /// A product whose three views BLAS can take.
-    pub(super) struct Product {
-        m: usize,
-        n: usize,
-        k: usize,
-        dst: *mut f32,
-        dst_leading: usize,
-        lhs: Operand,
-        rhs: Operand,
-    }
-
-    impl Product {
-        pub(super) fn describe(
-            (m, n, k): (usize, usize, usize),
-            dst: Strided<*mut f32>,
-            lhs: Strided<*const f32>,
-            rhs: Strided<*const f32>,
-        ) -> Option<Product> {
-            let dst_leading = match (dst.col_stride, m) {
-                (1, 1) => n,
-                (1, _) if dst.row_stride >= n as isize => dst.row_stride as usize,
-                _ => return None,
-            };
-            let lhs = Operand::describe(lhs, m, k)?;
-            let rhs = Operand::describe(rhs, k, n)?;
-            let all_fit_in_c_int =
-                [m, n, k, dst_leading, lhs.leading, rhs.leading].iter().all(|&v| v <= i32::MAX as usize);
-            all_fit_in_c_int.then_some(Product { m, n, k, dst: dst.ptr, dst_leading, lhs, rhs })
-        }
-
-        /// # Safety
-        /// As [`super::gemm_f32`].
-        pub(super) unsafe fn run(&self, accumulate: bool, scale: f32) {
-            static ONE_THREAD: Once = Once::new();
-            // SAFETY: sets an integer inside OpenBLAS; called once, before any product.
-            ONE_THREAD.call_once(|| unsafe { openblas_set_num_threads(1) });
-            // SAFETY: the views were checked by `describe`, and the caller vouches for them.
-            unsafe {
-                cblas_sgemm(
-                    CBLAS_LAYOUT::CblasRowMajor,
-                    self.lhs.transpose,
-                    self.rhs.transpose,
-                    self.m as i32,
-                    self.n as i32,
-                    self.k as i32,
-                    scale,
-                    self.lhs.ptr,
-                    self.lhs.leading as i32,
-                    self.rhs.ptr,
-                    self.rhs.leading as i32,
-                    if accumulate { 1.0 } else { 0.0 },
-                    self.dst,
-                    self.dst_leading as i32,
-                );
-            }
+    /// `dst[m × n] += x[m × k] · w[k × n]`, row-major, each dimension within a C `int`.
+    pub(super) fn add_product((m, n, k): (usize, usize, usize), x: &[f32], w: &[f32], dst: &mut [f32]) {
+        assert!(x.len() == m * k && w.len() == k * n && dst.len() == m * n);
+        static ONE_THREAD: Once = Once::new();
+        // SAFETY: sets an integer inside OpenBLAS; called once, before any product.
+        ONE_THREAD.call_once(|| unsafe { openblas_set_num_threads(1) });
+        let (m, n, k) = (m as i32, n as i32, k as i32);
+        // SAFETY: the slices are m × k, k × n and m × n, row-major with rows k, n and n apart
+        // (checked above; the caller checked that each dimension fits), and `dst`, borrowed
+        // mutably, overlaps neither input.
+        unsafe {
+            cblas_sgemm(
+                CBLAS_LAYOUT::CblasRowMajor,
+                CBLAS_TRANSPOSE::CblasNoTrans,
+                CBLAS_TRANSPOSE::CblasNoTrans,
+                m,
+                n,
+                k,
+                1.0,
+                x.as_ptr(),
+                k,
+                w.as_ptr(),
+                n,
+                1.0,
+                dst.as_mut_ptr(),
+                n,
+            );
         }
     }
 }
@@ -352,36 +276,16 @@ mod tests {
     }
 
     #[test]
-    fn every_layout_is_the_matrix_product() {
+    fn the_product_adds_the_matrix_product() {
         let (m, n, k) = (97, 33, 70);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 44.0).collect();
-        // The same matrices stored transposed, to take the `transposed` views.
-        let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-        let b_t: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let want = reference(m, n, k, |i, l| a[i * k + l], |l, j| b[l * n + j]);
-        let lhs_views = [Strided::rows(a.as_ptr(), k), Strided::transposed(a_t.as_ptr(), m)];
-        let rhs_views = [Strided::rows(b.as_ptr(), n), Strided::transposed(b_t.as_ptr(), k)];
-        for lhs in lhs_views {
-            for rhs in rhs_views {
-                for accumulate in [false, true] {
-                    // A result view into wider rows, starting from ones when accumulating.
-                    let width = n + 5;
-                    let mut dst = vec![1.0f32; m * width];
-                    // SAFETY: every view covers its whole shape; dst is ours alone.
-                    unsafe { gemm_f32((m, n, k), Strided::rows(dst.as_mut_ptr(), width), accumulate, lhs, rhs, 2.0) };
-                    for i in 0..m {
-                        for j in 0..width {
-                            let got = dst[i * width + j] as f64;
-                            let expected = match (j >= n, accumulate) {
-                                (true, _) => 1.0,
-                                (false, accumulate) => 2.0 * want[i * n + j] + if accumulate { 1.0 } else { 0.0 },
-                            };
-                            assert!((got - expected).abs() < 1e-4, "({i}, {j}) {got} vs {expected}");
-                        }
-                    }
-                }
-            }
+        let mut dst = vec![1.0f32; m * n];
+        add_product(&a, &b, (k, n), &mut dst);
+        for (i, (&got, &want)) in dst.iter().zip(&want).enumerate() {
+            let expected = want + 1.0;
+            assert!((got as f64 - expected).abs() < 1e-4, "element {i}: {got} vs {expected}");
         }
     }
 

@@ -51,8 +51,8 @@ pub fn a_times_bt(a: &[f32], b: &[f32], dim: usize, dst: &mut [f32]) {
 /// `lhs` and column of `rhs` (module doc), then multiplied by `scale`; on the calling thread.
 ///
 /// # Safety
-/// As [`super::gemm_f32`]: each view is valid for its whole shape and `dst` overlaps neither
-/// input nor is written by anyone else during the call.
+/// Each view is valid for its whole shape, and `dst` overlaps neither input nor is written by
+/// anyone else during the call.
 pub unsafe fn product(
     (m, n, k): (usize, usize, usize),
     dst: Strided<*mut f32>,
@@ -271,12 +271,8 @@ mod avx2 {
                 unsafe {
                     _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
                     _mm256_storeu_ps(values.as_mut_ptr().add(8), acc[1]);
-                    if self.dst.col_stride == 1 {
-                        std::ptr::copy_nonoverlapping(values.as_ptr(), row, self.width);
-                    } else {
-                        for (c, &value) in values[..self.width].iter().enumerate() {
-                            *row.offset(c as isize * self.dst.col_stride) = value;
-                        }
+                    for (c, &value) in values[..self.width].iter().enumerate() {
+                        *row.offset(c as isize * self.dst.col_stride) = value;
                     }
                 }
             }
