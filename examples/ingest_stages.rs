@@ -2,7 +2,7 @@
 //! `benchmarks/ingest_vs_pyav.py`, which compares their sum with the whole ingest.
 //!
 //! `ingest_stages decode ROOT MODEL WORKERS PIXELS.f32` walks ROOT as ingest does and runs
-//! ingest's decode workers (decode, sample, preprocess, hash) on WORKERS threads, with no model
+//! ingest's decode workers' work (decode, sample, preprocess, hash) on WORKERS threads of one process, with no model
 //! (MODEL's `config.json` gives the image size);
 //! it writes the pixels of every frame, in the walk's order, and prints `frames=N`.
 //! `ingest_stages tower MODEL PIXELS.f32 BATCH` runs the image tower on those frames in batches
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use crossbeam_channel::bounded;
 use vtr_index::decode::DecodeConfig;
-use vtr_index::ingest::pipeline::{Decoded, prepare};
+use vtr_index::ingest::worker::{Prepared, prepare};
 use vtr_index::model::{Checkpoint, Clip, ClipConfig};
 use vtr_index::preprocess::PreprocessConfig;
 use vtr_index::sampling::SamplingConfig;
@@ -49,7 +49,7 @@ fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
             let (decode, preprocess) = (&decode, &preprocess);
             scope.spawn(move || {
                 for (i, file) in task_rx {
-                    results.send((i, prepare(file, decode, preprocess))).expect("the receiver outlives the workers");
+                    results.send((i, (file.path.clone(), prepare(&file.abs_path, decode, preprocess)))).expect("the receiver outlives the workers");
                 }
             });
         }
@@ -59,17 +59,17 @@ fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
     decoded.sort_by_key(|(i, _)| *i);
     let mut writer = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| out.to_string())?);
     let mut frames = 0;
-    for (_, video) in decoded {
+    for (_, (path, video)) in decoded {
         match video {
-            Decoded::Video(video) => {
-                for (_, pixels) in &video.frames {
+            Prepared::Video { frames: video_frames, .. } => {
+                for (_, pixels) in &video_frames {
                     for value in pixels {
                         writer.write_all(&value.to_le_bytes())?;
                     }
                     frames += 1;
                 }
             }
-            Decoded::Failed(file, rejection) => bail!("{}: {rejection:?}", file.path),
+            Prepared::Failed(rejection) => bail!("{path}: {rejection:?}"),
         }
     }
     writer.flush()?;

@@ -31,6 +31,19 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Run a job file: ingest, then encode-text and score when configured.
     Run(job::RunArgs),
+    /// An ingest run's decode worker process (`ingest/worker.rs`), started by the run itself.
+    #[command(name = "decode-worker", hide = true)]
+    DecodeWorker(DecodeWorkerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DecodeWorkerArgs {
+    /// The ingest process that started this worker.
+    #[arg(long)]
+    pub parent: u32,
+    /// Run below the parent's priority.
+    #[arg(long)]
+    pub low_priority: bool,
 }
 
 /// Parses one step of a job file as a command line.
@@ -55,6 +68,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Run(_) | Command::Merge(_) => {}
+        // A worker leaves every signal to its parent (`ingest::worker::serve`).
+        Command::DecodeWorker(args) => return Ok(crate::ingest::worker::serve(args.parent, args.low_priority)),
     }
     match cli.command {
         Command::Run(args) => run_job(&args),
@@ -65,6 +80,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Search(args) => search::run(args),
         Command::Info(args) => info::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::DecodeWorker(_) => unreachable!("run above"),
     }
 }
 

@@ -17,6 +17,12 @@ pub enum Stage {
 }
 
 impl Stage {
+    pub const ALL: [Stage; 5] = [Stage::Walk, Stage::Probe, Stage::Decode, Stage::Encode, Stage::Write];
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|stage| stage.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Walk => "walk",
@@ -38,13 +44,15 @@ pub enum FailureKind {
     Corrupt,
     Timeout,
     CrashedDecoder,
+    /// The decode worker grew past `--decode-memory-mib` and was stopped.
+    MemoryLimit,
     Io,
     DuplicateId,
     SymlinkLoop,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 10] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Empty,
         FailureKind::NotAVideo,
         FailureKind::NoVideoStream,
@@ -52,6 +60,7 @@ impl FailureKind {
         FailureKind::Corrupt,
         FailureKind::Timeout,
         FailureKind::CrashedDecoder,
+        FailureKind::MemoryLimit,
         FailureKind::Io,
         FailureKind::DuplicateId,
         FailureKind::SymlinkLoop,
@@ -66,6 +75,7 @@ impl FailureKind {
             FailureKind::Corrupt => "corrupt",
             FailureKind::Timeout => "timeout",
             FailureKind::CrashedDecoder => "crashed_decoder",
+            FailureKind::MemoryLimit => "memory_limit",
             FailureKind::Io => "io",
             FailureKind::DuplicateId => "duplicate_id",
             FailureKind::SymlinkLoop => "symlink_loop",

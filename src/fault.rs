@@ -24,6 +24,15 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+const KILL_AT: &str = "VTR_INDEX_KILL_AT";
+const KILL_WITH: &str = "VTR_INDEX_KILL_WITH";
+const FAIL_AT: &str = "VTR_INDEX_FAIL_AT";
+const FAIL_WITH: &str = "VTR_INDEX_FAIL_WITH";
+/// The variables that name this process's fault points: the ingest run's decode workers start
+/// without them, so a point fires in the parent only (the workers' own faults are
+/// `ingest::worker::FAULT_VARIABLE`).
+pub const PARENT_ONLY_VARIABLES: [&str; 4] = [KILL_AT, KILL_WITH, FAIL_AT, FAIL_WITH];
+
 /// `NAME[:N]` from an environment variable: fires the N-th time (1-based) NAME is reached.
 struct Trigger {
     name: String,
@@ -59,8 +68,8 @@ fn target() -> Option<&'static Target> {
     static TARGET: OnceLock<Option<Target>> = OnceLock::new();
     TARGET
         .get_or_init(|| {
-            let trigger = Trigger::from_env("VTR_INDEX_KILL_AT")?;
-            let (signal, twice) = match std::env::var("VTR_INDEX_KILL_WITH").as_deref() {
+            let trigger = Trigger::from_env(KILL_AT)?;
+            let (signal, twice) = match std::env::var(KILL_WITH).as_deref() {
                 Ok("SIGINT") => (libc::SIGINT, false),
                 Ok("SIGINT*2") => (libc::SIGINT, true),
                 Ok("SIGTERM") => (libc::SIGTERM, false),
@@ -76,8 +85,8 @@ fn io_target() -> Option<&'static (Trigger, i32)> {
     static TARGET: OnceLock<Option<(Trigger, i32)>> = OnceLock::new();
     TARGET
         .get_or_init(|| {
-            let trigger = Trigger::from_env("VTR_INDEX_FAIL_AT")?;
-            let errno = match std::env::var("VTR_INDEX_FAIL_WITH").as_deref() {
+            let trigger = Trigger::from_env(FAIL_AT)?;
+            let errno = match std::env::var(FAIL_WITH).as_deref() {
                 Ok("EACCES") => libc::EACCES,
                 Ok("EIO") => libc::EIO,
                 _ => libc::ENOSPC,

@@ -6,7 +6,7 @@
 
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::types::RgbImage;
 
@@ -17,7 +17,7 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The preprocessing a checkpoint expects; recorded in the manifest.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreprocessConfig {
     /// The shorter side after resizing.
     #[serde(rename = "shortest_edge")]

@@ -8,7 +8,7 @@
 const TIMESTAMP_SLACK_NS: i64 = 1_000;
 
 /// How frames are chosen from a video.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingConfig {
     /// Samples per second of video (`--fps`).
     pub fps: f64,

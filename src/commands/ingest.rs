@@ -54,10 +54,14 @@ pub struct IngestArgs {
     /// Give up on a file after this many seconds (recorded as a `timeout` failure).
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub decode_timeout: f64,
-    /// Files decoded in parallel, besides the encoder's own when it has nothing to encode
-    /// [default: half the cores].
+    /// Decode worker processes (each decodes one file at a time), besides one more at the
+    /// lowest priority that uses the core the encoder leaves idle [default: half the cores].
     #[arg(long)]
     pub decode_workers: Option<usize>,
+    /// Stop a decode worker whose resident memory exceeds this and record its file as a
+    /// `memory_limit` failure.
+    #[arg(long, default_value_t = crate::ingest::pool::DEFAULT_DECODE_MEMORY_MIB, value_name = "MIB")]
+    pub decode_memory_mib: u64,
     /// Retry files that failed before even if they did not change.
     #[arg(long)]
     pub retry_failed: bool,
@@ -72,6 +76,9 @@ pub struct IngestArgs {
 pub fn run(args: IngestArgs) -> Result<u8> {
     if !(args.decode_timeout > 0.0 && args.commit_interval > 0.0) || args.commit_every == 0 {
         bail!("--decode-timeout, --commit-interval and --commit-every must be positive");
+    }
+    if args.decode_workers == Some(0) || args.decode_memory_mib == 0 {
+        bail!("--decode-workers and --decode-memory-mib must be at least 1");
     }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let options = IngestOptions {
@@ -93,6 +100,7 @@ pub fn run(args: IngestArgs) -> Result<u8> {
         files_from: args.files_from,
         decode_timeout: Duration::try_from_secs_f64(args.decode_timeout).unwrap_or(Duration::MAX),
         decode_workers: args.decode_workers.unwrap_or((cores / 2).max(1)),
+        decode_memory_mib: args.decode_memory_mib,
         retry_failed: args.retry_failed,
         commit_every: args.commit_every,
         commit_interval: Duration::try_from_secs_f64(args.commit_interval).unwrap_or(Duration::MAX),

@@ -38,27 +38,24 @@ pub struct DecodeConfig {
     pub sampling: SamplingConfig,
     /// A file that takes longer than this (probe and fetch together) is a `timeout` failure.
     pub timeout: Duration,
-    /// Checked at every wait: when it says so, decoding stops at once with a `timeout`
-    /// rejection that the caller, which asked for it, drops (ingest on SIGINT/SIGTERM).
-    pub cancelled: fn() -> bool,
 }
 
 impl DecodeConfig {
     pub fn new(sampling: SamplingConfig, timeout: Duration) -> DecodeConfig {
-        DecodeConfig { sampling, timeout, cancelled: || false }
+        DecodeConfig { sampling, timeout }
     }
 }
 
-/// When a file's decoding must stop: its deadline, or the caller's cancellation.
+/// When a file's decoding must stop. (An ingest run stopped by a signal kills its decode
+/// workers instead: `ingest/pool.rs`.)
 #[derive(Clone, Copy)]
 struct Deadline {
     at: Instant,
-    cancelled: fn() -> bool,
 }
 
 impl Deadline {
     fn passed(&self) -> bool {
-        Instant::now() > self.at || (self.cancelled)()
+        Instant::now() > self.at
     }
 }
 
@@ -114,7 +111,7 @@ pub fn init() -> Result<(), String> {
 
 /// Decodes the frames the sampling protocol chooses from the video at `path`.
 pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, Rejection> {
-    let deadline = Deadline { at: Instant::now() + config.timeout, cancelled: config.cancelled };
+    let deadline = Deadline { at: Instant::now() + config.timeout };
     match std::fs::metadata(path) {
         Ok(m) if m.len() == 0 => {
             return Err(Rejection::new(Stage::Probe, FailureKind::Empty, "the file is empty (0 bytes)"));
@@ -995,7 +992,7 @@ mod tests {
     fn frames_agree_when_pictures_are_left_out(path: &Path) -> usize {
         let path = path.to_str().unwrap();
         let name = path;
-        let deadline = Deadline { at: Instant::now() + Duration::from_secs(60), cancelled: || false };
+        let deadline = Deadline { at: Instant::now() + Duration::from_secs(60) };
         let probe = probe_packets(path, deadline).unwrap();
         let packets = probe.packets.as_ref().expect("these packets carry timestamps");
         let first = probe.frame_times_ns[0];

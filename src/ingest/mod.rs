@@ -11,8 +11,10 @@
 
 pub mod pipeline;
 pub mod plan;
+pub mod pool;
 pub mod report;
 pub mod timeline;
+pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -58,7 +60,10 @@ pub struct IngestOptions {
     /// walking the root.
     pub files_from: Option<PathBuf>,
     pub decode_timeout: Duration,
+    /// Decode worker processes at normal priority (one more runs at the lowest).
     pub decode_workers: usize,
+    /// A decode worker whose resident memory exceeds this is stopped (`memory_limit`).
+    pub decode_memory_mib: u64,
     pub retry_failed: bool,
     /// Commit the work done so far after this many finished files…
     pub commit_every: u64,
@@ -78,6 +83,9 @@ pub enum IngestError {
     Refused(String),
     #[error("the {0} stage failed: {1}; nothing was committed")]
     Stage(&'static str, String),
+    /// Decode workers died on too many files in a row; the files finished before are committed.
+    #[error("{0}; the files finished before were committed")]
+    DecodersBroken(String),
 }
 
 /// Runs one ingest. Per-file failures are data in the report; an `Err` means nothing useful
@@ -94,8 +102,12 @@ pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     refuse_dangerous_placement(&options.index, &options.roots)?;
     let (opened, journal) = Opened::open(options, started_at_us)?;
     let mut run = Run::plan(options, opened, started, started_at_us)?;
-    run.process(journal.get())?;
-    run.finish(journal)
+    let broken = run.process(journal.get())?;
+    let report = run.finish(journal)?;
+    match broken {
+        Some(message) => Err(IngestError::DecodersBroken(message)),
+        None => Ok(report),
+    }
 }
 
 /// The model an index is built with, read only when something is to be embedded (or checked,
@@ -405,34 +417,36 @@ impl<'a> Run<'a> {
     }
 
     /// Runs the planned files through the stages, writing and committing as they finish; the
-    /// threads that decode record the files in flight in `journal`.
-    fn process(&mut self, journal: &InFlightJournal) -> Result<(), IngestError> {
+    /// threads that decode record the files in flight in `journal`. Returns why the decoders
+    /// were found broken, if they were (the run then stopped early, as on a signal).
+    fn process(&mut self, journal: &InFlightJournal) -> Result<Option<String>, IngestError> {
         let files = std::mem::take(&mut self.files);
         let clock = StageClock::new(self.started);
+        let mut broken = None;
         if let Some(clip) = self.clip.take()
             && !files.is_empty()
         {
-            // On SIGINT/SIGTERM the files being decoded stop at once and are dropped (not
-            // failures): the next run takes them up again.
-            let decode = crate::decode::DecodeConfig {
+            let setup = worker::Setup {
                 sampling: self.sampling,
-                timeout: self.options.decode_timeout,
-                cancelled: crate::interrupt::was_requested,
+                preprocess: clip.checkpoint.preprocess.clone(),
+                timeout_s: self.options.decode_timeout.as_secs_f64(),
             };
-            let preprocess = clip.checkpoint.preprocess.clone();
+            // One worker more than asked, at the lowest priority: it decodes on the core the
+            // encoder leaves idle while it waits for frames, and yields it when the encoder runs.
+            let slots = self.options.decode_workers + 1;
+            let memory_limit = self.options.decode_memory_mib.saturating_mul(1 << 20);
+            let pool = pool::Pool::new(setup, memory_limit, self.options.decode_timeout, slots, 1);
             let suspects = self.suspects.keys().cloned().collect();
-            let pipeline = Pipeline {
-                options: self.options,
-                decode: &decode,
-                preprocess: &preprocess,
-                journal,
-                suspects: &suspects,
-            };
+            let pipeline = Pipeline { options: self.options, pool: &pool, journal, suspects: &suspects };
             pipeline.run(files, clip, &clock, |outcome| self.consume(outcome, &clock))?;
+            broken = pool.broken();
+            self.report.decode_workers = report::WorkersReport::of(&pool);
         }
         self.progress.finish();
         if let Some(signal) = crate::interrupt::requested() {
             self.report.interrupted = Some(crate::interrupt::signal_name(signal).to_string());
+        }
+        if self.report.interrupted.is_some() || broken.is_some() {
             self.report.not_processed = (self.processed - self.finished + self.held_back) as u64;
         }
         let stages = &mut self.report.stage_seconds;
@@ -443,7 +457,10 @@ impl<'a> Run<'a> {
         stages.write = clock.seconds(Activity::Write);
         stages.build_model = clock.seconds(Activity::BuildModel);
         self.report.timeline = clock.report();
-        Ok(())
+        self.report.memory.parent_peak_mib = report::parent_peak_mib();
+        self.report.memory.total_peak_mib =
+            self.report.memory.parent_peak_mib + self.report.decode_workers.peak_resident_mib.iter().sum::<f64>();
+        Ok(broken)
     }
 
     /// Takes one file's outcome: its rows or its failure; commits when one is due.

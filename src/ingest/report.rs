@@ -45,8 +45,69 @@ pub struct IngestReport {
     /// The signal that stopped the run early (`SIGINT`, `SIGTERM`); what was finished is committed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
-    /// Files left for the next run because the run was interrupted.
+    /// Files left for the next run because the run was interrupted (or stopped by decoders
+    /// that killed their workers on file after file).
     pub not_processed: u64,
+    /// What the decode worker processes did.
+    pub decode_workers: WorkersReport,
+    pub memory: MemoryReport,
+}
+
+/// The decode worker processes of a run (`ingest/pool.rs`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkersReport {
+    /// Decode slots: `--decode-workers` at normal priority and one at the lowest.
+    pub slots: usize,
+    /// Worker processes started (a slot starts a fresh one after a death and for a retry).
+    pub started: u64,
+    /// Workers that died on their own while holding a file (a signal, an abnormal exit).
+    pub deaths: u64,
+    /// Files tried again, alone, in a fresh worker after a death.
+    pub retries: u64,
+    /// Workers stopped above `--decode-memory-mib`, and past a file's deadline.
+    pub memory_kills: u64,
+    pub deadline_kills: u64,
+    /// Each slot's peak resident memory (its workers', read every 25 ms), MiB.
+    pub peak_resident_mib: Vec<f64>,
+}
+
+impl WorkersReport {
+    pub fn of(pool: &super::pool::Pool) -> WorkersReport {
+        let counts = pool.counts();
+        WorkersReport {
+            slots: pool.slots(),
+            started: counts.worker_starts,
+            deaths: counts.worker_deaths,
+            retries: counts.retries,
+            memory_kills: counts.memory_kills,
+            deadline_kills: counts.deadline_kills,
+            peak_resident_mib: pool.usage().iter().map(|u| mib(u.peak_resident_bytes)).collect(),
+        }
+    }
+}
+
+/// Peak resident memory of the run's processes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryReport {
+    /// The ingest process (the model, the encoder's batches, the writers), MiB.
+    pub parent_peak_mib: f64,
+    /// The parent's peak plus every decode slot's: a bound on the run's, MiB.
+    pub total_peak_mib: f64,
+}
+
+fn mib(bytes: u64) -> f64 {
+    (bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0
+}
+
+/// The ingest process's peak resident memory so far, MiB.
+pub fn parent_peak_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
+    let kib = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init().ru_maxrss
+    };
+    mib(kib.max(0) as u64 * 1024)
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,8 +115,8 @@ pub struct StageSeconds {
     pub walk: f64,
     /// Reading the old index, hashing possibly renamed files, carrying rows over.
     pub plan: f64,
-    /// Decoding, sampling, preprocessing and hashing: the decode workers', and the encoder's
-    /// when it had nothing to encode.
+    /// Decoding, sampling, preprocessing and hashing: the decode slots' time with a file in
+    /// their worker process.
     pub decode: f64,
     /// Decode workers holding finished files while the encoder was busy.
     pub decode_waiting: f64,

@@ -1,5 +1,5 @@
-//! Where one ingest run's time went: each stage's busy time, its waits, and the process's CPU
-//! time, in total and as a timeline of at most [`SLOTS`] equal slots for the run report
+//! Where one ingest run's time went: each stage's busy time, its waits, and the CPU time of
+//! the process and its decode workers, in total and as a timeline of at most [`SLOTS`] equal slots for the run report
 //! (`runs/TAG.json`). The timeline shows what totals hide: cores left idle while the model
 //! loads or builds, the encoder waiting for frames, decoders held back by a busy encoder.
 //!
@@ -20,10 +20,10 @@ const FIRST_SLOT_S: f64 = 0.5;
 /// What a stage's thread spent an interval on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activity {
-    /// Decoding, sampling, preprocessing and hashing one file (a decode worker, or the encoder
-    /// when it has nothing to encode).
+    /// A decode slot with one file in its worker process (decoding, sampling, preprocessing
+    /// and hashing it).
     Decode,
-    /// A decode worker holding a finished file the encoder has no room for yet.
+    /// A decode slot holding a finished file the encoder has no room for yet.
     DecodeWaiting,
     /// One model batch (the encoder).
     Encode,
@@ -175,7 +175,8 @@ fn round_ms(seconds: f64) -> f64 {
     (seconds * 1000.0).round() / 1000.0
 }
 
-/// User and system CPU time of the whole process, every thread included.
+/// User and system CPU time of the whole process, every thread included, and of its decode
+/// workers.
 fn process_cpu_seconds() -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
@@ -184,7 +185,7 @@ fn process_cpu_seconds() -> f64 {
         usage.assume_init()
     };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    seconds(usage.ru_utime) + seconds(usage.ru_stime) + super::pool::workers_cpu_seconds()
 }
 
 #[cfg(test)]

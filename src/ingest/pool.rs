@@ -1,0 +1,639 @@
+//! The decode workers of one ingest run, seen from the parent: starting them, watching them,
+//! and what a worker's death, hang or bloat costs (one file, never the run).
+//!
+//! Workers are processes of this binary (`ingest/worker.rs`), started through
+//! `/proc/self/exe` by one thread that lives as long as the pool (`PR_SET_PDEATHSIG` follows
+//! the thread that started a process, not the process), with `posix_spawn`, so a model-sized
+//! parent is never forked. Each decode slot keeps its worker across files. A watchdog thread
+//! reads every worker's resident memory and CPU time every [`WATCH_EVERY`] and kills (SIGKILL)
+//! a worker over `--decode-memory-mib`, one past its file's deadline plus [`KILL_GRACE`], and
+//! every busy worker once the run is stopping (a signal, a broken decoder). A worker that dies
+//! on its own while holding a file has the file tried once more, alone, in a fresh worker; if
+//! that one dies too the file is a `crashed_decoder` failure, and [`CRASHES_IN_A_ROW`] such
+//! files in a row stop the run (a broken plugin, not bad files).
+
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use super::worker::{self, Prepared, Setup};
+use crate::failure::{FailureKind, Rejection, Stage};
+use crate::walk::VideoFile;
+
+/// `--decode-memory-mib`'s default: decoding a 4K file (H.264 or HEVC with a full picture
+/// buffer, AV1 with dav1d's frame threads) and holding its 12 sampled frames in RGB stays below.
+pub const DEFAULT_DECODE_MEMORY_MIB: u64 = 4096;
+/// How long past a file's `--decode-timeout` the parent waits before it kills the worker: the
+/// worker's own deadline covers decoding, and it still preprocesses and hashes the file after.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How often the watchdog reads each worker's memory and checks the deadlines.
+pub const WATCH_EVERY: Duration = Duration::from_millis(25);
+/// This many files in a row whose workers die on both tries stop the run: a decoder that
+/// kills every worker is a broken installation, and quarantining the corpus would hide it.
+pub const CRASHES_IN_A_ROW: usize = 5;
+/// The last line a worker wrote about a file is kept up to this many bytes.
+const LAST_WORDS_BYTES: usize = 400;
+
+/// Locks a mutex whose holder may have panicked (which fails the run anyway).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why the parent killed a worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kill {
+    Memory { resident_bytes: u64 },
+    Deadline,
+    /// The run is stopping: its file is cut short, not failed.
+    Stopping,
+}
+
+/// A live worker as the watchdog sees it. Registered while the process is not yet reaped, so
+/// its pid cannot have been reused when the watchdog kills it.
+struct Watched {
+    pid: i32,
+    busy_since: Option<Instant>,
+    killed: Option<Kill>,
+    cpu_ticks: u64,
+}
+
+#[derive(Default)]
+struct SlotWatch {
+    worker: Option<Watched>,
+    peak_resident_bytes: u64,
+}
+
+/// What one slot's workers used, for the run report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotUsage {
+    pub peak_resident_bytes: u64,
+}
+
+/// Counts for the run report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolCounts {
+    pub worker_starts: u64,
+    /// Workers that died on their own while holding a file (not those the parent killed).
+    pub worker_deaths: u64,
+    /// Files tried again in a fresh worker after a death.
+    pub retries: u64,
+    /// Workers killed over `--decode-memory-mib`.
+    pub memory_kills: u64,
+    /// Workers killed past a file's deadline.
+    pub deadline_kills: u64,
+}
+
+/// Who may decode now: any number of files at once, or one alone (a suspect of an earlier
+/// crash of the parent, or a retry after a worker's death), once the files in flight are done.
+struct DecodeTurns(RwLock<()>);
+
+/// A turn to decode, held while a file is in flight.
+enum Turn<'a> {
+    Shared { _guard: RwLockReadGuard<'a, ()> },
+    Alone { _guard: RwLockWriteGuard<'a, ()> },
+}
+
+impl DecodeTurns {
+    fn take(&self, alone: bool) -> Turn<'_> {
+        if alone {
+            Turn::Alone { _guard: self.0.write().unwrap_or_else(PoisonError::into_inner) }
+        } else {
+            Turn::Shared { _guard: self.0.read().unwrap_or_else(PoisonError::into_inner) }
+        }
+    }
+}
+
+/// A request to the thread that starts workers.
+struct StartRequest {
+    low_priority: bool,
+    reply: Sender<io::Result<Child>>,
+}
+
+/// The workers of one run: their settings, the watchdog's view of them, and the counts.
+pub struct Pool {
+    setup: Setup,
+    memory_limit_bytes: u64,
+    /// The file's deadline plus the grace.
+    kill_after: Duration,
+    slots: Vec<Mutex<SlotWatch>>,
+    low_priority_slots: usize,
+    turns: DecodeTurns,
+    stopping: AtomicBool,
+    finished: AtomicBool,
+    counts: Mutex<PoolCounts>,
+    /// Files whose workers died on both tries, held back until a file decodes (then recorded)
+    /// or until [`CRASHES_IN_A_ROW`] stop the run (then left for the next run).
+    crashed_in_a_row: Mutex<Vec<(VideoFile, Rejection)>>,
+    broken: Mutex<Option<String>>,
+    /// The starter thread's requests: the sender is dropped by [`Pool::finish`], the receiver
+    /// taken by [`Pool::run_starter`].
+    starter: Mutex<Option<Sender<StartRequest>>>,
+    requests: Mutex<Option<Receiver<StartRequest>>>,
+}
+
+/// CPU time of the workers alive now, in clock ticks (the reaped ones are the process's
+/// children's, `getrusage(RUSAGE_CHILDREN)`).
+static LIVE_WORKERS_CPU_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// CPU seconds of every decode worker of this process so far, the live ones and the reaped.
+pub fn workers_cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes the struct it is given; RUSAGE_CHILDREN is always valid.
+    let reaped = unsafe {
+        libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr());
+        let usage = usage.assume_init();
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    };
+    reaped + LIVE_WORKERS_CPU_TICKS.load(Ordering::Relaxed) as f64 / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 { page as u64 } else { 4096 }
+}
+
+/// Resident bytes of a process (`/proc/PID/statm`), if it can still be read.
+fn resident_bytes(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_bytes())
+}
+
+/// User plus system CPU time of a process in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after it do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Starts one worker. `posix_spawn` (no `pre_exec`, an absolute program) never copies the
+/// parent's address space; the worker sets up the rest itself (`worker::serve`).
+fn start_worker(low_priority: bool) -> io::Result<Child> {
+    let mut command = Command::new("/proc/self/exe");
+    command.arg0("vtr-index").arg(worker::SUBCOMMAND).arg("--parent").arg(std::process::id().to_string());
+    if low_priority {
+        command.arg("--low-priority");
+    }
+    // The parent brought the registry up to date when it initialised GStreamer.
+    command.env("GST_REGISTRY_UPDATE", "no");
+    for variable in crate::fault::PARENT_ONLY_VARIABLES {
+        command.env_remove(variable);
+    }
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+}
+
+/// What a worker that cannot start means for the user: usually a process limit.
+fn start_error(e: &io::Error) -> String {
+    let mut limit = std::mem::MaybeUninit::<libc::rlimit>::zeroed();
+    // SAFETY: getrlimit writes the struct it is given.
+    let nproc = unsafe {
+        (libc::getrlimit(libc::RLIMIT_NPROC, limit.as_mut_ptr()) == 0).then(|| limit.assume_init().rlim_cur)
+    };
+    let limit = match nproc {
+        Some(n) if n != libc::RLIM_INFINITY => format!("the process limit (ulimit -u) is {n}"),
+        _ => "the process limit (ulimit -u) is unlimited".to_string(),
+    };
+    format!(
+        "cannot start a decode worker process: {e} ({limit}; a container or a Slurm step may also cap processes through its cgroup's pids.max): raise the limit or lower --decode-workers"
+    )
+}
+
+/// How a worker's process ended, in words.
+fn how_it_ended(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(status) => match (status.signal(), status.code()) {
+            (Some(signal), _) => format!("was killed by {}", crate::interrupt::signal_name(signal)),
+            (None, Some(code)) => format!("exited (status {code}) while holding the file"),
+            _ => "ended".to_string(),
+        },
+        None => "was lost".to_string(),
+    }
+}
+
+/// Waits until the child `pid` has ended, leaving it unreaped (its pid stays ours).
+fn wait_without_reaping(pid: i32) {
+    loop {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: waitid writes the struct it is given; WNOWAIT leaves the child waitable.
+        let waited = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, info.as_mut_ptr(), libc::WEXITED | libc::WNOWAIT) };
+        if waited == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// The parent's end of one worker process.
+struct Worker {
+    child: Child,
+    to: Option<BufWriter<ChildStdin>>,
+    from: BufReader<ChildStdout>,
+    drain: Option<JoinHandle<()>>,
+    /// The last line the worker wrote to stderr since it was handed its current file.
+    last_words: Arc<Mutex<Option<String>>>,
+}
+
+impl Worker {
+    /// Waits for the process and its stderr, whose last line is then complete.
+    fn reap(&mut self) -> Option<ExitStatus> {
+        self.to = None;
+        let status = self.child.wait().ok();
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+        status
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.drain.is_some() {
+            // Not reaped: a panic unwinding. No worker outlives its handle.
+            let _ = self.child.kill();
+            self.reap();
+        }
+    }
+}
+
+/// Forwards a worker's stderr to ours line by line (a chatty `GST_DEBUG` must never fill the
+/// pipe and stall the worker) and keeps its last line.
+fn drain_stderr(from: impl io::Read, last_words: Arc<Mutex<Option<String>>>) {
+    let mut from = BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match from.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let _ = io::stderr().lock().write_all(&line);
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim();
+                if !text.is_empty() {
+                    let mut end = text.len().min(LAST_WORDS_BYTES);
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    *lock(&last_words) = Some(text[..end].to_string());
+                }
+            }
+        }
+    }
+}
+
+/// One try of one file in one worker.
+enum Attempt {
+    Done(Prepared),
+    Killed(Kill),
+    /// The worker died on its own: how, and its last words.
+    Died(String, Option<String>),
+}
+
+/// The outcome of one file.
+pub enum FileOutcome {
+    Prepared(Prepared),
+    /// The run is stopping; the file was cut short and is not a failure.
+    CutShort,
+}
+
+impl Pool {
+    pub fn new(setup: Setup, memory_limit_bytes: u64, timeout: Duration, slots: usize, low_priority_slots: usize) -> Pool {
+        let (requests, incoming) = bounded(slots);
+        Pool {
+            setup,
+            memory_limit_bytes,
+            kill_after: timeout.saturating_add(KILL_GRACE),
+            slots: (0..slots).map(|_| Mutex::new(SlotWatch::default())).collect(),
+            low_priority_slots,
+            turns: DecodeTurns(RwLock::new(())),
+            stopping: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            counts: Mutex::new(PoolCounts::default()),
+            crashed_in_a_row: Mutex::new(Vec::new()),
+            broken: Mutex::new(None),
+            starter: Mutex::new(Some(requests)),
+            requests: Mutex::new(Some(incoming)),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Runs the thread that starts every worker: it must outlive them (`PR_SET_PDEATHSIG`).
+    /// Returns when [`Pool::finish`] has been called and every slot has let go of it.
+    pub fn run_starter(&self) {
+        let Some(incoming) = lock(&self.requests).take() else { return };
+        for request in incoming {
+            let _ = request.reply.send(start_worker(request.low_priority));
+        }
+    }
+
+    /// Runs the watchdog until [`Pool::finish`].
+    pub fn run_watchdog(&self) {
+        while !self.finished.load(Ordering::SeqCst) {
+            let stopping = self.is_stopping();
+            let mut live_ticks = 0;
+            for slot in &self.slots {
+                let mut slot = lock(slot);
+                let Some(worker) = slot.worker.as_mut() else { continue };
+                if worker.killed.is_some() {
+                    continue;
+                }
+                let resident = resident_bytes(worker.pid).unwrap_or(0);
+                worker.cpu_ticks = cpu_ticks(worker.pid).unwrap_or(worker.cpu_ticks);
+                live_ticks += worker.cpu_ticks;
+                let kill = if resident > self.memory_limit_bytes {
+                    Some(Kill::Memory { resident_bytes: resident })
+                } else if worker.busy_since.is_some_and(|since| since.elapsed() > self.kill_after) {
+                    Some(Kill::Deadline)
+                } else if stopping && worker.busy_since.is_some() {
+                    Some(Kill::Stopping)
+                } else {
+                    None
+                };
+                if let Some(kill) = kill {
+                    // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
+                    unsafe {
+                        libc::kill(worker.pid, libc::SIGKILL);
+                    }
+                    worker.killed = Some(kill);
+                }
+                slot.peak_resident_bytes = slot.peak_resident_bytes.max(resident);
+            }
+            LIVE_WORKERS_CPU_TICKS.store(live_ticks, Ordering::Relaxed);
+            std::thread::sleep(WATCH_EVERY);
+        }
+    }
+
+    /// Ends the starter and the watchdog; called once every slot is done.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+        lock(&self.starter).take();
+    }
+
+    /// Whether the run is stopping: a signal, or a broken decoder.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst) || crate::interrupt::was_requested()
+    }
+
+    /// Asks every slot to stop (another stage failed).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Why the decoders were found broken, if they were.
+    pub fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        *lock(&self.counts)
+    }
+
+    pub fn usage(&self) -> Vec<SlotUsage> {
+        self.slots.iter().map(|s| SlotUsage { peak_resident_bytes: lock(s).peak_resident_bytes }).collect()
+    }
+
+    /// One slot's handle, for the thread that decodes through it.
+    pub fn slot(&self, index: usize) -> Slot<'_> {
+        Slot { pool: self, index, low_priority: index >= self.slots.len() - self.low_priority_slots, worker: None }
+    }
+
+    /// Records one file's outcome in the run of crashes, and returns what to hand on now: the
+    /// crashed files held back, once a file decodes, and this one.
+    pub fn after_file(&self, file: VideoFile, outcome: Prepared) -> Vec<(VideoFile, Prepared)> {
+        let mut held = lock(&self.crashed_in_a_row);
+        if let Prepared::Failed(rejection) = &outcome
+            && rejection.kind == FailureKind::CrashedDecoder
+        {
+            held.push((file, rejection.clone()));
+            if held.len() >= CRASHES_IN_A_ROW {
+                let message = format!(
+                    "{} files in a row killed their decode workers, twice each (the last one {}): the decoders, not the files, are broken; check the GStreamer plugins, then run again (these files were not recorded as failures)",
+                    held.len(),
+                    rejection.message
+                );
+                *lock(&self.broken) = Some(message);
+                self.stop();
+                held.clear();
+            }
+            return Vec::new();
+        }
+        let mut out: Vec<_> = held.drain(..).map(|(f, r)| (f, Prepared::Failed(r))).collect();
+        out.push((file, outcome));
+        out
+    }
+
+    /// The crashed files still held back at the end of the run (fewer than a stopping run).
+    pub fn held_back(&self) -> Vec<(VideoFile, Prepared)> {
+        lock(&self.crashed_in_a_row).drain(..).map(|(f, r)| (f, Prepared::Failed(r))).collect()
+    }
+}
+
+/// One decode slot: its thread's handle on the pool and its current worker.
+pub struct Slot<'a> {
+    pool: &'a Pool,
+    index: usize,
+    low_priority: bool,
+    worker: Option<Worker>,
+}
+
+impl Slot<'_> {
+    /// Decodes the file at `path`, `alone` if it is a suspect of an earlier crash of the
+    /// parent: its outcome, a typed failure when its worker was killed or died on both tries,
+    /// or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
+    pub fn prepare(&mut self, path: &Path, alone: bool) -> Result<FileOutcome, String> {
+        let first = {
+            let _turn = self.pool.turns.take(alone);
+            self.attempt(path, 1)?
+        };
+        let (how, last_words) = match first {
+            Attempt::Done(prepared) => return Ok(FileOutcome::Prepared(prepared)),
+            Attempt::Killed(kill) => return Ok(self.killed(kill)),
+            Attempt::Died(how, last_words) => (how, last_words),
+        };
+        lock(&self.pool.counts).retries += 1;
+        // Alone, so that nothing but this file is decoding while its second worker runs.
+        let second = {
+            let _alone = self.pool.turns.take(true);
+            self.attempt(path, 2)?
+        };
+        match second {
+            Attempt::Done(prepared) => Ok(FileOutcome::Prepared(prepared)),
+            Attempt::Killed(kill) => Ok(self.killed(kill)),
+            Attempt::Died(again, last_words_again) => {
+                let said = last_words_again
+                    .or(last_words)
+                    .map_or(String::from("it wrote nothing before it died"), |w| format!("its last words: {w}"));
+                let message = format!("the decode worker {how}, and so did a fresh one decoding it alone ({again}); {said}");
+                let rejection = Rejection::new(Stage::Decode, FailureKind::CrashedDecoder, message);
+                Ok(FileOutcome::Prepared(Prepared::Failed(rejection)))
+            }
+        }
+    }
+
+    /// What a kill by the parent means for the file.
+    fn killed(&self, kill: Kill) -> FileOutcome {
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        let (kind, message) = match kill {
+            Kill::Stopping => return FileOutcome::CutShort,
+            Kill::Memory { resident_bytes } => {
+                lock(&self.pool.counts).memory_kills += 1;
+                let message = format!(
+                    "the decode worker used {:.0} MiB, over --decode-memory-mib {:.0}, and was stopped (raise the limit if the file is merely large)",
+                    mib(resident_bytes),
+                    mib(self.pool.memory_limit_bytes)
+                );
+                (FailureKind::MemoryLimit, message)
+            }
+            Kill::Deadline => {
+                lock(&self.pool.counts).deadline_kills += 1;
+                let message = format!(
+                    "the decode worker did not answer within --decode-timeout ({} s) plus {} s and was stopped (raise --decode-timeout if the file is merely slow)",
+                    self.pool.kill_after.saturating_sub(KILL_GRACE).as_secs_f64(),
+                    KILL_GRACE.as_secs()
+                );
+                (FailureKind::Timeout, message)
+            }
+        };
+        FileOutcome::Prepared(Prepared::Failed(Rejection::new(Stage::Decode, kind, message)))
+    }
+
+    /// Starts a worker through the pool's starter thread and hands it the run's setup.
+    fn start(&mut self) -> Result<Worker, String> {
+        let ended = || "the decode workers' starter has ended".to_string();
+        let (reply, answer) = bounded(1);
+        let starter = lock(&self.pool.starter).clone().ok_or_else(ended)?;
+        starter.send(StartRequest { low_priority: self.low_priority, reply }).map_err(|_| ended())?;
+        let mut child = answer.recv().map_err(|_| ended())?.map_err(|e| start_error(&e))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            unreachable!("the three standard streams are piped");
+        };
+        lock(&self.pool.slots[self.index]).worker =
+            Some(Watched { pid: child.id() as i32, busy_since: None, killed: None, cpu_ticks: 0 });
+        let last_words = Arc::new(Mutex::new(None));
+        let drain = {
+            let last_words = Arc::clone(&last_words);
+            std::thread::Builder::new().name(format!("worker-{}-stderr", self.index)).spawn(move || drain_stderr(stderr, last_words))
+        };
+        let mut worker = Worker {
+            child,
+            to: Some(BufWriter::new(stdin)),
+            from: BufReader::with_capacity(1 << 20, stdout),
+            drain: None,
+            last_words,
+        };
+        match drain {
+            Ok(drain) => worker.drain = Some(drain),
+            Err(e) => {
+                self.unregister();
+                let _ = worker.child.kill();
+                worker.reap();
+                return Err(format!("cannot start a thread: {e}"));
+            }
+        }
+        lock(&self.pool.counts).worker_starts += 1;
+        // A worker that cannot take its setup is found dead at its first file.
+        if let Some(to) = worker.to.as_mut() {
+            let _ = worker::send_setup(to, &self.pool.setup);
+        }
+        Ok(worker)
+    }
+
+    /// Sends `path` to a worker (a fresh one for a retry) and reads its answer.
+    fn attempt(&mut self, path: &Path, attempt: u32) -> Result<Attempt, String> {
+        if attempt > 1 {
+            self.close();
+        }
+        let mut worker = match self.worker.take() {
+            Some(worker) => worker,
+            None => self.start()?,
+        };
+        *lock(&worker.last_words) = None;
+        self.set_busy(true);
+        let sent = match worker.to.as_mut() {
+            Some(to) => worker::send_task(to, path, attempt),
+            None => Err(io::ErrorKind::BrokenPipe.into()),
+        };
+        let error = match sent.and_then(|()| worker::receive_prepared(&mut worker.from, &self.pool.setup)) {
+            Ok(prepared) => {
+                self.set_busy(false);
+                self.worker = Some(worker);
+                return Ok(Attempt::Done(prepared));
+            }
+            Err(error) => error,
+        };
+        // The pipe ended: the worker is dying. Anything else is an answer that cannot be read
+        // from a live worker, which is stopped.
+        let ending = matches!(error.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe);
+        if !ending {
+            let _ = worker.child.kill();
+        }
+        // Still registered while it ends, so the watchdog's deadline holds over a worker that
+        // closed its output and lingers; unregistered before it is reaped.
+        wait_without_reaping(worker.child.id() as i32);
+        let killed = lock(&self.pool.slots[self.index]).worker.take().and_then(|w| w.killed);
+        let status = worker.reap();
+        let last_words = lock(&worker.last_words).take();
+        match killed {
+            Some(kill) => Ok(Attempt::Killed(kill)),
+            // A death once the run is stopping is never counted as a crash.
+            None if self.pool.is_stopping() => Ok(Attempt::Killed(Kill::Stopping)),
+            None => {
+                lock(&self.pool.counts).worker_deaths += 1;
+                let how = if ending {
+                    how_it_ended(status)
+                } else {
+                    format!("was stopped after an answer that could not be read ({error})")
+                };
+                Ok(Attempt::Died(how, last_words))
+            }
+        }
+    }
+
+    fn set_busy(&self, busy: bool) {
+        if let Some(watched) = lock(&self.pool.slots[self.index]).worker.as_mut() {
+            watched.busy_since = busy.then(Instant::now);
+        }
+    }
+
+    /// Takes the slot's worker off the watchdog's list (before it is reaped, so the watchdog
+    /// never signals a pid that may have been reused).
+    fn unregister(&self) {
+        lock(&self.pool.slots[self.index]).worker = None;
+    }
+
+    /// Ends the current worker, which holds no file, and reaps it.
+    fn close(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            self.unregister();
+            // Killed rather than asked to end: it holds nothing, and a decoder library that
+            // hangs in its exit handlers must not hold the run.
+            let _ = worker.child.kill();
+            worker.reap();
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
