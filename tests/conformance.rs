@@ -16,15 +16,15 @@ use crate::tolerance::*;
 use crate::util::*;
 
 /// One line of `corpus.tsv`.
-struct Entry {
-    kind: String,
-    file: String,
+pub(crate) struct Entry {
+    pub(crate) kind: String,
+    pub(crate) file: String,
     twin: String,
     note: String,
 }
 
 /// The corpus, built once per test process.
-fn conformance() -> &'static (PathBuf, Vec<Entry>) {
+pub(crate) fn conformance() -> &'static (PathBuf, Vec<Entry>) {
     static CORPUS: OnceLock<(PathBuf, Vec<Entry>)> = OnceLock::new();
     CORPUS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();

@@ -22,3 +22,4 @@ mod shards;
 mod slurm;
 mod texts;
 mod walk;
+mod workers;

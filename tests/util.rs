@@ -113,6 +113,12 @@ impl TestCommand {
         self
     }
 
+    /// Runs the command in a process group of its own, as a terminal runs a foreground job.
+    pub fn own_process_group(mut self) -> TestCommand {
+        std::os::unix::process::CommandExt::process_group(&mut self.cmd, 0);
+        self
+    }
+
     /// Starts the command with stderr captured, for a test that signals it while it runs.
     pub fn spawn(mut self) -> std::process::Child {
         self.cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());

@@ -115,40 +115,43 @@ impl Pipeline<'_> {
                                 clock.add(Activity::DecodeWaiting, waiting);
                                 sent
                             };
-                            for file in tasks {
-                                if pool.is_stopping() {
-                                    break;
-                                }
-                                let key = (file.root.clone(), file.path.clone());
-                                let started = Instant::now();
-                                self.journal.started(&key.0, &key.1);
-                                crate::fault::point(&format!("decode:{}", key.1));
-                                let outcome = slot.prepare(&file.abs_path, self.suspects.contains(&key));
-                                self.journal.finished(&key.0, &key.1);
-                                clock.add(Activity::Decode, started);
-                                let prepared = match outcome {
-                                    Ok(FileOutcome::Prepared(prepared)) => prepared,
-                                    // Cut short by a stop: the next run takes it up again.
-                                    Ok(FileOutcome::CutShort) => continue,
-                                    Err(message) => {
-                                        pool.stop();
-                                        return Err(IngestError::Stage("decode", message));
+                            let decoded = (|| {
+                                for file in tasks {
+                                    if pool.is_stopping() {
+                                        break;
                                     }
-                                };
-                                for (file, prepared) in pool.after_file(file, prepared) {
-                                    if !send(Decoded::of(file, prepared)) {
-                                        return Ok(());
+                                    let key = (file.root.clone(), file.path.clone());
+                                    let started = Instant::now();
+                                    self.journal.started(&key.0, &key.1);
+                                    crate::fault::point(&format!("decode:{}", key.1));
+                                    let outcome = slot.prepare(&file.abs_path, self.suspects.contains(&key));
+                                    self.journal.finished(&key.0, &key.1);
+                                    clock.add(Activity::Decode, started);
+                                    let prepared = match outcome {
+                                        Ok(FileOutcome::Prepared(prepared)) => prepared,
+                                        // Cut short by a stop: the next run takes it up again.
+                                        Ok(FileOutcome::CutShort) => continue,
+                                        Err(message) => {
+                                            pool.stop();
+                                            return Err(IngestError::Stage("decode", message));
+                                        }
+                                    };
+                                    for (file, prepared) in pool.after_file(file, prepared) {
+                                        if !send(Decoded::of(file, prepared)) {
+                                            return Ok(());
+                                        }
                                     }
                                 }
-                            }
-                            // Crashed files held back for a run of crashes that did not reach
-                            // its end are recorded by whichever slot finishes after them.
-                            for (file, prepared) in pool.held_back() {
+                                Ok(())
+                            })();
+                            // The last slot to end records the crashed files still held back
+                            // for a run of crashes that did not reach its end.
+                            for (file, prepared) in pool.slot_ended() {
                                 if !send(Decoded::of(file, prepared)) {
                                     break;
                                 }
                             }
-                            Ok(())
+                            decoded
                         })
                         .expect("spawn a thread")
                 })

@@ -16,7 +16,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -127,6 +127,8 @@ pub struct Pool {
     turns: DecodeTurns,
     stopping: AtomicBool,
     finished: AtomicBool,
+    /// Slots whose thread has not ended yet.
+    slots_running: AtomicUsize,
     counts: Mutex<PoolCounts>,
     /// Files whose workers died on both tries, held back until a file decodes (then recorded)
     /// or until [`CRASHES_IN_A_ROW`] stop the run (then left for the next run).
@@ -323,6 +325,7 @@ impl Pool {
             turns: DecodeTurns(RwLock::new(())),
             stopping: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            slots_running: AtomicUsize::new(slots),
             counts: Mutex::new(PoolCounts::default()),
             crashed_in_a_row: Mutex::new(Vec::new()),
             broken: Mutex::new(None),
@@ -440,8 +443,12 @@ impl Pool {
         out
     }
 
-    /// The crashed files still held back at the end of the run (fewer than a stopping run).
-    pub fn held_back(&self) -> Vec<(VideoFile, Prepared)> {
+    /// Called by each slot's thread as it ends: the last one gets the crashed files still
+    /// held back (fewer than stop a run), to be recorded.
+    pub fn slot_ended(&self) -> Vec<(VideoFile, Prepared)> {
+        if self.slots_running.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Vec::new();
+        }
         lock(&self.crashed_in_a_row).drain(..).map(|(f, r)| (f, Prepared::Failed(r))).collect()
     }
 }
@@ -481,7 +488,7 @@ impl Slot<'_> {
                 let said = last_words_again
                     .or(last_words)
                     .map_or(String::from("it wrote nothing before it died"), |w| format!("its last words: {w}"));
-                let message = format!("the decode worker {how}, and so did a fresh one decoding it alone ({again}); {said}");
+                let message = format!("the decode worker {how}, then a fresh one decoding it alone {again}; {said}");
                 let rejection = Rejection::new(Stage::Decode, FailureKind::CrashedDecoder, message);
                 Ok(FileOutcome::Prepared(Prepared::Failed(rejection)))
             }

@@ -1,0 +1,385 @@
+//! Decode worker processes: a worker that aborts, segfaults, exits mid-answer, hangs or bloats
+//! costs its file only (faults injected inside the worker by `VTR_INDEX_WORKER_FAULT`, see
+//! `src/ingest/worker.rs`); a crash on the first try is retried and indexed; a run of deaths
+//! stops the run; workers killed from outside, signals sent to the whole process group or to
+//! every process, and a SIGKILL of the parent leave no worker running and blame no file; and a
+//! seeded fuzz run over damaged files with sound never ends an ingest.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use vtr_index::store::Manifest;
+
+use crate::util::*;
+
+const FAULT: &str = "VTR_INDEX_WORKER_FAULT";
+/// The clip the faults hit; the others are indexed beside it.
+const VICTIM: &str = "rotated90_h264.mp4";
+
+fn assert_verifies(index: &Path) {
+    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+}
+
+/// The newest run report of `index`.
+fn last_report(index: &Path) -> serde_json::Value {
+    let mut reports: Vec<_> = std::fs::read_dir(index.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    reports.sort();
+    serde_json::from_slice(&std::fs::read(reports.last().expect("a run report")).unwrap()).unwrap()
+}
+
+fn workers_count(report: &serde_json::Value, what: &str) -> u64 {
+    report["decode_workers"][what].as_u64().unwrap_or_else(|| panic!("{what} in {report}"))
+}
+
+/// The ids the index holds, and its failures.
+fn contents(index: &Path) -> (BTreeSet<String>, BTreeSet<(String, String)>) {
+    let state = snapshot(index).expect("a committed index");
+    (state.videos.keys().cloned().collect(), state.failures)
+}
+
+fn ids(clips: &[&str]) -> BTreeSet<String> {
+    clips.iter().map(|c| c.rsplit_once('.').unwrap().0.to_string()).collect()
+}
+
+/// The pids of `parent`'s live decode workers.
+fn workers_of(parent: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if fields.get(1) == Some(&parent.to_string().as_str())
+            && fields[0] != "Z"
+            && String::from_utf8_lossy(&cmdline).contains("decode-worker")
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits (at most a minute, polling) until `index` has committed `count` videos.
+fn wait_for_committed_videos(index: &Path, count: usize, child: &mut Child) {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(manifest)) = Manifest::load(index) {
+            let rows: u64 = manifest.shards("videos").iter().map(|s| s.rows).sum();
+            if rows as usize >= count {
+                return;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before {count} videos were committed");
+        assert!(started.elapsed() < Duration::from_secs(60), "no {count} videos committed within a minute");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn each_worker_fault_costs_its_file_only() {
+    let clips = &CLIPS[..3];
+    let faults = [
+        ("abort", "crashed_decoder", "SIGABRT", &[][..]),
+        ("segv", "crashed_decoder", "SIGSEGV", &[][..]),
+        ("exit-mid-frames", "crashed_decoder", "exited (status 0) while holding the file", &[][..]),
+        ("alloc", "memory_limit", "over --decode-memory-mib 300", &["--decode-memory-mib", "300"][..]),
+        ("hang", "timeout", "did not answer within --decode-timeout", &["--decode-timeout", "1"][..]),
+    ];
+    for (fault, kind, said, extra) in faults {
+        let dir = Dir::new();
+        let root = corpus(&dir, "videos", clips);
+        let index = dir.join("index");
+        let out = ingest_command(&index, &root, extra).env(FAULT, &format!("{fault}:{VICTIM}")).output();
+        assert_eq!(out.status.code(), Some(2), "{fault}: {}", summary(&out));
+        assert!(summary(&out).contains(said), "{fault}: {}", summary(&out));
+        let (videos, failures) = contents(&index);
+        assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{fault}: {}", summary(&out));
+        assert_eq!(failures, BTreeSet::from([(VICTIM.to_string(), kind.to_string())]), "{fault}");
+        assert_verifies(&index);
+        let report = last_report(&index);
+        let (deaths, retries) = if kind == "crashed_decoder" { (2, 1) } else { (0, 0) };
+        assert_eq!(workers_count(&report, "deaths"), deaths, "{fault}: {report}");
+        assert_eq!(workers_count(&report, "retries"), retries, "{fault}: {report}");
+    }
+}
+
+#[test]
+fn a_crash_on_the_first_try_only_is_retried_and_indexed_as_any_other() {
+    let clips = &CLIPS[..3];
+    let dir = Dir::new();
+    let reference = dir.join("reference");
+    let root = corpus(&dir, "videos", clips);
+    assert_eq!(run_ingest(&reference, &root, &[], None).status.code(), Some(0));
+    let index = dir.join("index");
+    let out = ingest_command(&index, &root, &[]).env(FAULT, &format!("abort:{VICTIM}:1")).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_same_index(&snapshot(&index).unwrap(), &snapshot(&reference).unwrap(), "retried");
+    let report = last_report(&index);
+    assert_eq!((workers_count(&report, "deaths"), workers_count(&report, "retries")), (1, 1), "{report}");
+}
+
+#[test]
+fn files_that_kill_their_workers_in_a_row_stop_the_run_without_blaming_them() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS);
+    let index = dir.join("index");
+    let out = ingest_command(&index, &root, &[]).env(FAULT, "abort:*").output();
+    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
+    let stderr = summary(&out);
+    assert!(stderr.contains("5 files in a row killed their decode workers"), "{stderr}");
+    assert!(stderr.contains("SIGABRT"), "{stderr}");
+    // Nothing is quarantined: a run with working decoders indexes every file.
+    if let Some(state) = snapshot(&index) {
+        assert!(state.failures.is_empty(), "{:?}", state.failures);
+    }
+    let out = run_ingest(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(contents(&index).0, ids(&CLIPS));
+}
+
+#[test]
+fn a_worker_killed_from_outside_mid_file_costs_a_retry() {
+    let clips = &CLIPS[..3];
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", clips);
+    let index = dir.join("index");
+    // The victim's first worker hangs; the others finish and are committed one by one.
+    let mut child = ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
+        .env(FAULT, &format!("hang:{VICTIM}:1"))
+        .spawn();
+    wait_for_committed_videos(&index, 2, &mut child);
+    let workers = workers_of(child.id());
+    assert!(!workers.is_empty());
+    for pid in workers {
+        // SAFETY: signalling a process of this test's own.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(contents(&index).0, ids(clips));
+    assert!(workers_count(&last_report(&index), "deaths") >= 1);
+    assert_verifies(&index);
+}
+
+#[test]
+fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
+    let clips = &CLIPS[..3];
+    for (how, signal, code) in [("process group", libc::SIGINT, 130), ("every process", libc::SIGTERM, 143)] {
+        let dir = Dir::new();
+        let root = corpus(&dir, "videos", clips);
+        let index = dir.join("index");
+        let mut child = ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
+            .env(FAULT, &format!("hang:{VICTIM}"))
+            .own_process_group()
+            .spawn();
+        wait_for_committed_videos(&index, 2, &mut child);
+        let parent = child.id() as i32;
+        // SAFETY: signalling processes of this test's own.
+        unsafe {
+            if how == "process group" {
+                // As a terminal's Ctrl-C: the parent and its workers at once.
+                libc::killpg(parent, signal);
+            } else {
+                // As Slurm's scancel: every process of the step, workers first.
+                for pid in workers_of(parent as u32) {
+                    libc::kill(pid, signal);
+                }
+                libc::kill(parent, signal);
+            }
+        }
+        let out = finish(child);
+        assert_eq!(out.status.code(), Some(code), "{how}: {}", summary(&out));
+        let (videos, failures) = contents(&index);
+        assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{how}");
+        assert!(failures.is_empty(), "{how}: {failures:?}");
+        let manifest = Manifest::load(&index).unwrap().unwrap();
+        assert!(manifest.suspects.is_empty(), "{how}: {:?}", manifest.suspects);
+        assert_eq!(workers_count(&last_report(&index), "deaths"), 0, "{how}");
+        assert_verifies(&index);
+        let out = run_ingest(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{how}: {}", summary(&out));
+        assert_eq!(contents(&index).0, ids(clips), "{how}");
+    }
+}
+
+/// Processes (not zombies) whose environment holds `marker`, after waiting up to 10 s for them
+/// to end; zombies among this process's children are reaped.
+fn still_running_with(marker: &str) -> Vec<i32> {
+    let started = Instant::now();
+    loop {
+        let mut running = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if !environ.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            if zombie {
+                // SAFETY: reaping a child of this (subreaper) process, without blocking.
+                unsafe {
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+                }
+            } else {
+                running.push(pid);
+            }
+        }
+        if running.is_empty() || started.elapsed() > Duration::from_secs(10) {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
+    // Orphaned workers become this process's children, so they can be found and reaped.
+    // SAFETY: prctl on this process with plain integers.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let clips = &CLIPS[..4];
+    let runs: [(&str, &[(&str, &str)], Option<i32>); 3] = [
+        ("normal", &[], Some(0)),
+        ("interrupted", &[("VTR_INDEX_KILL_AT", "decode:short_h264.mp4"), ("VTR_INDEX_KILL_WITH", "SIGINT")], Some(130)),
+        // Killed while a worker holds a file that never ends.
+        ("killed", &[("VTR_INDEX_KILL_AT", "decode:short_h264.mp4"), (FAULT, "hang:*")], None),
+    ];
+    for (name, env, code) in runs {
+        let dir = Dir::new();
+        let root = corpus(&dir, "videos", clips);
+        let index = dir.join("index");
+        let marker = format!("VTR_INDEX_TEST_MARK={name}-{}", std::process::id());
+        let mut cmd = ingest_command(&index, &root, &["--decode-workers", "2"]).env("VTR_INDEX_TEST_MARK", &marker[20..]);
+        for (key, value) in env {
+            cmd = cmd.env(key, value);
+        }
+        let out = cmd.output();
+        assert_eq!(out.status.code(), code, "{name}: {}", summary(&out));
+        assert_eq!(still_running_with(&marker), Vec::<i32>::new(), "{name}: workers left running");
+    }
+}
+
+#[test]
+fn zero_decode_workers_is_refused() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..1]);
+    let out = ingest_command(&dir.join("index"), &root, &["--decode-workers", "0"]).output();
+    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
+    assert!(summary(&out).contains("--decode-workers"), "{}", summary(&out));
+    assert!(!dir.join("index").exists());
+}
+
+/// splitmix64: the fuzz test's mutations from a printed seed.
+struct Mutator(u64);
+
+impl Mutator {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    /// One damage of the kinds real corpora hold: bit flips, a zeroed or random range, a
+    /// truncation, a dropped or a duplicated chunk.
+    fn damage(&mut self, bytes: &mut Vec<u8>) {
+        let len = bytes.len();
+        let (at, span) = (self.below(len), 1 + self.below(len / 8 + 1));
+        let end = (at + span).min(len);
+        match self.below(6) {
+            0 => {
+                for _ in 0..1 + self.below(16) {
+                    let i = self.below(len);
+                    bytes[i] ^= 1 << self.below(8);
+                }
+            }
+            1 => bytes[at..end].fill(0),
+            2 => {
+                for byte in &mut bytes[at..end] {
+                    *byte = self.next() as u8;
+                }
+            }
+            3 => bytes.truncate(len / 4 + self.below(len * 3 / 4)),
+            4 => {
+                bytes.drain(at..end);
+            }
+            _ => {
+                let chunk = bytes[at..end].to_vec();
+                let to = self.below(bytes.len());
+                bytes.splice(to..to, chunk);
+            }
+        }
+    }
+}
+
+#[test]
+fn damaged_files_with_sound_never_end_a_run() {
+    let seed: u64 = std::env::var("VTR_INDEX_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
+    let mutants_per_file = 12;
+    eprintln!("fuzz seed {seed} (VTR_INDEX_FUZZ_SEED), {mutants_per_file} mutants per file with sound");
+    let (corpus_dir, entries) = crate::conformance::conformance();
+    let with_sound: Vec<_> = entries.iter().filter(|e| e.kind == "good").collect();
+    assert!(with_sound.len() >= 10, "{} good files", with_sound.len());
+    let dir = Dir::new();
+    let root = dir.join("damaged");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut mutator = Mutator(seed);
+    let mut names = BTreeSet::new();
+    for entry in &with_sound {
+        let original = std::fs::read(corpus_dir.join(&entry.file)).unwrap();
+        let name = Path::new(&entry.file).file_name().unwrap().to_string_lossy().into_owned();
+        let (stem, extension) = name.rsplit_once('.').unwrap();
+        for i in 0..mutants_per_file {
+            let mut bytes = original.clone();
+            for _ in 0..1 + mutator.below(2) {
+                mutator.damage(&mut bytes);
+            }
+            let mutant = format!("{stem}-{i:02}.{extension}");
+            std::fs::write(root.join(&mutant), bytes).unwrap();
+            names.insert(mutant);
+        }
+    }
+    let index = dir.join("index");
+    let started = Instant::now();
+    let out = ingest_command(&index, &root, &["--decode-timeout", "10", "--decode-workers", "2"]).output();
+    let stderr = summary(&out);
+    assert!(matches!(out.status.code(), Some(0 | 2)), "seed {seed}: {:?}\n{stderr}", out.status);
+    let manifest = Manifest::load(&index).unwrap().unwrap();
+    let videos: Vec<vtr_index::store::VideoRow> =
+        vtr_index::store::read_table(&index, manifest.shards("videos")).unwrap();
+    let failures: Vec<vtr_index::failure::Failure> =
+        vtr_index::store::read_table(&index, manifest.shards("failures")).unwrap();
+    let mut seen: Vec<String> = videos.iter().map(|v| v.path.clone()).chain(failures.iter().map(|f| f.path.clone())).collect();
+    seen.sort();
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), unique.len(), "seed {seed}: a file with two rows");
+    assert_eq!(unique, names, "seed {seed}: every mutant is one row or one failure\n{stderr}");
+    assert_verifies(&index);
+    eprintln!(
+        "fuzz: {} mutants, {} indexed, {} failed, {:?}, in {:.0} s",
+        names.len(),
+        videos.len(),
+        failures.len(),
+        last_report(&index)["failed"],
+        started.elapsed().as_secs_f64()
+    );
+}
