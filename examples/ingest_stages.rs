@@ -49,7 +49,9 @@ fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
             let (decode, preprocess) = (&decode, &preprocess);
             scope.spawn(move || {
                 for (i, file) in task_rx {
-                    results.send((i, (file.path.clone(), prepare(&file.abs_path, decode, preprocess)))).expect("the receiver outlives the workers");
+                    results
+                        .send((i, (file.path.clone(), prepare(&file.abs_path, decode, preprocess))))
+                        .expect("the receiver outlives the workers");
                 }
             });
         }

@@ -182,10 +182,11 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
         let dir = Dir::new();
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
-        let mut child = ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
-            .env(FAULT, &format!("hang:{VICTIM}"))
-            .own_process_group()
-            .spawn();
+        let mut child =
+            ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
+                .env(FAULT, &format!("hang:{VICTIM}"))
+                .own_process_group()
+                .spawn();
         wait_for_committed_videos(&index, 2, &mut child);
         let parent = child.id() as i32;
         // SAFETY: signalling processes of this test's own.
@@ -252,9 +253,14 @@ fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
     // SAFETY: prctl on this process with plain integers.
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     let clips = &CLIPS[..4];
-    let runs: [(&str, &[(&str, &str)], Option<i32>); 3] = [
+    type Run<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<i32>);
+    let runs: [Run; 3] = [
         ("normal", &[], Some(0)),
-        ("interrupted", &[("VTR_INDEX_KILL_AT", "decode:short_h264.mp4"), ("VTR_INDEX_KILL_WITH", "SIGINT")], Some(130)),
+        (
+            "interrupted",
+            &[("VTR_INDEX_KILL_AT", "decode:short_h264.mp4"), ("VTR_INDEX_KILL_WITH", "SIGINT")],
+            Some(130),
+        ),
         // Killed while a worker holds a file that never ends.
         ("killed", &[("VTR_INDEX_KILL_AT", "decode:short_h264.mp4"), (FAULT, "hang:*")], None),
     ];
@@ -263,7 +269,8 @@ fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
         let marker = format!("VTR_INDEX_TEST_MARK={name}-{}", std::process::id());
-        let mut cmd = ingest_command(&index, &root, &["--decode-workers", "2"]).env("VTR_INDEX_TEST_MARK", &marker[20..]);
+        let mut cmd =
+            ingest_command(&index, &root, &["--decode-workers", "2"]).env("VTR_INDEX_TEST_MARK", &marker[20..]);
         for (key, value) in env {
             cmd = cmd.env(key, value);
         }
@@ -368,7 +375,8 @@ fn damaged_files_with_sound_never_end_a_run() {
         vtr_index::store::read_table(&index, manifest.shards("videos")).unwrap();
     let failures: Vec<vtr_index::failure::Failure> =
         vtr_index::store::read_table(&index, manifest.shards("failures")).unwrap();
-    let mut seen: Vec<String> = videos.iter().map(|v| v.path.clone()).chain(failures.iter().map(|f| f.path.clone())).collect();
+    let mut seen: Vec<String> =
+        videos.iter().map(|v| v.path.clone()).chain(failures.iter().map(|f| f.path.clone())).collect();
     seen.sort();
     let unique: BTreeSet<String> = seen.iter().cloned().collect();
     assert_eq!(seen.len(), unique.len(), "seed {seed}: a file with two rows");

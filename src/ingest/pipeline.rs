@@ -90,8 +90,10 @@ impl Pipeline<'_> {
         let dim = clip.embed_dim();
         std::thread::scope(|scope| {
             let spawn = |name: String| std::thread::Builder::new().name(name);
-            let starter = spawn("worker-starter".into()).spawn_scoped(scope, || pool.run_starter()).expect("spawn a thread");
-            let watchdog = spawn("worker-watchdog".into()).spawn_scoped(scope, || pool.run_watchdog()).expect("spawn a thread");
+            let starter =
+                spawn("worker-starter".into()).spawn_scoped(scope, || pool.run_starter()).expect("spawn a thread");
+            let watchdog =
+                spawn("worker-watchdog".into()).spawn_scoped(scope, || pool.run_watchdog()).expect("spawn a thread");
             let feeder = spawn("feed".into())
                 .spawn_scoped(scope, move || {
                     for file in files {
@@ -122,9 +124,11 @@ impl Pipeline<'_> {
                                     }
                                     let key = (file.root.clone(), file.path.clone());
                                     let started = Instant::now();
-                                    self.journal.started(&key.0, &key.1);
-                                    crate::fault::point(&format!("decode:{}", key.1));
-                                    let outcome = slot.prepare(&file.abs_path, self.suspects.contains(&key));
+                                    let alone = self.suspects.contains(&key);
+                                    let outcome = slot.prepare(&file.abs_path, alone, || {
+                                        self.journal.started(&key.0, &key.1);
+                                        crate::fault::point(&format!("decode:{}", key.1));
+                                    });
                                     self.journal.finished(&key.0, &key.1);
                                     clock.add(Activity::Decode, started);
                                     let prepared = match outcome {

@@ -13,8 +13,8 @@
 //! files in a row stop the run (a broken plugin, not bad files).
 
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::Path;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -49,7 +49,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Why the parent killed a worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kill {
-    Memory { resident_bytes: u64 },
+    Memory {
+        resident_bytes: u64,
+    },
     Deadline,
     /// The run is stopping: its file is cut short, not failed.
     Stopping,
@@ -205,9 +207,8 @@ fn start_worker(low_priority: bool) -> io::Result<Child> {
 fn start_error(e: &io::Error) -> String {
     let mut limit = std::mem::MaybeUninit::<libc::rlimit>::zeroed();
     // SAFETY: getrlimit writes the struct it is given.
-    let nproc = unsafe {
-        (libc::getrlimit(libc::RLIMIT_NPROC, limit.as_mut_ptr()) == 0).then(|| limit.assume_init().rlim_cur)
-    };
+    let nproc =
+        unsafe { (libc::getrlimit(libc::RLIMIT_NPROC, limit.as_mut_ptr()) == 0).then(|| limit.assume_init().rlim_cur) };
     let limit = match nproc {
         Some(n) if n != libc::RLIM_INFINITY => format!("the process limit (ulimit -u) is {n}"),
         _ => "the process limit (ulimit -u) is unlimited".to_string(),
@@ -234,7 +235,8 @@ fn wait_without_reaping(pid: i32) {
     loop {
         let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
         // SAFETY: waitid writes the struct it is given; WNOWAIT leaves the child waitable.
-        let waited = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, info.as_mut_ptr(), libc::WEXITED | libc::WNOWAIT) };
+        let waited =
+            unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, info.as_mut_ptr(), libc::WEXITED | libc::WNOWAIT) };
         if waited == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return;
         }
@@ -314,7 +316,13 @@ pub enum FileOutcome {
 }
 
 impl Pool {
-    pub fn new(setup: Setup, memory_limit_bytes: u64, timeout: Duration, slots: usize, low_priority_slots: usize) -> Pool {
+    pub fn new(
+        setup: Setup,
+        memory_limit_bytes: u64,
+        timeout: Duration,
+        slots: usize,
+        low_priority_slots: usize,
+    ) -> Pool {
         let (requests, incoming) = bounded(slots);
         Pool {
             setup,
@@ -463,11 +471,13 @@ pub struct Slot<'a> {
 
 impl Slot<'_> {
     /// Decodes the file at `path`, `alone` if it is a suspect of an earlier crash of the
-    /// parent: its outcome, a typed failure when its worker was killed or died on both tries,
-    /// or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
-    pub fn prepare(&mut self, path: &Path, alone: bool) -> Result<FileOutcome, String> {
+    /// parent, calling `started` once its turn has come (so that a file waiting for its turn is
+    /// not in flight): its outcome, a typed failure when its worker was killed or died on both
+    /// tries, or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
+    pub fn prepare(&mut self, path: &Path, alone: bool, started: impl FnOnce()) -> Result<FileOutcome, String> {
         let first = {
             let _turn = self.pool.turns.take(alone);
+            started();
             self.attempt(path, 1)?
         };
         let (how, last_words) = match first {
@@ -538,7 +548,9 @@ impl Slot<'_> {
         let last_words = Arc::new(Mutex::new(None));
         let drain = {
             let last_words = Arc::clone(&last_words);
-            std::thread::Builder::new().name(format!("worker-{}-stderr", self.index)).spawn(move || drain_stderr(stderr, last_words))
+            std::thread::Builder::new()
+                .name(format!("worker-{}-stderr", self.index))
+                .spawn(move || drain_stderr(stderr, last_words))
         };
         let mut worker = Worker {
             child,

@@ -105,7 +105,11 @@ pub fn prepare(path: &Path, decode: &DecodeConfig, preprocess: &PreprocessConfig
     let content_hash = match blake3_file(path) {
         Ok(hash) => hash,
         Err(e) => {
-            return Prepared::Failed(Rejection::new(Stage::Decode, FailureKind::Io, format!("cannot read the file: {e}")));
+            return Prepared::Failed(Rejection::new(
+                Stage::Decode,
+                FailureKind::Io,
+                format!("cannot read the file: {e}"),
+            ));
         }
     };
     let facts = VideoFacts {
@@ -144,8 +148,11 @@ fn write_message_declaring(
     to.flush()
 }
 
+/// One message as read: its tag, header and body.
+type Message = (u8, Vec<u8>, Vec<u8>);
+
 /// Reads one message; `None` when the stream ends before one starts.
-fn read_message(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<(u8, Vec<u8>, Vec<u8>)>> {
+fn read_message(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<Message>> {
     let mut tag = [0u8; 1];
     if from.read(&mut tag)? == 0 {
         return Ok(None);
@@ -199,7 +206,9 @@ pub fn receive_prepared(from: &mut impl Read, setup: &Setup) -> io::Result<Prepa
                 .frame_times
                 .iter()
                 .zip(body.chunks_exact(per_frame.max(1)))
-                .map(|(&t, bytes)| (t, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+                .map(|(&t, bytes)| {
+                    (t, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+                })
                 .collect();
             let facts = VideoFacts {
                 duration_s: header.duration_s,
@@ -363,7 +372,8 @@ pub fn serve(parent: u32, low_priority: bool) -> u8 {
         eprintln!("vtr-index decode-worker: {e}");
         return 1;
     }
-    let decode = DecodeConfig::new(setup.sampling, Duration::try_from_secs_f64(setup.timeout_s).unwrap_or(Duration::MAX));
+    let decode =
+        DecodeConfig::new(setup.sampling, Duration::try_from_secs_f64(setup.timeout_s).unwrap_or(Duration::MAX));
     let fault = std::env::var(FAULT_VARIABLE).ok();
     loop {
         // The parent closing our input is the end of the run.
@@ -412,7 +422,8 @@ mod tests {
             content_hash: "ab".repeat(32),
             stream_index: Some(1),
         };
-        let frames: Vec<(f64, Vec<f32>)> = (0..3).map(|i| (i as f64 * 0.5, (0..48).map(|v| v as f32 * -0.25 + i as f32).collect())).collect();
+        let frames: Vec<(f64, Vec<f32>)> =
+            (0..3).map(|i| (i as f64 * 0.5, (0..48).map(|v| v as f32 * -0.25 + i as f32).collect())).collect();
         let mut pipe = Vec::new();
         send_prepared(&mut pipe, &Prepared::Video { facts: facts.clone(), frames: frames.clone() }, false).unwrap();
         let rejection = Rejection::new(Stage::Probe, FailureKind::Corrupt, "bad \u{1F4FC} data");
@@ -435,7 +446,14 @@ mod tests {
     #[test]
     fn a_message_cut_short_or_oversized_is_an_error() {
         let frames = vec![(0.0, vec![0.5f32; 48]), (1.0, vec![0.25f32; 48])];
-        let facts = VideoFacts { duration_s: 1.0, width: 4, height: 4, fps: 1.0, content_hash: String::new(), stream_index: None };
+        let facts = VideoFacts {
+            duration_s: 1.0,
+            width: 4,
+            height: 4,
+            fps: 1.0,
+            content_hash: String::new(),
+            stream_index: None,
+        };
         let mut cut = Vec::new();
         send_prepared(&mut cut, &Prepared::Video { facts: facts.clone(), frames: frames.clone() }, true).unwrap();
         assert!(receive_prepared(&mut cut.as_slice(), &setup()).is_err());

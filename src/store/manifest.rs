@@ -14,8 +14,9 @@ use crate::partition::Shard;
 use crate::types::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
-/// The format this build writes. 2 added `stream_index` to `videos`.
-pub const FORMAT_VERSION: u32 = 3;
+/// The format this build writes. 2 added `stream_index` to `videos`; 3 made recorded paths
+/// canonical; 4 added the failure kind `memory_limit`, which older builds cannot read.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this build reads; a writer upgrades it ([`crate::store::upgrade`]).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 

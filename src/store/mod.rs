@@ -172,7 +172,9 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 ///   `canonical` gives for them (`walk::canonical_name`: as the writer's working folder sees
 ///   them), in the manifest and in the rows of `videos` and `failures` that carry them, so the
 ///   plan matches them and nothing is embedded again. A root is resolved only where a file
-///   recorded under it is found with its size; one that cannot be is kept as recorded.
+///   recorded under it is found with its size; one that cannot be is kept as recorded;
+/// - 3 → 4: nothing but the number: format 4 only adds a failure kind (`memory_limit`), so that
+///   an older build refuses an index that may hold one instead of misreading it.
 ///
 /// The old shards stay until that commit's garbage collection. Returns whether anything
 /// changed; the caller must then commit even if it has nothing else to do. The new shards are
@@ -186,6 +188,10 @@ pub fn upgrade(
 ) -> Result<bool, StoreError> {
     if manifest.format_version == FORMAT_VERSION {
         return Ok(false);
+    }
+    if manifest.format_version >= 3 {
+        manifest.format_version = FORMAT_VERSION;
+        return Ok(true);
     }
     let rows = read_table::<VideoRow>(index, manifest.shards("videos"))?;
     // Read once: what tells where a root is, and what is rewritten when one moves.
