@@ -17,8 +17,8 @@
 //! `VTR_INDEX_FAIL_AT=STEP[:N]` makes the N-th I/O step of that kind fail instead, as a full
 //! disk or a revoked permission would: `write` (a temporary file created), `sync` (a finished
 //! temporary file synced), `rename` (a temporary renamed into place), `sync-dir` (a folder
-//! synced after a rename). The error is `VTR_INDEX_FAIL_WITH` (`ENOSPC`, the default, `EACCES`
-//! or `EIO`). Every atomic write goes through these steps (`store::create_temporary`,
+//! synced after a rename), `spawn` (a decode worker started, as a process limit refuses it). The
+//! error is `VTR_INDEX_FAIL_WITH` (`ENOSPC`, the default, `EACCES`, `EIO` or `EAGAIN`). Every atomic write goes through these steps (`store::create_temporary`,
 //! `store::sync_temporary`, `store::publish`), so a test can fail each one in turn.
 
 use std::sync::OnceLock;
@@ -89,6 +89,7 @@ fn io_target() -> Option<&'static (Trigger, i32)> {
             let errno = match std::env::var(FAIL_WITH).as_deref() {
                 Ok("EACCES") => libc::EACCES,
                 Ok("EIO") => libc::EIO,
+                Ok("EAGAIN") => libc::EAGAIN,
                 _ => libc::ENOSPC,
             };
             Some((trigger, errno))

@@ -281,6 +281,32 @@ fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
 }
 
 #[test]
+fn a_worker_that_cannot_start_is_a_run_error_naming_the_limit() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    // As a pod's or a Slurm step's process limit refuses a fork: EAGAIN.
+    let out =
+        ingest_command(&index, &root, &[]).env("VTR_INDEX_FAIL_AT", "spawn").env("VTR_INDEX_FAIL_WITH", "EAGAIN").output();
+    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
+    let stderr = summary(&out);
+    assert!(stderr.contains("cannot start a decode worker process") && stderr.contains("process limit"), "{stderr}");
+    assert!(snapshot(&index).is_none_or(|state| state.failures.is_empty()), "no file is blamed");
+}
+
+/// A decoder that writes megabytes to stderr (`GST_DEBUG`) never fills a pipe nobody reads.
+#[test]
+fn a_chatty_decoder_is_drained_not_taken_for_a_hang() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    let out = ingest_command(&index, &root, &["--decode-timeout", "60"]).env("GST_DEBUG", "*:5").output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out).lines().last().unwrap_or_default());
+    assert!(out.stderr.len() > 1 << 20, "GST_DEBUG wrote only {} bytes", out.stderr.len());
+    assert_eq!(contents(&index).0, ids(&CLIPS[..2]));
+}
+
+#[test]
 fn zero_decode_workers_is_refused() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..1]);

@@ -200,6 +200,7 @@ fn start_worker(low_priority: bool) -> io::Result<Child> {
     for variable in crate::fault::PARENT_ONLY_VARIABLES {
         command.env_remove(variable);
     }
+    crate::fault::io_step("spawn")?;
     command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
 }
 
