@@ -20,13 +20,18 @@ The script makes everything it measures and runs both sides in one run on the sa
   5. peak RSS of `vtr-index ingest` over 10 and over 1,000 distinct small clips with the
      bundled tiny CLIP (`--tiny-model`), to show memory does not grow with the corpus;
   6. `stages`: on the short clips and on 30 MSR-VTT-like clips with sound (320x240, 10-20 s,
-     stereo AAC), in alternated rounds: (a) ingest's decode workers alone (decode, sample,
-     preprocess, hash; `examples/ingest_stages.rs decode`), (b) the tower alone on the frames
-     (a) made, in ingest's batches (`ingest_stages tower`), (c) the whole ingest, (d) the Python
-     pipeline. It prints each one's median wall and CPU time, the bound (CPU a + CPU b) / cores
-     that (c) would reach if its stages overlapped perfectly, (c) / bound and (d) / (c).
+     stereo AAC), in alternated rounds: (a) ingest's decode work alone (decode, sample,
+     preprocess, hash, on threads of one process; `examples/ingest_stages.rs decode`), (b) the
+     tower alone on the frames (a) made, in ingest's batches (`ingest_stages tower`), (c) the
+     whole ingest, (d) the Python pipeline, and with `--baseline-bin BIN` (e) BIN's whole ingest,
+     another build to compare with. It prints each one's median wall and CPU time (a child's
+     CPU includes its own children's: ingest's decode worker processes), the bound
+     (CPU a + CPU b) / cores that (c) would reach if its stages overlapped perfectly,
+     (c) / bound, (d) / (c), (c) / (e), and the memory (c)'s run report gives for the ingest
+     process and its workers.
 
-Usage: benchmarks/.venv/bin/python benchmarks/ingest_vs_pyav.py [--clips 24] [--steps e2e e2e-long long rss stages] [--rounds 3]
+Usage: benchmarks/.venv/bin/python benchmarks/ingest_vs_pyav.py [--clips 24] [--steps e2e e2e-long long rss stages] [--rounds 3] [--baseline-bin BIN]
+Binaries are built into CARGO_TARGET_DIR (default target/).
 Set up once: python3 -m venv benchmarks/.venv &&
   benchmarks/.venv/bin/pip install torch transformers av pillow numpy pyarrow
 The corpus is written once under benchmarks/work/ingest (about 1 GB) and reused.
@@ -53,6 +58,7 @@ from transformers import CLIPImageProcessor, CLIPModel
 from tower_vs_pytorch import random_vit_b32
 
 MAX_FRAMES = 12
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", "target"))
 SHORT_SIZES = [(320, 240), (480, 360), (640, 480), (1280, 720)]
 # MSR-VTT-like: 320x240, 10-20 s, with sound.
 LOWRES_CLIPS = 30
@@ -270,12 +276,13 @@ def stages(args, binary, model_dir, root, label):
     ingest's batch size, (c) the whole ingest, (d) the Python pipeline, in alternated rounds.
     The bound is what (c) would take if its stages overlapped perfectly on every core."""
     cores = os.cpu_count()
-    stage_bin = "target/release/examples/ingest_stages"
+    stage_bin = str(TARGET / "release" / "examples" / "ingest_stages")
     workers = str(max(1, cores // 2))
     pixels = args.work / f"pixels-{label.replace(' ', '-')}.f32"
     index = args.work / f"index-stages-{label.replace(' ', '-')}"
     paths = sorted(root.glob("*.mp4"))
-    runs = {side: [] for side in "abcd"}
+    sides_run = "abcde" if args.baseline_bin else "abcd"
+    runs = {side: [] for side in sides_run}
     frames = {}
 
     def side_a():
@@ -288,14 +295,21 @@ def stages(args, binary, model_dir, root, label):
         frames["b"] = int(re.search(r"frames=(\d+)", out).group(1))
         return wall, cpu
 
-    def side_c():
+    def whole_ingest(build, side):
         shutil.rmtree(index, ignore_errors=True)
-        wall, cpu, _ = child_run([binary, "ingest", str(root), "--index", str(index), "--model", str(model_dir),
+        wall, cpu, _ = child_run([build, "ingest", str(root), "--index", str(index), "--model", str(model_dir),
                                   "--batch", str(args.batch)])
         report = json.loads(max((index / "runs").glob("*.json")).read_text())
-        frames["c"] = report["frames"]
-        frames["c-stages"] = report["stage_seconds"]
+        frames[side] = report["frames"]
+        frames[f"{side}-stages"] = report["stage_seconds"]
+        frames[f"{side}-memory"] = (report.get("memory"), report.get("decode_workers"))
         return wall, cpu
+
+    def side_c():
+        return whole_ingest(binary, "c")
+
+    def side_e():
+        return whole_ingest(args.baseline_bin, "e")
 
     def side_d():
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -305,15 +319,16 @@ def stages(args, binary, model_dir, root, label):
         after = resource.getrusage(resource.RUSAGE_SELF)
         return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
-    sides = {"a": side_a, "b": side_b, "c": side_c, "d": side_d}
+    sides = {"a": side_a, "b": side_b, "c": side_c, "d": side_d, "e": side_e}
     side_a()  # (b) reads the frames (a) writes
+    n_sides = len(sides_run)
     for round_ in range(args.rounds):
-        order = "abcd"[round_ % 4:] + "abcd"[:round_ % 4]
+        order = sides_run[round_ % n_sides:] + sides_run[:round_ % n_sides]
         for side in order:
             stolen = steal_seconds()
             wall, cpu = sides[side]()
             runs[side].append((wall, cpu, steal_seconds() - stolen))
-        print(f"  round {round_ + 1}: " + ", ".join(f"{s} {runs[s][-1][0]:.2f} s" for s in "abcd"), flush=True)
+        print(f"  round {round_ + 1}: " + ", ".join(f"{s} {runs[s][-1][0]:.2f} s" for s in sides_run), flush=True)
     median = {side: tuple(float(np.median([run[i] for run in r])) for i in range(3)) for side, r in runs.items()}
     bound = (median["a"][1] + median["b"][1]) / cores
     n = len(paths)
@@ -323,8 +338,9 @@ def stages(args, binary, model_dir, root, label):
     print("| stage | wall | CPU | stolen (all cores) | frames/s |")
     print("|---|---|---|---|---|")
     names = {"a": "(a) decode + sample + preprocess alone", "b": f"(b) tower alone, batches of {args.batch}",
-             "c": "(c) vtr-index ingest", "d": "(d) Python (PyAV + transformers)"}
-    for side in "abcd":
+             "c": "(c) vtr-index ingest", "d": "(d) Python (PyAV + transformers)",
+             "e": f"(e) {args.baseline_bin} ingest"}
+    for side in sides_run:
         wall, cpu, stolen = median[side]
         print(f"| {names[side]} | {wall:.2f} s | {cpu:.2f} s | {stolen:.2f} s | {frames[side] / wall:.2f} |")
     # The bound counts CPU time, which steal does not show; (c)'s wall less the time its cores
@@ -334,15 +350,21 @@ def stages(args, binary, model_dir, root, label):
     print(f"bound (CPU a + CPU b) / {cores} = {bound:.2f} s; (c) / bound = **{c_wall / bound:.3f}**, "
           f"(c) less its stolen time / {cores} cores: {c_net:.2f} s, {c_net / bound:.3f} of the bound; "
           f"(d) / (c) = {median['d'][0] / c_wall:.2f}", flush=True)
+    print(f"(c)'s memory and decode workers (its last run report): {frames['c-memory']}")
+    if args.baseline_bin:
+        ratios = [c[0] / e[0] for c, e in zip(runs["c"], runs["e"])]
+        print(f"(c) / (e): median wall {c_wall / median['e'][0]:.3f} (per round: "
+              f"{', '.join(f'{r:.3f}' for r in ratios)}), CPU {median['c'][1] / median['e'][1]:.3f}", flush=True)
 
 
 def long_video(long_path, runs):
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "sample_video"], check=True)
+    sample_video = str(TARGET / "release" / "examples" / "sample_video")
     print(f"\n{long_path.name}: 12 frames sampled by vtr-index vs every frame decoded by PyAV")
     print("| run | vtr-index: sample 12 frames | PyAV: decode every frame | frames decoded by PyAV | ratio |")
     print("|---|---|---|---|---|")
     for run in range(1, runs + 1):
-        proc = subprocess.run(["target/release/examples/sample_video", str(long_path)], capture_output=True,
+        proc = subprocess.run([sample_video, str(long_path)], capture_output=True,
                               text=True, check=True)
         ours = float(re.search(r"seconds=([\d.]+)", proc.stdout).group(1))
         start = time.perf_counter()
@@ -372,6 +394,7 @@ def main():
     parser.add_argument("--steps", nargs="+", default=steps, choices=steps)
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the stages step")
     parser.add_argument("--batch", type=int, default=32, help="ingest's batch size (its default)")
+    parser.add_argument("--baseline-bin", help="another build's vtr-index, whose whole ingest is run as side (e)")
     parser.add_argument("--long-runs", type=int, default=3)
     parser.add_argument("--tiny-model", default="tests/fixtures/tiny-clip")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/ingest"))
@@ -381,7 +404,7 @@ def main():
     short, long_path, lowres = make_corpus(args.work, args.clips, args.steps)
     subprocess.run(["cargo", "build", "--quiet", "--release", "--bin", "vtr-index", "--example", "ingest_stages"],
                    check=True)
-    binary = "target/release/vtr-index"
+    binary = str(TARGET / "release" / "vtr-index")
     print(f"cores: {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} threads), av {av.__version__}")
     if "e2e" in args.steps:
         end_to_end(args, binary, model_dir, short, "short clips")

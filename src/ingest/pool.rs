@@ -370,14 +370,14 @@ impl Pool {
                 let resident = resident_bytes(worker.pid).unwrap_or(0);
                 worker.cpu_ticks = cpu_ticks(worker.pid).unwrap_or(worker.cpu_ticks);
                 live_ticks += worker.cpu_ticks;
-                let kill = if resident > self.memory_limit_bytes {
-                    Some(Kill::Memory { resident_bytes: resident })
-                } else if worker.busy_since.is_some_and(|since| since.elapsed() > self.kill_after) {
-                    Some(Kill::Deadline)
-                } else if stopping && worker.busy_since.is_some() {
-                    Some(Kill::Stopping)
-                } else {
-                    None
+                // Only a worker holding a file is killed, so a kill always names that file; an
+                // idle worker's memory is checked when its file comes back (`Slot::attempt`).
+                let kill = match worker.busy_since {
+                    None => None,
+                    Some(_) if resident > self.memory_limit_bytes => Some(Kill::Memory { resident_bytes: resident }),
+                    Some(since) if since.elapsed() > self.kill_after => Some(Kill::Deadline),
+                    Some(_) if stopping => Some(Kill::Stopping),
+                    Some(_) => None,
                 };
                 if let Some(kill) = kill {
                     // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
@@ -594,8 +594,20 @@ impl Slot<'_> {
         };
         let error = match sent.and_then(|()| worker::receive_prepared(&mut worker.from, &self.pool.setup)) {
             Ok(prepared) => {
-                self.set_busy(false);
+                let keep = {
+                    let mut slot = lock(&self.pool.slots[self.index]);
+                    let watched = slot.worker.as_mut().expect("a worker is registered until it is reaped");
+                    watched.busy_since = None;
+                    // Killed just as it answered, or holding more than half the limit after its
+                    // file (a decoder's caches): the answer stands, the next file gets a fresh
+                    // worker, and no file is blamed for what this one kept.
+                    watched.killed.is_none()
+                        && resident_bytes(watched.pid).is_some_and(|bytes| bytes <= self.pool.memory_limit_bytes / 2)
+                };
                 self.worker = Some(worker);
+                if !keep {
+                    self.close();
+                }
                 return Ok(Attempt::Done(prepared));
             }
             Err(error) => error,
