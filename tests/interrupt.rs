@@ -51,9 +51,9 @@ fn a_signal_during_decode_commits_the_files_before_it_and_blames_none() {
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
         // Files start in walk order: nested/deeper/gradient_h264, rotated90_h264, short_h264,
-        // vfr_h264. Two threads decode (the worker, and the encoder while it has nothing to
-        // encode): the thread starting short_h264 has finished its file before it, and the
-        // other may still have one in flight, which the signal cuts short.
+        // vfr_h264. Two decode slots (the worker asked for and the low-priority one): the slot
+        // starting short_h264 has finished its file before it, and the other may still have
+        // one in flight, which the signal cuts short.
         let out = ingest_signalled(&index, &root, &[], "decode:short_h264.mp4", signal);
         assert_eq!(out.status.code(), Some(code), "{signal}\n{}", summary(&out));
         assert!(summary(&out).contains(&format!("interrupted by {signal}")), "{}", summary(&out));

@@ -250,7 +250,7 @@ fn a_run_report_counts_and_times_every_stage() {
     assert_eq!(report["new"], 2);
     assert_eq!(report["commits"], 3, "one per file and the last: {report}");
     // One decode worker: no stage's time (summed over its threads) can exceed the run's, but
-    // decoding's, which the encoder also does when it has nothing to encode.
+    // decoding's, which the low-priority worker's slot adds to.
     let wall = report["wall_s"].as_f64().unwrap();
     let threads = |stage: &str| if stage == "decode" { 2.0 } else { 1.0 };
     let stages = ["walk", "plan", "decode", "decode_waiting", "encode", "encode_waiting", "write", "build_model"];

@@ -332,8 +332,8 @@ pub fn assert_same_index_within(got: &Snapshot, want: &Snapshot, what: &str, cos
     }
 }
 
-/// `ingest ROOT --index INDEX` with the sample model and one decode worker (beside the encoder,
-/// which decodes when it has nothing to encode), unless `extra` asks for another count.
+/// `ingest ROOT --index INDEX` with the sample model and one decode worker (beside the
+/// low-priority one every run has), unless `extra` asks for another count.
 pub fn ingest_command(index: &Path, root: &Path, extra: &[&str]) -> TestCommand {
     let workers: &[&str] = if extra.contains(&"--decode-workers") { &[] } else { &["--decode-workers", "1"] };
     TestCommand::new(&["ingest"])

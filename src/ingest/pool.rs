@@ -437,7 +437,7 @@ impl Pool {
             held.push((file, rejection.clone()));
             if held.len() >= CRASHES_IN_A_ROW {
                 let message = format!(
-                    "{} files in a row killed their decode workers, twice each (the last one {}): the decoders, not the files, are broken; check the GStreamer plugins, then run again (these files were not recorded as failures)",
+                    "{} files in a row killed their decode workers, twice each (the last: {}): the decoders, not the files, are broken; check the GStreamer plugins, then run again (these files were not recorded as failures)",
                     held.len(),
                     rejection.message
                 );

@@ -9,7 +9,9 @@
 //! and SIGTERM to the parent (a terminal and Slurm signal every process of the group or step),
 //! and offers itself to an OOM killer first (`oom_score_adj` 1000).
 //!
-//! Messages are `[tag: u8][header length: u32 LE][header: JSON][body length: u64 LE][body]`.
+//! Messages are `[tag: u8][header length: u32][header: JSON][body length: u64][body]`, numbers
+//! and pixel values (f32) in the machine's byte order: both ends are this binary on one machine,
+//! so frames cross the pipe as they are in memory, with no conversion.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -139,27 +141,43 @@ fn write_message_declaring(
 ) -> io::Result<()> {
     let header = serde_json::to_vec(header).map_err(io::Error::other)?;
     to.write_all(&[tag])?;
-    to.write_all(&(header.len() as u32).to_le_bytes())?;
+    to.write_all(&(header.len() as u32).to_ne_bytes())?;
     to.write_all(&header)?;
-    to.write_all(&body_len.to_le_bytes())?;
+    to.write_all(&body_len.to_ne_bytes())?;
     for part in body {
         to.write_all(part)?;
     }
     to.flush()
 }
 
-/// One message as read: its tag, header and body.
+/// The bytes of `values` as they are in memory.
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: the same memory, read as bytes (u8 has no alignment and f32 no padding).
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+/// The bytes of `values`, to be written in place.
+fn f32_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `f32_bytes`; and every bit pattern is a valid f32, so any bytes written
+    // leave valid values.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+/// A message's start: its tag, its header, and how many body bytes follow.
+type Head = (u8, Vec<u8>, u64);
+/// A whole message: its tag, header and body.
 type Message = (u8, Vec<u8>, Vec<u8>);
 
-/// Reads one message; `None` when the stream ends before one starts.
-fn read_message(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<Message>> {
+/// Reads a message's start, whose body is at most `max_body_bytes`. `None` when the stream ends
+/// before a message starts.
+fn read_head(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<Head>> {
     let mut tag = [0u8; 1];
     if from.read(&mut tag)? == 0 {
         return Ok(None);
     }
     let mut len = [0u8; 4];
     from.read_exact(&mut len)?;
-    let header_len = u32::from_le_bytes(len);
+    let header_len = u32::from_ne_bytes(len);
     if header_len > MAX_HEADER_BYTES {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a header of {header_len} bytes")));
     }
@@ -167,13 +185,19 @@ fn read_message(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<
     from.read_exact(&mut header)?;
     let mut len = [0u8; 8];
     from.read_exact(&mut len)?;
-    let body_len = u64::from_le_bytes(len);
+    let body_len = u64::from_ne_bytes(len);
     if body_len > max_body_bytes {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a body of {body_len} bytes")));
     }
+    Ok(Some((tag[0], header, body_len)))
+}
+
+/// Reads one whole message whose body is at most `max_body_bytes`.
+fn read_message(from: &mut impl Read, max_body_bytes: u64) -> io::Result<Option<Message>> {
+    let Some((tag, header, body_len)) = read_head(from, max_body_bytes)? else { return Ok(None) };
     let mut body = vec![0u8; body_len as usize];
     from.read_exact(&mut body)?;
-    Ok(Some((tag[0], header, body)))
+    Ok(Some((tag, header, body)))
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(header: &[u8]) -> io::Result<T> {
@@ -193,23 +217,21 @@ pub fn send_task(to: &mut impl Write, path: &Path, attempt: u32) -> io::Result<(
 /// The parent's end: the answer for the file it sent last. An error or an early end means the
 /// worker died or broke the protocol; the caller finds out which from the process.
 pub fn receive_prepared(from: &mut impl Read, setup: &Setup) -> io::Result<Prepared> {
-    let (tag, header, body) = read_message(from, setup.max_body_bytes())?
+    let (tag, header, body_len) = read_head(from, setup.max_body_bytes())?
         .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the worker closed its output"))?;
     match tag {
         TAG_VIDEO => {
             let header: VideoHeader = parse(&header)?;
-            let per_frame = setup.preprocess.len() * 4;
-            if body.len() != header.frame_times.len() * per_frame {
+            let per_frame = setup.preprocess.len();
+            if body_len != (header.frame_times.len() * per_frame * 4) as u64 {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "frames and pixel values disagree"));
             }
-            let frames = header
-                .frame_times
-                .iter()
-                .zip(body.chunks_exact(per_frame.max(1)))
-                .map(|(&t, bytes)| {
-                    (t, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-                })
-                .collect();
+            let mut frames = Vec::with_capacity(header.frame_times.len());
+            for &time in &header.frame_times {
+                let mut pixels = vec![0f32; per_frame];
+                from.read_exact(f32_bytes_mut(&mut pixels))?;
+                frames.push((time, pixels));
+            }
             let facts = VideoFacts {
                 duration_s: header.duration_s,
                 width: header.width,
@@ -220,7 +242,7 @@ pub fn receive_prepared(from: &mut impl Read, setup: &Setup) -> io::Result<Prepa
             };
             Ok(Prepared::Video { facts, frames })
         }
-        TAG_FAILED => {
+        TAG_FAILED if body_len == 0 => {
             let header: FailedHeader = parse(&header)?;
             let stage = Stage::parse(&header.stage);
             let kind = FailureKind::parse(&header.kind);
@@ -246,9 +268,7 @@ fn send_prepared(to: &mut impl Write, prepared: &Prepared, cut_short: bool) -> i
                 stream_index: facts.stream_index,
                 frame_times: frames.iter().map(|(t, _)| *t).collect(),
             };
-            let bytes: Vec<Vec<u8>> =
-                frames.iter().map(|(_, pixels)| pixels.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-            let parts: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+            let parts: Vec<&[u8]> = frames.iter().map(|(_, pixels)| f32_bytes(pixels)).collect();
             if cut_short {
                 let body: Vec<u8> = parts.concat();
                 return write_message_declaring(to, TAG_VIDEO, &header, body.len() as u64, &[&body[..body.len() / 2]]);
