@@ -46,10 +46,10 @@ impl Progress {
             bar.set_message(format!("{} frames  {fps:.1} frames/s", self.frames));
         } else if self.last_line.elapsed() >= LOG_EVERY {
             self.last_line = Instant::now();
-            eprintln!(
+            say(&format!(
                 "vtr-index: ingest: {}/{} videos, {} frames, {fps:.1} frames/s",
                 self.videos, self.total, self.frames
-            );
+            ));
         }
     }
 
@@ -57,7 +57,7 @@ impl Progress {
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => say(line),
         }
     }
 
@@ -66,4 +66,11 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// One line on stderr; a stderr nobody reads any more (`ingest … 2>&1 | head`) loses the line
+/// instead of failing the run, as `eprintln!` would by panicking.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

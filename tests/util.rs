@@ -133,6 +133,14 @@ impl TestCommand {
         self.cmd.spawn().expect("the binary starts").wait_with_output().unwrap()
     }
 
+    /// Runs with stderr a pipe whose reader is already gone (`… 2>&1 | head` once head is done).
+    pub fn stderr_to_a_closed_pipe(mut self) -> std::process::ExitStatus {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        self.cmd.stdout(std::process::Stdio::null()).stderr(writer);
+        self.cmd.status().expect("the binary starts")
+    }
+
     pub fn output(mut self) -> Output {
         self.cmd.output().expect("the binary runs")
     }

@@ -67,8 +67,31 @@ fn workers_of(parent: u32) -> Vec<i32> {
     found
 }
 
+/// A running ingest, killed if the test fails before it ends.
+struct Running(Option<Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+
+    fn finish(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Waits (at most a minute, polling) until `index` has committed `count` videos.
-fn wait_for_committed_videos(index: &Path, count: usize, child: &mut Child) {
+fn wait_for_committed_videos(index: &Path, count: usize, running: &mut Running) {
+    let child = running.0.as_mut().unwrap();
     let started = Instant::now();
     loop {
         if let Ok(Some(manifest)) = Manifest::load(index) {
@@ -81,10 +104,6 @@ fn wait_for_committed_videos(index: &Path, count: usize, child: &mut Child) {
         assert!(started.elapsed() < Duration::from_secs(60), "no {count} videos committed within a minute");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn finish(child: Child) -> Output {
-    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -128,6 +147,14 @@ fn a_crash_on_the_first_try_only_is_retried_and_indexed_as_any_other() {
     assert_same_index(&snapshot(&index).unwrap(), &snapshot(&reference).unwrap(), "retried");
     let report = last_report(&index);
     assert_eq!((workers_count(&report, "deaths"), workers_count(&report, "retries")), (1, 1), "{report}");
+    // Memory: the parent's and each slot's (one worker asked for, one at low priority).
+    let parent = report["memory"]["parent_peak_mib"].as_f64().unwrap();
+    let slots: Vec<f64> =
+        report["decode_workers"]["peak_resident_mib"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(slots.len(), 2, "{report}");
+    assert!(parent > 10.0 && slots.iter().all(|&mib| mib > 10.0), "{report}");
+    let total = report["memory"]["total_peak_mib"].as_f64().unwrap();
+    assert!((total - parent - slots.iter().sum::<f64>()).abs() < 0.2, "{report}");
 }
 
 #[test]
@@ -156,9 +183,11 @@ fn a_worker_killed_from_outside_mid_file_costs_a_retry() {
     let root = corpus(&dir, "videos", clips);
     let index = dir.join("index");
     // The victim's first worker hangs; the others finish and are committed one by one.
-    let mut child = ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
-        .env(FAULT, &format!("hang:{VICTIM}:1"))
-        .spawn();
+    let mut child = Running(Some(
+        ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
+            .env(FAULT, &format!("hang:{VICTIM}:1"))
+            .spawn(),
+    ));
     wait_for_committed_videos(&index, 2, &mut child);
     let workers = workers_of(child.id());
     assert!(!workers.is_empty());
@@ -168,7 +197,7 @@ fn a_worker_killed_from_outside_mid_file_costs_a_retry() {
             libc::kill(pid, libc::SIGKILL);
         }
     }
-    let out = finish(child);
+    let out = child.finish();
     assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
     assert_eq!(contents(&index).0, ids(clips));
     assert!(workers_count(&last_report(&index), "deaths") >= 1);
@@ -182,11 +211,12 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
         let dir = Dir::new();
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
-        let mut child =
+        let mut child = Running(Some(
             ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
                 .env(FAULT, &format!("hang:{VICTIM}"))
                 .own_process_group()
-                .spawn();
+                .spawn(),
+        ));
         wait_for_committed_videos(&index, 2, &mut child);
         let parent = child.id() as i32;
         // SAFETY: signalling processes of this test's own.
@@ -202,7 +232,7 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
                 libc::kill(parent, signal);
             }
         }
-        let out = finish(child);
+        let out = child.finish();
         assert_eq!(out.status.code(), Some(code), "{how}: {}", summary(&out));
         let (videos, failures) = contents(&index);
         assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{how}");
@@ -306,6 +336,21 @@ fn a_chatty_decoder_is_drained_not_taken_for_a_hang() {
     assert_eq!(out.status.code(), Some(0), "{}", summary(&out).lines().last().unwrap_or_default());
     assert!(out.stderr.len() > 1 << 20, "GST_DEBUG wrote only {} bytes", out.stderr.len());
     assert_eq!(contents(&index).0, ids(&CLIPS[..2]));
+}
+
+/// Lines to a stderr nobody reads (`ingest … 2>&1 | head`, head done) are lost, not fatal: the
+/// run, its failure lines and the workers' own stderr included, ends and commits as usual.
+#[test]
+fn a_closed_stderr_neither_stops_nor_hangs_a_run() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    dir.create("videos/broken.mp4", b"not a video at all");
+    let index = dir.join("index");
+    let status = ingest_command(&index, &root, &[]).env("GST_DEBUG", "*:3").stderr_to_a_closed_pipe();
+    assert_eq!(status.code(), Some(2));
+    let (videos, failures) = contents(&index);
+    assert_eq!(videos, ids(&CLIPS[..2]));
+    assert_eq!(failures, BTreeSet::from([("broken.mp4".to_string(), "not_a_video".to_string())]));
 }
 
 #[test]

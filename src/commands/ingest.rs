@@ -106,14 +106,15 @@ pub fn run(args: IngestArgs) -> Result<u8> {
         commit_interval: Duration::try_from_secs_f64(args.commit_interval).unwrap_or(Duration::MAX),
     };
     let report = ingest(&options)?;
-    eprintln!("vtr-index: {}", report.summary());
+    // A stderr nobody reads any more loses these lines; the run's work is committed already.
+    crate::progress::say(&format!("vtr-index: {}", report.summary()));
     if let Some(signal) = &report.interrupted {
-        eprintln!(
+        crate::progress::say(&format!(
             "vtr-index: interrupted by {signal}: the {} videos finished in this run and the {} failures recorded are committed; {} files were not processed; run the same command again to continue",
             report.new + report.changed + report.reused,
             report.failed_total(),
             report.not_processed
-        );
+        ));
     }
     Ok(if report.failed_total() > 0 { 2 } else { 0 })
 }

@@ -301,7 +301,7 @@ impl<'a> Run<'a> {
             walked.failures.retain(|failure| shard.holds(&failure.path));
         }
         for link in &walked.repeated_folders {
-            eprintln!("vtr-index: {link}: skipped, a folder this walk reaches by another path");
+            crate::progress::say(&format!("vtr-index: {link}: skipped, a folder this walk reaches by another path"));
         }
         let mut report = IngestReport {
             started_at_us,
@@ -457,9 +457,7 @@ impl<'a> Run<'a> {
         stages.write = clock.seconds(Activity::Write);
         stages.build_model = clock.seconds(Activity::BuildModel);
         self.report.timeline = clock.report();
-        self.report.memory.parent_peak_mib = report::parent_peak_mib();
-        self.report.memory.total_peak_mib =
-            self.report.memory.parent_peak_mib + self.report.decode_workers.peak_resident_mib.iter().sum::<f64>();
+        self.report.memory = report::MemoryReport::of(&self.report.decode_workers);
         Ok(broken)
     }
 
@@ -664,7 +662,7 @@ fn rows_of(video: EmbeddedVideo<VideoFile>) -> (VideoRow, Vec<FrameRow>) {
 fn lock_index(index: &Path) -> Result<WriterLock, StoreError> {
     let lock = WriterLock::acquire(index, "ingest")?;
     if let Some(stale) = &lock.taken_over_from {
-        eprintln!("vtr-index: took over the lock of a writer that did not finish ({stale})");
+        crate::progress::say(&format!("vtr-index: took over the lock of a writer that did not finish ({stale})"));
     }
     Ok(lock)
 }
@@ -773,11 +771,11 @@ fn resolve_head(
     if recorded.head.is_none()
         && let Some(carried) = found.filter(|&k| k != built)
     {
-        eprintln!(
+        crate::progress::say(&format!(
             "vtr-index: {}: this index was made before temporal heads and pools with meanP; the checkpoint's {} head is not used (build a new index to use it)",
             options.index.display(),
             carried.name()
-        );
+        ));
     }
     Ok(built)
 }

@@ -86,9 +86,13 @@ impl Pipeline<'_> {
         let slots = pool.slots();
         let (task_tx, task_rx) = bounded::<VideoFile>(slots * 2);
         let (decoded_tx, decoded_rx) = bounded::<Decoded>(slots + 2);
-        let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
         let dim = clip.embed_dim();
         std::thread::scope(|scope| {
+            // Made in the scope, so that a panic on this thread (in `consume`) drops the
+            // receiver and the encoder's sends fail, as `_abandon` stops the slots: the scope's
+            // joins then end, and the panic reaches the caller instead of a hang.
+            let (encoded_tx, encoded_rx) = bounded::<Encoded>(16);
+            let _abandon = AbandonOnPanic(pool);
             let spawn = |name: String| std::thread::Builder::new().name(name);
             let starter =
                 spawn("worker-starter".into()).spawn_scoped(scope, || pool.run_starter()).expect("spawn a thread");
@@ -235,6 +239,17 @@ impl Pipeline<'_> {
             encoded??;
             decoded
         })
+    }
+}
+
+/// Stops the pool, its workers included, if this thread unwinds past it.
+struct AbandonOnPanic<'a>(&'a Pool);
+
+impl Drop for AbandonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abandon();
+        }
     }
 }
 

@@ -409,6 +409,23 @@ impl Pool {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// Stops everything at once (the thread that consumes outcomes panicked): every worker is
+    /// killed, busy or not, and the starter and the watchdog end.
+    pub fn abandon(&self) {
+        self.stop();
+        for slot in &self.slots {
+            let mut slot = lock(slot);
+            if let Some(worker) = slot.worker.as_mut() {
+                // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
+                unsafe {
+                    libc::kill(worker.pid, libc::SIGKILL);
+                }
+                worker.killed.get_or_insert(Kill::Stopping);
+            }
+        }
+        self.finish();
+    }
+
     /// Why the decoders were found broken, if they were.
     pub fn broken(&self) -> Option<String> {
         lock(&self.broken).clone()

@@ -95,19 +95,24 @@ pub struct MemoryReport {
     pub total_peak_mib: f64,
 }
 
-fn mib(bytes: u64) -> f64 {
-    (bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0
+impl MemoryReport {
+    /// The ingest process's peak so far, and with the workers' peaks.
+    pub fn of(workers: &WorkersReport) -> MemoryReport {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
+        let kib = unsafe {
+            libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+            usage.assume_init().ru_maxrss
+        };
+        let parent_peak_mib = mib(kib.max(0) as u64 * 1024);
+        let total = parent_peak_mib + workers.peak_resident_mib.iter().sum::<f64>();
+        MemoryReport { parent_peak_mib, total_peak_mib: (total * 10.0).round() / 10.0 }
+    }
 }
 
-/// The ingest process's peak resident memory so far, MiB.
-pub fn parent_peak_mib() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
-    let kib = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init().ru_maxrss
-    };
-    mib(kib.max(0) as u64 * 1024)
+/// Bytes in MiB, to a tenth.
+fn mib(bytes: u64) -> f64 {
+    (bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
