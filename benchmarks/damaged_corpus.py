@@ -10,9 +10,11 @@ AV1 where the container takes them. Mutants (seeded): bit flips, zeroed and rand
 truncations, dropped and duplicated chunks, one or two per file. Each run ingests all of them
 into a fresh index with the bundled tiny CLIP and `--decode-timeout 10`, and prints its exit
 code (0 or 2 expected: never 134), wall time, the failures by kind, and the decode workers'
-deaths, retries and kills from the run report.
+deaths, retries and kills from the run report. With `--baseline-bin BIN`, each run also runs
+BIN (another build, such as one that decoded on threads of the ingest process) on the same
+files, alternated.
 
-Usage: python3 benchmarks/damaged_corpus.py [--files 1000] [--runs 4] [--seed 7]
+Usage: python3 benchmarks/damaged_corpus.py [--files 1000] [--runs 4] [--seed 7] [--baseline-bin BIN]
 Needs ffmpeg (Debian's) and a release build (`cargo build --release`; CARGO_TARGET_DIR is honoured).
 """
 
@@ -27,10 +29,10 @@ from pathlib import Path
 
 SOURCES = [
     ("mp4-h264.mp4", ["-c:v", "libx264", "-c:a", "aac"]),
-    ("mp4-hevc.mp4", ["-c:v", "libx265", "-tag:v", "hvc1", "-c:a", "aac"]),
+    ("mp4-hevc.mp4", ["-c:v", "libx265", "-x265-params", "log-level=error", "-tag:v", "hvc1", "-c:a", "aac"]),
     ("mp4-av1.mp4", ["-c:v", "libsvtav1", "-c:a", "aac"]),
     ("mkv-h264.mkv", ["-c:v", "libx264", "-c:a", "libopus"]),
-    ("mkv-hevc.mkv", ["-c:v", "libx265", "-c:a", "libmp3lame"]),
+    ("mkv-hevc.mkv", ["-c:v", "libx265", "-x265-params", "log-level=error", "-c:a", "libmp3lame"]),
     ("mkv-vp9.mkv", ["-c:v", "libvpx-vp9", "-c:a", "libopus"]),
     ("mkv-av1.mkv", ["-c:v", "libsvtav1", "-c:a", "libopus"]),
     ("webm-vp9.webm", ["-c:v", "libvpx-vp9", "-c:a", "libopus"]),
@@ -81,6 +83,7 @@ def main():
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/damaged"))
+    parser.add_argument("--baseline-bin", help="another build's vtr-index, run on the same files in each run")
     args = parser.parse_args()
     target = Path(os.environ.get("CARGO_TARGET_DIR", "target"))
     binary = target / "release" / "vtr-index"
@@ -101,25 +104,31 @@ def main():
             (tmp / f"{stem}-{i:04d}.{ext}").write_bytes(data)
         tmp.rename(corpus)
     print(f"{args.files} damaged files (seed {args.seed}), {os.cpu_count()} cores, {binary}")
-    print("| run | exit | wall | indexed | failures by kind | worker deaths | retries | memory / deadline kills |")
-    print("|---|---|---|---|---|---|---|---|")
+    builds = [("this build", str(binary))] + ([("baseline", args.baseline_bin)] if args.baseline_bin else [])
+    print("| run | build | exit | wall | indexed | failures by kind | worker deaths | retries | memory / deadline kills |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in range(1, args.runs + 1):
-        index = args.work / f"index-{run}"
-        shutil.rmtree(index, ignore_errors=True)
-        start = time.perf_counter()
-        proc = subprocess.run([str(binary), "ingest", str(corpus), "--index", str(index),
-                               "--model", "tests/fixtures/tiny-clip", "--decode-timeout", "10"],
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        reports = sorted((index / "runs").glob("*.json")) if (index / "runs").exists() else []
-        if not reports:
-            print(f"| {run} | {proc.returncode} | {wall:.1f} s | no report | {proc.stderr[-300:]!r} | | | |")
-            continue
-        report = json.loads(reports[-1].read_text())
-        workers = report["decode_workers"]
-        indexed = report["new"] + report["changed"]
-        print(f"| {run} | {proc.returncode} | {wall:.1f} s | {indexed} | {report['failed']} | {workers['deaths']} | "
-              f"{workers['retries']} | {workers['memory_kills']} / {workers['deadline_kills']} |", flush=True)
+        for name, build in builds if run % 2 else builds[::-1]:
+            index = args.work / f"index-{run}"
+            shutil.rmtree(index, ignore_errors=True)
+            start = time.perf_counter()
+            proc = subprocess.run([build, "ingest", str(corpus), "--index", str(index),
+                                   "--model", "tests/fixtures/tiny-clip", "--decode-timeout", "10"],
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            reports = sorted((index / "runs").glob("*.json")) if (index / "runs").exists() else []
+            last = proc.stderr.strip().splitlines()[-1:] or [""]
+            if proc.returncode not in (0, 2) or not reports:
+                print(f"| {run} | {name} | {proc.returncode} | {wall:.1f} s | no report | {last[0][:200]!r} | | | |",
+                      flush=True)
+                continue
+            report = json.loads(reports[-1].read_text())
+            workers = report.get("decode_workers")
+            indexed = report["new"] + report["changed"]
+            counts = (f"{workers['deaths']} | {workers['retries']} | {workers['memory_kills']} / {workers['deadline_kills']}"
+                      if workers else "(threads) | | ")
+            print(f"| {run} | {name} | {proc.returncode} | {wall:.1f} s | {indexed} | {report['failed']} | {counts} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

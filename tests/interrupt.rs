@@ -16,11 +16,6 @@ fn ingest_signalled(index: &Path, root: &Path, extra: &[&str], at: &str, signal:
     ingest_command(index, root, extra).env("VTR_INDEX_KILL_AT", at).env("VTR_INDEX_KILL_WITH", signal).output()
 }
 
-fn assert_verifies(index: &Path) {
-    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
-}
-
 fn leftover_journals(index: &Path) -> Vec<String> {
     std::fs::read_dir(index.join("runs"))
         .unwrap()

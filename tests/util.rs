@@ -362,6 +362,12 @@ pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&st
     cmd.output()
 }
 
+/// `verify` passes on `index`.
+pub fn assert_verifies(index: &Path) {
+    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
+    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+}
+
 pub fn summary(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -18,11 +18,6 @@ const FAULT: &str = "VTR_INDEX_WORKER_FAULT";
 /// The clip the faults hit; the others are indexed beside it.
 const VICTIM: &str = "rotated90_h264.mp4";
 
-fn assert_verifies(index: &Path) {
-    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
-}
-
 /// The newest run report of `index`.
 fn last_report(index: &Path) -> serde_json::Value {
     let mut reports: Vec<_> = std::fs::read_dir(index.join("runs"))
