@@ -129,11 +129,15 @@ impl Pipeline<'_> {
                                     let key = (file.root.clone(), file.path.clone());
                                     let started = Instant::now();
                                     let alone = self.suspects.contains(&key);
-                                    let outcome = slot.prepare(&file.abs_path, alone, || {
-                                        self.journal.started(&key.0, &key.1);
-                                        crate::fault::point(&format!("decode:{}", key.1));
-                                    });
-                                    self.journal.finished(&key.0, &key.1);
+                                    let outcome = slot.prepare(
+                                        &file.abs_path,
+                                        alone,
+                                        || {
+                                            self.journal.started(&key.0, &key.1);
+                                            crate::fault::point(&format!("decode:{}", key.1));
+                                        },
+                                        || self.journal.finished(&key.0, &key.1),
+                                    );
                                     clock.add(Activity::Decode, started);
                                     let prepared = match outcome {
                                         Ok(FileOutcome::Prepared(prepared)) => prepared,

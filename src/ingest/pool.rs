@@ -489,14 +489,28 @@ pub struct Slot<'a> {
 
 impl Slot<'_> {
     /// Decodes the file at `path`, `alone` if it is a suspect of an earlier crash of the
-    /// parent, calling `started` once its turn has come (so that a file waiting for its turn is
-    /// not in flight): its outcome, a typed failure when its worker was killed or died on both
-    /// tries, or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
-    pub fn prepare(&mut self, path: &Path, alone: bool, started: impl FnOnce()) -> Result<FileOutcome, String> {
+    /// parent: its outcome, a typed failure when its worker was killed or died on both tries,
+    /// or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
+    /// `started` is called once the file's turn has come and `finished` before its last turn
+    /// ends, so that the crash journal never shows a file in flight that waits for its turn,
+    /// nor one done while the next suspect already runs alone.
+    pub fn prepare(
+        &mut self,
+        path: &Path,
+        alone: bool,
+        started: impl FnOnce(),
+        finished: impl FnOnce(),
+    ) -> Result<FileOutcome, String> {
+        let mut finished = Some(finished);
+        let mut finish = || finished.take().map(|f| f());
         let first = {
             let _turn = self.pool.turns.take(alone);
             started();
-            self.attempt(path, 1)?
+            let first = self.attempt(path, 1);
+            if !matches!(first, Ok(Attempt::Died(..))) {
+                finish();
+            }
+            first?
         };
         let (how, last_words) = match first {
             Attempt::Done(prepared) => return Ok(FileOutcome::Prepared(prepared)),
@@ -507,7 +521,9 @@ impl Slot<'_> {
         // Alone, so that nothing but this file is decoding while its second worker runs.
         let second = {
             let _alone = self.pool.turns.take(true);
-            self.attempt(path, 2)?
+            let second = self.attempt(path, 2);
+            finish();
+            second?
         };
         match second {
             Attempt::Done(prepared) => Ok(FileOutcome::Prepared(prepared)),
