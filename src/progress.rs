@@ -1,5 +1,6 @@
 //! What a person watching a run sees: a progress bar on a terminal, plain periodic lines in
-//! logs, one line per failed input (`vtr-index: PATH: KIND: message`).
+//! logs, one line per failed input (`vtr-index: PATH: KIND: message`); a stderr nobody reads
+//! any more loses these lines, never the run ([`say`]).
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};

@@ -1,13 +1,15 @@
 //! `vtr-index ingest`'s run: opens the index, plans, runs the stages, commits the result.
 //!
 //! The work is done elsewhere: which files need work in [`plan`], the threads and channels of
-//! the stages in [`pipeline`] (decoding, sampling, preprocessing and embedding in their own
-//! modules), the rows, commits and run reports in `store`. This module takes them in order:
+//! the stages in [`pipeline`], the decode worker processes in [`worker`] (their side) and
+//! [`pool`] (ours), decoding, sampling, preprocessing and embedding in their own modules, the
+//! rows, commits and run reports in `store`. This module takes them in order:
 //! the writer lock and the recorded settings, the collection of unlisted files and the upgrade
 //! of an older format, the crash journals, the walk and the plan, the old rows carried over,
 //! the stages, a commit every `--commit-every` files or `--commit-interval` and one at the end.
 //! A panic in any stage fails the run with only its earlier periodic commits published. On
-//! SIGINT or SIGTERM no new file starts and what is finished is committed.
+//! SIGINT or SIGTERM, or when decode workers die on file after file, no new file starts and
+//! what is finished is committed.
 
 pub mod pipeline;
 pub mod plan;

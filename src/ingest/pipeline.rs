@@ -131,6 +131,7 @@ impl Pipeline<'_> {
                                     let alone = self.suspects.contains(&key);
                                     let outcome = slot.prepare(
                                         &file.abs_path,
+                                        file.size_bytes,
                                         alone,
                                         || {
                                             self.journal.started(&key.0, &key.1);

@@ -6,7 +6,7 @@
 //! the thread that started a process, not the process), with `posix_spawn`, so a model-sized
 //! parent is never forked. Each decode slot keeps its worker across files. A watchdog thread
 //! reads every worker's resident memory and CPU time every [`WATCH_EVERY`] and kills (SIGKILL)
-//! a worker over `--decode-memory-mib`, one past its file's deadline plus [`KILL_GRACE`], and
+//! a worker over `--decode-memory-mib`, one past its file's deadline plus [`grace`], and
 //! every busy worker once the run is stopping (a signal, a broken decoder). A worker that dies
 //! on its own while holding a file has the file tried once more, alone, in a fresh worker; if
 //! that one dies too the file is a `crashed_decoder` failure, and [`CRASHES_IN_A_ROW`] such
@@ -30,9 +30,17 @@ use crate::walk::VideoFile;
 /// `--decode-memory-mib`'s default: decoding a 4K file (H.264 or HEVC with a full picture
 /// buffer, AV1 with dav1d's frame threads) and holding its 12 sampled frames in RGB stays below.
 pub const DEFAULT_DECODE_MEMORY_MIB: u64 = 4096;
-/// How long past a file's `--decode-timeout` the parent waits before it kills the worker: the
-/// worker's own deadline covers decoding, and it still preprocesses and hashes the file after.
+/// How long past a file's `--decode-timeout` the parent waits before it kills the worker, at
+/// least: the worker's own deadline covers decoding, and it answers with its precise message.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
+/// The slowest reading the grace allows for: after decoding, the worker still hashes the whole
+/// file, which takes a while for a large one.
+const HASH_BYTES_PER_S: u64 = 50 << 20;
+
+/// How long past `--decode-timeout` a worker may take over a file of `size_bytes`.
+pub fn grace(size_bytes: u64) -> Duration {
+    KILL_GRACE + Duration::from_secs(size_bytes / HASH_BYTES_PER_S)
+}
 /// How often the watchdog reads each worker's memory and checks the deadlines.
 pub const WATCH_EVERY: Duration = Duration::from_millis(25);
 /// This many files in a row whose workers die on both tries stop the run: a decoder that
@@ -52,7 +60,10 @@ enum Kill {
     Memory {
         resident_bytes: u64,
     },
-    Deadline,
+    /// Past its answer's deadline, which allowed this long.
+    Deadline {
+        allowed: Duration,
+    },
     /// The run is stopping: its file is cut short, not failed.
     Stopping,
 }
@@ -61,7 +72,8 @@ enum Kill {
 /// its pid cannot have been reused when the watchdog kills it.
 struct Watched {
     pid: i32,
-    busy_since: Option<Instant>,
+    /// While it holds a file: when its answer is due, and how long that allowed.
+    answer_due: Option<(Instant, Duration)>,
     killed: Option<Kill>,
     cpu_ticks: u64,
 }
@@ -122,8 +134,8 @@ struct StartRequest {
 pub struct Pool {
     setup: Setup,
     memory_limit_bytes: u64,
-    /// The file's deadline plus the grace.
-    kill_after: Duration,
+    /// `--decode-timeout`.
+    timeout: Duration,
     slots: Vec<Mutex<SlotWatch>>,
     low_priority_slots: usize,
     turns: DecodeTurns,
@@ -328,7 +340,7 @@ impl Pool {
         Pool {
             setup,
             memory_limit_bytes,
-            kill_after: timeout.saturating_add(KILL_GRACE),
+            timeout,
             slots: (0..slots).map(|_| Mutex::new(SlotWatch::default())).collect(),
             low_priority_slots,
             turns: DecodeTurns(RwLock::new(())),
@@ -372,10 +384,10 @@ impl Pool {
                 live_ticks += worker.cpu_ticks;
                 // Only a worker holding a file is killed, so a kill always names that file; an
                 // idle worker's memory is checked when its file comes back (`Slot::attempt`).
-                let kill = match worker.busy_since {
+                let kill = match worker.answer_due {
                     None => None,
                     Some(_) if resident > self.memory_limit_bytes => Some(Kill::Memory { resident_bytes: resident }),
-                    Some(since) if since.elapsed() > self.kill_after => Some(Kill::Deadline),
+                    Some((due, allowed)) if Instant::now() > due => Some(Kill::Deadline { allowed }),
                     Some(_) if stopping => Some(Kill::Stopping),
                     Some(_) => None,
                 };
@@ -488,8 +500,8 @@ pub struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    /// Decodes the file at `path`, `alone` if it is a suspect of an earlier crash of the
-    /// parent: its outcome, a typed failure when its worker was killed or died on both tries,
+    /// Decodes the file at `path` (of `size_bytes`), `alone` if it is a suspect of an earlier
+    /// crash of the parent: its outcome, a typed failure when its worker was killed or died on both tries,
     /// or `CutShort` when the run is stopping. An `Err` is a worker that cannot start.
     /// `started` is called once the file's turn has come and `finished` before its last turn
     /// ends, so that the crash journal never shows a file in flight that waits for its turn,
@@ -497,16 +509,18 @@ impl Slot<'_> {
     pub fn prepare(
         &mut self,
         path: &Path,
+        size_bytes: u64,
         alone: bool,
         started: impl FnOnce(),
         finished: impl FnOnce(),
     ) -> Result<FileOutcome, String> {
+        let allowed = self.pool.timeout.saturating_add(grace(size_bytes));
         let mut finished = Some(finished);
         let mut finish = || finished.take().map(|f| f());
         let first = {
             let _turn = self.pool.turns.take(alone);
             started();
-            let first = self.attempt(path, 1);
+            let first = self.attempt(path, 1, allowed);
             if !matches!(first, Ok(Attempt::Died(..))) {
                 finish();
             }
@@ -521,7 +535,7 @@ impl Slot<'_> {
         // Alone, so that nothing but this file is decoding while its second worker runs.
         let second = {
             let _alone = self.pool.turns.take(true);
-            let second = self.attempt(path, 2);
+            let second = self.attempt(path, 2, allowed);
             finish();
             second?
         };
@@ -553,12 +567,12 @@ impl Slot<'_> {
                 );
                 (FailureKind::MemoryLimit, message)
             }
-            Kill::Deadline => {
+            Kill::Deadline { allowed } => {
                 lock(&self.pool.counts).deadline_kills += 1;
                 let message = format!(
                     "the decode worker did not answer within --decode-timeout ({} s) plus {} s and was stopped (raise --decode-timeout if the file is merely slow)",
-                    self.pool.kill_after.saturating_sub(KILL_GRACE).as_secs_f64(),
-                    KILL_GRACE.as_secs()
+                    self.pool.timeout.as_secs_f64(),
+                    allowed.saturating_sub(self.pool.timeout).as_secs()
                 );
                 (FailureKind::Timeout, message)
             }
@@ -578,7 +592,7 @@ impl Slot<'_> {
             unreachable!("the three standard streams are piped");
         };
         lock(&self.pool.slots[self.index]).worker =
-            Some(Watched { pid: child.id() as i32, busy_since: None, killed: None, cpu_ticks: 0 });
+            Some(Watched { pid: child.id() as i32, answer_due: None, killed: None, cpu_ticks: 0 });
         let last_words = Arc::new(Mutex::new(None));
         let drain = {
             let last_words = Arc::clone(&last_words);
@@ -610,8 +624,9 @@ impl Slot<'_> {
         Ok(worker)
     }
 
-    /// Sends `path` to a worker (a fresh one for a retry) and reads its answer.
-    fn attempt(&mut self, path: &Path, attempt: u32) -> Result<Attempt, String> {
+    /// Sends `path` to a worker (a fresh one for a retry) and reads its answer, which is due
+    /// within `allowed`.
+    fn attempt(&mut self, path: &Path, attempt: u32, allowed: Duration) -> Result<Attempt, String> {
         if attempt > 1 {
             self.close();
         }
@@ -620,7 +635,7 @@ impl Slot<'_> {
             None => self.start()?,
         };
         *lock(&worker.last_words) = None;
-        self.set_busy(true);
+        self.set_answer_due(allowed);
         let sent = match worker.to.as_mut() {
             Some(to) => worker::send_task(to, path, attempt),
             None => Err(io::ErrorKind::BrokenPipe.into()),
@@ -630,7 +645,7 @@ impl Slot<'_> {
                 let keep = {
                     let mut slot = lock(&self.pool.slots[self.index]);
                     let watched = slot.worker.as_mut().expect("a worker is registered until it is reaped");
-                    watched.busy_since = None;
+                    watched.answer_due = None;
                     // Killed just as it answered, or holding more than half the limit after its
                     // file (a decoder's caches): the answer stands, the next file gets a fresh
                     // worker, and no file is blamed for what this one kept.
@@ -673,9 +688,10 @@ impl Slot<'_> {
         }
     }
 
-    fn set_busy(&self, busy: bool) {
+    /// Marks the slot's worker as holding a file whose answer is due within `allowed`.
+    fn set_answer_due(&self, allowed: Duration) {
         if let Some(watched) = lock(&self.pool.slots[self.index]).worker.as_mut() {
-            watched.busy_since = busy.then(Instant::now);
+            watched.answer_due = Some((Instant::now() + allowed, allowed));
         }
     }
 
