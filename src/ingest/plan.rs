@@ -118,7 +118,7 @@ impl Plan {
                 stage: Stage::Decode,
                 kind: FailureKind::CrashedDecoder,
                 message: format!(
-                    "the process died while decoding this file in {crashes} runs; it is tried again when it changes or with --retry-failed"
+                    "the ingest process itself died while this file was in flight, in {crashes} runs; it is tried again when it changes or with --retry-failed"
                 ),
                 first_seen_us: now_us,
                 attempts: crashes,
