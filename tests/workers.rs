@@ -109,7 +109,7 @@ fn each_worker_fault_costs_its_file_only() {
         ("segv", "crashed_decoder", "SIGSEGV", &[][..]),
         ("exit-mid-frames", "crashed_decoder", "exited (status 0) while holding the file", &[][..]),
         ("alloc", "memory_limit", "over --decode-memory-mib 300", &["--decode-memory-mib", "300"][..]),
-        ("hang", "timeout", "did not answer within --decode-timeout", &["--decode-timeout", "1"][..]),
+        ("hang", "timeout", "did not answer within --decode-timeout", &["--decode-timeout", "5"][..]),
     ];
     for (fault, kind, said, extra) in faults {
         let dir = Dir::new();
