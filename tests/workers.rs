@@ -43,23 +43,42 @@ fn ids(clips: &[&str]) -> BTreeSet<String> {
     clips.iter().map(|c| c.rsplit_once('.').unwrap().0.to_string()).collect()
 }
 
-/// The pids of `parent`'s live decode workers.
-fn workers_of(parent: u32) -> Vec<i32> {
+/// One process as `/proc` shows it.
+struct Process {
+    pid: i32,
+    folder: std::path::PathBuf,
+    parent: u32,
+    zombie: bool,
+}
+
+/// Every process `/proc` lists now (those that end while it is read are left out).
+fn processes() -> Vec<Process> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The command name may hold spaces and parentheses; the state and parent follow it.
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if fields.get(1) == Some(&parent.to_string().as_str())
-            && fields[0] != "Z"
-            && String::from_utf8_lossy(&cmdline).contains("decode-worker")
-        {
-            found.push(pid);
-        }
+        let (Some(&state), Some(Ok(parent))) = (fields.first(), fields.get(1).map(|p| p.parse())) else { continue };
+        found.push(Process { pid, folder: entry.path(), parent, zombie: state == "Z" });
     }
     found
+}
+
+/// The pids of `parent`'s live decode workers.
+fn workers_of(parent: u32) -> Vec<i32> {
+    let is_worker = |p: &Process| {
+        let cmdline = std::fs::read(p.folder.join("cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains("decode-worker")
+    };
+    processes().into_iter().filter(|p| p.parent == parent && !p.zombie && is_worker(p)).map(|p| p.pid).collect()
+}
+
+/// An ingest of `root` whose files are committed one by one, with `fault` (a hang) in its
+/// workers: what the tests that signal or kill a running ingest start.
+fn ingest_committing_each_file(index: &Path, root: &Path, fault: &str) -> crate::util::TestCommand {
+    ingest_command(index, root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"]).env(FAULT, fault)
 }
 
 /// A running ingest, killed if the test fails before it ends.
@@ -178,11 +197,7 @@ fn a_worker_killed_from_outside_mid_file_costs_a_retry() {
     let root = corpus(&dir, "videos", clips);
     let index = dir.join("index");
     // The victim's first worker hangs; the others finish and are committed one by one.
-    let mut child = Running(Some(
-        ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
-            .env(FAULT, &format!("hang:{VICTIM}:1"))
-            .spawn(),
-    ));
+    let mut child = Running(Some(ingest_committing_each_file(&index, &root, &format!("hang:{VICTIM}:1")).spawn()));
     wait_for_committed_videos(&index, 2, &mut child);
     let workers = workers_of(child.id());
     assert!(!workers.is_empty());
@@ -206,12 +221,8 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
         let dir = Dir::new();
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
-        let mut child = Running(Some(
-            ingest_command(&index, &root, &["--commit-every", "1", "--batch", "1", "--decode-timeout", "120"])
-                .env(FAULT, &format!("hang:{VICTIM}"))
-                .own_process_group()
-                .spawn(),
-        ));
+        let fault = format!("hang:{VICTIM}");
+        let mut child = Running(Some(ingest_committing_each_file(&index, &root, &fault).own_process_group().spawn()));
         wait_for_committed_videos(&index, 2, &mut child);
         let parent = child.id() as i32;
         // SAFETY: signalling processes of this test's own.
@@ -248,21 +259,18 @@ fn still_running_with(marker: &str) -> Vec<i32> {
     let started = Instant::now();
     loop {
         let mut running = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        for process in processes() {
+            let environ = std::fs::read(process.folder.join("environ")).unwrap_or_default();
             if !environ.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
                 continue;
             }
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            if zombie {
+            if process.zombie {
                 // SAFETY: reaping a child of this (subreaper) process, without blocking.
                 unsafe {
-                    libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+                    libc::waitpid(process.pid, std::ptr::null_mut(), libc::WNOHANG);
                 }
             } else {
-                running.push(pid);
+                running.push(process.pid);
             }
         }
         if running.is_empty() || started.elapsed() > Duration::from_secs(10) {

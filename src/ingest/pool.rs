@@ -78,27 +78,34 @@ struct Watched {
     cpu_ticks: u64,
 }
 
+impl Watched {
+    /// SIGKILL, recording why: the first reason is the one its file's outcome follows.
+    fn kill(&mut self, why: Kill) {
+        // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        self.killed = Some(why);
+    }
+}
+
 #[derive(Default)]
 struct SlotWatch {
     worker: Option<Watched>,
     peak_resident_bytes: u64,
 }
 
-/// What one slot's workers used, for the run report.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SlotUsage {
-    pub peak_resident_bytes: u64,
-}
-
-/// Counts for the run report.
-#[derive(Debug, Clone, Copy, Default)]
+/// What the workers did, as the run report gives it (`decode_workers`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct PoolCounts {
-    pub worker_starts: u64,
-    /// Workers that died on their own while holding a file (not those the parent killed).
-    pub worker_deaths: u64,
-    /// Files tried again in a fresh worker after a death.
+    /// Worker processes started (a slot starts a fresh one after a death and for a retry).
+    pub started: u64,
+    /// Workers that died on their own while holding a file (a signal, an abnormal exit), not
+    /// those the parent killed.
+    pub deaths: u64,
+    /// Files tried again, alone, in a fresh worker after a death.
     pub retries: u64,
-    /// Workers killed over `--decode-memory-mib`.
+    /// Workers killed above `--decode-memory-mib`.
     pub memory_kills: u64,
     /// Workers killed past a file's deadline.
     pub deadline_kills: u64,
@@ -158,17 +165,9 @@ pub struct Pool {
 /// children's, `getrusage(RUSAGE_CHILDREN)`).
 static LIVE_WORKERS_CPU_TICKS: AtomicU64 = AtomicU64::new(0);
 
-/// CPU seconds of every decode worker of this process so far, the live ones and the reaped.
-pub fn workers_cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes the struct it is given; RUSAGE_CHILDREN is always valid.
-    let reaped = unsafe {
-        libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr());
-        let usage = usage.assume_init();
-        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-        seconds(usage.ru_utime) + seconds(usage.ru_stime)
-    };
-    reaped + LIVE_WORKERS_CPU_TICKS.load(Ordering::Relaxed) as f64 / clock_ticks_per_second()
+/// CPU seconds of the decode workers alive now (as last read by the watchdog).
+pub fn live_workers_cpu_seconds() -> f64 {
+    LIVE_WORKERS_CPU_TICKS.load(Ordering::Relaxed) as f64 / clock_ticks_per_second()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -392,11 +391,7 @@ impl Pool {
                     Some(_) => None,
                 };
                 if let Some(kill) = kill {
-                    // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
-                    unsafe {
-                        libc::kill(worker.pid, libc::SIGKILL);
-                    }
-                    worker.killed = Some(kill);
+                    worker.kill(kill);
                 }
                 slot.peak_resident_bytes = slot.peak_resident_bytes.max(resident);
             }
@@ -427,12 +422,10 @@ impl Pool {
         self.stop();
         for slot in &self.slots {
             let mut slot = lock(slot);
-            if let Some(worker) = slot.worker.as_mut() {
-                // SAFETY: the pid is our unreaped child's (it stays registered until reaped).
-                unsafe {
-                    libc::kill(worker.pid, libc::SIGKILL);
-                }
-                worker.killed.get_or_insert(Kill::Stopping);
+            if let Some(worker) = slot.worker.as_mut()
+                && worker.killed.is_none()
+            {
+                worker.kill(Kill::Stopping);
             }
         }
         self.finish();
@@ -447,8 +440,9 @@ impl Pool {
         *lock(&self.counts)
     }
 
-    pub fn usage(&self) -> Vec<SlotUsage> {
-        self.slots.iter().map(|s| SlotUsage { peak_resident_bytes: lock(s).peak_resident_bytes }).collect()
+    /// Each slot's peak resident memory (its workers', as the watchdog read it).
+    pub fn peak_resident_bytes(&self) -> Vec<u64> {
+        self.slots.iter().map(|s| lock(s).peak_resident_bytes).collect()
     }
 
     /// One slot's handle, for the thread that decodes through it.
@@ -616,7 +610,7 @@ impl Slot<'_> {
                 return Err(format!("cannot start a thread: {e}"));
             }
         }
-        lock(&self.pool.counts).worker_starts += 1;
+        lock(&self.pool.counts).started += 1;
         // A worker that cannot take its setup is found dead at its first file.
         if let Some(to) = worker.to.as_mut() {
             let _ = worker::send_setup(to, &self.pool.setup);
@@ -677,7 +671,7 @@ impl Slot<'_> {
             // A death once the run is stopping is never counted as a crash.
             None if self.pool.is_stopping() => Ok(Attempt::Killed(Kill::Stopping)),
             None => {
-                lock(&self.pool.counts).worker_deaths += 1;
+                lock(&self.pool.counts).deaths += 1;
                 let how = if ending {
                     how_it_ended(status)
                 } else {

@@ -58,30 +58,18 @@ pub struct IngestReport {
 pub struct WorkersReport {
     /// Decode slots: `--decode-workers` at normal priority and one at the lowest.
     pub slots: usize,
-    /// Worker processes started (a slot starts a fresh one after a death and for a retry).
-    pub started: u64,
-    /// Workers that died on their own while holding a file (a signal, an abnormal exit).
-    pub deaths: u64,
-    /// Files tried again, alone, in a fresh worker after a death.
-    pub retries: u64,
-    /// Workers stopped above `--decode-memory-mib`, and past a file's deadline.
-    pub memory_kills: u64,
-    pub deadline_kills: u64,
+    #[serde(flatten)]
+    pub counts: super::pool::PoolCounts,
     /// Each slot's peak resident memory (its workers', read every 25 ms), MiB.
     pub peak_resident_mib: Vec<f64>,
 }
 
 impl WorkersReport {
     pub fn of(pool: &super::pool::Pool) -> WorkersReport {
-        let counts = pool.counts();
         WorkersReport {
             slots: pool.slots(),
-            started: counts.worker_starts,
-            deaths: counts.worker_deaths,
-            retries: counts.retries,
-            memory_kills: counts.memory_kills,
-            deadline_kills: counts.deadline_kills,
-            peak_resident_mib: pool.usage().iter().map(|u| mib(u.peak_resident_bytes)).collect(),
+            counts: pool.counts(),
+            peak_resident_mib: pool.peak_resident_bytes().into_iter().map(mib).collect(),
         }
     }
 }
@@ -98,12 +86,7 @@ pub struct MemoryReport {
 impl MemoryReport {
     /// The ingest process's peak so far, and with the workers' peaks.
     pub fn of(workers: &WorkersReport) -> MemoryReport {
-        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
-        let kib = unsafe {
-            libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-            usage.assume_init().ru_maxrss
-        };
+        let kib = super::timeline::rusage(libc::RUSAGE_SELF).ru_maxrss;
         let parent_peak_mib = mib(kib.max(0) as u64 * 1024);
         let total = parent_peak_mib + workers.peak_resident_mib.iter().sum::<f64>();
         MemoryReport { parent_peak_mib, total_peak_mib: (total * 10.0).round() / 10.0 }

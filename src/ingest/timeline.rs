@@ -175,17 +175,22 @@ fn round_ms(seconds: f64) -> f64 {
     (seconds * 1000.0).round() / 1000.0
 }
 
-/// User and system CPU time of the whole process, every thread included, and of its decode
-/// workers.
-fn process_cpu_seconds() -> f64 {
+/// `getrusage(who)`: `RUSAGE_SELF` for this process, `RUSAGE_CHILDREN` for its reaped children.
+pub(super) fn rusage(who: libc::c_int) -> libc::rusage {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes the struct it is given; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+    // SAFETY: getrusage writes the struct it is given, and `who` is one of the two it takes.
+    unsafe {
+        libc::getrusage(who, usage.as_mut_ptr());
         usage.assume_init()
-    };
+    }
+}
+
+/// User and system CPU time of the whole process, every thread included, and of its decode
+/// workers: the reaped ones as its children, the live ones as the watchdog read them.
+fn process_cpu_seconds() -> f64 {
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime) + super::pool::workers_cpu_seconds()
+    let cpu = |usage: libc::rusage| seconds(usage.ru_utime) + seconds(usage.ru_stime);
+    cpu(rusage(libc::RUSAGE_SELF)) + cpu(rusage(libc::RUSAGE_CHILDREN)) + super::pool::live_workers_cpu_seconds()
 }
 
 #[cfg(test)]
