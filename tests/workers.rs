@@ -320,7 +320,7 @@ fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", clips);
     let marker = marked("killed");
-    let mut child = Running(Some(
+    let child = Running(Some(
         ingest_command(&dir.join("index"), &root, &["--decode-workers", "2"])
             .env("VTR_INDEX_TEST_MARK", &marker[20..])
             .env(FAULT, "hang:*")
