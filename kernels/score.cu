@@ -455,12 +455,17 @@ static_assert(F_STRIDE * sizeof(unsigned short) % 16 == 0, "each operand row mus
 static_assert(F_BM * F_STRIDE * sizeof(unsigned short) % 16 == 0, "operands.b must start on 16 bytes");
 static_assert(F_BK % 8 == 0, "a row's F_BK halves are copied 8 (16 bytes) at a time");
 
+// On the emulated device (cuda-emulator/) a software mma.sync with the same fragment layouts.
 __device__ __forceinline__ void mma_16816(float *c, const unsigned *a, const unsigned *b) {
+#ifdef VTR_INDEX_EMULATED_DEVICE
+    VTR_EMU_MMA_M16N8K16(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Copies rows [first, first + count) of a (rows × dim) f16 matrix, columns [k0, k0 + F_BK), into

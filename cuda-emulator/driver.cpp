@@ -1,0 +1,647 @@
+// The stand-in for the CUDA driver (libcuda.so.1) that the emulated device is: every driver
+// symbol the host code in src/gpu/ reaches through cudarc, by its exact versioned name, over
+// host memory and the host-compiled kernels (runtime.cpp). Devices are described by
+// VTR_INDEX_EMULATED_DEVICES (README.md here); a launch over a device's limits and an allocation
+// past its memory fail with the driver's own error codes, as on a card. Module load takes the
+// PTX that NVRTC made and refuses it unless its kernels and their parameter widths are those
+// compiled into this library, so a stale build is found, not run.
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "emulator.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
+using vtr_emu::Result;
+
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct Context *CUcontext;
+typedef struct Module *CUmodule;
+typedef struct Function *CUfunction;
+typedef struct Stream *CUstream;
+typedef struct Event *CUevent;
+
+namespace {
+
+struct Device {
+    int major = 8, minor = 0;
+    size_t memory = size_t(4) << 30;
+    int max_grid_y = 65535;
+    int shared_per_block = 48 << 10;
+    std::atomic<size_t> used{0};
+    std::string name;
+};
+
+}  // namespace
+
+struct Function {
+    const vtr_emu::KernelEntry *kernel;
+    size_t static_shared;
+};
+struct Context {
+    CUdevice device;
+};
+struct Module {
+    CUdevice device;
+    std::map<std::string, Function> functions;
+};
+struct Stream {
+    int unused;
+};
+struct Event {
+    int unused;
+};
+
+namespace {
+
+std::once_flag init_once;
+std::vector<std::unique_ptr<Device>> devices;
+std::vector<std::unique_ptr<Context>> primary_contexts;
+uint64_t seed;
+thread_local CUcontext current_context = nullptr;
+
+std::mutex memory_mutex;
+struct Allocation {
+    size_t size;
+    CUdevice device;
+};
+std::map<uintptr_t, Allocation> allocations;
+
+std::mutex failure_mutex;
+std::string last_failure;
+
+// A device from its description: `sm_80`, then optional `,memory_mib=N`, `,grid_y=N`,
+// `,shared_kib=N`.
+std::unique_ptr<Device> parse_device(const std::string &spec) {
+    auto device = std::make_unique<Device>();
+    size_t start = 0;
+    bool first = true;
+    while (start <= spec.size()) {
+        size_t end = spec.find(',', start);
+        if (end == std::string::npos) end = spec.size();
+        std::string item = spec.substr(start, end - start);
+        if (first) {
+            int arch = 0;
+            if (std::sscanf(item.c_str(), "sm_%d", &arch) != 1 || arch < 10) return nullptr;
+            device->major = arch / 10;
+            device->minor = arch % 10;
+        } else {
+            size_t eq = item.find('=');
+            if (eq == std::string::npos) return nullptr;
+            std::string key = item.substr(0, eq);
+            long long value = std::atoll(item.c_str() + eq + 1);
+            if (value <= 0) return nullptr;
+            if (key == "memory_mib") device->memory = size_t(value) << 20;
+            else if (key == "grid_y") device->max_grid_y = (int)value;
+            else if (key == "shared_kib") device->shared_per_block = (int)value << 10;
+            else return nullptr;
+        }
+        first = false;
+        start = end + 1;
+    }
+    device->name = "vtr-index emulated CUDA device (sm_" + std::to_string(device->major * 10 + device->minor) +
+                   ", kernels compiled for the host)";
+    return device;
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+void asan_report(const char *report) {
+    std::string text(report);
+    size_t line = text.find("ERROR: AddressSanitizer");
+    if (line != std::string::npos) text = text.substr(line);
+    vtr_emu::record_sanitizer_failure(vtr_emu::ILLEGAL_ADDRESS, text.substr(0, text.find("\n\n")));
+}
+#endif
+
+void initialise() {
+    const char *spec = std::getenv("VTR_INDEX_EMULATED_DEVICES");
+    std::string list = spec && *spec ? spec : "sm_80";
+    size_t start = 0;
+    while (start <= list.size()) {
+        size_t end = list.find(';', start);
+        if (end == std::string::npos) end = list.size();
+        auto device = parse_device(list.substr(start, end - start));
+        if (!device) {
+            std::fprintf(stderr,
+                         "emulated CUDA device: cannot read VTR_INDEX_EMULATED_DEVICES=%s (devices separated by ';', "
+                         "each sm_XY with optional ,memory_mib=N ,grid_y=N ,shared_kib=N)\n",
+                         list.c_str());
+            devices.clear();
+            return;
+        }
+        devices.push_back(std::move(device));
+        start = end + 1;
+    }
+    for (size_t i = 0; i < devices.size(); ++i) primary_contexts.push_back(std::make_unique<Context>(Context{(int)i}));
+    const char *given = std::getenv("VTR_INDEX_EMULATOR_SEED");
+    seed = given && *given ? std::strtoull(given, nullptr, 10)
+                           : (uint64_t)time(nullptr) * 1000003u ^ (uint64_t)getpid() * 7919u;
+    std::fprintf(stderr,
+                 "emulated CUDA device: threads run in the order of seed %llu (VTR_INDEX_EMULATOR_SEED=%llu repeats "
+                 "it)\n",
+                 (unsigned long long)seed, (unsigned long long)seed);
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_set_error_report_callback(asan_report);
+#endif
+}
+
+Device *device_of(CUdevice ordinal) {
+    if (ordinal < 0 || (size_t)ordinal >= devices.size()) return nullptr;
+    return devices[ordinal].get();
+}
+
+Device *current_device() {
+    return current_context ? device_of(current_context->device) : nullptr;
+}
+
+// Whether [pointer, pointer + bytes) lies in one allocation.
+bool in_allocation(CUdeviceptr pointer, size_t bytes) {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    auto it = allocations.upper_bound((uintptr_t)pointer);
+    if (it == allocations.begin()) return false;
+    --it;
+    return pointer >= it->first && pointer + bytes <= it->first + it->second.size;
+}
+
+Result allocate(CUdeviceptr *pointer, size_t bytes) {
+    Device *device = current_device();
+    if (!device) return vtr_emu::INVALID_CONTEXT;
+    if (!pointer || bytes == 0) return vtr_emu::INVALID_VALUE;
+    size_t used = device->used.load();
+    do {
+        if (bytes > device->memory - used) return vtr_emu::OUT_OF_MEMORY;
+    } while (!device->used.compare_exchange_weak(used, used + bytes));
+    // Exact-size, never pooled: AddressSanitizer's redzones sit right after each allocation.
+    void *memory = std::malloc(bytes);
+    if (!memory) {
+        device->used -= bytes;
+        return vtr_emu::OUT_OF_MEMORY;
+    }
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    allocations[(uintptr_t)memory] = Allocation{bytes, current_context->device};
+    *pointer = (CUdeviceptr)(uintptr_t)memory;
+    return vtr_emu::SUCCESS;
+}
+
+Result release(CUdeviceptr pointer) {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    auto it = allocations.find((uintptr_t)pointer);
+    if (it == allocations.end()) return vtr_emu::INVALID_VALUE;
+    devices[it->second.device]->used -= it->second.size;
+    std::free((void *)it->first);
+    allocations.erase(it);
+    return vtr_emu::SUCCESS;
+}
+
+// The byte width of a PTX parameter type (`.u64`, `.f32`, …).
+size_t ptx_width(const std::string &type) {
+    if (type.size() < 3) return 0;
+    return (size_t)std::atoi(type.c_str() + 2) / 8;
+}
+
+struct PtxEntry {
+    std::vector<size_t> param_sizes;
+    size_t static_shared = 0;
+};
+
+// The `.target` architecture and each `.entry` of a PTX module: its parameters' widths and the
+// shared memory it declares.
+bool read_ptx(const std::string &ptx, int *target, std::map<std::string, PtxEntry> *entries) {
+    size_t at = ptx.find(".target sm_");
+    if (at == std::string::npos) return false;
+    *target = std::atoi(ptx.c_str() + at + 11);
+    at = 0;
+    while ((at = ptx.find(".entry ", at)) != std::string::npos) {
+        size_t name_start = at + 7, paren = ptx.find('(', name_start);
+        if (paren == std::string::npos) return false;
+        std::string name = ptx.substr(name_start, paren - name_start);
+        while (!name.empty() && std::isspace((unsigned char)name.back())) name.pop_back();
+        size_t close = ptx.find(')', paren), body = ptx.find('{', close), end = body;
+        if (close == std::string::npos || body == std::string::npos) return false;
+        PtxEntry entry;
+        for (size_t p = ptx.find(".param", paren); p != std::string::npos && p < close; p = ptx.find(".param", p + 6)) {
+            size_t type_start = ptx.find('.', p + 6), type_end = ptx.find_first_of(" \t", type_start);
+            std::string type = ptx.substr(type_start, type_end - type_start);
+            if (type == ".align") {
+                // `.param .align N .b8 name[BYTES]`: a structure passed by value.
+                size_t bracket = ptx.find('[', type_end);
+                entry.param_sizes.push_back((size_t)std::atoi(ptx.c_str() + bracket + 1));
+            } else {
+                entry.param_sizes.push_back(ptx_width(type));
+            }
+        }
+        int depth = 0;
+        for (; end < ptx.size(); ++end) {
+            if (ptx[end] == '{') ++depth;
+            if (ptx[end] == '}' && --depth == 0) break;
+        }
+        for (size_t s = ptx.find(".shared", body); s != std::string::npos && s < end; s = ptx.find(".shared", s + 7)) {
+            size_t bracket = ptx.find('[', s), line_end = ptx.find('\n', s);
+            if (bracket < line_end) entry.static_shared += (size_t)std::atoll(ptx.c_str() + bracket + 1);
+        }
+        (*entries)[name] = entry;
+        at = end;
+    }
+    return true;
+}
+
+const vtr_emu::KernelEntry *registered(const std::string &name) {
+    for (const auto &kernel : vtr_emu::kernel_registry())
+        if (name == kernel.name) return &kernel;
+    return nullptr;
+}
+
+Result refuse(Result code, const std::string &why) {
+    std::fprintf(stderr, "emulated CUDA device: %s\n", why.c_str());
+    std::lock_guard<std::mutex> lock(failure_mutex);
+    last_failure = why;
+    return code;
+}
+
+const char *error_name(int code) {
+    switch (code) {
+        case vtr_emu::SUCCESS: return "CUDA_SUCCESS";
+        case vtr_emu::INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+        case vtr_emu::OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case vtr_emu::NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+        case vtr_emu::NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
+        case vtr_emu::INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+        case vtr_emu::INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+        case vtr_emu::INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+        case vtr_emu::NO_BINARY_FOR_GPU: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
+        case vtr_emu::INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
+        case vtr_emu::INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case vtr_emu::NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+        case vtr_emu::ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case vtr_emu::LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case vtr_emu::LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+    }
+    return "CUDA_ERROR_UNKNOWN";
+}
+
+const char *error_string(int code) {
+    switch (code) {
+        case vtr_emu::SUCCESS: return "no error";
+        case vtr_emu::INVALID_VALUE: return "invalid argument";
+        case vtr_emu::OUT_OF_MEMORY: return "out of memory";
+        case vtr_emu::NOT_INITIALIZED: return "initialization error";
+        case vtr_emu::NO_DEVICE: return "no CUDA-capable device is detected";
+        case vtr_emu::INVALID_DEVICE: return "invalid device ordinal";
+        case vtr_emu::INVALID_IMAGE: return "device kernel image is invalid";
+        case vtr_emu::INVALID_CONTEXT: return "invalid device context";
+        case vtr_emu::NO_BINARY_FOR_GPU: return "no kernel image is available for execution on the device";
+        case vtr_emu::INVALID_PTX: return "a PTX JIT compilation failed";
+        case vtr_emu::INVALID_HANDLE: return "invalid resource handle";
+        case vtr_emu::NOT_FOUND: return "named symbol not found";
+        case vtr_emu::ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
+        case vtr_emu::LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
+        case vtr_emu::LAUNCH_FAILED: return "unspecified launch failure";
+    }
+    return "unknown error";
+}
+
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer reports to the file that TSAN_OPTIONS' log_path names (with the pid appended):
+// what a launch added there fails that launch.
+std::string tsan_log_path() {
+    const char *options = std::getenv("TSAN_OPTIONS");
+    if (!options) return "";
+    std::string text(options);
+    size_t at = text.find("log_path=");
+    if (at == std::string::npos) return "";
+    size_t end = text.find_first_of(" :", at);
+    return text.substr(at + 9, end == std::string::npos ? std::string::npos : end - at - 9) + "." +
+           std::to_string(getpid());
+}
+
+std::string tsan_reports_since(long *offset) {
+    std::string path = tsan_log_path();
+    FILE *log = path.empty() ? nullptr : std::fopen(path.c_str(), "r");
+    if (!log) return "";
+    std::fseek(log, *offset, SEEK_SET);
+    std::string added;
+    char buffer[4096];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, log)) > 0) added.append(buffer, n);
+    *offset = std::ftell(log);
+    std::fclose(log);
+    return added;
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// The message of the last launch or module load this device refused, for tests that check a
+// checker named the kernel, block and thread (dlsym on libcuda.so).
+const char *vtr_emulator_last_failure() {
+    static thread_local std::string copy;
+    std::lock_guard<std::mutex> lock(failure_mutex);
+    copy = last_failure;
+    return copy.c_str();
+}
+
+Result cuInit(unsigned int) {
+    std::call_once(init_once, initialise);
+    return devices.empty() ? vtr_emu::NO_DEVICE : vtr_emu::SUCCESS;
+}
+
+// NVRTC loads the driver too and asks it for its private tables: none here, as a driver that
+// offers NVRTC nothing beyond the public API.
+Result cuGetExportTable(const void **table, const void *) {
+    *table = nullptr;
+    return vtr_emu::NOT_FOUND;
+}
+
+Result cuDriverGetVersion(int *version) {
+    *version = 13000;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuGetErrorName(int code, const char **name) {
+    *name = error_name(code);
+    return vtr_emu::SUCCESS;
+}
+
+Result cuGetErrorString(int code, const char **text) {
+    *text = error_string(code);
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDeviceGetCount(int *count) {
+    std::call_once(init_once, initialise);
+    *count = (int)devices.size();
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDeviceGet(CUdevice *device, int ordinal) {
+    if (!device_of(ordinal)) return vtr_emu::INVALID_DEVICE;
+    *device = ordinal;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDeviceGetName(char *name, int length, CUdevice ordinal) {
+    Device *device = device_of(ordinal);
+    if (!device) return vtr_emu::INVALID_DEVICE;
+    std::snprintf(name, (size_t)length, "%s", device->name.c_str());
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDeviceTotalMem_v2(size_t *bytes, CUdevice ordinal) {
+    Device *device = device_of(ordinal);
+    if (!device) return vtr_emu::INVALID_DEVICE;
+    *bytes = device->memory;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDeviceGetAttribute(int *value, int attribute, CUdevice ordinal) {
+    Device *device = device_of(ordinal);
+    if (!device) return vtr_emu::INVALID_DEVICE;
+    switch (attribute) {
+        case 1: *value = 1024; break;                      // MAX_THREADS_PER_BLOCK
+        case 2: case 3: *value = 1024; break;              // MAX_BLOCK_DIM_X, _Y
+        case 4: *value = 64; break;                        // MAX_BLOCK_DIM_Z
+        case 5: *value = 2147483647; break;                // MAX_GRID_DIM_X
+        case 6: *value = device->max_grid_y; break;        // MAX_GRID_DIM_Y
+        case 7: *value = 65535; break;                     // MAX_GRID_DIM_Z
+        case 8: case 97: *value = device->shared_per_block; break;  // MAX_SHARED_MEMORY_PER_BLOCK(_OPTIN)
+        case 10: *value = 32; break;                       // WARP_SIZE
+        case 16: *value = 1; break;                        // MULTIPROCESSOR_COUNT
+        case 75: *value = device->major; break;            // COMPUTE_CAPABILITY_MAJOR
+        case 76: *value = device->minor; break;            // COMPUTE_CAPABILITY_MINOR
+        case 115: *value = 1; break;                       // MEMORY_POOLS_SUPPORTED
+        default: *value = 0;
+    }
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDevicePrimaryCtxRetain(CUcontext *context, CUdevice ordinal) {
+    if (!device_of(ordinal)) return vtr_emu::INVALID_DEVICE;
+    *context = primary_contexts[ordinal].get();
+    return vtr_emu::SUCCESS;
+}
+
+Result cuDevicePrimaryCtxRelease_v2(CUdevice ordinal) {
+    return device_of(ordinal) ? vtr_emu::SUCCESS : vtr_emu::INVALID_DEVICE;
+}
+
+Result cuCtxSetCurrent(CUcontext context) {
+    current_context = context;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuCtxGetCurrent(CUcontext *context) {
+    *context = current_context;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuCtxGetDevice(CUdevice *device) {
+    if (!current_context) return vtr_emu::INVALID_CONTEXT;
+    *device = current_context->device;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuCtxSynchronize() { return vtr_emu::SUCCESS; }
+
+Result cuCtxGetStreamPriorityRange(int *least, int *greatest) {
+    if (least) *least = 0;
+    if (greatest) *greatest = 0;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuMemGetInfo_v2(size_t *free, size_t *total) {
+    Device *device = current_device();
+    if (!device) return vtr_emu::INVALID_CONTEXT;
+    *total = device->memory;
+    *free = device->memory - device->used.load();
+    return vtr_emu::SUCCESS;
+}
+
+Result cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) { return allocate(pointer, bytes); }
+Result cuMemAllocAsync(CUdeviceptr *pointer, size_t bytes, CUstream) { return allocate(pointer, bytes); }
+Result cuMemFree_v2(CUdeviceptr pointer) { return release(pointer); }
+Result cuMemFreeAsync(CUdeviceptr pointer, CUstream) { return release(pointer); }
+
+Result cuMemcpyHtoD_v2(CUdeviceptr destination, const void *source, size_t bytes) {
+    if (!in_allocation(destination, bytes)) return vtr_emu::INVALID_VALUE;
+    std::memcpy((void *)(uintptr_t)destination, source, bytes);
+    return vtr_emu::SUCCESS;
+}
+Result cuMemcpyHtoDAsync_v2(CUdeviceptr destination, const void *source, size_t bytes, CUstream) {
+    return cuMemcpyHtoD_v2(destination, source, bytes);
+}
+
+Result cuMemcpyDtoH_v2(void *destination, CUdeviceptr source, size_t bytes) {
+    if (!in_allocation(source, bytes)) return vtr_emu::INVALID_VALUE;
+    std::memcpy(destination, (const void *)(uintptr_t)source, bytes);
+    return vtr_emu::SUCCESS;
+}
+Result cuMemcpyDtoHAsync_v2(void *destination, CUdeviceptr source, size_t bytes, CUstream) {
+    return cuMemcpyDtoH_v2(destination, source, bytes);
+}
+
+Result cuMemcpyDtoD_v2(CUdeviceptr destination, CUdeviceptr source, size_t bytes) {
+    if (!in_allocation(destination, bytes) || !in_allocation(source, bytes)) return vtr_emu::INVALID_VALUE;
+    std::memmove((void *)(uintptr_t)destination, (const void *)(uintptr_t)source, bytes);
+    return vtr_emu::SUCCESS;
+}
+Result cuMemcpyDtoDAsync_v2(CUdeviceptr destination, CUdeviceptr source, size_t bytes, CUstream) {
+    return cuMemcpyDtoD_v2(destination, source, bytes);
+}
+
+Result cuMemsetD8_v2(CUdeviceptr destination, unsigned char value, size_t count) {
+    if (!in_allocation(destination, count)) return vtr_emu::INVALID_VALUE;
+    std::memset((void *)(uintptr_t)destination, value, count);
+    return vtr_emu::SUCCESS;
+}
+Result cuMemsetD8Async(CUdeviceptr destination, unsigned char value, size_t count, CUstream) {
+    return cuMemsetD8_v2(destination, value, count);
+}
+
+Result cuStreamCreate(CUstream *stream, unsigned int) {
+    *stream = new Stream{0};
+    return vtr_emu::SUCCESS;
+}
+Result cuStreamCreateWithPriority(CUstream *stream, unsigned int flags, int) { return cuStreamCreate(stream, flags); }
+Result cuStreamDestroy_v2(CUstream stream) {
+    delete stream;
+    return vtr_emu::SUCCESS;
+}
+// Every operation completes before its call returns: streams and events only order what is
+// already ordered.
+Result cuStreamSynchronize(CUstream) { return vtr_emu::SUCCESS; }
+Result cuStreamQuery(CUstream) { return vtr_emu::SUCCESS; }
+Result cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return vtr_emu::SUCCESS; }
+
+Result cuEventCreate(CUevent *event, unsigned int) {
+    *event = new Event{0};
+    return vtr_emu::SUCCESS;
+}
+Result cuEventDestroy_v2(CUevent event) {
+    delete event;
+    return vtr_emu::SUCCESS;
+}
+Result cuEventRecord(CUevent, CUstream) { return vtr_emu::SUCCESS; }
+Result cuEventSynchronize(CUevent) { return vtr_emu::SUCCESS; }
+Result cuEventQuery(CUevent) { return vtr_emu::SUCCESS; }
+Result cuEventElapsedTime(float *milliseconds, CUevent, CUevent) {
+    *milliseconds = 0.f;
+    return vtr_emu::SUCCESS;
+}
+Result cuEventElapsedTime_v2(float *milliseconds, CUevent start, CUevent end) {
+    return cuEventElapsedTime(milliseconds, start, end);
+}
+
+Result cuLaunchHostFunc(CUstream, void (*function)(void *), void *data) {
+    function(data);
+    return vtr_emu::SUCCESS;
+}
+
+Result cuModuleLoadData(CUmodule *module, const void *image) {
+    Device *device = current_device();
+    if (!device) return vtr_emu::INVALID_CONTEXT;
+    const char *text = static_cast<const char *>(image);
+    if (std::strncmp(text, "\x7f" "ELF", 4) == 0) {
+        return refuse(vtr_emu::INVALID_IMAGE, "a cubin was given; the emulated device loads PTX only");
+    }
+    int target = 0;
+    std::map<std::string, PtxEntry> entries;
+    if (!read_ptx(text, &target, &entries)) return refuse(vtr_emu::INVALID_PTX, "the module is not PTX NVRTC made");
+    const int capability = device->major * 10 + device->minor;
+    if (target > capability) {
+        return refuse(vtr_emu::NO_BINARY_FOR_GPU, "PTX for sm_" + std::to_string(target) + " does not run on sm_" +
+                                                      std::to_string(capability));
+    }
+    auto loaded = std::make_unique<Module>();
+    loaded->device = current_context->device;
+    for (const auto &[name, entry] : entries) {
+        const vtr_emu::KernelEntry *kernel = registered(name);
+        if (!kernel) {
+            return refuse(vtr_emu::INVALID_IMAGE, "kernel " + name +
+                                                      " is not among the host-compiled kernels: the emulator is "
+                                                      "older than the source (scripts/test-gpu-emulated.sh rebuilds it)");
+        }
+        if (kernel->param_sizes != entry.param_sizes) {
+            return refuse(vtr_emu::INVALID_IMAGE, "kernel " + name +
+                                                      " takes other parameters in the PTX than in the host-compiled "
+                                                      "kernels: the emulator is older than the source");
+        }
+        loaded->functions[name] = Function{kernel, entry.static_shared};
+    }
+    *module = loaded.release();
+    return vtr_emu::SUCCESS;
+}
+
+Result cuModuleUnload(CUmodule module) {
+    delete module;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuModuleGetFunction(CUfunction *function, CUmodule module, const char *name) {
+    auto it = module->functions.find(name);
+    if (it == module->functions.end()) return vtr_emu::NOT_FOUND;
+    *function = &it->second;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuFuncGetAttribute(int *value, int attribute, CUfunction function) {
+    // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES (1), MAX_THREADS_PER_BLOCK (0).
+    *value = attribute == 1 ? (int)function->static_shared : attribute == 0 ? 1024 : 0;
+    return vtr_emu::SUCCESS;
+}
+
+Result cuFuncSetAttribute(CUfunction, int, int) { return vtr_emu::SUCCESS; }
+
+Result cuLaunchKernel(CUfunction function, unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned block_x,
+                      unsigned block_y, unsigned block_z, unsigned shared_bytes, CUstream, void **params,
+                      void **extra) {
+    Device *device = current_device();
+    if (!device) return vtr_emu::INVALID_CONTEXT;
+    const std::string name = function->kernel->name;
+    const unsigned long long threads = (unsigned long long)block_x * block_y * block_z;
+    if (grid_x == 0 || grid_y == 0 || grid_z == 0 || grid_x > 2147483647u || grid_y > (unsigned)device->max_grid_y ||
+        grid_z > 65535) {
+        return refuse(vtr_emu::INVALID_VALUE, "launch of " + name + ": grid (" + std::to_string(grid_x) + ", " +
+                                                  std::to_string(grid_y) + ", " + std::to_string(grid_z) +
+                                                  ") is outside the device's limits (y at most " +
+                                                  std::to_string(device->max_grid_y) + ")");
+    }
+    if (threads == 0 || threads > 1024 || block_z > 64) {
+        return refuse(vtr_emu::INVALID_VALUE, "launch of " + name + ": " + std::to_string(threads) +
+                                                  " threads per block (at most 1024)");
+    }
+    if (function->static_shared + shared_bytes > (size_t)device->shared_per_block) {
+        return refuse(vtr_emu::INVALID_VALUE, "launch of " + name + ": " +
+                                                  std::to_string(function->static_shared + shared_bytes) +
+                                                  " bytes of shared memory per block (the device has " +
+                                                  std::to_string(device->shared_per_block) + ")");
+    }
+    if (!params || extra) return refuse(vtr_emu::INVALID_VALUE, "launch of " + name + ": only kernelParams is taken");
+#if defined(__SANITIZE_THREAD__)
+    static long tsan_offset = 0;
+    tsan_reports_since(&tsan_offset);
+#endif
+    vtr_emu::LaunchFailure failure = vtr_emu::run_launch(*function->kernel, params, vtr_emu::Dim3{grid_x, grid_y, grid_z},
+                                                         vtr_emu::Dim3{block_x, block_y, block_z}, seed);
+#if defined(__SANITIZE_THREAD__)
+    std::string races = tsan_reports_since(&tsan_offset);
+    if (failure.code == vtr_emu::SUCCESS && races.find("ThreadSanitizer") != std::string::npos) {
+        failure = vtr_emu::LaunchFailure{vtr_emu::LAUNCH_FAILED, "kernel " + name + ": " + races.substr(0, 4000)};
+    }
+#endif
+    if (failure.code != vtr_emu::SUCCESS) return refuse(failure.code, failure.message);
+    return vtr_emu::SUCCESS;
+}
+
+}  // extern "C"
