@@ -44,8 +44,8 @@ struct Site {
 struct ThreadState {
     Dim3 thread_idx;
 };
-extern thread_local ThreadState *current_thread;
-extern thread_local Dim3 current_block_idx, current_block_dim, current_grid_dim;
+extern ThreadState *current_thread;
+extern Dim3 current_block_idx, current_block_dim, current_grid_dim;
 
 void barrier(Site site);
 // A warp collective: the lanes of `mask` meet at `site`; returns this lane's result.

@@ -17,7 +17,7 @@
 
 #include "emulator.h"
 
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef VTR_EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -74,11 +74,14 @@ std::mutex memory_mutex;
 struct Allocation {
     size_t size;
     CUdevice device;
+    // Still all zeros as calloc gave it: nothing was copied into it and no kernel ran since. A
+    // memset to zero of the whole of it (cudarc's alloc_zeros) then need not touch its pages.
+    bool pristine;
 };
 std::map<uintptr_t, Allocation> allocations;
 
-std::mutex failure_mutex;
-std::string last_failure;
+// Per host thread: a launch fails on the thread that made it (every operation is synchronous).
+thread_local std::string last_failure;
 
 // A device from its description: `sm_80`, then optional `,memory_mib=N`, `,grid_y=N`,
 // `,shared_kib=N`.
@@ -109,12 +112,11 @@ std::unique_ptr<Device> parse_device(const std::string &spec) {
         first = false;
         start = end + 1;
     }
-    device->name = "vtr-index emulated CUDA device (sm_" + std::to_string(device->major * 10 + device->minor) +
-                   ", kernels compiled for the host)";
+    device->name = "vtr-index emulated CUDA device, on the CPU";
     return device;
 }
 
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef VTR_EMU_ASAN
 void asan_report(const char *report) {
     std::string text(report);
     size_t line = text.find("ERROR: AddressSanitizer");
@@ -150,7 +152,7 @@ void initialise() {
                  "emulated CUDA device: threads run in the order of seed %llu (VTR_INDEX_EMULATOR_SEED=%llu repeats "
                  "it)\n",
                  (unsigned long long)seed, (unsigned long long)seed);
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef VTR_EMU_ASAN
     __asan_set_error_report_callback(asan_report);
 #endif
 }
@@ -164,13 +166,27 @@ Device *current_device() {
     return current_context ? device_of(current_context->device) : nullptr;
 }
 
-// Whether [pointer, pointer + bytes) lies in one allocation.
-bool in_allocation(CUdeviceptr pointer, size_t bytes) {
-    std::lock_guard<std::mutex> lock(memory_mutex);
+// The allocation that holds [pointer, pointer + bytes), or null.
+Allocation *allocation_of(CUdeviceptr pointer, size_t bytes) {
     auto it = allocations.upper_bound((uintptr_t)pointer);
-    if (it == allocations.begin()) return false;
+    if (it == allocations.begin()) return nullptr;
     --it;
-    return pointer >= it->first && pointer + bytes <= it->first + it->second.size;
+    return pointer >= it->first && pointer + bytes <= it->first + it->second.size ? &it->second : nullptr;
+}
+
+// Whether [pointer, pointer + bytes) lies in one allocation, which is about to be written
+// (`written`) or read.
+bool in_allocation(CUdeviceptr pointer, size_t bytes, bool written) {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    Allocation *allocation = allocation_of(pointer, bytes);
+    if (allocation && written) allocation->pristine = false;
+    return allocation != nullptr;
+}
+
+// Any allocation may be written by a kernel.
+void touch_every_allocation() {
+    std::lock_guard<std::mutex> lock(memory_mutex);
+    for (auto &entry : allocations) entry.second.pristine = false;
 }
 
 Result allocate(CUdeviceptr *pointer, size_t bytes) {
@@ -182,13 +198,13 @@ Result allocate(CUdeviceptr *pointer, size_t bytes) {
         if (bytes > device->memory - used) return vtr_emu::OUT_OF_MEMORY;
     } while (!device->used.compare_exchange_weak(used, used + bytes));
     // Exact-size, never pooled: AddressSanitizer's redzones sit right after each allocation.
-    void *memory = std::malloc(bytes);
+    void *memory = std::calloc(1, bytes);
     if (!memory) {
         device->used -= bytes;
         return vtr_emu::OUT_OF_MEMORY;
     }
     std::lock_guard<std::mutex> lock(memory_mutex);
-    allocations[(uintptr_t)memory] = Allocation{bytes, current_context->device};
+    allocations[(uintptr_t)memory] = Allocation{bytes, current_context->device, true};
     *pointer = (CUdeviceptr)(uintptr_t)memory;
     return vtr_emu::SUCCESS;
 }
@@ -263,7 +279,6 @@ const vtr_emu::KernelEntry *registered(const std::string &name) {
 
 Result refuse(Result code, const std::string &why) {
     std::fprintf(stderr, "emulated CUDA device: %s\n", why.c_str());
-    std::lock_guard<std::mutex> lock(failure_mutex);
     last_failure = why;
     return code;
 }
@@ -310,7 +325,7 @@ const char *error_string(int code) {
     return "unknown error";
 }
 
-#if defined(__SANITIZE_THREAD__)
+#ifdef VTR_EMU_TSAN
 // ThreadSanitizer reports to the file that TSAN_OPTIONS' log_path names (with the pid appended):
 // what a launch added there fails that launch.
 std::string tsan_log_path() {
@@ -345,12 +360,7 @@ extern "C" {
 
 // The message of the last launch or module load this device refused, for tests that check a
 // checker named the kernel, block and thread (dlsym on libcuda.so).
-const char *vtr_emulator_last_failure() {
-    static thread_local std::string copy;
-    std::lock_guard<std::mutex> lock(failure_mutex);
-    copy = last_failure;
-    return copy.c_str();
-}
+const char *vtr_emulator_last_failure() { return last_failure.c_str(); }
 
 Result cuInit(unsigned int) {
     std::call_once(init_once, initialise);
@@ -474,7 +484,7 @@ Result cuMemFree_v2(CUdeviceptr pointer) { return release(pointer); }
 Result cuMemFreeAsync(CUdeviceptr pointer, CUstream) { return release(pointer); }
 
 Result cuMemcpyHtoD_v2(CUdeviceptr destination, const void *source, size_t bytes) {
-    if (!in_allocation(destination, bytes)) return vtr_emu::INVALID_VALUE;
+    if (!in_allocation(destination, bytes, true)) return vtr_emu::INVALID_VALUE;
     std::memcpy((void *)(uintptr_t)destination, source, bytes);
     return vtr_emu::SUCCESS;
 }
@@ -483,7 +493,7 @@ Result cuMemcpyHtoDAsync_v2(CUdeviceptr destination, const void *source, size_t 
 }
 
 Result cuMemcpyDtoH_v2(void *destination, CUdeviceptr source, size_t bytes) {
-    if (!in_allocation(source, bytes)) return vtr_emu::INVALID_VALUE;
+    if (!in_allocation(source, bytes, false)) return vtr_emu::INVALID_VALUE;
     std::memcpy(destination, (const void *)(uintptr_t)source, bytes);
     return vtr_emu::SUCCESS;
 }
@@ -492,7 +502,7 @@ Result cuMemcpyDtoHAsync_v2(void *destination, CUdeviceptr source, size_t bytes,
 }
 
 Result cuMemcpyDtoD_v2(CUdeviceptr destination, CUdeviceptr source, size_t bytes) {
-    if (!in_allocation(destination, bytes) || !in_allocation(source, bytes)) return vtr_emu::INVALID_VALUE;
+    if (!in_allocation(source, bytes, false) || !in_allocation(destination, bytes, true)) return vtr_emu::INVALID_VALUE;
     std::memmove((void *)(uintptr_t)destination, (const void *)(uintptr_t)source, bytes);
     return vtr_emu::SUCCESS;
 }
@@ -501,7 +511,14 @@ Result cuMemcpyDtoDAsync_v2(CUdeviceptr destination, CUdeviceptr source, size_t 
 }
 
 Result cuMemsetD8_v2(CUdeviceptr destination, unsigned char value, size_t count) {
-    if (!in_allocation(destination, count)) return vtr_emu::INVALID_VALUE;
+    {
+        std::lock_guard<std::mutex> lock(memory_mutex);
+        Allocation *allocation = allocation_of(destination, count);
+        if (!allocation) return vtr_emu::INVALID_VALUE;
+        bool whole = allocations.count((uintptr_t)destination) && count == allocation->size;
+        if (value == 0 && whole && allocation->pristine) return vtr_emu::SUCCESS;
+        allocation->pristine = false;
+    }
     std::memset((void *)(uintptr_t)destination, value, count);
     return vtr_emu::SUCCESS;
 }
@@ -628,15 +645,18 @@ Result cuLaunchKernel(CUfunction function, unsigned grid_x, unsigned grid_y, uns
                                                   std::to_string(device->shared_per_block) + ")");
     }
     if (!params || extra) return refuse(vtr_emu::INVALID_VALUE, "launch of " + name + ": only kernelParams is taken");
-#if defined(__SANITIZE_THREAD__)
+    touch_every_allocation();
+#ifdef VTR_EMU_TSAN
     static long tsan_offset = 0;
     tsan_reports_since(&tsan_offset);
 #endif
     vtr_emu::LaunchFailure failure = vtr_emu::run_launch(*function->kernel, params, vtr_emu::Dim3{grid_x, grid_y, grid_z},
                                                          vtr_emu::Dim3{block_x, block_y, block_z}, seed);
-#if defined(__SANITIZE_THREAD__)
+#ifdef VTR_EMU_TSAN
     std::string races = tsan_reports_since(&tsan_offset);
-    if (failure.code == vtr_emu::SUCCESS && races.find("ThreadSanitizer") != std::string::npos) {
+    // A report of this launch names its fibers ("kernel NAME, block …"); another thread's
+    // report that lands in the log meanwhile is not the kernel's.
+    if (failure.code == vtr_emu::SUCCESS && races.find("'kernel " + name + ",") != std::string::npos) {
         failure = vtr_emu::LaunchFailure{vtr_emu::LAUNCH_FAILED, "kernel " + name + ": " + races.substr(0, 4000)};
     }
 #endif

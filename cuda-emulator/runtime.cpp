@@ -16,14 +16,15 @@
 
 #include "emulator.h"
 
-#if defined(__SANITIZE_ADDRESS__)
+// The Makefile defines VTR_EMU_ASAN or VTR_EMU_TSAN for the sanitizer builds. This file is not
+// instrumented by ThreadSanitizer: its bookkeeping is shared by fibers that switch without
+// synchronising, by design; only the kernels' accesses are checked.
+#ifdef VTR_EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define VTR_EMU_ASAN 1
 #endif
-#if defined(__SANITIZE_THREAD__)
+#ifdef VTR_EMU_TSAN
 #include <sanitizer/tsan_interface.h>
-#define VTR_EMU_TSAN 1
 #endif
 
 #if !defined(__x86_64__)
@@ -64,8 +65,9 @@ std::vector<KernelEntry> &kernel_registry() {
     return registry;
 }
 
-thread_local ThreadState *current_thread = nullptr;
-thread_local Dim3 current_block_idx, current_block_dim, current_grid_dim;
+// One launch runs at a time (launch_mutex), so what the running thread is can be global.
+ThreadState *current_thread = nullptr;
+Dim3 current_block_idx, current_block_dim, current_grid_dim;
 
 namespace {
 
@@ -92,20 +94,30 @@ struct Fiber {
 #endif
 };
 
+// Lanes of one warp on their way into one collective.
+struct PendingGroup {
+    Site site;
+    Collective kind;
+    unsigned mask;
+    unsigned arrived, needed;
+};
+
 // One block's run, on the launching thread.
 struct BlockRun {
-    const KernelEntry *kernel;
-    void **params;
-    Fiber *fibers;
-    unsigned count;
+    const KernelEntry *kernel = nullptr;
+    void **params = nullptr;
+    Fiber *fibers = nullptr;
+    unsigned count = 0;
     std::vector<unsigned> runnable;
-    uint64_t rng;
+    std::vector<PendingGroup> pending[32];  // by warp
+    uint64_t rng = 0;
     void *host_sp = nullptr;
     LaunchFailure failure;
 };
 
-thread_local BlockRun *block_run = nullptr;
-thread_local Fiber *running = nullptr;
+BlockRun *block_run = nullptr;
+Fiber *running = nullptr;  // null while the host runs
+pthread_t launching_thread;
 // What the sanitizers synchronise on: the host's hand-over of a block to its threads and back,
 // each barrier, each warp's collectives.
 [[maybe_unused]] char launch_sync, done_sync, barrier_sync, warp_sync[32];
@@ -206,7 +218,7 @@ void switch_to(void **save, Fiber *to, bool dying) {
     (void)dying;
 #endif
 #ifdef VTR_EMU_TSAN
-    static thread_local void *host_fiber = nullptr;
+    static void *host_fiber = nullptr;
     if (!running) host_fiber = __tsan_get_current_fiber();
     __tsan_switch_to_fiber(to ? to->tsan_fiber : host_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -240,7 +252,7 @@ void yield(bool dying) {
 }
 
 // A checker's verdict from inside a fiber: the launch fails, and this fiber never runs again.
-[[noreturn]] void fail_in_fiber(Result code, const std::string &message) {
+[[noreturn]] __attribute__((noinline, cold)) void fail_in_fiber(Result code, const std::string &message) {
     BlockRun &run = *block_run;
     if (run.failure.code == SUCCESS) run.failure = LaunchFailure{code, message};
     void *discard;
@@ -281,11 +293,15 @@ void prepare_fiber(Fiber &f) {
     }
 #ifdef VTR_EMU_ASAN
     // Frames of a fiber abandoned by a failed launch left their redzones poisoned.
-    ASAN_UNPOISON_MEMORY_REGION(f.stack + 4096, STACK_BYTES - 4096);
+    // (This file is not instrumented, so the call, not ASan's macro, which would be empty.)
+    __asan_unpoison_memory_region(f.stack + 4096, STACK_BYTES - 4096);
 #endif
     // The first switch to the fiber pops six callee-saved registers, then returns into
     // fiber_main with the stack aligned as after a call.
-    uint64_t *sp = reinterpret_cast<uint64_t *>(f.stack + STACK_BYTES);
+    // Each stack's top is offset by a different number of cache lines: tops STACK_BYTES apart
+    // would all fall in the same cache sets, and every switch would miss.
+    const size_t offset = (size_t)f.linear * 17 * 64 % (64 << 10);
+    uint64_t *sp = reinterpret_cast<uint64_t *>(f.stack + STACK_BYTES - offset);
     *--sp = 0;
     *--sp = reinterpret_cast<uint64_t>(&fiber_main);
     for (int i = 0; i < 6; ++i) *--sp = 0;
@@ -348,6 +364,7 @@ bool resolve(BlockRun &run) {
 
 void run_block(BlockRun &run) {
     run.runnable.clear();
+    for (auto &pending : run.pending) pending.clear();
     for (unsigned i = 0; i < run.count; ++i) {
         prepare_fiber(run.fibers[i]);
         run.runnable.push_back(i);
@@ -395,7 +412,7 @@ void half_to_floats(unsigned pair, float *low, float *high) {
 // g; C's and D's rows g and g + 8 at columns 2t, 2t + 1. Products of f16 are exact in f32; each
 // sum is accumulated over k in order with fused multiply-adds (a tensor core's rounding of the
 // sum is its own; contract §6 bounds what f16 inputs change).
-void execute_mma(Fiber *lanes) {
+__attribute__((noinline)) void execute_mma(Fiber *lanes) {
     float a[16][16], b[16][8], c[16][8];
     for (unsigned lane = 0; lane < WARP; ++lane) {
         const Fiber &f = lanes[lane];
@@ -428,7 +445,7 @@ void execute_mma(Fiber *lanes) {
 }
 
 // Every lane of the mask has arrived: each gets its result.
-void execute(BlockRun &run, Fiber &self) {
+__attribute__((noinline)) void execute(BlockRun &run, Fiber &self) {
     const unsigned warp = self.linear / WARP, mask = self.mask;
     Fiber *lanes = &run.fibers[warp * WARP];
     switch (self.kind) {
@@ -486,16 +503,22 @@ uint64_t arrive(Site site, Collective kind, unsigned mask, uint64_t value, int a
     self.value = value;
     self.argument = argument;
 #ifdef VTR_EMU_TSAN
-    __tsan_release(&warp_sync[warp]);
+    // __syncwarp orders memory among its lanes; shuffles, ballots and mma exchange registers
+    // and order nothing (CUDA's memory model), so code that relies on them for memory is a race.
+    if (kind == Collective::SyncWarp) __tsan_release(&warp_sync[warp]);
 #endif
-    bool complete = true;
-    for (unsigned l = 0; l < WARP && complete; ++l) {
-        if (!(mask >> l & 1)) continue;
-        const Fiber &g = run.fibers[warp * WARP + l];
-        complete = g.wait == Wait::Collective && g.site.line == site.line && g.site.file == site.file &&
-                   g.kind == kind && g.mask == mask;
+    // Lanes that meet at another site, or with another mask, never complete a group: the block
+    // is then stuck, and resolve() names them.
+    std::vector<PendingGroup> &pending = run.pending[warp];
+    auto group = std::find_if(pending.begin(), pending.end(), [&](const PendingGroup &g) {
+        return g.site.line == site.line && g.site.file == site.file && g.kind == kind && g.mask == mask;
+    });
+    if (group == pending.end()) {
+        group = pending.insert(pending.end(), PendingGroup{site, kind, mask, 0, (unsigned)__builtin_popcount(mask)});
     }
+    const bool complete = ++group->arrived == group->needed;
     if (complete) {
+        pending.erase(group);
         execute(run, self);
         for (unsigned l = 0; l < WARP; ++l) {
             if (!(mask >> l & 1)) continue;
@@ -507,7 +530,7 @@ uint64_t arrive(Site site, Collective kind, unsigned mask, uint64_t value, int a
         yield(false);
     }
 #ifdef VTR_EMU_TSAN
-    __tsan_acquire(&warp_sync[warp]);
+    if (kind == Collective::SyncWarp) __tsan_acquire(&warp_sync[warp]);
 #endif
     return self.result;
 }
@@ -541,7 +564,7 @@ void mma_m16n8k16(Site site, float *c, const unsigned *a, const unsigned *b) {
 }
 
 void record_sanitizer_failure(Result code, const std::string &report) {
-    if (!block_run || block_run->failure.code != SUCCESS) return;
+    if (!block_run || !pthread_equal(pthread_self(), launching_thread) || block_run->failure.code != SUCCESS) return;
     std::string place = running ? where(*running) + ": " : std::string(block_run->kernel->name) + ": ";
     block_run->failure = LaunchFailure{code, place + report};
 }
@@ -555,8 +578,13 @@ LaunchFailure run_launch(const KernelEntry &kernel, void **params, Dim3 grid, Di
         f.linear = i;
         f.state.thread_idx = Dim3{i % block.x, i / block.x % block.y, i / (block.x * block.y)};
     }
-    BlockRun run{&kernel, params, fiber_pool.data(), count, {}, 0, nullptr, {}};
+    BlockRun run;
+    run.kernel = &kernel;
+    run.params = params;
+    run.fibers = fiber_pool.data();
+    run.count = count;
     block_run = &run;
+    launching_thread = pthread_self();
     current_block_dim = block;
     current_grid_dim = grid;
     const uint64_t kernel_seed = seed ^ hash_name(kernel.name);

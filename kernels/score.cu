@@ -657,6 +657,9 @@ fused_apply(const unsigned short *__restrict__ t, const unsigned short *__restri
                     while (offers) {
                         const int from = __ffs(offers) - 1;
                         const double offered = __shfl_sync(FULL_MASK, value, from);
+                        // Every lane has read bar[r] (for the ballot) before lane 0 writes it: a
+                        // ballot or shuffle orders no memory (the emulator's race build found it).
+                        __syncwarp();
                         if (lane == 0) {
                             int h = held[r];
                             bar[r] = insert_top(offered, col0 + q * 32 + from, top_value + list, top_column + list, k, h);

@@ -12,6 +12,7 @@ use std::ffi::{CStr, CString};
 use std::fmt;
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::{self, Ptx};
 
@@ -229,6 +230,8 @@ pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
     pub capability: Capability,
+    /// The most blocks a launch's grid has down (`CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y`).
+    pub max_grid_rows: usize,
     stream: Arc<CudaStream>,
     score_module: Arc<CudaModule>,
 }
@@ -248,9 +251,10 @@ impl Gpu {
         if capability < MIN_CAPABILITY {
             return Err(GpuError::TooOld { name, arch: architecture(capability) });
         }
+        let max_grid_rows = context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)? as usize;
         let compiled = compile("score.cu", SCORE_KERNELS, &architecture(capability))?;
         let score_module = context.load_module(Ptx::from_src(compiled.ptx))?;
-        Ok(Gpu { name, ordinal, capability, stream: context.default_stream(), score_module })
+        Ok(Gpu { name, ordinal, capability, max_grid_rows, stream: context.default_stream(), score_module })
     }
 
     /// Whether this device runs the f16 path, and why not.

@@ -55,15 +55,16 @@ fn blocks_for(items: usize) -> usize {
 }
 
 /// Rows of the f32 path's row blocks for blocks of `block_bytes` of cosines: at least one, at
-/// most the 65,535 tiles a GEMM grid has down.
-fn block_rows(block_bytes: usize, columns: usize) -> usize {
-    (block_bytes / (4 * columns.max(1))).clamp(1, 65_535 * TILE)
+/// most the tiles a GEMM grid has down on this device (`max_grid_rows`, 65,535 on every card
+/// so far).
+fn block_rows(block_bytes: usize, columns: usize, max_grid_rows: usize) -> usize {
+    (block_bytes / (4 * columns.max(1))).clamp(1, max_grid_rows.max(1) * TILE)
 }
 
 /// The parts of the rows over which `column_stats_partial` sums each column: fixed ranges of
-/// `rows_per_part` rows over the whole matrix, chosen from its shape alone (enough parts to fill
-/// a large GPU), so where the row blocks are cut, which follows the free device memory, changes
-/// no sum: a part that a block boundary cuts is continued by the next block from its stored
+/// `rows_per_part` rows over the whole matrix, chosen from its shape and the device's grid height
+/// alone (enough parts to fill a large GPU, no more than a grid has rows), so where the row
+/// blocks are cut, which follows the free device memory, changes no sum: a part that a block boundary cuts is continued by the next block from its stored
 /// partial, and the parts are merged in their order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct ColumnParts {
@@ -72,8 +73,8 @@ struct ColumnParts {
 }
 
 impl ColumnParts {
-    fn new(rows: usize, columns: usize) -> ColumnParts {
-        let parts = COLUMN_KERNEL_BLOCKS.div_ceil(blocks_for(columns)).clamp(1, rows.max(1));
+    fn new(rows: usize, columns: usize, max_grid_rows: usize) -> ColumnParts {
+        let parts = COLUMN_KERNEL_BLOCKS.div_ceil(blocks_for(columns)).min(max_grid_rows).clamp(1, rows.max(1));
         let rows_per_part = rows.div_ceil(parts).max(1);
         ColumnParts { rows_per_part, count: rows.div_ceil(rows_per_part).max(1) }
     }
@@ -322,7 +323,9 @@ impl Run<'_> {
             0 => gpu.memory()?.0 / 4,
             bytes => bytes,
         };
-        let blocks = Layout::with_strip_rows(self.problem.text_video, block_rows(block_bytes, columns)).strips;
+        let blocks =
+            Layout::with_strip_rows(self.problem.text_video, block_rows(block_bytes, columns, gpu.max_grid_rows))
+                .strips;
         let largest_block = blocks.iter().map(|s| s.len()).max().unwrap_or(0);
         let single_block = blocks.len() == 1;
         let mut matrix = StoredMatrix {
@@ -356,7 +359,8 @@ impl Run<'_> {
             // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
             unsafe { launch.launch(launch_config((rows.len(), 1)))? };
 
-            let chunks = group_chunks(&self.layout, rows.clone(), COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks));
+            let most = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).min(gpu.max_grid_rows);
+            let chunks = group_chunks(&self.layout, rows.clone(), most);
             if chunks.len() > 1 {
                 let chunk_start = stream.clone_htod(&chunks)?;
                 let mut launch = stream.launch_builder(&count);
@@ -387,7 +391,7 @@ impl Run<'_> {
         let (gpu, stream, columns) = (self.gpu, self.stream(), self.columns);
         let cols = columns as i32;
         let column_blocks = blocks_for(columns);
-        let parts = ColumnParts::new(self.n, columns);
+        let parts = ColumnParts::new(self.n, columns, gpu.max_grid_rows);
         let needs_column_stats = self.mode != 0;
         let part_len = if needs_column_stats { parts.count * columns } else { 1 };
         let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
@@ -448,7 +452,8 @@ impl Run<'_> {
 
         // Pass one: column statistics and own cosines, over parts of the rows.
         let column_blocks = columns.div_ceil(FUSED_COLUMNS);
-        let parts = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).clamp(1, n.div_ceil(FUSED_ROWS).max(1));
+        let parts =
+            COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).min(gpu.max_grid_rows).clamp(1, n.div_ceil(FUSED_ROWS).max(1));
         let rows_per_part = n.div_ceil(parts).div_ceil(FUSED_ROWS) * FUSED_ROWS;
         let parts = n.div_ceil(rows_per_part).max(1);
         let (mut part_max, mut part_sum) =
@@ -524,7 +529,7 @@ pub fn dual_softmax_stored(
     let (rows_i, cols_i) = (int(rows, "rows")?, int(cols, "columns")?);
     let inv_tau = 1.0 / temperature;
     let column_blocks = blocks_for(cols);
-    let parts = ColumnParts::new(rows, cols);
+    let parts = ColumnParts::new(rows, cols, gpu.max_grid_rows);
     let rows_per_part = int(parts.rows_per_part, "rows per part")?;
     let (mut part_max, mut part_sum) =
         (zeros::<f64>(stream, parts.count * cols)?, zeros::<f64>(stream, parts.count * cols)?);
@@ -583,7 +588,7 @@ fn fused_blocks(layout: &Layout) -> Result<Vec<i32>, GpuError> {
     Ok(starts)
 }
 
-/// Row offsets within `rows` (relative to its start) cutting its matched rows into at most about
+/// Row offsets within `rows` (relative to its start) cutting its matched rows into at most
 /// `chunks` pieces that begin on group boundaries, followed by the end of the matched rows.
 fn group_chunks(layout: &Layout, rows: std::ops::Range<usize>, chunks: usize) -> Vec<i32> {
     let matched_end = rows.clone().take_while(|&p| layout.group[p].is_some()).last().map_or(rows.start, |p| p + 1);
@@ -685,7 +690,7 @@ mod tests {
     /// What the f32 path's first pass leaves as each column's (max, sum) of `x` (rows × columns,
     /// by position), launching `column_stats_partial` per block as `stored_first_pass` does.
     fn column_statistics(x: &[f64], columns: usize, blocks: &[std::ops::Range<usize>]) -> Vec<(f64, f64)> {
-        let parts = ColumnParts::new(x.len() / columns, columns);
+        let parts = ColumnParts::new(x.len() / columns, columns, 65_535);
         let mut partial = vec![(0.0, 0.0); parts.count * columns];
         for block in blocks {
             for part in parts.meeting(block) {
@@ -723,7 +728,8 @@ mod tests {
         let x: Vec<f64> = (0..n * columns).map(|_| 100.0 * f64::from((next() - 0.3) as f32)).collect();
         let text_video: Vec<Option<u32>> =
             (0..n).map(|t| if t % 17 == 3 { None } else { Some(((t * 7) % columns) as u32) }).collect();
-        let layout_blocks = |bytes: usize| Layout::with_strip_rows(&text_video, block_rows(bytes, columns)).strips;
+        let layout_blocks =
+            |bytes: usize| Layout::with_strip_rows(&text_video, block_rows(bytes, columns, 65_535)).strips;
         let whole = column_statistics(&x, columns, &layout_blocks(usize::MAX / 8));
         assert_eq!(layout_blocks(usize::MAX / 8).len(), 1);
         // Blocks of 100 rows (the device test's), of one row, and of sizes that cut parts anywhere.
@@ -747,7 +753,7 @@ mod tests {
     #[test]
     fn parts_are_fixed_by_the_shape_and_cover_every_row_once() {
         for (n, columns) in [(1, 1), (5, 3), (3000, 300), (100_000, 100_000), (7, 1_000_000)] {
-            let parts = ColumnParts::new(n, columns);
+            let parts = ColumnParts::new(n, columns, 65_535);
             assert!(parts.count * parts.rows_per_part >= n && (parts.count - 1) * parts.rows_per_part < n);
             assert_eq!(parts.meeting(&(0..n)), 0..parts.count, "one block meets every part");
             assert_eq!(parts.meeting(&(n..n)), 0..0);
