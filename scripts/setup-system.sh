@@ -2,13 +2,14 @@
 # Installs the system packages vtr-index builds and runs with (Debian/Ubuntu), if missing:
 # GStreamer with the demuxers and decoders for common video formats, OpenBLAS (linked statically
 # for the matrix products), and pkg-config. With --tests, also ffmpeg, which the tests use to
-# build the conformance corpus of real-world files (tests/media/conformance.sh).
+# build the conformance corpus of real-world files (tests/media/conformance.sh), and g++ and make,
+# which build the emulated CUDA device with its sanitizers (cuda-emulator/).
 set -euo pipefail
 packages=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
   gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   libopenblas-dev)
 if [ "${1:-}" = "--tests" ]; then
-  packages+=(ffmpeg)
+  packages+=(ffmpeg g++ make)
 fi
 missing=()
 for p in "${packages[@]}"; do

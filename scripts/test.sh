@@ -2,8 +2,9 @@
 # The test command (README, CI): builds the default configuration, then runs every test with the
 # `cuda` feature, so the GPU path is built too and its kernels are compiled for every architecture
 # CUDA 13 supports through NVRTC (fetched by fetch-nvrtc.sh; no GPU or CUDA install needed). Tests
-# that need a CUDA device are reported as ignored, and run afterwards where `info --gpu` finds one;
-# the Slurm tests likewise with VTR_INDEX_SLURM=1 (CI starts a cluster, .ci/run).
+# that need a CUDA device are reported as ignored there; they then run on the emulated CUDA device
+# (test-gpu-emulated.sh, cuda-emulator/), and on a real one where `info --gpu` finds it; the Slurm
+# tests likewise with VTR_INDEX_SLURM=1 (CI starts a cluster, .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # ffmpeg builds the conformance corpus at test time (installed only if missing).
@@ -22,14 +23,16 @@ LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locke
 VTR_INDEX_NO_DEFAULT_FEATURES_BIN="$PWD/target/no-default-features/vtr-index" \
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --locked --features cuda --test integration -- --ignored the_build_without_default_features
-# The tests that need a CUDA device are ignored above; run them where there is one.
+# The tests that need a CUDA device are ignored above: they run on the emulated device, always,
+# and on a real device where there is one.
+bash scripts/test-gpu-emulated.sh
 gpu=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo run --quiet --locked --features cuda -- info --gpu)
 echo "$gpu"
 if grep -q "^cuda: *ready" <<<"$gpu"; then
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --test gpu -- --ignored
   LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked --features cuda --test integration -- --ignored scoring_on_cuda
 else
-  echo "not run: the tests that need a CUDA device (reported as ignored): no device here"
+  echo "not run on a real GPU (they ran on the emulated device above): no device here"
 fi
 # The tests that submit pipelines/slurm/ to a real cluster are ignored above; with
 # VTR_INDEX_SLURM=1 (.ci/run sets it once scripts/slurm-cluster.sh has started one) they run
