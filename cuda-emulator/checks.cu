@@ -58,3 +58,11 @@ extern "C" __global__ void shared_handoff(int *out) {
 extern "C" __global__ void block_numbers(int *out) {
     if (threadIdx.x == 0) out[blockIdx.y * gridDim.x + blockIdx.x] = blockIdx.y * gridDim.x + blockIdx.x;
 }
+
+// 20 KiB of static shared memory: more than a device described with shared_kib=16 has.
+extern "C" __global__ void large_shared(int *out) {
+    __shared__ int table[5 * 1024];
+    table[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = table[(threadIdx.x + 1) % blockDim.x];
+}

@@ -31,7 +31,7 @@ trap 'rm -rf "$logs"' EXIT
 # Two devices: a full Ampere, and a Turing with a small grid and memory for the limit tests.
 # The test harness's channel (Rust's std is not instrumented, so its atomics look like races).
 echo "race:library/std/src/sync/mpmc/" >"$logs/suppressions"
-export VTR_INDEX_EMULATED_DEVICES="sm_80;sm_75,memory_mib=256,grid_y=4" VTR_INDEX_EMULATOR_SEED="$seed"
+export VTR_INDEX_EMULATED_DEVICES="sm_80;sm_75,memory_mib=256,grid_y=4,shared_kib=16" VTR_INDEX_EMULATOR_SEED="$seed"
 
 on_device() { # sanitizer, then the command
   local sanitizer=$1

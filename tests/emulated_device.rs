@@ -177,7 +177,7 @@ fn a_shared_memory_race_is_caught() {
 
 #[test]
 #[ignore = "needs the emulated CUDA device: run by scripts/test-gpu-emulated.sh"]
-fn a_launch_over_the_grid_limit_fails_as_on_a_card() {
+fn a_launch_over_the_devices_limits_fails_as_on_a_card() {
     let (context, stream, module) = open(SMALL_DEVICE);
     let rows = context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y).unwrap() as u32;
     assert!(rows < 65_535, "the small device has a grid of {rows} rows");
@@ -188,6 +188,16 @@ fn a_launch_over_the_grid_limit_fails_as_on_a_card() {
         launch(&stream, &module, "block_numbers", 3 * (rows as usize + 1), &[], grid(rows + 1)),
         CUresult::CUDA_ERROR_INVALID_VALUE,
         &["block_numbers", "grid"],
+    );
+    // The PTX declares 20 KiB of shared memory for this kernel; the small device has 16 KiB a
+    // block, the full one 48.
+    let expected: Vec<i32> = (0..32).map(|t| (t + 1) % 32).collect();
+    let (_, full_stream, full_module) = open(FULL_DEVICE);
+    assert_eq!(launch(&full_stream, &full_module, "large_shared", 32, &[], one_block(32)).unwrap(), expected);
+    assert_fails(
+        launch(&stream, &module, "large_shared", 32, &[], one_block(32)),
+        CUresult::CUDA_ERROR_INVALID_VALUE,
+        &["large_shared", "20480 bytes of shared memory"],
     );
     let too_wide = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (2048, 1, 1), shared_mem_bytes: 0 };
     assert_fails(
