@@ -242,8 +242,9 @@ fn a_module_the_emulator_was_not_built_with_is_refused() {
     }
 }
 
-/// The host code on the small device: its grid limit cuts the f32 path's row blocks (one tile
-/// of rows per grid row), which then equal the CPU's outcome; f16 inputs are refused on Turing.
+/// The host code on the small device: its grid limit cuts the f32 path's row blocks, column
+/// parts and V2T chunks, and splits the GEMM of a block extended to the end of a large caption
+/// group, and the outcome is the CPU's; f16 inputs are refused on Turing.
 #[test]
 #[ignore = "needs the emulated CUDA device: run by scripts/test-gpu-emulated.sh"]
 fn the_host_code_follows_the_devices_limits() {
@@ -252,7 +253,6 @@ fn the_host_code_follows_the_devices_limits() {
     assert!(device.max_grid_rows * 64 < 600, "{} grid rows", device.max_grid_rows);
     let dim = 16;
     let (texts, videos, _) = scoring::synthetic(600, 600, dim, 9);
-    // One caption per video, so no row block is extended past the grid to finish a group.
     let text_video: Vec<Option<u32>> = (0..600).map(|t| Some(t as u32)).collect();
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
     let options = ScoreOptions { revision: Revision::DslSym, scale: 100.0, top_k: 5, ..ScoreOptions::default() };
@@ -260,9 +260,17 @@ fn the_host_code_follows_the_devices_limits() {
     let on_cpu = score(&problem, &options, None).unwrap();
     assert_eq!(on_device.t2v_metrics(), on_cpu.t2v_metrics());
     assert_eq!(on_device.v2t_metrics(), on_cpu.v2t_metrics());
-    let f16 = ScoreOptions { device_inputs: DeviceInputs::F16, ..options };
+    let f16 = ScoreOptions { device_inputs: DeviceInputs::F16, ..options.clone() };
     let error = gpu::score::score(&device, &problem, &f16, None).unwrap_err().to_string();
     assert!(error.contains("sm_75") && error.contains("need sm_80"), "{error}");
+    // A caption group of 400 texts: the row block that starts it (at most a grid of rows, 256)
+    // is extended to its end, past what one GEMM grid covers.
+    let text_video: Vec<Option<u32>> = (0..600).map(|t| Some(if t < 400 { 0 } else { t as u32 - 399 })).collect();
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    let on_device = gpu::score::score(&device, &problem, &options, None).unwrap();
+    let on_cpu = score(&problem, &options, None).unwrap();
+    assert_eq!(on_device.t2v_metrics(), on_cpu.t2v_metrics());
+    assert_eq!(on_device.v2t_metrics(), on_cpu.v2t_metrics());
 }
 
 /// `info --gpu` names the device as emulated, with the paths its architecture gets.

@@ -10,7 +10,10 @@
 //! in one block is computed once; otherwise each block is computed in both passes, and device
 //! memory stays bounded by one block whatever the corpus.
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
 
 use super::{Gpu, GpuError};
 
@@ -159,22 +162,45 @@ struct StoredMatrix {
     texts: CudaSlice<f32>,
     videos: CudaSlice<f32>,
     cosines: CudaSlice<f32>,
-    kernel: cudarc::driver::CudaFunction,
+    kernel: CudaFunction,
 }
 
 impl StoredMatrix {
     /// The cosines of the texts at `rows` (positions in the run's order) with every video.
     fn compute(&mut self, run: &Run, rows: std::ops::Range<usize>) -> Result<(), GpuError> {
-        let (dim, columns) = (run.problem.dim, run.columns);
-        let a = self.texts.slice(rows.start * dim..rows.end * dim);
-        let (row_count, cols, dim_i) = (rows.len() as i32, columns as i32, dim as i32);
-        let stream = run.stream();
-        let mut launch = stream.launch_builder(&self.kernel);
-        launch.arg(&a).arg(&self.videos).arg(&mut self.cosines).arg(&row_count).arg(&cols).arg(&dim_i);
-        // SAFETY: the arguments match cosines_f32's signature; `cosines` holds rows × cols.
-        unsafe { launch.launch(launch_config((columns.div_ceil(TILE), rows.len().div_ceil(TILE).max(1))))? };
-        Ok(())
+        let texts = self.texts.slice(rows.start * run.problem.dim..rows.end * run.problem.dim);
+        let mut cosines = self.cosines.slice_mut(..rows.len() * run.columns);
+        launch_cosines(run.gpu, &self.kernel, &texts, &self.videos, &mut cosines, run.problem.dim)
     }
+}
+
+/// `cosines_f32` over `texts · videosᵀ` into `cosines`, in launches of at most the grid's height
+/// of row tiles: a row block extended to the end of a caption group may hold more rows than one
+/// grid covers.
+fn launch_cosines(
+    gpu: &Gpu,
+    kernel: &CudaFunction,
+    texts: &CudaView<f32>,
+    videos: &CudaSlice<f32>,
+    cosines: &mut CudaViewMut<f32>,
+    dim: usize,
+) -> Result<(), GpuError> {
+    let (rows, columns) = (texts.len() / dim.max(1), videos.len() / dim.max(1));
+    let (cols, dim_i) = (int(columns, "the number of videos")?, int(dim, "the embedding width")?);
+    let per_launch = gpu.max_grid_rows.max(1) * TILE;
+    let mut first = 0;
+    while first < rows {
+        let last = (first + per_launch).min(rows);
+        let a = texts.slice(first * dim..last * dim);
+        let mut c = cosines.slice_mut(first * columns..last * columns);
+        let row_count = int(last - first, "rows")?;
+        let mut launch = gpu.stream.launch_builder(kernel);
+        launch.arg(&a).arg(videos).arg(&mut c).arg(&row_count).arg(&cols).arg(&dim_i);
+        // SAFETY: the arguments match cosines_f32's signature; `c` holds row_count × cols.
+        unsafe { launch.launch(launch_config((columns.div_ceil(TILE), (last - first).div_ceil(TILE).max(1))))? };
+        first = last;
+    }
+    Ok(())
 }
 
 /// One scoring problem on one device.
@@ -502,12 +528,8 @@ pub fn cosines(gpu: &Gpu, texts: &[f32], videos: &[f32], dim: usize) -> Result<C
     let (rows, cols) = (texts.len() / dim, videos.len() / dim);
     let (a, b) = (stream.clone_htod(texts)?, stream.clone_htod(videos)?);
     let mut c = zeros::<f32>(stream, rows * cols)?;
-    let (rows_i, cols_i, dim_i) = (int(rows, "rows")?, int(cols, "columns")?, int(dim, "the embedding width")?);
     let kernel = gpu.score_kernel("cosines_f32")?;
-    let mut launch = stream.launch_builder(&kernel);
-    launch.arg(&a).arg(&b).arg(&mut c).arg(&rows_i).arg(&cols_i).arg(&dim_i);
-    // SAFETY: matches cosines_f32; `c` holds rows × cols.
-    unsafe { launch.launch(launch_config((cols.div_ceil(TILE), rows.div_ceil(TILE).max(1))))? };
+    launch_cosines(gpu, &kernel, &a.slice(..), &b, &mut c.slice_mut(..), dim)?;
     stream.synchronize()?;
     Ok(c)
 }
