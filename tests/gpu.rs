@@ -413,3 +413,40 @@ fn f16_inputs_refuse_what_they_cannot_do() {
     let error = gpu::score::score(&gpu, &problem, &f16, Some(&sink)).unwrap_err().to_string();
     assert!(error.contains("--dense"), "{error}");
 }
+
+/// Embeddings of multiples of 1/16 (|k| ≤ 16) at widths up to 64: f16 holds them exactly, and
+/// every product and partial sum of a cosine is a multiple of 1/256 below 2⁶, exact in f32 too.
+/// So the f16 path's tensor-core cosines are the f32 path's to the bit, in every tile: without a
+/// revision the two outcomes are equal, values and ranks, and with one they are held to the CPU
+/// as the f32 path is. Shapes across the tile edges (64 rows, 128 columns, widths padded to 32).
+#[test]
+#[ignore = "needs a CUDA device: run with -- --ignored"]
+fn f16_inputs_equal_the_f32_path_where_f16_is_exact() {
+    let gpu = device();
+    if !has_fused_path(&gpu) {
+        return;
+    }
+    let quantise =
+        |values: &mut [f32]| values.iter_mut().for_each(|x| *x = ((*x * 32.0).round() / 16.0).clamp(-1.0, 1.0));
+    let shapes = [(1, 1, 8), (63, 5, 40), (64, 128, 64), (65, 129, 33), (200, 300, 64), (130, 257, 17)];
+    for (n, m, dim) in shapes {
+        let (mut texts, mut videos, text_video) = synthetic(n, m, dim, 21);
+        quantise(&mut texts);
+        quantise(&mut videos);
+        let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+        for revision in [Revision::None, Revision::Dsl, Revision::DslSym] {
+            let options = ScoreOptions { revision, scale: 10.0, top_k: 32, ..ScoreOptions::default() };
+            let f16 = ScoreOptions { device_inputs: DeviceInputs::F16, ..options.clone() };
+            let what = format!("{n}×{m}×{dim} {}", revision.name());
+            let fused = gpu::score::score(&gpu, &problem, &f16, None).unwrap();
+            if revision == Revision::None {
+                let exact = gpu::score::score(&gpu, &problem, &options, None).unwrap();
+                assert_eq!(fused, exact, "{what}: the f16 path differs from the f32 path");
+            } else {
+                let cpu_dense = DenseRows::new(n, m);
+                let cpu = score(&problem, &options, Some(&cpu_dense)).unwrap();
+                assert_matches_cpu(&fused, &cpu, &cpu_dense, &text_video, &what);
+            }
+        }
+    }
+}
