@@ -377,3 +377,93 @@ fn score_on(index: &std::path::Path, device: &str, out: &std::path::Path) -> Tes
         .args(&["--texts", "msrvtt", "--revise", "dsl-sym", "--device", device, "--out"])
         .arg(out)
 }
+
+/// Replaces the embedding of row `row` of a shard by what `change` makes of it, keeping every
+/// other column, and returns that row's id column as text (`text_id` or `video_id`).
+fn change_embedding(shard: &std::path::Path, row: usize, change: impl Fn(&mut [f32])) -> String {
+    use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
+    let batches = read_parquet(shard);
+    let schema = batches[0].schema();
+    let mut id = String::new();
+    let mut offset = 0;
+    let changed: Vec<RecordBatch> = batches
+        .iter()
+        .map(|batch| {
+            let column = schema.index_of("embedding").unwrap();
+            let list = batch.column(column).as_fixed_size_list();
+            let dim = list.value_length() as usize;
+            let mut values = list.values().as_primitive::<Float32Type>().values().to_vec();
+            if (offset..offset + batch.num_rows()).contains(&row) {
+                let local = row - offset;
+                change(&mut values[local * dim..(local + 1) * dim]);
+                id = match batch.column_by_name("text_id") {
+                    Some(ids) => ids.as_primitive::<UInt64Type>().value(local).to_string(),
+                    None => strings(batch, "video_id")[local].clone(),
+                };
+            }
+            offset += batch.num_rows();
+            let field = match schema.field(column).data_type() {
+                DataType::FixedSizeList(field, _) => field.clone(),
+                other => panic!("embedding is {other}"),
+            };
+            let list =
+                FixedSizeListArray::new(field, dim as i32, std::sync::Arc::new(Float32Array::from(values)), None);
+            let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+            columns[column] = std::sync::Arc::new(list);
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        })
+        .collect();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(shard).unwrap(), schema.clone(), None).unwrap();
+    changed.iter().for_each(|b| writer.write(b).unwrap());
+    writer.close().unwrap();
+    assert!(!id.is_empty(), "{} has no row {row}", shard.display());
+    id
+}
+
+/// A table `score` or `search` reads with an embedding that is not a unit vector (a NaN from a
+/// broken checkpoint, a zero vector normalised, an unnormalised export) is refused before any
+/// output is written, naming the table, the row and what is wrong: a NaN would rank first and
+/// make every column's sums NaN, silently raising R@1. The split stages refuse it too.
+#[test]
+fn scoring_refuses_embeddings_that_are_not_unit_vectors() {
+    let dir = Dir::new();
+    let index = copy_of_index(&dir);
+    encode_text(&index, &fixtures().join("videos_captions_msrvtt.csv"), &["--name", "msrvtt"]).expect_code(0);
+    let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let text_shard = index.join(&manifest.shards("texts/msrvtt")[0].path);
+    let video_shard = index.join(&manifest.shards("videos")[0].path);
+    let pristine = (std::fs::read(&text_shard).unwrap(), std::fs::read(&video_shard).unwrap());
+    let score = |out: &std::path::Path| score_on(&index, "cpu", out);
+    let refused = |command: TestCommand, words: &[&str]| {
+        let (_, stderr) = command.expect_code(1);
+        for word in words {
+            assert!(stderr.contains(word), "{word:?} is missing from: {stderr}");
+        }
+    };
+
+    let text_id = change_embedding(&text_shard, 2, |e| e[3] = f32::NAN);
+    let out = dir.join("nan");
+    refused(score(&out), &["text set msrvtt", &format!("text_id {text_id}"), "NaN at position 3"]);
+    assert!(!out.join("metrics.json").exists() && !out.join("topk.parquet").exists(), "nothing is written");
+    let work = dir.join("work");
+    let stage = score(&out).args(&["--stage", "stats", "--part", "0/2"]).arg("--work").arg(&work);
+    refused(stage, &["text set msrvtt", &format!("text_id {text_id}")]);
+    std::fs::write(&text_shard, &pristine.0).unwrap();
+
+    // A zero vector, normalised, and a vector that was never normalised, among the videos.
+    let normalised_zero = |e: &mut [f32]| {
+        let norm = e.iter().map(|x| x * 0.0).sum::<f32>().sqrt();
+        e.iter_mut().for_each(|x| *x = *x * 0.0 / norm);
+    };
+    let video = change_embedding(&video_shard, 1, normalised_zero);
+    refused(score(&dir.join("zero")), &["the videos table", &format!("video {video:?}"), "NaN at position 0"]);
+    std::fs::write(&video_shard, &pristine.1).unwrap();
+    let video = change_embedding(&video_shard, 0, |e| e.iter_mut().for_each(|x| *x *= 2.0));
+    let norm = format!("has norm 2.000000, not 1 within {}", vtr_index::store::UNIT_NORM_TOLERANCE);
+    refused(score(&dir.join("double")), &["the videos table", &format!("video {video:?}"), &norm]);
+    let search = TestCommand::new(&["search", "a clock", "--index"]).arg(&index);
+    refused(search, &["the videos table", &format!("video {video:?}"), &norm]);
+    std::fs::write(&video_shard, &pristine.1).unwrap();
+    score(&dir.join("restored")).expect_code(0);
+}

@@ -14,14 +14,28 @@ pub mod verify;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
-use crate::store::Manifest;
+use crate::store::{Embeddings, Manifest};
 use crate::types::DeviceChoice;
 
 /// `--device` → where to run, or the error the user reads.
 fn device(text: &str) -> Result<DeviceChoice> {
     DeviceChoice::parse(text).map_err(anyhow::Error::msg)
+}
+
+/// Refuses a table read for scoring whose embeddings are not all unit vectors (contract §4): a
+/// NaN would rank first and spread into every column's sums, silently raising R@1. Names the
+/// table, the row (`id_of` its position) and what is wrong with it.
+fn refuse_non_unit(table: &str, embeddings: &Embeddings, id_of: impl Fn(usize) -> String) -> Result<()> {
+    match embeddings.first_not_unit() {
+        Some((row, why)) => bail!(
+            "{table}: the embedding of {} {why}; scoring needs L2-normalised, finite embeddings: \
+             re-ingest that video or re-encode that text set",
+            id_of(row)
+        ),
+        None => Ok(()),
+    }
 }
 
 /// An index's committed manifest, or an error saying the folder is not an index.

@@ -290,6 +290,10 @@ impl Inputs {
         if video_ids.is_empty() {
             bail!("{}: the index holds no videos yet; run `vtr-index ingest` first", command.index.display());
         }
+        super::refuse_non_unit("the videos table", &videos, |row| format!("video {:?}", video_ids[row]))?;
+        super::refuse_non_unit(&format!("text set {}", command.texts), &texts.embeddings, |row| {
+            format!("text_id {}", texts.text_ids[row])
+        })?;
         let mut order: Vec<usize> = (0..video_ids.len()).collect();
         order.sort_by(|&a, &b| video_ids[a].as_bytes().cmp(video_ids[b].as_bytes()));
         let dim = videos.dim;
@@ -310,9 +314,13 @@ impl Inputs {
         let bank = match bank_shards {
             Some(shards) => {
                 let bank = read_text_embeddings(&command.index, shards)?;
+                let name = command.bank.as_deref().unwrap_or("");
                 if bank.embeddings.dim != dim || bank.text_ids.is_empty() {
-                    bail!("bank {} must be a non-empty text set of width {dim}", command.bank.as_deref().unwrap_or(""));
+                    bail!("bank {name} must be a non-empty text set of width {dim}");
                 }
+                super::refuse_non_unit(&format!("text set {name}"), &bank.embeddings, |row| {
+                    format!("text_id {}", bank.text_ids[row])
+                })?;
                 Some(bank.embeddings.values)
             }
             None => None,

@@ -84,6 +84,7 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     if ids.is_empty() {
         bail!("{}: the index holds no videos yet", command.index.display());
     }
+    super::refuse_non_unit("the videos table", &videos, |row| format!("video {:?}", ids[row]))?;
     let mut columns: Vec<usize> = (0..ids.len()).collect();
     columns.sort_by(|&a, &b| ids[a].as_bytes().cmp(ids[b].as_bytes()));
     let dim = videos.dim;

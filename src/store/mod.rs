@@ -33,7 +33,8 @@ pub use manifest::{
 };
 pub use merge::{MERGED_TABLES, MergeError, MergeReport, merge};
 pub use scores::{
-    Embeddings, TextSet, TopKRow, read_frames_of, read_text_embeddings, read_video_embeddings, topk_schema, write_topk,
+    Embeddings, NotUnit, TextSet, TopKRow, UNIT_NORM_TOLERANCE, read_frames_of, read_text_embeddings,
+    read_video_embeddings, topk_schema, write_topk,
 };
 pub use shard::{ShardWriter, for_each_batch, read_table, read_video_ids, verify_shard};
 pub use tables::{

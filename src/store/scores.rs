@@ -20,7 +20,43 @@ pub struct Embeddings {
     pub dim: usize,
 }
 
+/// How far an embedding's L2 norm may be from 1 when scoring reads it (contract §4, §6): f32
+/// normalisation leaves ~1e-7 · √D; a vector off by more was not normalised, or was damaged.
+pub const UNIT_NORM_TOLERANCE: f64 = 1e-3;
+
+/// Why a row is not the unit vector every embedding must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotUnit {
+    /// A NaN or an infinity, at this position.
+    NonFinite { position: usize, value: f32 },
+    /// A finite vector whose norm is this far from 1.
+    Norm(f64),
+}
+
+impl std::fmt::Display for NotUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotUnit::NonFinite { position, value } => write!(f, "holds {value} at position {position}"),
+            NotUnit::Norm(norm) => {
+                write!(f, "has norm {norm:.6}, not 1 within {UNIT_NORM_TOLERANCE} (an L2-normalised vector)")
+            }
+        }
+    }
+}
+
 impl Embeddings {
+    /// The first row that is not a unit vector, and why: scoring would rank a NaN row first
+    /// (nothing is greater than NaN) and spread it into every column's sums.
+    pub fn first_not_unit(&self) -> Option<(usize, NotUnit)> {
+        self.values.chunks_exact(self.dim.max(1)).enumerate().find_map(|(row, v)| {
+            if let Some(position) = v.iter().position(|x| !x.is_finite()) {
+                return Some((row, NotUnit::NonFinite { position, value: v[position] }));
+            }
+            let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some((row, NotUnit::Norm(norm)))
+        })
+    }
+
     fn append(&mut self, values: Vec<f32>, dim: usize) -> Result<(), String> {
         if self.values.is_empty() {
             self.dim = dim;
