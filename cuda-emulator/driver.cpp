@@ -83,8 +83,8 @@ std::map<uintptr_t, Allocation> allocations;
 // Per host thread: a launch fails on the thread that made it (every operation is synchronous).
 thread_local std::string last_failure;
 
-// A device from its description: `sm_80`, then optional `,memory_mib=N`, `,grid_y=N`,
-// `,shared_kib=N`.
+// A device from its description: `sm_80`, then optional `,memory_mib=N` (or `,memory_kib=N`),
+// `,grid_y=N`, `,shared_kib=N`.
 std::unique_ptr<Device> parse_device(const std::string &spec) {
     auto device = std::make_unique<Device>();
     size_t start = 0;
@@ -105,6 +105,7 @@ std::unique_ptr<Device> parse_device(const std::string &spec) {
             long long value = std::atoll(item.c_str() + eq + 1);
             if (value <= 0) return nullptr;
             if (key == "memory_mib") device->memory = size_t(value) << 20;
+            else if (key == "memory_kib") device->memory = size_t(value) << 10;
             else if (key == "grid_y") device->max_grid_y = (int)value;
             else if (key == "shared_kib") device->shared_per_block = (int)value << 10;
             else return nullptr;
@@ -136,7 +137,7 @@ void initialise() {
         if (!device) {
             std::fprintf(stderr,
                          "emulated CUDA device: cannot read VTR_INDEX_EMULATED_DEVICES=%s (devices separated by ';', "
-                         "each sm_XY with optional ,memory_mib=N ,grid_y=N ,shared_kib=N)\n",
+                         "each sm_XY with optional ,memory_mib=N ,memory_kib=N ,grid_y=N ,shared_kib=N)\n",
                          list.c_str());
             devices.clear();
             return;

@@ -28,10 +28,11 @@ seed=${VTR_INDEX_EMULATOR_SEED:-$(od -An -N6 -tu8 /dev/urandom | tr -d ' ')}
 echo "emulated device: thread order seed $seed (VTR_INDEX_EMULATOR_SEED=$seed repeats it)"
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
-# Two devices: a full Ampere, and a Turing with a small grid and memory for the limit tests.
+# Three devices: a full Ampere; a Turing with a small grid, memory and shared memory for the
+# limit tests; an Ampere with 7 MiB for the memory budget's test.
 # The test harness's channel (Rust's std is not instrumented, so its atomics look like races).
 echo "race:library/std/src/sync/mpmc/" >"$logs/suppressions"
-export VTR_INDEX_EMULATED_DEVICES="sm_80;sm_75,memory_mib=256,grid_y=4,shared_kib=16" VTR_INDEX_EMULATOR_SEED="$seed"
+export VTR_INDEX_EMULATED_DEVICES="sm_80;sm_75,memory_mib=256,grid_y=4,shared_kib=16;sm_80,memory_kib=7168" VTR_INDEX_EMULATOR_SEED="$seed"
 
 on_device() { # sanitizer, then the command
   local sanitizer=$1

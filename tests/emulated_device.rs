@@ -24,10 +24,13 @@ mod util;
 
 const CHECKS: &str = include_str!("../cuda-emulator/checks.cu");
 
-/// The devices the script describes (VTR_INDEX_EMULATED_DEVICES): a full one, and a Turing card
-/// with small limits.
+/// The devices the script describes (VTR_INDEX_EMULATED_DEVICES): a full one, a Turing card
+/// with small limits, and one with little memory.
 const FULL_DEVICE: usize = 0;
 const SMALL_DEVICE: usize = 1;
+/// An Ampere card with 7 MiB: a little more than the memory test's problem needs besides its
+/// cosines.
+const TIGHT_DEVICE: usize = 2;
 
 /// The sanitizer the stand-in was built with, as the script says (`address` or `thread`).
 fn sanitizer() -> String {
@@ -273,6 +276,33 @@ fn the_host_code_follows_the_devices_limits() {
     assert_eq!(on_device.v2t_metrics(), on_cpu.v2t_metrics());
 }
 
+/// The f32 path counts everything it allocates before it sizes its row blocks: on a device
+/// with little more memory than the texts, videos, partial column sums and results take, it
+/// scores in small blocks (a quarter of the free memory, taken before those, ran out).
+#[test]
+#[ignore = "needs the emulated CUDA device: run by scripts/test-gpu-emulated.sh"]
+fn the_row_blocks_fit_beside_everything_else_the_score_allocates() {
+    let device = gpu::Gpu::open(TIGHT_DEVICE).unwrap();
+    let (free, total) = device.memory().unwrap();
+    assert_eq!(total, 7 << 20, "the tight device has 7 MiB");
+    let (n, m, dim) = (1000, 1000, 256);
+    let (texts, videos, text_video) = scoring::synthetic(n, m, dim, 4);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    assert!(4 * n * m > free / 4, "the cosines do not fit in one block");
+    let options = ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 10, ..ScoreOptions::default() };
+    let on_device = gpu::score::score(&device, &problem, &options, None).unwrap();
+    let on_cpu = score(&problem, &options, None).unwrap();
+    assert_eq!(on_device.t2v_metrics(), on_cpu.t2v_metrics());
+    assert_eq!(on_device.v2t_metrics(), on_cpu.v2t_metrics());
+    assert_eq!(device.memory().unwrap().0, free, "every allocation is freed");
+    // Four times the texts do not leave room for one row of cosines: refused, saying why.
+    let many = [texts.as_slice(); 4].concat();
+    let many_videos: Vec<Option<u32>> = text_video.iter().cycle().take(4 * n).copied().collect();
+    let problem = Problem { texts: &many, videos: &videos, dim, text_video: &many_videos, bank: None };
+    let error = gpu::score::score(&device, &problem, &options, None).unwrap_err().to_string();
+    assert!(error.contains("4000 texts against 1000 videos") && error.contains("score on the CPU"), "{error}");
+}
+
 /// `info --gpu` names the device as emulated, with the paths its architecture gets.
 #[test]
 #[ignore = "needs the emulated CUDA device: run by scripts/test-gpu-emulated.sh"]
@@ -280,7 +310,7 @@ fn info_names_the_device_as_emulated() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_vtr-index")).args(["info", "--gpu"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.lines().any(|l| l.starts_with("cuda:") && l.contains("ready (2 devices)")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("cuda:") && l.contains("ready (3 devices)")), "{stdout}");
     let line = |ordinal: usize| stdout.lines().find(|l| l.starts_with(&format!("cuda:{ordinal}:"))).unwrap_or_default();
     assert!(
         line(0).contains("emulated CUDA device, on the CPU (sm_80") && line(0).ends_with("f32 and f16"),

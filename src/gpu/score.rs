@@ -341,12 +341,40 @@ impl Run<'_> {
         Ok(Outcome { top, t2v_ranks, v2t_ranks: v2t_ranks(&self.layout.group, &beaten[..self.columns]) })
     }
 
+    /// Device memory for the f32 path's row block of cosines: three quarters of what is free once
+    /// everything else the path allocates is counted (the rest left to the allocator's rounding
+    /// and the driver), so a large text set takes smaller blocks instead of running out.
+    fn block_budget(&self, dense: bool) -> Result<usize, GpuError> {
+        let (n, m, dim, k) = (self.n, self.columns, self.problem.dim, self.top_k);
+        let parts = ColumnParts::new(n, m, self.gpu.max_grid_rows);
+        let dense_rows = if dense { (DENSE_BATCH_BYTES / (8 * m.max(1))).clamp(1, n.max(1)) } else { 0 };
+        let others = 4 * (n + m) * dim // texts, videos
+            + 4 * n // each position's video
+            + 8 * 2 * (m + n) // column and row statistics
+            + 8 * 2 * parts.count * m // partial column statistics
+            + 4 * n + 8 * m + 2 * 4 * m // own cosines, own V2T values, group bounds
+            + (8 + 4) * n * k + 4 * n + 4 * m // top-k lists, ranks, beaten counts
+            + 2 * 8 * dense_rows * m; // revised rows of --dense, both directions
+        let free = self.gpu.memory()?.0;
+        let budget = free.saturating_sub(others) / 4 * 3;
+        if budget < 4 * m {
+            let mib = |bytes: usize| bytes.div_ceil(1 << 20);
+            return Err(GpuError::Unsupported(format!(
+                "{n} texts against {m} videos need {} MiB of device memory before their cosines, and {} MiB are \
+                 free on {}: score on the CPU (leave out --device)",
+                mib(others),
+                mib(free),
+                self.gpu.name
+            )));
+        }
+        Ok(budget)
+    }
+
     /// The f32 path: the matrix computed and stored in row blocks.
     fn stored(&self, sink: Option<&dyn RowSink>) -> Result<Outcome, GpuError> {
         let (gpu, stream, columns) = (self.gpu, self.stream(), self.columns);
-        // Row blocks whose cosines take at most a quarter of the free memory, or what the caller set.
         let block_bytes = match self.options.device_block_bytes {
-            0 => gpu.memory()?.0 / 4,
+            0 => self.block_budget(sink.is_some())?,
             bytes => bytes,
         };
         let blocks =
