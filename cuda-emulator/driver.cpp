@@ -3,8 +3,8 @@
 // host memory and the host-compiled kernels (runtime.cpp). Devices are described by
 // VTR_INDEX_EMULATED_DEVICES (README.md here); a launch over a device's limits and an allocation
 // past its memory fail with the driver's own error codes, as on a card. Module load takes the
-// PTX that NVRTC made and refuses it unless its kernels and their parameter widths are those
-// compiled into this library, so a stale build is found, not run.
+// cubin or PTX that NVRTC made and refuses it unless its kernels and their parameter widths are
+// those compiled into this library, so a stale build is found, not run.
 #include <unistd.h>
 
 #include <atomic>
@@ -38,6 +38,9 @@ struct Device {
     size_t memory = size_t(4) << 30;
     int max_grid_y = 65535;
     int shared_per_block = 48 << 10;
+    // A driver that cannot load the cubin it is given (one for another architecture, say), so
+    // that the host code's fallback to PTX is tested.
+    bool refuses_cubin = false;
     std::atomic<size_t> used{0};
     std::string name;
 };
@@ -84,7 +87,7 @@ std::map<uintptr_t, Allocation> allocations;
 thread_local std::string last_failure;
 
 // A device from its description: `sm_80`, then optional `,memory_mib=N` (or `,memory_kib=N`),
-// `,grid_y=N`, `,shared_kib=N`.
+// `,grid_y=N`, `,shared_kib=N`, `,cubin=refuse`.
 std::unique_ptr<Device> parse_device(const std::string &spec) {
     auto device = std::make_unique<Device>();
     size_t start = 0;
@@ -102,12 +105,13 @@ std::unique_ptr<Device> parse_device(const std::string &spec) {
             size_t eq = item.find('=');
             if (eq == std::string::npos) return nullptr;
             std::string key = item.substr(0, eq);
-            long long value = std::atoll(item.c_str() + eq + 1);
+            long long value = key == "cubin" ? 1 : std::atoll(item.c_str() + eq + 1);
             if (value <= 0) return nullptr;
             if (key == "memory_mib") device->memory = size_t(value) << 20;
             else if (key == "memory_kib") device->memory = size_t(value) << 10;
             else if (key == "grid_y") device->max_grid_y = (int)value;
             else if (key == "shared_kib") device->shared_per_block = (int)value << 10;
+            else if (key == "cubin" && item.substr(eq + 1) == "refuse") device->refuses_cubin = true;
             else return nullptr;
         }
         first = false;
@@ -137,7 +141,7 @@ void initialise() {
         if (!device) {
             std::fprintf(stderr,
                          "emulated CUDA device: cannot read VTR_INDEX_EMULATED_DEVICES=%s (devices separated by ';', "
-                         "each sm_XY with optional ,memory_mib=N ,memory_kib=N ,grid_y=N ,shared_kib=N)\n",
+                         "each sm_XY with optional ,memory_mib=N ,memory_kib=N ,grid_y=N ,shared_kib=N ,cubin=refuse)\n",
                          list.c_str());
             devices.clear();
             return;
@@ -269,6 +273,48 @@ bool read_ptx(const std::string &ptx, int *target, std::map<std::string, PtxEntr
         (*entries)[name] = entry;
         at = end;
     }
+    return true;
+}
+
+// What a cubin (the ELF that nvrtcGetCUBIN gives) says of itself: its architecture
+// (e_flags bits 8–15), and for each kernel (a `.nv.info.NAME` section) its parameters' widths
+// (EIATTR_KPARAM_INFO records, by ordinal) and its static shared memory (`.nv.shared.NAME`).
+bool read_cubin(const std::string &image, int *target, std::map<std::string, PtxEntry> *entries) {
+    auto read = [&](size_t at, size_t bytes) -> uint64_t {
+        uint64_t value = 0;
+        if (at + bytes <= image.size()) std::memcpy(&value, image.data() + at, bytes);
+        return value;
+    };
+    if (image.size() < 64 || image[4] != 2 /* ELFCLASS64 */ || read(18, 2) != 190 /* EM_CUDA */) return false;
+    *target = (int)(read(48, 4) >> 8 & 0xff);
+    const uint64_t section_table = read(40, 8);
+    const size_t section_size = read(58, 2), sections = read(60, 2), names = read(62, 2);
+    const uint64_t names_at = read(section_table + names * section_size + 24, 8);
+    std::map<std::string, size_t> shared;
+    for (size_t i = 0; i < sections; ++i) {
+        const size_t header = section_table + i * section_size;
+        const uint64_t name_at = names_at + read(header, 4), at = read(header + 24, 8), size = read(header + 32, 8);
+        if (name_at >= image.size()) return false;
+        const std::string name(image.c_str() + name_at);
+        if (name.rfind(".nv.shared.", 0) == 0) shared[name.substr(11)] = size;
+        if (name.rfind(".nv.info.", 0) != 0) continue;
+        std::map<unsigned, size_t> widths;  // by ordinal
+        for (size_t p = at; p + 4 <= at + size && p + 4 <= image.size();) {
+            const unsigned format = (unsigned char)image[p], attribute = (unsigned char)image[p + 1];
+            if (format != 4) {  // a value in the record's own four bytes
+                p += 4;
+                continue;
+            }
+            const size_t length = read(p + 2, 2);
+            if (attribute == 0x17 && length == 12) {  // EIATTR_KPARAM_INFO
+                widths[(unsigned)read(p + 8, 2)] = (size_t)(read(p + 12, 4) >> 18 & 0x3fff);
+            }
+            p += 4 + length;
+        }
+        PtxEntry &entry = (*entries)[name.substr(9)];
+        for (const auto &[ordinal, width] : widths) entry.param_sizes.push_back(width);
+    }
+    for (auto &[name, entry] : *entries) entry.static_shared = shared.count(name) ? shared[name] : 0;
     return true;
 }
 
@@ -570,16 +616,31 @@ Result cuModuleLoadData(CUmodule *module, const void *image) {
     Device *device = current_device();
     if (!device) return vtr_emu::INVALID_CONTEXT;
     const char *text = static_cast<const char *>(image);
-    if (std::strncmp(text, "\x7f" "ELF", 4) == 0) {
-        return refuse(vtr_emu::INVALID_IMAGE, "a cubin was given; the emulated device loads PTX only");
-    }
     int target = 0;
     std::map<std::string, PtxEntry> entries;
-    if (!read_ptx(text, &target, &entries)) return refuse(vtr_emu::INVALID_PTX, "the module is not PTX NVRTC made");
     const int capability = device->major * 10 + device->minor;
-    if (target > capability) {
-        return refuse(vtr_emu::NO_BINARY_FOR_GPU, "PTX for sm_" + std::to_string(target) + " does not run on sm_" +
-                                                      std::to_string(capability));
+    if (std::strncmp(text, "\x7f" "ELF", 4) == 0) {
+        // A cubin: its size is in its ELF header (the section table ends it).
+        uint64_t table = 0;
+        uint16_t entry_size = 0, count = 0;
+        std::memcpy(&table, text + 40, 8);
+        std::memcpy(&entry_size, text + 58, 2);
+        std::memcpy(&count, text + 60, 2);
+        if (device->refuses_cubin) return refuse(vtr_emu::NO_BINARY_FOR_GPU, "this device refuses cubins (cubin=refuse)");
+        if (!read_cubin(std::string(text, table + (uint64_t)entry_size * count), &target, &entries)) {
+            return refuse(vtr_emu::INVALID_IMAGE, "the module is not a cubin NVRTC made");
+        }
+        // A cubin runs on its own major architecture, at its minor version or a later one.
+        if (target / 10 != device->major || target % 10 > device->minor) {
+            return refuse(vtr_emu::NO_BINARY_FOR_GPU, "a cubin for sm_" + std::to_string(target) +
+                                                          " does not run on sm_" + std::to_string(capability));
+        }
+    } else {
+        if (!read_ptx(text, &target, &entries)) return refuse(vtr_emu::INVALID_PTX, "the module is not PTX NVRTC made");
+        if (target > capability) {
+            return refuse(vtr_emu::NO_BINARY_FOR_GPU, "PTX for sm_" + std::to_string(target) + " does not run on sm_" +
+                                                          std::to_string(capability));
+        }
     }
     auto loaded = std::make_unique<Module>();
     loaded->device = current_context->device;
@@ -592,7 +653,7 @@ Result cuModuleLoadData(CUmodule *module, const void *image) {
         }
         if (kernel->param_sizes != entry.param_sizes) {
             return refuse(vtr_emu::INVALID_IMAGE, "kernel " + name +
-                                                      " takes other parameters in the PTX than in the host-compiled "
+                                                      " takes other parameters in the module than in the host-compiled "
                                                       "kernels: the emulator is older than the source");
         }
         loaded->functions[name] = Function{kernel, entry.static_shared};

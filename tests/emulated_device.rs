@@ -25,7 +25,7 @@ mod util;
 const CHECKS: &str = include_str!("../cuda-emulator/checks.cu");
 
 /// The devices the script describes (VTR_INDEX_EMULATED_DEVICES): a full one, a Turing card
-/// with small limits, and one with little memory.
+/// with small limits whose driver takes no cubin, and one with little memory.
 const FULL_DEVICE: usize = 0;
 const SMALL_DEVICE: usize = 1;
 /// An Ampere card with 7 MiB: a little more than the memory test's problem needs besides its
@@ -233,16 +233,38 @@ fn a_module_the_emulator_was_not_built_with_is_refused() {
         let (major, minor) = context.compute_capability().unwrap();
         gpu::architecture((major as u32, minor as u32))
     };
-    // A kernel the host build lacks, and one whose parameters changed since the build.
+    // A kernel the host build lacks, and one whose parameters changed since the build: as PTX
+    // and as a cubin.
     for source in [
         r#"extern "C" __global__ void added_since_the_build(int *out) { out[threadIdx.x] = 1; }"#,
         r#"extern "C" __global__ void block_numbers(int *out, double scale) { out[0] = (int)scale; }"#,
     ] {
-        let ptx = gpu::compile("stale.cu", source, &arch).unwrap().ptx;
-        let error = context.load_module(Ptx::from_src(ptx)).expect_err("a stale build must be refused");
-        assert_eq!(error.0, CUresult::CUDA_ERROR_INVALID_IMAGE, "{error:?}");
-        assert!(last_failure().contains("older than the source"), "{}", last_failure());
+        let compiled = gpu::compile("stale.cu", source, &arch).unwrap();
+        for module in [Ptx::from_src(compiled.ptx), Ptx::from_binary(compiled.cubin.expect("NVRTC makes a cubin"))] {
+            let error = context.load_module(module).expect_err("a stale build must be refused");
+            assert_eq!(error.0, CUresult::CUDA_ERROR_INVALID_IMAGE, "{error:?}");
+            assert!(last_failure().contains("older than the source"), "{}", last_failure());
+        }
     }
+}
+
+/// The host code loads its kernels from the cubin NVRTC makes for the device's architecture,
+/// and from the PTX where the driver takes no cubin; a cubin of another architecture is refused
+/// as a card's driver refuses it.
+#[test]
+#[ignore = "needs the emulated CUDA device: run by scripts/test-gpu-emulated.sh"]
+fn kernels_load_from_the_cubin_and_fall_back_to_ptx() {
+    assert_eq!(gpu::Gpu::open(FULL_DEVICE).unwrap().kernels_from, "cubin");
+    assert_eq!(gpu::Gpu::open(SMALL_DEVICE).unwrap().kernels_from, "PTX", "the small device refuses cubins");
+    let (context, _stream, _module) = open(FULL_DEVICE);
+    let cubin = |arch: &str| Ptx::from_binary(gpu::compile("checks.cu", CHECKS, arch).unwrap().cubin.unwrap());
+    let error = context.load_module(cubin("sm_90")).expect_err("an sm_90 cubin on sm_80");
+    assert_eq!(error.0, CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU, "{error:?}");
+    assert!(last_failure().contains("sm_90 does not run on sm_80"), "{}", last_failure());
+    let module = context.load_module(cubin("sm_80")).unwrap();
+    let stream = context.default_stream();
+    let expected: Vec<i32> = (0..32).map(|t| (t + 1) % 32).collect();
+    assert_eq!(launch(&stream, &module, "large_shared", 32, &[], one_block(32)).unwrap(), expected);
 }
 
 /// The host code on the small device: its grid limit cuts the f32 path's row blocks, column
@@ -312,9 +334,8 @@ fn info_names_the_device_as_emulated() {
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.lines().any(|l| l.starts_with("cuda:") && l.contains("ready (3 devices)")), "{stdout}");
     let line = |ordinal: usize| stdout.lines().find(|l| l.starts_with(&format!("cuda:{ordinal}:"))).unwrap_or_default();
-    assert!(
-        line(0).contains("emulated CUDA device, on the CPU (sm_80") && line(0).ends_with("f32 and f16"),
-        "{stdout}"
-    );
-    assert!(line(1).contains("emulated CUDA device, on the CPU (sm_75") && line(1).contains("f32 only"), "{stdout}");
+    assert!(line(0).contains("emulated CUDA device, on the CPU (sm_80, kernels loaded from cubin)"), "{stdout}");
+    assert!(line(0).ends_with("f32 and f16"), "{stdout}");
+    assert!(line(1).contains("emulated CUDA device, on the CPU (sm_75, kernels loaded from PTX)"), "{stdout}");
+    assert!(line(1).contains("f32 only"), "{stdout}");
 }

@@ -39,9 +39,10 @@ fn print_gpu_info() -> Result<u8> {
         for ordinal in 0..devices {
             match gpu::Gpu::open(ordinal) {
                 Ok(device) => println!(
-                    "cuda:{ordinal}:    {} ({}, kernels compiled): {}",
+                    "cuda:{ordinal}:    {} ({}, kernels loaded from {}): {}",
                     device.name,
                     gpu::architecture(device.capability),
+                    device.kernels_from,
                     gpu::paths(device.capability)
                 ),
                 Err(e) => println!("cuda:{ordinal}:    {e}"),

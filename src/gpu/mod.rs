@@ -145,6 +145,9 @@ fn fused_path(name: &str, capability: Capability) -> Result<(), GpuError> {
 /// A compiled kernel source and what ptxas said about it.
 pub struct Compiled {
     pub ptx: String,
+    /// The machine code for the architecture compiled for, which the driver loads without
+    /// compiling the PTX again; none where NVRTC made none.
+    pub cubin: Option<Vec<u8>>,
     /// NVRTC's log, with ptxas's report (`--ptxas-options=-v`) of each kernel's registers,
     /// stack, spills and shared memory.
     pub log: String,
@@ -170,9 +173,28 @@ pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, GpuErro
         }
         Err(e) => Err(failed(format!("{e:?}\n{log}"))),
     };
+    // SAFETY: `program` compiled (or `ptx` is the error, and the cubin is not used).
+    let cubin = unsafe { cubin_of(program) };
     // SAFETY: nothing uses `program` after this.
     let _ = unsafe { nvrtc::result::destroy_program(program) };
-    Ok(Compiled { ptx: ptx?, log })
+    Ok(Compiled { ptx: ptx?, cubin, log })
+}
+
+/// The cubin NVRTC made for a real architecture, if it made one.
+///
+/// # Safety
+/// `program` is a live NVRTC program.
+unsafe fn cubin_of(program: nvrtc::sys::nvrtcProgram) -> Option<Vec<u8>> {
+    use nvrtc::sys::{nvrtcGetCUBIN, nvrtcGetCUBINSize, nvrtcResult};
+    let mut size = 0usize;
+    // SAFETY: the caller's program; the buffer holds the size NVRTC reported.
+    unsafe {
+        if nvrtcGetCUBINSize(program, &mut size) != nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            return None;
+        }
+        let mut cubin = vec![0u8; size];
+        (nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()) == nvrtcResult::NVRTC_SUCCESS).then_some(cubin)
+    }
 }
 
 fn c_text(raw: &[std::ffi::c_char]) -> String {
@@ -232,6 +254,8 @@ pub struct Gpu {
     pub capability: Capability,
     /// The most blocks a launch's grid has down (`CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y`).
     pub max_grid_rows: usize,
+    /// What the driver loaded the kernels from: `cubin`, or `PTX` where it took no cubin.
+    pub kernels_from: &'static str,
     stream: Arc<CudaStream>,
     score_module: Arc<CudaModule>,
 }
@@ -253,8 +277,22 @@ impl Gpu {
         }
         let max_grid_rows = context.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)? as usize;
         let compiled = compile("score.cu", SCORE_KERNELS, &architecture(capability))?;
-        let score_module = context.load_module(Ptx::from_src(compiled.ptx))?;
-        Ok(Gpu { name, ordinal, capability, max_grid_rows, stream: context.default_stream(), score_module })
+        // The cubin spares the driver compiling the PTX at every start; PTX where the driver
+        // takes no cubin (or NVRTC made none).
+        let from_cubin = compiled.cubin.and_then(|cubin| context.load_module(Ptx::from_binary(cubin)).ok());
+        let (score_module, kernels_from) = match from_cubin {
+            Some(module) => (module, "cubin"),
+            None => (context.load_module(Ptx::from_src(compiled.ptx))?, "PTX"),
+        };
+        Ok(Gpu {
+            name,
+            ordinal,
+            capability,
+            max_grid_rows,
+            kernels_from,
+            stream: context.default_stream(),
+            score_module,
+        })
     }
 
     /// Whether this device runs the f16 path, and why not.
