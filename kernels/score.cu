@@ -9,18 +9,22 @@
 //
 // The file is header-free: NVRTC ships no headers, and the few definitions needed are here.
 
-#define THREADS 256
+// THREADS, TILE, TOPK_MAX, F_BM, F_BN, F_BK, the REVISE_* codes and EXP_MIN are the host's
+// (src/gpu/score.rs, KERNEL_CONSTANTS), passed as -D options to every compiler of this file.
+#if !defined(THREADS) || !defined(TILE) || !defined(TOPK_MAX) || !defined(F_BM) || !defined(F_BN) || \
+    !defined(F_BK) || !defined(REVISE_NONE) || !defined(REVISE_DSL) || !defined(REVISE_DSL_SYM) || !defined(EXP_MIN)
+#error "compile with the host's constants: gpu::compile passes them (src/gpu/score.rs, KERNEL_CONSTANTS)"
+#endif
+// The fused path's tiles are shared by the block's threads: two per column of a tile in pass
+// one, four per row in fused_row_stats.
+static_assert(THREADS == 2 * F_BN && THREADS == 4 * F_BM, "the fused kernels' thread layout");
+static_assert(THREADS % 32 == 0 && TILE == 64 && THREADS == 256, "cosines_f32's 4 × 4 per thread over 64 × 64");
+
 #define WARPS (THREADS / 32)
-#define TOPK_MAX 32
 #define INT_MAX_ 2147483647
 #define FULL_MASK 0xffffffffu
 // No <math_constants.h> without headers: +∞ from its bits.
 #define INFINITY __longlong_as_double(0x7ff0000000000000LL)
-
-// Revision codes; src/gpu/score.rs passes the same numbers.
-#define REVISE_NONE 0
-#define REVISE_DSL 1
-#define REVISE_DSL_SYM 2
 
 // ---------------------------------------------------------------------------------------------
 // Values
@@ -28,7 +32,6 @@
 // e^x, and 0 where x is below −708, where e^x leaves f64's normal range: the underflow rule of
 // contract §1, which the CPU's exp_f64 (src/simd.rs) follows too, so both paths tie the same
 // values at 0 (CUDA's exp would give subnormals down to −745, which the CPU does not).
-#define EXP_MIN (-708.0)
 __device__ __forceinline__ double exp_flushed(double x) {
     return x < EXP_MIN ? 0.0 : exp(x);
 }
@@ -87,7 +90,6 @@ __device__ __forceinline__ bool ranks_before(double v, int i, double w, int j) {
 // ---------------------------------------------------------------------------------------------
 // The stored-matrix path: S (or a block of its rows) in GPU memory.
 
-#define TILE 64
 #define TILE_K 16
 
 // c[rows × cols] = a[rows × dim] · b[cols × dim]ᵀ in f32: the cosines of a block of texts
@@ -434,9 +436,6 @@ revise_rows(const float *__restrict__ s, int rows, int cols, int row0, int direc
 // `FUSED_MIN_CAPABILITY`). NVRTC defines __CUDA_ARCH__ as the architecture it compiles for.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 
-#define F_BM 64
-#define F_BN 128
-#define F_BK 32
 #define F_STRIDE (F_BK + 8)  // halves per shared row: 80 bytes, so fragment loads miss no bank twice
 #define S_STRIDE (F_BN + 4)
 

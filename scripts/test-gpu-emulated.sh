@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-$PWD/target}
 nvrtc=$(bash scripts/fetch-nvrtc.sh)
 emulator="$target/cuda-emulator"
+# The constants the kernels share with the host, as NVRTC gets them (gpu::score::KERNEL_CONSTANTS).
+defines=$(cargo run --quiet --locked --features cuda --example kernel_constants | tr '\n' ' ')
 for sanitizer in address thread; do
-  make -s -C cuda-emulator OUT="$emulator/$sanitizer" SANITIZER="$sanitizer"
+  make -s -C cuda-emulator OUT="$emulator/$sanitizer" SANITIZER="$sanitizer" DEFINES="$defines"
 done
 # The test binaries, built here: cargo itself must not run under a sanitizer.
 built=$(cargo test --locked --features cuda --no-run --test gpu --test emulated_device --test integration 2>&1) ||

@@ -105,6 +105,10 @@ fn exp_series_f32(r: f32) -> f32 {
     (pair(0) + pair(2) * r2) + (pair(4) + pair(6) * r2) * r4
 }
 
+/// Below this exponent `exp_f64` is exactly 0 (and so is the GPU kernels' `exp_flushed`, which
+/// receive it as `EXP_MIN`, `gpu::score::KERNEL_CONSTANTS`).
+pub const EXP_F64_ZERO_BELOW: f64 = -708.0;
+
 branch_free_exp! {
     /// e^x in f64 to within a few units in the last place, and exactly 0 for x below −708 (where
     /// e^x leaves f64's normal range: numpy and PyTorch give subnormals down to −745, then 0).
@@ -113,7 +117,7 @@ branch_free_exp! {
     fn exp_f64(f64 as u64, i64);
     shift: 6755399441055744.0, log2_e: std::f64::consts::LOG2_E,
     ln2: (6.931_471_803_691_238e-1, 1.908_214_929_270_587_7e-10),
-    range: (-708.0, 709.0), below: zero, exponent: (bias 1023, shift 52),
+    range: (EXP_F64_ZERO_BELOW, 709.0), below: zero, exponent: (bias 1023, shift 52),
     series: exp_series_f64
 }
 

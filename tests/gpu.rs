@@ -82,6 +82,28 @@ fn a_kernel_that_overruns_shared_memory_is_an_error() {
     assert!(error.to_string().contains("too_big.cu"), "{error}");
 }
 
+/// The kernels' shared constants come from the host alone (`gpu::score::KERNEL_CONSTANTS`, as
+/// `-D` options): a source that defines one itself differently is caught by the kernels' own
+/// checks of how their thread layout depends on them, and one compiled without them is refused.
+#[test]
+fn the_kernels_take_their_constants_from_the_host() {
+    if !gpu::nvrtc_present() {
+        return; // every_kernel_compiles_without_spills reports the missing NVRTC
+    }
+    let defines = gpu::score::kernel_defines();
+    assert!(
+        defines.iter().any(|d| d == "-DTHREADS=256") && defines.iter().any(|d| d == "-DEXP_MIN=-708.0"),
+        "{defines:?}"
+    );
+    let source = vtr_index::gpu::SCORE_KERNELS;
+    let changed = format!("#undef THREADS\n#define THREADS 512\n{source}");
+    let error = gpu::compile("score.cu", &changed, "sm_90").err().expect("THREADS changed on one side").to_string();
+    assert!(error.contains("the fused kernels' thread layout"), "{error}");
+    let missing = format!("#undef TOPK_MAX\n{source}");
+    let error = gpu::compile("score.cu", &missing, "sm_90").err().expect("TOPK_MAX missing").to_string();
+    assert!(error.contains("KERNEL_CONSTANTS"), "{error}");
+}
+
 /// The device to test on; a test asked to run without one fails.
 fn device() -> gpu::Gpu {
     match gpu::probe() {

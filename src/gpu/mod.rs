@@ -153,7 +153,8 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Compiles one kernel source for `arch` (such as `sm_90`). A real architecture makes NVRTC run
+/// Compiles one kernel source for `arch` (such as `sm_90`), with the constants the kernels
+/// share with the host defined (`score::KERNEL_CONSTANTS`). A real architecture makes NVRTC run
 /// ptxas, so too much shared memory is an error here and spills show in the log.
 pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, GpuError> {
     if !nvrtc_present() {
@@ -163,7 +164,9 @@ pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, GpuErro
     let c_source = CString::new(source).map_err(|_| failed("the source holds a NUL byte".into()))?;
     let c_name = CString::new(name).map_err(|_| failed("the name holds a NUL byte".into()))?;
     let program = nvrtc::result::create_program(&c_source, Some(&c_name)).map_err(|e| failed(format!("{e:?}")))?;
-    let options = [format!("--gpu-architecture={arch}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
+    let mut options =
+        vec![format!("--gpu-architecture={arch}"), "--ptxas-options=-v".to_string(), "--std=c++17".to_string()];
+    options.extend(score::kernel_defines());
     // SAFETY: `program` was just created and is destroyed below, after its last use.
     let outcome = unsafe { nvrtc::result::compile_program(program, &options) };
     let log = unsafe { nvrtc::result::get_program_log(program) }.map(|raw| c_text(&raw)).unwrap_or_default();

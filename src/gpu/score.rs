@@ -32,17 +32,56 @@ pub const TOP_K_MAX: usize = 32;
 const FUSED_ROWS: usize = 64;
 const FUSED_COLUMNS: usize = 128;
 const FUSED_DEPTH: usize = 32;
+/// The revision codes the kernels take (`REVISE_*`).
+const REVISE_NONE: i32 = 0;
+const REVISE_DSL: i32 = 1;
+const REVISE_DSL_SYM: i32 = 2;
+
 /// Thread blocks worth launching at once for the column kernels: enough to fill a large GPU.
 const COLUMN_KERNEL_BLOCKS: usize = 1024;
 /// Device memory for the revised rows of `--dense`, per batch.
 const DENSE_BATCH_BYTES: usize = 256 << 20;
 
+/// A constant the kernels are compiled with.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelConstant {
+    Int(i64),
+    Double(f64),
+}
+
+/// Every constant the kernels share with this file, defined here once and handed to the kernel
+/// compilers as `-DNAME=VALUE` (NVRTC, `gpu::compile`; the emulated device's g++, through
+/// `examples/kernel_constants.rs`): `kernels/score.cu` defines none of them.
+pub const KERNEL_CONSTANTS: &[(&str, KernelConstant)] = &[
+    ("THREADS", KernelConstant::Int(THREADS as i64)),
+    ("TILE", KernelConstant::Int(TILE as i64)),
+    ("TOPK_MAX", KernelConstant::Int(TOP_K_MAX as i64)),
+    ("F_BM", KernelConstant::Int(FUSED_ROWS as i64)),
+    ("F_BN", KernelConstant::Int(FUSED_COLUMNS as i64)),
+    ("F_BK", KernelConstant::Int(FUSED_DEPTH as i64)),
+    ("REVISE_NONE", KernelConstant::Int(REVISE_NONE as i64)),
+    ("REVISE_DSL", KernelConstant::Int(REVISE_DSL as i64)),
+    ("REVISE_DSL_SYM", KernelConstant::Int(REVISE_DSL_SYM as i64)),
+    ("EXP_MIN", KernelConstant::Double(crate::simd::EXP_F64_ZERO_BELOW)),
+];
+
+/// The compiler options that define [`KERNEL_CONSTANTS`].
+pub fn kernel_defines() -> Vec<String> {
+    KERNEL_CONSTANTS
+        .iter()
+        .map(|(name, value)| match value {
+            KernelConstant::Int(v) => format!("-D{name}={v}"),
+            KernelConstant::Double(v) => format!("-D{name}={v:?}"),
+        })
+        .collect()
+}
+
 /// The revision code the kernels take (`REVISE_*`).
 fn revision_code(revision: Revision) -> Result<i32, GpuError> {
     match revision {
-        Revision::None => Ok(0),
-        Revision::Dsl => Ok(1),
-        Revision::DslSym => Ok(2),
+        Revision::None => Ok(REVISE_NONE),
+        Revision::Dsl => Ok(REVISE_DSL),
+        Revision::DslSym => Ok(REVISE_DSL_SYM),
         Revision::Qbnorm => Err(GpuError::Unsupported(
             "QB-Norm is scored on the CPU only: leave out --device or give --device cpu".into(),
         )),
@@ -446,7 +485,7 @@ impl Run<'_> {
         let cols = columns as i32;
         let column_blocks = blocks_for(columns);
         let parts = ColumnParts::new(self.n, columns, gpu.max_grid_rows);
-        let needs_column_stats = self.mode != 0;
+        let needs_column_stats = self.mode != REVISE_NONE;
         let part_len = if needs_column_stats { parts.count * columns } else { 1 };
         let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
         let mut own_cosine = zeros::<f32>(stream, self.n)?;
@@ -520,7 +559,7 @@ impl Run<'_> {
         launch.arg(&mut own_cosine);
         // SAFETY: matches fused_column_stats; parts × columns partial statistics.
         unsafe { launch.launch(launch_config((column_blocks, parts)))? };
-        if self.mode != 0 {
+        if self.mode != REVISE_NONE {
             self.merge_column_stats(&part_max, &part_sum, parts, &mut stats)?;
         }
         if self.options.revision == Revision::DslSym {
@@ -598,7 +637,7 @@ pub fn dual_softmax_stored(
     // SAFETY: matches column_stats_merge.
     unsafe { launch.launch(launch_config((column_blocks, 1)))? };
     let revise = gpu.score_kernel("revise_rows")?;
-    let (direction, mode) = (0i32, 1i32);
+    let (direction, mode) = (0i32, REVISE_DSL);
     let mut launch = stream.launch_builder(&revise);
     launch.arg(cosines).arg(&rows_i).arg(&cols_i).arg(&0i32).arg(&direction).arg(&mode).arg(&scale).arg(&inv_tau);
     launch.arg(&col_max).arg(&col_inv_sum).arg(&unused).arg(&unused).arg(out);
@@ -671,7 +710,7 @@ fn dense_rows(
     let stream = &gpu.stream;
     let kernel = gpu.score_kernel("revise_rows")?;
     let batch = (DENSE_BATCH_BYTES / (8 * columns.max(1))).max(1);
-    let symmetric = stats.mode == 2;
+    let symmetric = stats.mode == REVISE_DSL_SYM;
     let cols = int(columns, "the number of videos")?;
     let mut t2v = zeros::<f64>(stream, batch * columns)?;
     let mut v2t = zeros::<f64>(stream, if symmetric { batch * columns } else { 1 })?;
