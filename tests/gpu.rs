@@ -104,6 +104,40 @@ fn the_kernels_take_their_constants_from_the_host() {
     assert!(error.contains("KERNEL_CONSTANTS"), "{error}");
 }
 
+/// Each kernel's `.entry` in the PTX NVRTC makes: its parameters' widths in bytes, in order.
+fn ptx_entries(ptx: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let mut entries = std::collections::BTreeMap::new();
+    for entry in ptx.split(".entry ").skip(1) {
+        let (name, rest) = entry.split_once('(').expect("an entry's parameter list");
+        let params = rest.split(')').next().unwrap_or_default();
+        let widths = params
+            .split(',')
+            .filter_map(|param| {
+                let kind = param.split_whitespace().nth(1)?; // `.param .u64 name` → `.u64`
+                Some(kind[2..].parse::<usize>().expect("a sized PTX type") / 8)
+            })
+            .collect();
+        entries.insert(name.trim().to_string(), widths);
+    }
+    entries
+}
+
+/// The launch functions (`gpu::launch`) pass each kernel the parameters of its prototype in
+/// `kernels/score.cu`, in order and width: an argument added, dropped or widened on one side
+/// fails here, on every machine, instead of on a GPU.
+#[test]
+fn the_launchers_match_the_kernels_prototypes() {
+    if !gpu::nvrtc_present() {
+        return; // every_kernel_compiles_without_spills reports the missing NVRTC
+    }
+    let ptx = gpu::compile("score.cu", vtr_index::gpu::SCORE_KERNELS, "sm_90").unwrap().ptx;
+    let kernels = ptx_entries(&ptx);
+    let launchers: std::collections::BTreeMap<String, Vec<usize>> =
+        gpu::launch::KERNEL_PARAMS.iter().map(|(name, widths)| (name.to_string(), widths.to_vec())).collect();
+    assert_eq!(kernels.len(), 12, "{kernels:?}");
+    assert_eq!(launchers, kernels);
+}
+
 /// The device to test on; a test asked to run without one fails.
 fn device() -> gpu::Gpu {
     match gpu::probe() {

@@ -6,6 +6,7 @@
 //! panics on its first call when a library is absent, so [`probe`] and [`Gpu::open`] check that
 //! the libraries load before making any other cudarc call.
 
+pub mod launch;
 pub mod score;
 
 use std::ffi::{CStr, CString};

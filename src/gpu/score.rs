@@ -10,19 +10,16 @@
 //! in one block is computed once; otherwise each block is computed in both passes, and device
 //! memory stays bounded by one block whatever the corpus.
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
-use super::{Gpu, GpuError};
+use super::{Gpu, GpuError, launch};
 
 use crate::score::{
     DeviceInputs, Layout, Outcome, Problem, Revision, RowSink, ScoreError, ScoreOptions, check, v2t_ranks,
 };
 
 /// Threads per block in every kernel (`THREADS` in the source).
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 /// Rows and columns of one GEMM tile (`TILE`).
 const TILE: usize = 64;
 /// The most top-k entries a row keeps on the device (`TOPK_MAX`).
@@ -86,10 +83,6 @@ fn revision_code(revision: Revision) -> Result<i32, GpuError> {
             "QB-Norm is scored on the CPU only: leave out --device or give --device cpu".into(),
         )),
     }
-}
-
-fn launch_config(grid: (usize, usize)) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn blocks_for(items: usize) -> usize {
@@ -201,7 +194,6 @@ struct StoredMatrix {
     texts: CudaSlice<f32>,
     videos: CudaSlice<f32>,
     cosines: CudaSlice<f32>,
-    kernel: CudaFunction,
 }
 
 impl StoredMatrix {
@@ -209,7 +201,7 @@ impl StoredMatrix {
     fn compute(&mut self, run: &Run, rows: std::ops::Range<usize>) -> Result<(), GpuError> {
         let texts = self.texts.slice(rows.start * run.problem.dim..rows.end * run.problem.dim);
         let mut cosines = self.cosines.slice_mut(..rows.len() * run.columns);
-        launch_cosines(run.gpu, &self.kernel, &texts, &self.videos, &mut cosines, run.problem.dim)
+        launch_cosines(run.gpu, &texts, &self.videos.as_view(), &mut cosines, run.problem.dim)
     }
 }
 
@@ -218,9 +210,8 @@ impl StoredMatrix {
 /// grid covers.
 fn launch_cosines(
     gpu: &Gpu,
-    kernel: &CudaFunction,
     texts: &CudaView<f32>,
-    videos: &CudaSlice<f32>,
+    videos: &CudaView<f32>,
     cosines: &mut CudaViewMut<f32>,
     dim: usize,
 ) -> Result<(), GpuError> {
@@ -232,11 +223,8 @@ fn launch_cosines(
         let last = (first + per_launch).min(rows);
         let a = texts.slice(first * dim..last * dim);
         let mut c = cosines.slice_mut(first * columns..last * columns);
-        let row_count = int(last - first, "rows")?;
-        let mut launch = gpu.stream.launch_builder(kernel);
-        launch.arg(&a).arg(videos).arg(&mut c).arg(&row_count).arg(&cols).arg(&dim_i);
-        // SAFETY: the arguments match cosines_f32's signature; `c` holds row_count × cols.
-        unsafe { launch.launch(launch_config((columns.div_ceil(TILE), (last - first).div_ceil(TILE).max(1))))? };
+        let (grid, row_count) = ((columns.div_ceil(TILE), (last - first).div_ceil(TILE)), int(last - first, "rows")?);
+        launch::cosines_f32(gpu, grid, &a, videos, &mut c, row_count, cols, dim_i)?;
         first = last;
     }
     Ok(())
@@ -308,13 +296,17 @@ impl Run<'_> {
         parts: usize,
         stats: &mut Statistics,
     ) -> Result<(), GpuError> {
-        let merge = self.gpu.score_kernel("column_stats_merge")?;
         let (parts, cols) = (int(parts, "parts")?, self.columns as i32);
-        let mut launch = self.stream().launch_builder(&merge);
-        launch.arg(part_max).arg(part_sum).arg(&parts).arg(&cols).arg(&mut stats.col_max).arg(&mut stats.col_inv_sum);
-        // SAFETY: matches column_stats_merge.
-        unsafe { launch.launch(launch_config((blocks_for(self.columns), 1)))? };
-        Ok(())
+        launch::column_stats_merge(
+            self.gpu,
+            (blocks_for(self.columns), 1),
+            &part_max.as_view(),
+            &part_sum.as_view(),
+            parts,
+            cols,
+            &mut stats.col_max.as_view_mut(),
+            &mut stats.col_inv_sum.as_view_mut(),
+        )
     }
 
     /// Each video's best own caption under V2T, from the own cosines.
@@ -330,26 +322,23 @@ impl Run<'_> {
             }
         }
         let mut own_v2t = zeros::<f64>(stream, self.columns)?;
-        let kernel = self.gpu.score_kernel("v2t_own")?;
         let (starts, ends) = (stream.clone_htod(&group_start)?, stream.clone_htod(&group_end)?);
-        let cols = self.columns as i32;
-        let mut launch = stream.launch_builder(&kernel);
-        launch
-            .arg(own_cosine)
-            .arg(&starts)
-            .arg(&ends)
-            .arg(&cols)
-            .arg(&stats.mode)
-            .arg(&stats.scale)
-            .arg(&stats.inv_tau);
-        launch
-            .arg(&stats.col_max)
-            .arg(&stats.col_inv_sum)
-            .arg(&stats.row_max)
-            .arg(&stats.row_inv_sum)
-            .arg(&mut own_v2t);
-        // SAFETY: matches v2t_own.
-        unsafe { launch.launch(launch_config((blocks_for(self.columns), 1)))? };
+        launch::v2t_own(
+            self.gpu,
+            (blocks_for(self.columns), 1),
+            &own_cosine.as_view(),
+            &starts.as_view(),
+            &ends.as_view(),
+            self.columns as i32,
+            stats.mode,
+            stats.scale,
+            stats.inv_tau,
+            &stats.col_max.as_view(),
+            &stats.col_inv_sum.as_view(),
+            &stats.row_max.as_view(),
+            &stats.row_inv_sum.as_view(),
+            &mut own_v2t.as_view_mut(),
+        )?;
         stream.synchronize()?; // `starts` and `ends` are freed on return
         Ok(own_v2t)
     }
@@ -425,7 +414,6 @@ impl Run<'_> {
             texts: stream.clone_htod(&self.ordered_texts(self.problem.dim, |x| x))?,
             videos: stream.clone_htod(self.problem.videos)?,
             cosines: zeros::<f32>(stream, largest_block * columns)?,
-            kernel: gpu.score_kernel("cosines_f32")?,
         };
         let group = self.groups()?;
         let mut stats = self.statistics()?;
@@ -433,8 +421,6 @@ impl Run<'_> {
         let own_v2t = self.own_v2t(&own_cosine, &stats)?;
 
         // Pass two: revise, rank, keep the top-k, count the groups that beat each video's own.
-        let apply = gpu.score_kernel("t2v_apply")?;
-        let count = gpu.score_kernel("v2t_count")?;
         let (cols, k, column_blocks) = (columns as i32, self.top_k as i32, blocks_for(columns));
         let mut results = self.results()?;
         for rows in &blocks {
@@ -445,23 +431,49 @@ impl Run<'_> {
                 continue;
             }
             let (cosines, row0) = (&matrix.cosines, rows.start as i32);
-            let mut launch = stream.launch_builder(&apply);
-            launch.arg(cosines).arg(&cols).arg(&row0).arg(&group).arg(&own_cosine).arg(&stats.mode);
-            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum).arg(&k);
-            launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank);
-            // SAFETY: matches t2v_apply; one block per row, k ≤ TOPK_MAX.
-            unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+            // One block per row; k ≤ TOPK_MAX.
+            launch::t2v_apply(
+                gpu,
+                (rows.len(), 1),
+                &cosines.as_view(),
+                cols,
+                row0,
+                &group.as_view(),
+                &own_cosine.as_view(),
+                stats.mode,
+                stats.scale,
+                stats.inv_tau,
+                &stats.col_max.as_view(),
+                &stats.col_inv_sum.as_view(),
+                k,
+                &mut results.top_value.as_view_mut(),
+                &mut results.top_column.as_view_mut(),
+                &mut results.rank.as_view_mut(),
+            )?;
 
             let most = COLUMN_KERNEL_BLOCKS.div_ceil(column_blocks).min(gpu.max_grid_rows);
             let chunks = group_chunks(&self.layout, rows.clone(), most);
             if chunks.len() > 1 {
+                // chunk_start has chunks + 1 entries, on group boundaries.
                 let chunk_start = stream.clone_htod(&chunks)?;
-                let mut launch = stream.launch_builder(&count);
-                launch.arg(cosines).arg(&cols).arg(&row0).arg(&group).arg(&chunk_start).arg(&stats.mode);
-                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
-                launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&mut results.beaten);
-                // SAFETY: matches v2t_count; chunk_start has chunks + 1 entries on group boundaries.
-                unsafe { launch.launch(launch_config((column_blocks, chunks.len() - 1)))? };
+                launch::v2t_count(
+                    gpu,
+                    (column_blocks, chunks.len() - 1),
+                    &cosines.as_view(),
+                    cols,
+                    row0,
+                    &group.as_view(),
+                    &chunk_start.as_view(),
+                    stats.mode,
+                    stats.scale,
+                    stats.inv_tau,
+                    &stats.col_max.as_view(),
+                    &stats.col_inv_sum.as_view(),
+                    &stats.row_max.as_view(),
+                    &stats.row_inv_sum.as_view(),
+                    &own_v2t.as_view(),
+                    &mut results.beaten.as_view_mut(),
+                )?;
                 stream.synchronize()?; // chunk_start is freed at the end of this iteration
             }
             if let Some(sink) = sink {
@@ -489,33 +501,51 @@ impl Run<'_> {
         let part_len = if needs_column_stats { parts.count * columns } else { 1 };
         let (mut part_max, mut part_sum) = (zeros::<f64>(stream, part_len)?, zeros::<f64>(stream, part_len)?);
         let mut own_cosine = zeros::<f32>(stream, self.n)?;
-        let partial_kernel = gpu.score_kernel("column_stats_partial")?;
-        let row_stats_kernel = gpu.score_kernel("row_stats")?;
-        let gather_kernel = gpu.score_kernel("gather_own")?;
         let rows_per_part = int(parts.rows_per_part, "rows per part")?;
         for rows in blocks {
             matrix.compute(self, rows.clone())?;
             let (cosines, row0, row_count) = (&matrix.cosines, rows.start as i32, rows.len() as i32);
             let meeting = parts.meeting(rows);
             if needs_column_stats && !meeting.is_empty() {
-                let first_part = int(meeting.start, "a part")?;
-                let mut launch = stream.launch_builder(&partial_kernel);
-                launch.arg(cosines).arg(&row0).arg(&row_count).arg(&cols).arg(&rows_per_part).arg(&first_part);
-                launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&mut part_max).arg(&mut part_sum);
-                // SAFETY: matches column_stats_partial; parts are laid out parts.count × columns.
-                unsafe { launch.launch(launch_config((column_blocks, meeting.len())))? };
+                // Parts are laid out parts.count × columns.
+                launch::column_stats_partial(
+                    gpu,
+                    (column_blocks, meeting.len()),
+                    &cosines.as_view(),
+                    row0,
+                    row_count,
+                    cols,
+                    rows_per_part,
+                    int(meeting.start, "a part")?,
+                    stats.scale,
+                    stats.inv_tau,
+                    &mut part_max.as_view_mut(),
+                    &mut part_sum.as_view_mut(),
+                )?;
             }
             if self.options.revision == Revision::DslSym && !rows.is_empty() {
-                let mut launch = stream.launch_builder(&row_stats_kernel);
-                launch.arg(cosines).arg(&cols).arg(&row0).arg(&stats.scale).arg(&stats.inv_tau);
-                launch.arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
-                // SAFETY: matches row_stats; one block per row of this block.
-                unsafe { launch.launch(launch_config((rows.len(), 1)))? };
+                launch::row_stats(
+                    gpu,
+                    (rows.len(), 1),
+                    &cosines.as_view(),
+                    cols,
+                    row0,
+                    stats.scale,
+                    stats.inv_tau,
+                    &mut stats.row_max.as_view_mut(),
+                    &mut stats.row_inv_sum.as_view_mut(),
+                )?;
             }
-            let mut launch = stream.launch_builder(&gather_kernel);
-            launch.arg(cosines).arg(&row_count).arg(&cols).arg(&row0).arg(group).arg(&mut own_cosine);
-            // SAFETY: matches gather_own.
-            unsafe { launch.launch(launch_config((blocks_for(rows.len()), 1)))? };
+            launch::gather_own(
+                gpu,
+                (blocks_for(rows.len()), 1),
+                &cosines.as_view(),
+                row_count,
+                cols,
+                row0,
+                &group.as_view(),
+                &mut own_cosine.as_view_mut(),
+            )?;
         }
         if needs_column_stats {
             self.merge_column_stats(&part_max, &part_sum, parts.count, stats)?;
@@ -551,39 +581,71 @@ impl Run<'_> {
         let parts = n.div_ceil(rows_per_part).max(1);
         let (mut part_max, mut part_sum) =
             (zeros::<f64>(stream, parts * columns)?, zeros::<f64>(stream, parts * columns)?);
-        let kernel = gpu.score_kernel("fused_column_stats")?;
-        let rows_per_part_i = rows_per_part as i32;
-        let mut launch = stream.launch_builder(&kernel);
-        launch.arg(&texts).arg(&videos).arg(&rows).arg(&cols).arg(&width_i).arg(&rows_per_part_i).arg(&group);
-        launch.arg(&stats.mode).arg(&stats.scale).arg(&stats.inv_tau).arg(&mut part_max).arg(&mut part_sum);
-        launch.arg(&mut own_cosine);
-        // SAFETY: matches fused_column_stats; parts × columns partial statistics.
-        unsafe { launch.launch(launch_config((column_blocks, parts)))? };
+        launch::fused_column_stats(
+            gpu,
+            (column_blocks, parts),
+            &texts.as_view(),
+            &videos.as_view(),
+            rows,
+            cols,
+            width_i,
+            rows_per_part as i32,
+            &group.as_view(),
+            stats.mode,
+            stats.scale,
+            stats.inv_tau,
+            &mut part_max.as_view_mut(),
+            &mut part_sum.as_view_mut(),
+            &mut own_cosine.as_view_mut(),
+        )?;
         if self.mode != REVISE_NONE {
             self.merge_column_stats(&part_max, &part_sum, parts, &mut stats)?;
         }
         if self.options.revision == Revision::DslSym {
-            let kernel = gpu.score_kernel("fused_row_stats")?;
-            let mut launch = stream.launch_builder(&kernel);
-            launch.arg(&texts).arg(&videos).arg(&cols).arg(&width_i).arg(&block_start).arg(&stats.scale);
-            launch.arg(&stats.inv_tau).arg(&mut stats.row_max).arg(&mut stats.row_inv_sum);
-            // SAFETY: matches fused_row_stats; one block per row block.
-            unsafe { launch.launch(launch_config((row_blocks, 1)))? };
+            launch::fused_row_stats(
+                gpu,
+                (row_blocks, 1),
+                &texts.as_view(),
+                &videos.as_view(),
+                cols,
+                width_i,
+                &block_start.as_view(),
+                stats.scale,
+                stats.inv_tau,
+                &mut stats.row_max.as_view_mut(),
+                &mut stats.row_inv_sum.as_view_mut(),
+            )?;
         }
         let own_v2t = self.own_v2t(&own_cosine, &stats)?;
         drop((part_max, part_sum));
 
         // Pass two.
-        let kernel = gpu.score_kernel("fused_apply")?;
-        let k = self.top_k as i32;
+        // Each block owns the top-k lists of its rows.
         let mut results = self.results()?;
-        let mut launch = stream.launch_builder(&kernel);
-        launch.arg(&texts).arg(&videos).arg(&cols).arg(&width_i).arg(&block_start).arg(&group).arg(&own_cosine);
-        launch.arg(&stats.mode).arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
-        launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(&own_v2t).arg(&k);
-        launch.arg(&mut results.top_value).arg(&mut results.top_column).arg(&mut results.rank).arg(&mut results.beaten);
-        // SAFETY: matches fused_apply; each block owns the top-k lists of its rows.
-        unsafe { launch.launch(launch_config((row_blocks, 1)))? };
+        launch::fused_apply(
+            gpu,
+            (row_blocks, 1),
+            &texts.as_view(),
+            &videos.as_view(),
+            cols,
+            width_i,
+            &block_start.as_view(),
+            &group.as_view(),
+            &own_cosine.as_view(),
+            stats.mode,
+            stats.scale,
+            stats.inv_tau,
+            &stats.col_max.as_view(),
+            &stats.col_inv_sum.as_view(),
+            &stats.row_max.as_view(),
+            &stats.row_inv_sum.as_view(),
+            &own_v2t.as_view(),
+            self.top_k as i32,
+            &mut results.top_value.as_view_mut(),
+            &mut results.top_column.as_view_mut(),
+            &mut results.rank.as_view_mut(),
+            &mut results.beaten.as_view_mut(),
+        )?;
         self.outcome(results)
     }
 }
@@ -595,8 +657,7 @@ pub fn cosines(gpu: &Gpu, texts: &[f32], videos: &[f32], dim: usize) -> Result<C
     let (rows, cols) = (texts.len() / dim, videos.len() / dim);
     let (a, b) = (stream.clone_htod(texts)?, stream.clone_htod(videos)?);
     let mut c = zeros::<f32>(stream, rows * cols)?;
-    let kernel = gpu.score_kernel("cosines_f32")?;
-    launch_cosines(gpu, &kernel, &a.slice(..), &b, &mut c.slice_mut(..), dim)?;
+    launch_cosines(gpu, &a.as_view(), &b.as_view(), &mut c.as_view_mut(), dim)?;
     stream.synchronize()?;
     Ok(c)
 }
@@ -624,25 +685,49 @@ pub fn dual_softmax_stored(
         (zeros::<f64>(stream, parts.count * cols)?, zeros::<f64>(stream, parts.count * cols)?);
     let (mut col_max, mut col_inv_sum) = (zeros::<f64>(stream, cols)?, zeros::<f64>(stream, cols)?);
     let unused = zeros::<f64>(stream, 1)?;
-    let partial = gpu.score_kernel("column_stats_partial")?;
-    let mut launch = stream.launch_builder(&partial);
-    launch.arg(cosines).arg(&0i32).arg(&rows_i).arg(&cols_i).arg(&rows_per_part).arg(&0i32);
-    launch.arg(&scale).arg(&inv_tau).arg(&mut part_max).arg(&mut part_sum);
-    // SAFETY: matches column_stats_partial; one block holding every row meets every part.
-    unsafe { launch.launch(launch_config((column_blocks, parts.count)))? };
-    let merge = gpu.score_kernel("column_stats_merge")?;
-    let parts_i = parts.count as i32;
-    let mut launch = stream.launch_builder(&merge);
-    launch.arg(&part_max).arg(&part_sum).arg(&parts_i).arg(&cols_i).arg(&mut col_max).arg(&mut col_inv_sum);
-    // SAFETY: matches column_stats_merge.
-    unsafe { launch.launch(launch_config((column_blocks, 1)))? };
-    let revise = gpu.score_kernel("revise_rows")?;
-    let (direction, mode) = (0i32, REVISE_DSL);
-    let mut launch = stream.launch_builder(&revise);
-    launch.arg(cosines).arg(&rows_i).arg(&cols_i).arg(&0i32).arg(&direction).arg(&mode).arg(&scale).arg(&inv_tau);
-    launch.arg(&col_max).arg(&col_inv_sum).arg(&unused).arg(&unused).arg(out);
-    // SAFETY: matches revise_rows; T2V reads no row statistics.
-    unsafe { launch.launch(launch_config((blocks_for(rows * cols), 1)))? };
+    // One block holding every row meets every part.
+    launch::column_stats_partial(
+        gpu,
+        (column_blocks, parts.count),
+        &cosines.as_view(),
+        0,
+        rows_i,
+        cols_i,
+        rows_per_part,
+        0,
+        scale,
+        inv_tau,
+        &mut part_max.as_view_mut(),
+        &mut part_sum.as_view_mut(),
+    )?;
+    launch::column_stats_merge(
+        gpu,
+        (column_blocks, 1),
+        &part_max.as_view(),
+        &part_sum.as_view(),
+        parts.count as i32,
+        cols_i,
+        &mut col_max.as_view_mut(),
+        &mut col_inv_sum.as_view_mut(),
+    )?;
+    // T2V (direction 0) reads no row statistics.
+    launch::revise_rows(
+        gpu,
+        (blocks_for(rows * cols), 1),
+        &cosines.as_view(),
+        rows_i,
+        cols_i,
+        0,
+        0,
+        REVISE_DSL,
+        scale,
+        inv_tau,
+        &col_max.as_view(),
+        &col_inv_sum.as_view(),
+        &unused.as_view(),
+        &unused.as_view(),
+        &mut out.as_view_mut(),
+    )?;
     stream.synchronize()?;
     Ok(())
 }
@@ -708,7 +793,6 @@ fn dense_rows(
     sink: &dyn RowSink,
 ) -> Result<(), GpuError> {
     let stream = &gpu.stream;
-    let kernel = gpu.score_kernel("revise_rows")?;
     let batch = (DENSE_BATCH_BYTES / (8 * columns.max(1))).max(1);
     let symmetric = stats.mode == REVISE_DSL_SYM;
     let cols = int(columns, "the number of videos")?;
@@ -721,13 +805,25 @@ fn dense_rows(
         let (count, row0) = (int(last - first, "rows")?, int(first, "a row")?);
         let directions: &[i32] = if symmetric { &[0, 1] } else { &[0] };
         for &direction in directions {
+            // `out` holds at least count × cols values.
             let out = if direction == 0 { &mut t2v } else { &mut v2t };
-            let mut launch = stream.launch_builder(&kernel);
-            launch.arg(&block).arg(&count).arg(&cols).arg(&row0).arg(&direction).arg(&stats.mode);
-            launch.arg(&stats.scale).arg(&stats.inv_tau).arg(&stats.col_max).arg(&stats.col_inv_sum);
-            launch.arg(&stats.row_max).arg(&stats.row_inv_sum).arg(out);
-            // SAFETY: matches revise_rows; `out` holds at least count × cols values.
-            unsafe { launch.launch(launch_config((blocks_for((last - first) * columns), 1)))? };
+            launch::revise_rows(
+                gpu,
+                (blocks_for((last - first) * columns), 1),
+                &block,
+                count,
+                cols,
+                row0,
+                direction,
+                stats.mode,
+                stats.scale,
+                stats.inv_tau,
+                &stats.col_max.as_view(),
+                &stats.col_inv_sum.as_view(),
+                &stats.row_max.as_view(),
+                &stats.row_inv_sum.as_view(),
+                &mut out.as_view_mut(),
+            )?;
         }
         let t2v_host = stream.clone_dtoh(&t2v.slice(..(last - first) * columns))?;
         let v2t_host = if symmetric { stream.clone_dtoh(&v2t.slice(..(last - first) * columns))? } else { Vec::new() };
