@@ -4,7 +4,7 @@
 // threads meeting there are the ones that must (a divergent barrier, a mask that does not match
 // the lanes that reach it, fail the launch, naming the kernel, block and thread). The fibers are
 // announced to AddressSanitizer and ThreadSanitizer in the sanitizer builds, and barriers and
-// collectives to ThreadSanitizer as synchronisation, so that it reports what races between them.
+// __syncwarp to ThreadSanitizer as synchronisation, so that it reports what races between them.
 #include <pthread.h>
 #include <sys/mman.h>
 
@@ -17,8 +17,8 @@
 #include "emulator.h"
 
 // The Makefile defines VTR_EMU_ASAN or VTR_EMU_TSAN for the sanitizer builds. This file is not
-// instrumented by ThreadSanitizer: its bookkeeping is shared by fibers that switch without
-// synchronising, by design; only the kernels' accesses are checked.
+// instrumented (the kernels are): its bookkeeping is shared by fibers that switch without
+// synchronising, by design, which ThreadSanitizer would report.
 #ifdef VTR_EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
