@@ -16,7 +16,8 @@ emulator="$target/cuda-emulator"
 # The constants the kernels share with the host, as NVRTC gets them (gpu::score::KERNEL_CONSTANTS).
 defines=$(cargo run --quiet --locked --features cuda --example kernel_constants | tr '\n' ' ')
 for sanitizer in address thread; do
-  make -s -C cuda-emulator OUT="$emulator/$sanitizer" SANITIZER="$sanitizer" DEFINES="$defines"
+  make -s -C cuda-emulator OUT="$emulator/$sanitizer" SANITIZER="$sanitizer" DEFINES="$defines" \
+    "$emulator/$sanitizer/libcuda.so.1"
 done
 # The test binaries, built here: cargo itself must not run under a sanitizer.
 built=$(cargo test --locked --features cuda --no-run --test gpu --test emulated_device --test integration 2>&1) ||
