@@ -7,6 +7,7 @@
 // those compiled into this library, so a stale build is found, not run.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -620,14 +621,25 @@ Result cuModuleLoadData(CUmodule *module, const void *image) {
     std::map<std::string, PtxEntry> entries;
     const int capability = device->major * 10 + device->minor;
     if (std::strncmp(text, "\x7f" "ELF", 4) == 0) {
-        // A cubin: its size is in its ELF header (the section table ends it).
-        uint64_t table = 0;
+        // A cubin comes without its size: it ends where the last of its section table and its
+        // sections' contents (all but NOBITS, which take no room) ends.
+        uint64_t table = 0, size = 0;
         uint16_t entry_size = 0, count = 0;
         std::memcpy(&table, text + 40, 8);
         std::memcpy(&entry_size, text + 58, 2);
         std::memcpy(&count, text + 60, 2);
+        size = table + (uint64_t)entry_size * count;
+        for (uint16_t i = 0; i < count; ++i) {
+            const char *header = text + table + (uint64_t)i * entry_size;
+            uint32_t type = 0;
+            uint64_t at = 0, bytes = 0;
+            std::memcpy(&type, header + 4, 4);
+            std::memcpy(&at, header + 24, 8);
+            std::memcpy(&bytes, header + 32, 8);
+            if (type != 8 /* SHT_NOBITS */) size = std::max(size, at + bytes);
+        }
         if (device->refuses_cubin) return refuse(vtr_emu::NO_BINARY_FOR_GPU, "this device refuses cubins (cubin=refuse)");
-        if (!read_cubin(std::string(text, table + (uint64_t)entry_size * count), &target, &entries)) {
+        if (!read_cubin(std::string(text, size), &target, &entries)) {
             return refuse(vtr_emu::INVALID_IMAGE, "the module is not a cubin NVRTC made");
         }
         // A cubin runs on its own major architecture, at its minor version or a later one.
