@@ -18,6 +18,7 @@ Set up once: python3 -m venv benchmarks/.venv && benchmarks/.venv/bin/pip instal
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -49,6 +50,7 @@ def main():
     parser.add_argument("--work", default="benchmarks/work/tower")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bin", help="a prebuilt tower_throughput example")
+    parser.add_argument("--json", help="also write the rounds and the median ratio here (the device check reads it)")
     parser.add_argument("--baseline-bin", help="another build's tower_throughput (an earlier commit's), timed in "
                         "every round beside this one's: the cost or gain of a change, on the same machine")
     args = parser.parse_args()
@@ -109,12 +111,13 @@ def main():
     print(f"| round | PyTorch {args.dtype} ({args.device}) | vtr-index {args.dtype} ({args.device}) | vtr-index / PyTorch | "
           f"lowest cosine |{baseline}")
     print("|---|---|---|---|---|" + ("---|---|---|" if baseline else ""))
-    ratios, baseline_ratios = [], []
+    ratios, baseline_ratios, rounds = [], [], []
     for round_no in range(1, args.rounds + 1):
         torch_fps, reference = pytorch_round()
         ours_fps, ours = rust_round(binary, "ours.f32")
         lowest = float(np.min(np.sum(ours * reference, axis=1)))
         ratios.append(ours_fps / torch_fps)
+        rounds.append({"pytorch_frames_per_s": torch_fps, "vtr_index_frames_per_s": ours_fps, "lowest_cosine": lowest})
         row = f"| {round_no} | {torch_fps:.2f} frames/s | {ours_fps:.2f} frames/s | {ratios[-1]:.2f}× | {lowest:.6f} |"
         if args.baseline_bin:
             base_fps, base = rust_round(args.baseline_bin, "baseline.f32")
@@ -125,6 +128,10 @@ def main():
     print(f"median ratio: {statistics.median(ratios):.2f}×")
     if baseline_ratios:
         print(f"median ratio to the baseline: {statistics.median(baseline_ratios):.3f}×")
+    if args.json:
+        summary = {"device": args.device, "dtype": args.dtype, "frames": args.frames, "batch": args.batch,
+                   "rounds": rounds, "median_ratio": statistics.median(ratios)}
+        Path(args.json).write_text(json.dumps(summary, indent=1))
 
 if __name__ == "__main__":
     main()

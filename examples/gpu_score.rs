@@ -1,6 +1,7 @@
 //! GPU scoring figures: the Rust side of `benchmarks/gpu_vs_pytorch.py` (feature `cuda`; it
 //! loads no GStreamer, so it runs on GPU machines that have none).
 //!
+//! `gpu_score probe` — what `vtr-index info --gpu` prints (the main binary links GStreamer).
 //! `gpu_score copy MIB` — device-to-device copy bandwidth, the floor's denominator.
 //! `gpu_score stored TEXTS.f32 VIDEOS.f32 DIM` — CAMoE's dual softmax of the stored matrix of
 //!   cosines (computed on the device first, not timed) into f64 values.
@@ -44,6 +45,10 @@ fn with_peak_memory<T>(gpu: &Gpu, work: impl FnOnce() -> T) -> Result<(T, usize)
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("probe") {
+        print!("{}", vtr_index::gpu::report());
+        return Ok(());
+    }
     let gpu = Gpu::open(0)?;
     println!("device={}", gpu.name);
     match args.first().map(String::as_str) {
@@ -110,7 +115,9 @@ fn main() -> Result<()> {
                 t2v.r1, t2v.r5, t2v.r10, t2v.mdr, t2v.mnr
             );
         }
-        _ => bail!("usage: gpu_score copy MIB | stored TEXTS VIDEOS DIM | score TEXTS VIDEOS DIM f32|f16 REVISE"),
+        _ => {
+            bail!("usage: gpu_score probe | copy MIB | stored TEXTS VIDEOS DIM | score TEXTS VIDEOS DIM f32|f16 REVISE")
+        }
     }
     Ok(())
 }

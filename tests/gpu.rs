@@ -506,3 +506,78 @@ fn f16_inputs_equal_the_f32_path_where_f16_is_exact() {
         }
     }
 }
+
+/// The CPU's revised T2V rows for the texts `keep` selects: at 48,000² the whole matrix would
+/// take 18 GB of host memory.
+struct SomeRows<F: Fn(usize) -> bool + Sync> {
+    keep: F,
+    kept: std::sync::Mutex<std::collections::HashMap<usize, Vec<f64>>>,
+}
+
+impl<F: Fn(usize) -> bool + Sync> vtr_index::score::RowSink for SomeRows<F> {
+    fn row(&self, text: usize, t2v: &[f64], _v2t: &[f64]) -> std::io::Result<()> {
+        if (self.keep)(text) {
+            self.kept.lock().unwrap().insert(text, t2v.to_vec());
+        }
+        Ok(())
+    }
+}
+
+/// The side of the square problem past 2³¹ elements: 48,000 (2.3 × 10⁹ elements), or
+/// `VTR_INDEX_LARGE_SCORE_SIDE` (the device check's rehearsal on the emulated device, which
+/// could not run the full size, takes a small one).
+fn large_side() -> usize {
+    std::env::var("VTR_INDEX_LARGE_SCORE_SIDE").map_or(48_000, |side| side.parse().expect("a side in rows"))
+}
+
+/// Past 2³¹ elements: 48,000 texts × 48,000 videos at D = 512, which a large card scores in one
+/// row block, so the kernels' element indices pass 2³¹ (64-bit indexing), against the CPU path
+/// on all the machine's cores. On every text past element 2³¹ and every 64th text before it,
+/// the top-k lists and T2V ranks are held as `assert_matches_cpu` holds them, with the CPU's
+/// revised row; on every text, each top-k value is near the CPU's; and at most 1 in 1,000 T2V
+/// or V2T ranks differ (random data has near ties that rarely, and an indexing fault moves most).
+/// Run by the device check (benchmarks/device_check/), skipped by the emulated run.
+#[test]
+#[ignore = "needs a CUDA device: run with -- --ignored"]
+fn device_scoring_past_2_pow_31_elements_matches_the_cpu_path() {
+    let gpu = device();
+    let (side, dim) = (large_side(), 512);
+    let (texts, videos, text_video) = synthetic(side, side, dim, 31);
+    let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
+    let options = ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 10, ..ScoreOptions::default() };
+    let first_past = (1usize << 31).div_ceil(side).saturating_sub(1).min(side.saturating_sub(64));
+    let keep = move |text: usize| text >= first_past || text % 64 == 0;
+    let started = std::time::Instant::now();
+    let on_device = gpu::score::score(&gpu, &problem, &options, None).unwrap();
+    eprintln!("{side}² on {}: {:.2} s", gpu.name, started.elapsed().as_secs_f64());
+    let started = std::time::Instant::now();
+    let sink = SomeRows { keep, kept: Default::default() };
+    let cpu = score(&problem, &options, Some(&sink)).unwrap();
+    eprintln!("{side}² on {} CPU threads: {:.2} s", rayon::current_num_threads(), started.elapsed().as_secs_f64());
+    let kept = sink.kept.into_inner().unwrap();
+    assert_eq!(on_device.top.len(), side);
+    for (text, (d, c)) in on_device.top.iter().zip(&cpu.top).enumerate() {
+        assert_eq!(d.len(), c.len(), "text {text}: {d:?} vs {c:?}");
+        for (&(dc, dv), &(cc, cv)) in d.iter().zip(c) {
+            assert!(near(dv, cv), "text {text}: {d:?} vs {c:?}");
+            if let Some(values) = kept.get(&text) {
+                assert!(dc == cc || near(values[dc as usize], cv), "text {text}: columns {d:?} vs {c:?}");
+            }
+        }
+    }
+    let mut differing = 0;
+    for (&(text, dr), &(ct, cr)) in on_device.t2v_ranks.iter().zip(&cpu.t2v_ranks) {
+        assert_eq!(text, ct, "T2V queries");
+        if let Some(values) = kept.get(&text) {
+            let own = values[text_video[text].expect("a T2V query has a video") as usize];
+            let close = values.iter().filter(|&&v| v != own && near(v, own)).count() as u32;
+            assert!(dr.abs_diff(cr) <= close, "text {text}: T2V rank {dr} vs {cr}");
+        }
+        differing += usize::from(dr != cr);
+    }
+    assert_eq!(on_device.v2t_ranks.len(), cpu.v2t_ranks.len(), "V2T queries");
+    differing += on_device.v2t_ranks.iter().zip(&cpu.v2t_ranks).filter(|(d, c)| d != c).count();
+    let queries = cpu.t2v_ranks.len() + cpu.v2t_ranks.len();
+    eprintln!("{differing} of {queries} ranks differ; {} texts' rows checked exactly", kept.len());
+    assert!(differing * 1000 <= queries, "{differing} of {queries} ranks differ");
+}

@@ -32,23 +32,7 @@ pub fn run(args: InfoArgs) -> Result<u8> {
 
 #[cfg(feature = "cuda")]
 fn print_gpu_info() -> Result<u8> {
-    use crate::gpu;
-    println!("cuda:      {}", gpu::probe());
-    println!("nvrtc:     {}", if gpu::nvrtc_present() { "loads" } else { "not found (LD_LIBRARY_PATH)" });
-    if let gpu::Probe::Ready { devices } = gpu::probe() {
-        for ordinal in 0..devices {
-            match gpu::Gpu::open(ordinal) {
-                Ok(device) => println!(
-                    "cuda:{ordinal}:    {} ({}, kernels loaded from {}): {}",
-                    device.name,
-                    gpu::architecture(device.capability),
-                    device.kernels_from,
-                    gpu::paths(device.capability)
-                ),
-                Err(e) => println!("cuda:{ordinal}:    {e}"),
-            }
-        }
-    }
+    print!("{}", crate::gpu::report());
     Ok(0)
 }
 

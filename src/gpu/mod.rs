@@ -110,6 +110,34 @@ pub fn probe() -> Probe {
     }
 }
 
+/// What `vtr-index info --gpu` prints, one line each: the driver, NVRTC, and every device with
+/// its architecture, where its kernels loaded from and the paths it scores on. Also printed by
+/// the GStreamer-free `gpu_score probe` (examples/), which GPU machines without GStreamer run.
+pub fn report() -> String {
+    use std::fmt::Write;
+    let probe = probe();
+    let mut out = format!("cuda:      {probe}\n");
+    let nvrtc = if nvrtc_present() { "loads" } else { "not found (LD_LIBRARY_PATH)" };
+    writeln!(out, "nvrtc:     {nvrtc}").unwrap();
+    if let Probe::Ready { devices } = probe {
+        for ordinal in 0..devices {
+            match Gpu::open(ordinal) {
+                Ok(device) => writeln!(
+                    out,
+                    "cuda:{ordinal}:    {} ({}, kernels loaded from {}): {}",
+                    device.name,
+                    architecture(device.capability),
+                    device.kernels_from,
+                    paths(device.capability)
+                ),
+                Err(e) => writeln!(out, "cuda:{ordinal}:    {e}"),
+            }
+            .unwrap();
+        }
+    }
+    out
+}
+
 /// Whether libcuda loads. With `cuda-encoder`, candle links cudarc to the CUDA libraries at build
 /// time, so a process that runs has them; otherwise they are loaded on first use.
 #[cfg(not(feature = "cuda-encoder"))]
