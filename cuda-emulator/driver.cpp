@@ -348,6 +348,7 @@ const char *error_name(int code) {
         case vtr_emu::ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
         case vtr_emu::LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case vtr_emu::LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+        case vtr_emu::NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
     }
     return "CUDA_ERROR_UNKNOWN";
 }
@@ -369,6 +370,7 @@ const char *error_string(int code) {
         case vtr_emu::ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
         case vtr_emu::LAUNCH_OUT_OF_RESOURCES: return "too many resources requested for launch";
         case vtr_emu::LAUNCH_FAILED: return "unspecified launch failure";
+        case vtr_emu::NOT_SUPPORTED: return "operation not supported";
     }
     return "unknown error";
 }
@@ -735,6 +737,20 @@ Result cuLaunchKernel(CUfunction function, unsigned grid_x, unsigned grid_y, uns
     }
 #endif
     if (failure.code != vtr_emu::SUCCESS) return refuse(failure.code, failure.message);
+    return vtr_emu::SUCCESS;
+}
+
+// The other driver symbols a `cuda-encoder` build links (candle's cudarc), so that such a build
+// loads here: Rust links with `-z now`, which binds every symbol at load. The device check's
+// rehearsal runs that build's tower on the CPU (benchmarks/device_check/); the emulated device
+// runs only our kernels, so what would need more is refused.
+Result cuCtxDestroy_v2(CUcontext) { return vtr_emu::INVALID_CONTEXT; }  // only primary contexts here
+Result cuModuleLoad(CUmodule *, const char *) { return vtr_emu::NOT_SUPPORTED; }
+Result cuMemcpyPeerAsync(CUdeviceptr, CUcontext, CUdeviceptr, CUcontext, size_t, CUstream) {
+    return vtr_emu::NOT_SUPPORTED;
+}
+Result cuStreamIsCapturing(CUstream, int *status) {
+    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE: the stand-in captures no graphs
     return vtr_emu::SUCCESS;
 }
 

@@ -64,6 +64,7 @@ enum Result : int {
     ILLEGAL_ADDRESS = 700,
     LAUNCH_OUT_OF_RESOURCES = 701,
     LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
 };
 
 struct LaunchFailure {

@@ -546,7 +546,7 @@ fn device_scoring_past_2_pow_31_elements_matches_the_cpu_path() {
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
     let options = ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 10, ..ScoreOptions::default() };
     let first_past = (1usize << 31).div_ceil(side).saturating_sub(1).min(side.saturating_sub(64));
-    let keep = move |text: usize| text >= first_past || text % 64 == 0;
+    let keep = move |text: usize| text >= first_past || text.is_multiple_of(64);
     let started = std::time::Instant::now();
     let on_device = gpu::score::score(&gpu, &problem, &options, None).unwrap();
     eprintln!("{side}² on {}: {:.2} s", gpu.name, started.elapsed().as_secs_f64());
