@@ -99,3 +99,38 @@ fn modules_depend_on_each_other_without_a_cycle() {
         assert!(!path_back(&edges, module, module, &mut path), "a cycle through {path:?} (all edges: {edges:?})");
     }
 }
+
+/// ARCHITECTURE.md's "a revision is described once": outside the revision's description
+/// (`score/revision.rs`) and its formulas (`score/reviser.rs`), no code compares with, matches
+/// on or otherwise branches on a revision by name; it reads `Revision::needs`.
+#[test]
+fn every_revision_is_described_once() {
+    let own = ["score/revision.rs", "score/reviser.rs"];
+    let mut found = 0;
+    for (file, code) in sources() {
+        for (at, _) in code.match_indices("Revision::") {
+            let after = &code[at + "Revision::".len()..];
+            if !after.starts_with(|c: char| c.is_ascii_uppercase()) || after.starts_with("ALL") {
+                continue; // `Revision::needs`, `Revision::name`, `Revision::ALL`
+            }
+            found += 1;
+            // What comes before the path (`crate::score::Revision::Dsl` too).
+            let before = code[..at].trim_end_matches(|c: char| c.is_alphanumeric() || c == '_' || c == ':').trim_end();
+            let line = code[..at].rsplit('\n').next().unwrap_or("");
+            let variant_end = after.find(|c: char| !c.is_alphanumeric()).unwrap_or(after.len());
+            let rest = after[variant_end..].trim_start();
+            let branches = before.ends_with("==")
+                || before.ends_with("!=")
+                || rest.starts_with("=>")
+                || rest.starts_with('|')
+                || line.contains("matches!(")
+                || line.trim_start().starts_with('(');
+            assert!(
+                !branches || own.contains(&file.as_str()),
+                "src/{file} branches on Revision::{}: read Revision::needs instead",
+                &after[..variant_end]
+            );
+        }
+    }
+    assert!(found > 0, "the scan finds the revisions");
+}

@@ -331,7 +331,7 @@ fn the_device_refuses_what_it_does_not_score() {
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: Some(&texts) };
     let qbnorm = ScoreOptions { revision: Revision::Qbnorm, ..ScoreOptions::default() };
     let error = gpu::score::score(&gpu, &problem, &qbnorm, None).unwrap_err().to_string();
-    assert!(error.contains("QB-Norm"), "{error}");
+    assert!(error.contains("--revise qbnorm is scored on the CPU only"), "{error}");
     let wide = ScoreOptions { top_k: 33, ..ScoreOptions::default() };
     let error = gpu::score::score(&gpu, &problem, &wide, None).unwrap_err().to_string();
     assert!(error.contains("--top-k 33"), "{error}");

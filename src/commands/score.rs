@@ -22,7 +22,8 @@ use clap::Args;
 use crate::score::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, is_positive, score};
 use crate::store::npy::NpyWriter;
 use crate::store::{
-    Manifest, TextSet, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path, write_topk,
+    Manifest, StageFiles, StageHeader, TextSet, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path,
+    write_topk,
 };
 use crate::types::DeviceChoice;
 
@@ -70,7 +71,7 @@ pub struct ScoreArgs {
     /// One stage of a score split over many machines: `stats` then `rank` for each part
     /// (`--part`), then `finish` once (contract §7).
     #[arg(long, value_enum, requires = "work")]
-    pub stage: Option<Stage>,
+    pub stage: Option<SplitStage>,
     /// The part of a split score: I/N, or auto/N from SLURM_ARRAY_TASK_ID or
     /// JOB_COMPLETION_INDEX.
     #[arg(long, value_name = "I/N")]
@@ -82,7 +83,7 @@ pub struct ScoreArgs {
 
 /// The stages of a split score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Stage {
+pub enum SplitStage {
     /// Per part: its column statistics, its slice of the bank's, its texts' own cosines.
     Stats,
     /// Per part, once every part's stats are done: its texts' top-k and ranks.
@@ -273,13 +274,18 @@ struct Inputs {
 impl Inputs {
     fn read(command: &ScoreCommand, manifest: &Manifest) -> Result<Inputs> {
         let text_shards = text_set(manifest, &command.texts)?;
-        let bank_shards = match (command.revise, &command.bank) {
-            (Revision::Qbnorm, Some(bank)) => Some(text_set(manifest, bank)?),
-            (Revision::Qbnorm, None) => {
-                bail!("--revise qbnorm needs --bank NAME, a text set of bank queries (for example training captions)")
+        let revise = command.revise.name();
+        let bank_shards = match (command.revise.needs().bank, &command.bank) {
+            (true, Some(bank)) => Some(text_set(manifest, bank)?),
+            (true, None) => {
+                bail!("--revise {revise} needs --bank NAME, a text set of bank queries (for example training captions)")
             }
-            (_, Some(_)) => bail!("--bank is used only by --revise qbnorm"),
-            (_, None) => None,
+            (false, Some(_)) => {
+                let with_bank: Vec<&str> =
+                    Revision::ALL.into_iter().filter(|r| r.needs().bank).map(Revision::name).collect();
+                bail!("--bank is used only by --revise {}", with_bank.join(" or --revise "))
+            }
+            (false, None) => None,
         };
         // The two tables are decoded at once: each read is one thread's work.
         let (videos, texts) = rayon::join(
@@ -294,11 +300,7 @@ impl Inputs {
         super::refuse_non_unit(&format!("text set {}", command.texts), &texts.embeddings, |row| {
             format!("text_id {}", texts.text_ids[row])
         })?;
-        let mut order: Vec<usize> = (0..video_ids.len()).collect();
-        order.sort_by(|&a, &b| video_ids[a].as_bytes().cmp(video_ids[b].as_bytes()));
-        let dim = videos.dim;
-        let video_matrix = order.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
-        let columns: Vec<String> = order.iter().map(|&v| video_ids[v].clone()).collect();
+        let (dim, video_matrix, columns) = (videos.dim, videos.values, video_ids);
         let column_of: HashMap<&str, u32> = columns.iter().enumerate().map(|(c, id)| (id.as_str(), c as u32)).collect();
 
         if texts.text_ids.is_empty() {
@@ -424,7 +426,7 @@ fn publish_outcome(
         revise: command.revise,
         temperature: command.temperature,
         scale: options.scale,
-        beta: (command.revise == Revision::Qbnorm).then_some(command.beta),
+        beta: command.revise.needs().bank.then_some(command.beta),
         bank: command.bank.clone(),
         texts: command.texts.clone(),
         n_texts: inputs.texts.text_ids.len(),
@@ -446,82 +448,34 @@ fn publish_outcome(
     Ok(ScoreReport { metrics, files, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// What a split score's stage files record besides their data, so that every stage works on
-/// one score of one index: the manifest read (its SHA-256) and the settings (numbers by their
-/// bits, which JSON carries exactly).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-struct StageHeader {
-    manifest_sha256: String,
-    texts: String,
-    revise: String,
-    bank: Option<String>,
-    temperature_bits: u64,
-    scale_bits: u64,
-    beta_bits: u64,
-    top_k: usize,
-    parts: u32,
-}
-
-#[derive(Serialize, serde::Deserialize)]
-struct StageFile<T> {
-    header: StageHeader,
-    data: T,
-}
-
-fn stage_path(work: &Path, stage: &str, part: u32, parts: u32) -> PathBuf {
-    work.join(format!("{stage}-{part}-of-{parts}.json"))
-}
-
-/// Reads a stage file and checks it belongs to this score of this index.
-fn read_stage<T: serde::de::DeserializeOwned>(path: &Path, header: &StageHeader) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: missing", path.display()))?;
-    let file: StageFile<T> =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a stage file of vtr-index", path.display()))?;
-    if file.header.manifest_sha256 != header.manifest_sha256 {
-        bail!(
-            "{}: made from another state of the index (its manifest changed since the stats stage: a commit, a new text set): run the split score again in a new --work folder",
-            path.display()
-        );
-    }
-    if file.header != *header {
-        bail!("{}: made for other settings ({:?}); use one --work folder per score", path.display(), file.header);
-    }
-    Ok(file.data)
-}
-
-/// Writes a stage file atomically.
-fn write_stage<T: Serialize>(path: &Path, header: &StageHeader, data: T) -> Result<()> {
-    let json = serde_json::to_string(&StageFile { header: header.clone(), data })?;
-    crate::store::atomic_write(path, json.as_bytes())?;
-    Ok(())
-}
-
 /// One stage of a split score (contract §7). `stats` and `rank` write `WORK/<stage>-I-of-N.json`
 /// and are done at once if it is there (made for this index and these settings); `finish`
 /// joins every part's `rank` file into the outputs.
-fn run_stage(command: &ScoreCommand, stage: Stage, part: Option<&str>, work: &Path) -> Result<u8> {
-    use crate::score::split;
+fn run_stage(command: &ScoreCommand, stage: SplitStage, part: Option<&str>, work: &Path) -> Result<u8> {
     let started = Instant::now();
     if command.dense || command.device != DeviceChoice::Cpu {
         bail!("a split score runs on the CPU and writes top-k and metrics: leave out --dense and --device");
     }
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    let files = StageFiles::new(work);
+    match (stage, part) {
+        (SplitStage::Finish, None) => finish_stage(command, &files, started),
+        (SplitStage::Finish, Some(_)) => bail!("--stage finish joins every part: leave out --part"),
+        (SplitStage::Stats | SplitStage::Rank, Some(text)) => {
+            let shard =
+                crate::partition::Shard::parse(text, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+            part_stage(command, stage, shard, &files, started)
+        }
+        (_, None) => bail!("--stage stats and rank need --part I/N"),
+    }
+}
+
+/// The index's manifest and the header every stage file of this score carries. Needs the
+/// manifest alone: a stage found done returns before the inputs are read.
+fn stage_header(command: &ScoreCommand, parts: u32) -> Result<(Manifest, ScoreOptions, StageHeader)> {
     let manifest_sha256 = crate::checksum::sha256_file(&command.index.join(crate::store::MANIFEST))
         .with_context(|| format!("{}: not an index", command.index.display()))?
         .1;
-    let part = match (stage, part) {
-        (Stage::Finish, None) => None,
-        (Stage::Finish, Some(_)) => bail!("--stage finish joins every part: leave out --part"),
-        (_, Some(text)) => {
-            Some(crate::partition::Shard::parse(text, |name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?)
-        }
-        (_, None) => bail!("--stage stats and rank need --part I/N"),
-    };
-    let parts = match part {
-        Some(shard) => shard.count,
-        None => finished_parts(work)?,
-    };
-    // The header needs the manifest alone: a stage found done returns before the inputs are read.
     let manifest = super::load_manifest(&command.index)?;
     let options = score_options(command, &manifest);
     let header = StageHeader {
@@ -535,77 +489,71 @@ fn run_stage(command: &ScoreCommand, stage: Stage, part: Option<&str>, work: &Pa
         top_k: command.top_k,
         parts,
     };
-    let name = if stage == Stage::Stats { "stats" } else { "rank" };
-    if let Some(shard) = part {
-        let path = stage_path(work, name, shard.index, parts);
-        if path.exists() {
-            if stage == Stage::Stats {
-                read_stage::<split::BlockStats>(&path, &header)?;
-            } else {
-                read_stage::<split::BlockRanks>(&path, &header)?;
-            }
-            eprintln!("vtr-index: {name} of part {shard}: done already ({})", path.display());
-            return Ok(0);
+    Ok((manifest, options, header))
+}
+
+/// `--stage stats|rank --part I/N`: part I's file, unless it is there already.
+fn part_stage(
+    command: &ScoreCommand,
+    stage: SplitStage,
+    shard: crate::partition::Shard,
+    files: &StageFiles,
+    started: Instant,
+) -> Result<u8> {
+    use crate::score::split;
+    let parts = shard.count;
+    let (manifest, options, header) = stage_header(command, parts)?;
+    let name = if stage == SplitStage::Stats { "stats" } else { "rank" };
+    let path = files.path(name, shard.index, parts);
+    if path.exists() {
+        if stage == SplitStage::Stats {
+            files.read::<split::BlockStats>(&path, &header)?;
+        } else {
+            files.read::<split::BlockRanks>(&path, &header)?;
         }
+        eprintln!("vtr-index: {name} of part {shard}: done already ({})", path.display());
+        return Ok(0);
     }
     let inputs = Inputs::read(command, &manifest)?;
     let problem = inputs.problem();
     let blocks = split::blocks(&inputs.text_video, parts as usize);
-    match (stage, part) {
-        (Stage::Stats | Stage::Rank, Some(shard)) => {
-            let path = stage_path(work, name, shard.index, parts);
-            let i = shard.index as usize;
-            if stage == Stage::Stats {
-                write_stage(&path, &header, split::stats(&problem, &options, &blocks, i)?)?;
-            } else {
-                let all = (0..parts)
-                    .map(|p| read_stage(&stage_path(work, "stats", p, parts), &header))
-                    .collect::<Result<Vec<split::BlockStats>>>()
-                    .context("the rank stage needs every part's stats stage done first")?;
-                write_stage(&path, &header, split::rank(&problem, &options, &blocks, i, &all)?)?;
-            }
-            eprintln!(
-                "vtr-index: {name} of part {shard}: {} texts in {:.1} s",
-                blocks[i].len(),
-                started.elapsed().as_secs_f64()
-            );
-            Ok(0)
-        }
-        (Stage::Finish, _) => {
-            let out = command.out.as_deref().context("--stage finish writes into --out")?;
-            let all = (0..parts)
-                .map(|p| read_stage(&stage_path(work, "rank", p, parts), &header))
-                .collect::<Result<Vec<split::BlockRanks>>>()
-                .context("the finish stage needs every part's rank stage done first")?;
-            let outcome = split::finish(&inputs.text_video, inputs.columns.len(), all);
-            let staged = open_outputs(out)?;
-            let report = publish_outcome(command, out, &inputs, &options, &outcome, staged, started)?;
-            eprintln!("vtr-index: {} (from {parts} parts)", report.summary());
-            for file in &report.files {
-                println!("{}", file.display());
-            }
-            Ok(0)
-        }
-        _ => unreachable!("parts were checked above"),
+    let i = shard.index as usize;
+    if stage == SplitStage::Stats {
+        files.write(&path, &header, split::stats(&problem, &options, &blocks, i)?)?;
+    } else {
+        let all = (0..parts)
+            .map(|p| files.read(&files.path("stats", p, parts), &header))
+            .collect::<Result<Vec<split::BlockStats>, _>>()
+            .context("the rank stage needs every part's stats stage done first")?;
+        files.write(&path, &header, split::rank(&problem, &options, &blocks, i, &all)?)?;
     }
+    eprintln!(
+        "vtr-index: {name} of part {shard}: {} texts in {:.1} s",
+        blocks[i].len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
 }
 
-/// N of the split score whose rank files are in `work`: the one N they all share.
-fn finished_parts(work: &Path) -> Result<u32> {
-    let mut counts = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(work).with_context(|| format!("{}: cannot read", work.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some(n) =
-            name.strip_prefix("rank-").and_then(|r| r.strip_suffix(".json")).and_then(|r| r.split_once("-of-"))
-        {
-            counts.insert(n.1.parse::<u32>().with_context(|| format!("{name}: not a rank file"))?);
-        }
+/// `--stage finish`: every part's rank file joined into the outputs in `--out`.
+fn finish_stage(command: &ScoreCommand, files: &StageFiles, started: Instant) -> Result<u8> {
+    use crate::score::split;
+    let parts = files.finished_parts()?;
+    let (manifest, options, header) = stage_header(command, parts)?;
+    let inputs = Inputs::read(command, &manifest)?;
+    let out = command.out.as_deref().context("--stage finish writes into --out")?;
+    let all = (0..parts)
+        .map(|p| files.read(&files.path("rank", p, parts), &header))
+        .collect::<Result<Vec<split::BlockRanks>, _>>()
+        .context("the finish stage needs every part's rank stage done first")?;
+    let outcome = split::finish(&inputs.text_video, inputs.columns.len(), all);
+    let staged = open_outputs(out)?;
+    let report = publish_outcome(command, out, &inputs, &options, &outcome, staged, started)?;
+    eprintln!("vtr-index: {} (from {parts} parts)", report.summary());
+    for file in &report.files {
+        println!("{}", file.display());
     }
-    match counts.len() {
-        1 => Ok(*counts.first().expect("one")),
-        0 => bail!("{}: no rank stage has finished here", work.display()),
-        _ => bail!("{}: rank files of splits into {counts:?} parts: use one --work folder per score", work.display()),
-    }
+    Ok(0)
 }
 
 /// Writes `topk.parquet` under its temporary name: each text's top videos, texts in

@@ -85,21 +85,17 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
         bail!("{}: the index holds no videos yet", command.index.display());
     }
     super::refuse_non_unit("the videos table", &videos, |row| format!("video {:?}", ids[row]))?;
-    let mut columns: Vec<usize> = (0..ids.len()).collect();
-    columns.sort_by(|&a, &b| ids[a].as_bytes().cmp(ids[b].as_bytes()));
-    let dim = videos.dim;
-    let matrix: Vec<f32> =
-        columns.iter().flat_map(|&v| videos.values[v * dim..(v + 1) * dim].iter().copied()).collect();
+    let (dim, matrix) = (videos.dim, &videos.values);
     let options = ScoreOptions {
         revision: Revision::None,
         scale: f64::from(manifest.model.logit_scale).exp(),
         top_k: command.top_k,
         ..ScoreOptions::default()
     };
-    let problem = Problem { texts: &query, videos: &matrix, dim, text_video: &[None], bank: None };
+    let problem = Problem { texts: &query, videos: matrix, dim, text_video: &[None], bank: None };
     let outcome = score(&problem, &options, None)?;
     let top: Vec<(&str, f64)> =
-        outcome.top[0].iter().map(|&(col, score)| (ids[columns[col as usize]].as_str(), score)).collect();
+        outcome.top[0].iter().map(|&(col, score)| (ids[col as usize].as_str(), score)).collect();
 
     let wanted: HashSet<&str> = top.iter().map(|&(id, _)| id).collect();
     let mut best: HashMap<String, (f64, f64)> = HashMap::new();

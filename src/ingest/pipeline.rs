@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::pool::{FileOutcome, Pool};
 use super::timeline::{Activity, StageClock};
@@ -86,7 +86,6 @@ impl Pipeline<'_> {
         let slots = pool.slots();
         let (task_tx, task_rx) = bounded::<VideoFile>(slots * 2);
         let (decoded_tx, decoded_rx) = bounded::<Decoded>(slots + 2);
-        let dim = clip.embed_dim();
         std::thread::scope(|scope| {
             // Made in the scope, so that a panic on this thread (in `consume`) drops the
             // receiver and the encoder's sends fail, as `_abandon` stops the slots: the scope's
@@ -110,107 +109,16 @@ impl Pipeline<'_> {
                 .expect("spawn a thread");
             let decoders: Vec<_> = (0..slots)
                 .map(|i| {
-                    let tasks = task_rx.clone();
-                    let out = decoded_tx.clone();
+                    let (tasks, out) = (task_rx.clone(), decoded_tx.clone());
                     spawn(format!("decode-{i}"))
-                        .spawn_scoped(scope, move || -> Result<(), IngestError> {
-                            let mut slot = pool.slot(i);
-                            let send = |decoded: Decoded| {
-                                let waiting = Instant::now();
-                                let sent = out.send(decoded).is_ok();
-                                clock.add(Activity::DecodeWaiting, waiting);
-                                sent
-                            };
-                            let decoded = (|| {
-                                for file in tasks {
-                                    if pool.is_stopping() {
-                                        break;
-                                    }
-                                    let key = (file.root.clone(), file.path.clone());
-                                    let started = Instant::now();
-                                    let alone = self.suspects.contains(&key);
-                                    let outcome = slot.prepare(
-                                        &file.abs_path,
-                                        file.size_bytes,
-                                        alone,
-                                        || {
-                                            self.journal.started(&key.0, &key.1);
-                                            crate::fault::point(&format!("decode:{}", key.1));
-                                        },
-                                        || self.journal.finished(&key.0, &key.1),
-                                    );
-                                    clock.add(Activity::Decode, started);
-                                    let prepared = match outcome {
-                                        Ok(FileOutcome::Prepared(prepared)) => prepared,
-                                        // Cut short by a stop: the next run takes it up again.
-                                        Ok(FileOutcome::CutShort) => continue,
-                                        Err(message) => {
-                                            pool.stop();
-                                            return Err(IngestError::Stage("decode", message));
-                                        }
-                                    };
-                                    for (file, prepared) in pool.after_file(file, prepared) {
-                                        if !send(Decoded::of(file, prepared)) {
-                                            return Ok(());
-                                        }
-                                    }
-                                }
-                                Ok(())
-                            })();
-                            // The last slot to end records the crashed files still held back
-                            // for a run of crashes that did not reach its end.
-                            for (file, prepared) in pool.slot_ended() {
-                                if !send(Decoded::of(file, prepared)) {
-                                    break;
-                                }
-                            }
-                            decoded
-                        })
+                        .spawn_scoped(scope, move || self.decode_slot(i, tasks, out, clock))
                         .expect("spawn a thread")
                 })
                 .collect();
             drop(task_rx);
             drop(decoded_tx);
             let encoder = spawn("encode".into())
-                .spawn_scoped(scope, move || -> Result<(), IngestError> {
-                    let building = Instant::now();
-                    let clip = clip.build()?;
-                    clock.add(Activity::BuildModel, building);
-                    let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
-                        crate::fault::point("encode");
-                        let started = Instant::now();
-                        let flat = clip.image_features(pixels, count).map_err(|e| e.to_string())?;
-                        clock.add(Activity::Encode, started);
-                        Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
-                    };
-                    let pool = |features: Vec<Vec<f32>>| clip.pool_video(features).map_err(|e| e.to_string());
-                    let mut encoder = BatchEncoder::new(self.options.batch, embed, pool);
-                    loop {
-                        let waiting = Instant::now();
-                        let Ok(item) = decoded_rx.recv() else { break };
-                        clock.add(Activity::EncodeWaiting, waiting);
-                        let done = match item {
-                            Decoded::Video(video) => encoder.push(video).map_err(encode_failed)?,
-                            Decoded::Failed(file, rejection) => {
-                                if encoded_tx.send(Encoded::Failed(file, rejection)).is_err() {
-                                    return Ok(());
-                                }
-                                continue;
-                            }
-                        };
-                        for video in done {
-                            if encoded_tx.send(Encoded::Video(video)).is_err() {
-                                return Ok(());
-                            }
-                        }
-                    }
-                    for video in encoder.finish().map_err(encode_failed)? {
-                        if encoded_tx.send(Encoded::Video(video)).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(())
-                })
+                .spawn_scoped(scope, move || self.encode(clip, decoded_rx, encoded_tx, clock))
                 .expect("spawn a thread");
 
             let mut written: Result<(), IngestError> = Ok(());
@@ -244,6 +152,118 @@ impl Pipeline<'_> {
             encoded??;
             decoded
         })
+    }
+
+    /// Decode slot `i`'s thread: each file it takes through its worker process (journalled
+    /// while in flight, alone if it was in flight at an earlier crash), the outcomes to `out`.
+    fn decode_slot(
+        &self,
+        i: usize,
+        tasks: Receiver<VideoFile>,
+        out: Sender<Decoded>,
+        clock: &StageClock,
+    ) -> Result<(), IngestError> {
+        let pool = self.pool;
+        let mut slot = pool.slot(i);
+        let send = |decoded: Decoded| {
+            let waiting = Instant::now();
+            let sent = out.send(decoded).is_ok();
+            clock.add(Activity::DecodeWaiting, waiting);
+            sent
+        };
+        let decoded = (|| {
+            for file in tasks {
+                if pool.is_stopping() {
+                    break;
+                }
+                let key = (file.root.clone(), file.path.clone());
+                let started = Instant::now();
+                let alone = self.suspects.contains(&key);
+                let outcome = slot.prepare(
+                    &file.abs_path,
+                    file.size_bytes,
+                    alone,
+                    || {
+                        self.journal.started(&key.0, &key.1);
+                        crate::fault::point(&format!("decode:{}", key.1));
+                    },
+                    || self.journal.finished(&key.0, &key.1),
+                );
+                clock.add(Activity::Decode, started);
+                let prepared = match outcome {
+                    Ok(FileOutcome::Prepared(prepared)) => prepared,
+                    // Cut short by a stop: the next run takes it up again.
+                    Ok(FileOutcome::CutShort) => continue,
+                    Err(message) => {
+                        pool.stop();
+                        return Err(IngestError::Stage("decode", message));
+                    }
+                };
+                for (file, prepared) in pool.after_file(file, prepared) {
+                    if !send(Decoded::of(file, prepared)) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        // The last slot to end records the crashed files still held back for a run of crashes
+        // that did not reach its end.
+        for (file, prepared) in pool.slot_ended() {
+            if !send(Decoded::of(file, prepared)) {
+                break;
+            }
+        }
+        decoded
+    }
+
+    /// The encoder's thread: builds the towers, then embeds the decoded videos in batches and
+    /// sends each outcome on; ends when the decoders are done or the receiver is gone.
+    fn encode(
+        &self,
+        clip: Clip<Unbuilt>,
+        decoded: Receiver<Decoded>,
+        encoded: Sender<Encoded>,
+        clock: &StageClock,
+    ) -> Result<(), IngestError> {
+        let dim = clip.embed_dim();
+        let building = Instant::now();
+        let clip = clip.build()?;
+        clock.add(Activity::BuildModel, building);
+        let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
+            crate::fault::point("encode");
+            let started = Instant::now();
+            let flat = clip.image_features(pixels, count).map_err(|e| e.to_string())?;
+            clock.add(Activity::Encode, started);
+            Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+        };
+        let pool_video = |features: Vec<Vec<f32>>| clip.pool_video(features).map_err(|e| e.to_string());
+        let mut encoder = BatchEncoder::new(self.options.batch, embed, pool_video);
+        loop {
+            let waiting = Instant::now();
+            let Ok(item) = decoded.recv() else { break };
+            clock.add(Activity::EncodeWaiting, waiting);
+            let done = match item {
+                Decoded::Video(video) => encoder.push(video).map_err(encode_failed)?,
+                Decoded::Failed(file, rejection) => {
+                    if encoded.send(Encoded::Failed(file, rejection)).is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            for video in done {
+                if encoded.send(Encoded::Video(video)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        for video in encoder.finish().map_err(encode_failed)? {
+            if encoded.send(Encoded::Video(video)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -190,7 +190,7 @@ pub(super) fn rusage(who: libc::c_int) -> libc::rusage {
 fn process_cpu_seconds() -> f64 {
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let cpu = |usage: libc::rusage| seconds(usage.ru_utime) + seconds(usage.ru_stime);
-    cpu(rusage(libc::RUSAGE_SELF)) + cpu(rusage(libc::RUSAGE_CHILDREN)) + super::pool::live_workers_cpu_seconds()
+    cpu(rusage(libc::RUSAGE_SELF)) + cpu(rusage(libc::RUSAGE_CHILDREN)) + super::process::live_workers_cpu_seconds()
 }
 
 #[cfg(test)]

@@ -21,17 +21,19 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use super::column_stats::ColumnStats;
+use super::engine::Engine;
+use super::first_pass::gather_first_pass;
 use super::kernels::{SoftmaxStats, f32_above, f32_below};
-use super::{
-    ColumnStats, Engine, Layout, Outcome, Problem, Reviser, Revision, ScoreError, ScoreOptions, StripResults, Truths,
-    check, gather_first_pass, second_pass, v2t_ranks,
-};
+use super::reviser::Reviser;
+use super::second_pass::{StripResults, Truths, second_pass};
+use super::{Outcome, Problem, ScoreError, ScoreOptions, StripLayout, check, v2t_ranks};
 
 /// The texts of each block, in the engine's order (grouped by video, unmatched texts last):
 /// `parts` blocks of about equal size, each ending on a caption-group boundary. Fixed by
 /// `text_video` and `parts` alone, so every task of a split score cuts the same blocks.
 pub fn blocks(text_video: &[Option<u32>], parts: usize) -> Vec<Vec<usize>> {
-    let layout = Layout::with_strip_rows(text_video, text_video.len().div_ceil(parts.max(1)).max(1));
+    let layout = StripLayout::with_strip_rows(text_video, text_video.len().div_ceil(parts.max(1)).max(1));
     let mut blocks: Vec<Vec<usize>> = layout.strips.iter().map(|s| layout.order[s.clone()].to_vec()).collect();
     blocks.resize(parts.max(1), Vec::new());
     blocks
@@ -161,7 +163,7 @@ pub fn rank(
     let sub = Problem { texts: &rows, videos: problem.videos, dim: problem.dim, text_video: &text_video, bank: None };
     let engine = Engine::new(&sub, options, columns);
     let text_at = |pos: usize| block[engine.layout.order[pos]];
-    if options.revision == Revision::DslSym {
+    if options.revision.needs().row_stats {
         reviser.row_stats =
             (0..block.len()).map(|pos| row_of_text[text_at(pos)].unwrap_or(SoftmaxStats::EMPTY)).collect();
     }

@@ -15,6 +15,7 @@ mod merge;
 pub mod npy;
 mod scores;
 mod shard;
+mod stage_files;
 mod tables;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ pub use scores::{
     read_video_embeddings, topk_schema, write_topk,
 };
 pub use shard::{ShardWriter, for_each_batch, read_table, read_video_ids, verify_shard};
+pub use stage_files::{StageFileError, StageFiles, StageHeader};
 pub use tables::{
     FRAME_SHARD_ROWS, FrameRow, TableRows, TextRow, VIDEO_SHARD_ROWS, VideoRow, embedding_values, failures_schema,
     frames_schema, texts_schema, videos_schema,

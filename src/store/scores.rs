@@ -69,6 +69,9 @@ impl Embeddings {
 }
 
 /// `video_id` and `embedding` of every video.
+/// The videos table as the matrix every score and search ranks: `(ids, embeddings)` with the
+/// rows sorted by `video_id`'s bytes, so a column's number is the same whatever the shards'
+/// order (the column order of `--dense`'s matrices, contract §4).
 pub fn read_video_embeddings(index: &Path, shards: &[ShardInfo]) -> Result<(Vec<String>, Embeddings), StoreError> {
     let mut ids = Vec::new();
     let mut embeddings = Embeddings::default();
@@ -80,7 +83,12 @@ pub fn read_video_embeddings(index: &Path, shards: &[ShardInfo]) -> Result<(Vec<
             embeddings.append(values, dim)
         })?;
     }
-    Ok((ids, embeddings))
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by(|&a, &b| ids[a].as_bytes().cmp(ids[b].as_bytes()));
+    let dim = embeddings.dim;
+    let values = order.iter().flat_map(|&v| embeddings.values[v * dim..(v + 1) * dim].iter().copied()).collect();
+    let ids = order.into_iter().map(|v| std::mem::take(&mut ids[v])).collect();
+    Ok((ids, Embeddings { values, dim }))
 }
 
 /// The texts of a text set, for scoring: ids, optional video ids and embeddings.
