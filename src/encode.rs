@@ -59,14 +59,14 @@ pub struct BatchEncoder<K, F, P> {
     pixels: Vec<f32>,
 }
 
-impl<K, F, P> BatchEncoder<K, F, P>
+impl<K, F, P, E> BatchEncoder<K, F, P>
 where
-    F: FnMut(&[f32], usize) -> Result<Vec<Vec<f32>>, String>,
-    P: Fn(Vec<Vec<f32>>) -> Result<(Vec<Vec<f32>>, Vec<f32>), String>,
+    F: FnMut(&[f32], usize) -> Result<Vec<Vec<f32>>, E>,
+    P: Fn(Vec<Vec<f32>>) -> Result<(Vec<Vec<f32>>, Vec<f32>), E>,
 {
-    /// `embed` turns `n` images' CHW pixels into their frame features; `pool` turns a video's
-    /// frame features, in time order, into the embeddings its frames are stored with and its
-    /// vector.
+    /// `embed` turns `n` images' CHW pixels into their `n` frame features; `pool` turns a
+    /// video's frame features, in time order, into the embeddings its frames are stored with and
+    /// its vector. Their errors (the model's) come back as they are.
     pub fn new(batch_size: usize, embed: F, pool: P) -> Self {
         BatchEncoder {
             batch_size: batch_size.max(1),
@@ -82,7 +82,7 @@ where
     /// Queues a video's frames; returns the videos completed by any batch this filled. Each
     /// frame's pixels are freed once copied into the batch buffer, which keeps its capacity
     /// from batch to batch: a video waiting for its batch holds no second copy.
-    pub fn push(&mut self, video: PreparedVideo<K>) -> Result<Vec<EmbeddedVideo<K>>, String> {
+    pub fn push(&mut self, video: PreparedVideo<K>) -> Result<Vec<EmbeddedVideo<K>>, E> {
         let slot = self.first_slot + self.in_flight.len();
         let n = video.frames.len();
         let mut times = Vec::with_capacity(n);
@@ -102,19 +102,18 @@ where
     }
 
     /// Embeds whatever is queued and returns every remaining video.
-    pub fn finish(&mut self) -> Result<Vec<EmbeddedVideo<K>>, String> {
+    pub fn finish(&mut self) -> Result<Vec<EmbeddedVideo<K>>, E> {
         if !self.queue.is_empty() {
             self.run_batch(self.queue.len())?;
         }
         self.take_completed()
     }
 
-    fn run_batch(&mut self, count: usize) -> Result<(), String> {
+    fn run_batch(&mut self, count: usize) -> Result<(), E> {
         let per_image = self.pixels.len() / self.queue.len();
         let embeddings = (self.embed)(&self.pixels[..count * per_image], count)?;
-        if embeddings.len() != count {
-            return Err(format!("the model returned {} embeddings for {count} frames", embeddings.len()));
-        }
+        // `embed`'s contract (one feature per image): a break of it is a bug, not bad input.
+        assert_eq!(embeddings.len(), count, "embed returned {} features for {count} images", embeddings.len());
         for ((slot, frame), embedding) in self.queue.drain(..count).zip(embeddings) {
             let video = &mut self.in_flight[slot - self.first_slot];
             video.embeddings[frame] = Some(embedding);
@@ -124,7 +123,7 @@ where
         Ok(())
     }
 
-    fn take_completed(&mut self) -> Result<Vec<EmbeddedVideo<K>>, String> {
+    fn take_completed(&mut self) -> Result<Vec<EmbeddedVideo<K>>, E> {
         let mut done = Vec::new();
         while self.in_flight.front().is_some_and(|v| v.remaining == 0) {
             let finished = self.in_flight.pop_front().expect("checked above");
@@ -161,7 +160,7 @@ mod tests {
             4,
             |pixels: &[f32], n: usize| {
                 batch_sizes.push(n);
-                Ok(pixels.chunks(2).map(|p| vec![p[0] + 1.0, p[1] + 1.0]).collect())
+                Ok::<_, String>(pixels.chunks(2).map(|p| vec![p[0] + 1.0, p[1] + 1.0]).collect())
             },
             |frames: Vec<Vec<f32>>| {
                 let pooled = frames.iter().map(|f| f[0]).collect();

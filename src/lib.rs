@@ -24,5 +24,6 @@ pub mod sampling;
 pub mod score;
 pub mod simd;
 pub mod store;
+pub mod text_sets;
 pub mod types;
 pub mod walk;

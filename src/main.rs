@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vtr_index::cli::{Cli, run};
-use vtr_index::commands::encode_text::EncodeTextError;
 use vtr_index::interrupt;
 
 /// Every error ends as one line on stderr and exit code 1; an interrupted command that stopped
@@ -24,13 +23,12 @@ fn main() -> ExitCode {
     let interrupted = interrupt::requested();
     match outcome {
         Ok(code) => ExitCode::from(interrupted.map_or(code, interrupt::exit_code)),
+        // 128 + the signal promises that the finished work is committed: a command stopped as
+        // asked returns its report (Ok), never an error; one that failed afterwards (a commit on
+        // a full disk, say) exits 1.
         Err(e) => {
             eprintln!("vtr-index: {e:#}");
-            // 128 + the signal promises that the finished work is committed: only a command
-            // that stopped because it was asked to says so, never one that failed afterwards
-            // (a commit on a full disk, say).
-            let stopped = matches!(e.downcast_ref::<EncodeTextError>(), Some(EncodeTextError::Interrupted { .. }));
-            ExitCode::from(interrupted.filter(|_| stopped).map_or(1, interrupt::exit_code))
+            ExitCode::from(1)
         }
     }
 }

@@ -23,7 +23,7 @@ fn openai_reference() -> Vec<(String, String, Vec<f32>)> {
     for batch in read_parquet(&openai_format().join("openai_reference.parquet")) {
         let kinds = strings(&batch, "kind");
         let inputs = strings(&batch, "input");
-        for ((kind, input), embedding) in kinds.into_iter().zip(inputs).zip(f64_lists(&batch, "embedding")) {
+        for ((kind, input), embedding) in kinds.into_iter().zip(inputs).zip(double_lists_as_f32(&batch, "embedding")) {
             out.push((kind, input, embedding));
         }
     }
@@ -35,7 +35,7 @@ fn openai_reference() -> Vec<(String, String, Vec<f32>)> {
 fn reference_pixels() -> HashMap<String, Vec<f32>> {
     let mut out = HashMap::new();
     for batch in read_parquet(&fixtures().join("reference/images/images.parquet")) {
-        out.extend(strings(&batch, "image").into_iter().zip(f64_lists(&batch, "pixel_values")));
+        out.extend(strings(&batch, "image").into_iter().zip(double_lists_as_f32(&batch, "pixel_values")));
     }
     out
 }
@@ -243,7 +243,7 @@ pub fn hashed_openai_tensors(width: usize, patch: usize, grid: usize, embed: usi
 fn checkpoint_reference(checkpoint: &str, kind: &str) -> Vec<f32> {
     for batch in read_parquet(&fixtures().join("reference/checkpoints.parquet")) {
         let rows = strings(&batch, "checkpoint").into_iter().zip(strings(&batch, "kind"));
-        for ((c, k), embedding) in rows.zip(f64_lists(&batch, "embedding")) {
+        for ((c, k), embedding) in rows.zip(double_lists_as_f32(&batch, "embedding")) {
             if c == checkpoint && k == kind {
                 return embedding;
             }
@@ -381,12 +381,12 @@ fn an_index_built_in_f16_keeps_its_dtype() {
     let root = dir.join("videos");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::copy(&video, root.join("short.mp4")).unwrap();
-    let (code, stderr) = ingest(&index, &[&root], &["--dtype", "f16"]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &["--dtype", "f16"]);
     assert_eq!(code, 0, "{stderr}");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(index.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["model"]["dtype"], "f16");
-    let (code, stderr) = ingest(&index, &[&root], &["--dtype", "f32"]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &["--dtype", "f32"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("built with --dtype f16"), "{stderr}");
 }

@@ -13,7 +13,7 @@ fn info_describes_a_checkpoint() {
 fn info_and_verify_describe_an_index_and_catch_damage() {
     let dir = Dir::new();
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&fixtures().join("videos/nested")], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&fixtures().join("videos/nested")], &[]).0, 0);
     let (stdout, _) = TestCommand::new(&["info", "--index"]).arg(&index).expect_code(0);
     assert!(stdout.contains("videos:    1"), "{stdout}");
     assert!(stdout.contains("frames:    3"), "{stdout}");
@@ -44,10 +44,10 @@ fn a_closed_stdout_ends_the_printing_commands_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let dir = Dir::new();
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&fixtures().join("videos/nested")], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&fixtures().join("videos/nested")], &[]).0, 0);
     for args in [&["info", "--index"][..], &["verify", "--index"], &["search", "a clock", "--index"]] {
         let out = TestCommand::new(args).arg(&index).output_to_a_closed_pipe();
-        let stderr = summary(&out);
+        let stderr = stderr_text(&out);
         assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {:?}\n{stderr}", out.status);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
@@ -60,7 +60,7 @@ fn an_index_refuses_another_model_and_other_sampling() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..1]);
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&root], &[]).0, 0);
     let before = file_tree(&index);
 
     let other = other_model(&dir);
@@ -72,8 +72,8 @@ fn an_index_refuses_another_model_and_other_sampling() {
     ];
     for (args, message) in refusals {
         let out = TestCommand::new(&["ingest"]).arg(&root).arg("--index").arg(&index).args(args).output();
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", summary(&out));
-        assert!(summary(&out).contains(message), "{args:?}: {}", summary(&out));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr_text(&out));
+        assert!(stderr_text(&out).contains(message), "{args:?}: {}", stderr_text(&out));
         assert_eq!(file_tree(&index), before, "{args:?} changed the index");
     }
 }
@@ -82,7 +82,7 @@ fn an_index_refuses_another_model_and_other_sampling() {
 fn verify_names_a_missing_shard() {
     let dir = Dir::new();
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&corpus(&dir, "videos", &CLIPS[..1])], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&corpus(&dir, "videos", &CLIPS[..1])], &[]).0, 0);
     let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
     let shard = &manifest.shards("frames")[0].path;
     std::fs::remove_file(index.join(shard)).unwrap();
@@ -99,11 +99,11 @@ fn every_run_lists_the_failures_the_index_holds() {
     dir.create("videos/broken.mp4", b"not a video at all");
     let index = dir.join("index");
     for run in ["first", "second"] {
-        let (code, stderr) = ingest(&index, &[&root], &[]);
+        let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
         assert_eq!(code, 2, "{run}: {stderr}");
         assert!(stderr.contains("broken.mp4: not_a_video"), "{run}: {stderr}");
     }
-    let (_, stderr) = ingest(&index, &[&root], &[]);
+    let (_, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert!(stderr.contains("1 unchanged"), "{stderr}");
 }
 

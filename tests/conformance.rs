@@ -62,7 +62,7 @@ fn ingest_strict(index: &Path, root: &Path, env: &[(&str, &str)]) -> (i32, Strin
         cmd = cmd.env(key, value);
     }
     let out = cmd.output();
-    (out.status.code().unwrap_or(-1), summary(&out))
+    (out.status.code().unwrap_or(-1), stderr_text(&out))
 }
 
 #[test]

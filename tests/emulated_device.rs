@@ -16,7 +16,7 @@ use vtr_index::gpu;
 use vtr_index::score::{DeviceInputs, Problem, Revision, ScoreOptions, score};
 
 #[allow(dead_code)]
-mod scoring;
+mod score_cases;
 #[allow(dead_code)]
 mod tolerance;
 #[allow(dead_code)]
@@ -277,7 +277,7 @@ fn the_host_code_follows_the_devices_limits() {
     assert_eq!(device.capability, (7, 5), "{}", device.name);
     assert!(device.max_grid_rows * 64 < 600, "{} grid rows", device.max_grid_rows);
     let dim = 16;
-    let (texts, videos, _) = scoring::synthetic(600, 600, dim, 9);
+    let (texts, videos, _) = score_cases::synthetic(600, 600, dim, 9);
     let text_video: Vec<Option<u32>> = (0..600).map(|t| Some(t as u32)).collect();
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
     let options = ScoreOptions { revision: Revision::DslSym, scale: 100.0, top_k: 5, ..ScoreOptions::default() };
@@ -308,7 +308,7 @@ fn the_row_blocks_fit_beside_everything_else_the_score_allocates() {
     let (free, total) = device.memory().unwrap();
     assert_eq!(total, 7 << 20, "the tight device has 7 MiB");
     let (n, m, dim) = (1000, 1000, 256);
-    let (texts, videos, text_video) = scoring::synthetic(n, m, dim, 4);
+    let (texts, videos, text_video) = score_cases::synthetic(n, m, dim, 4);
     let problem = Problem { texts: &texts, videos: &videos, dim, text_video: &text_video, bank: None };
     assert!(4 * n * m > free / 4, "the cosines do not fit in one block");
     let options = ScoreOptions { revision: Revision::Dsl, scale: 100.0, top_k: 10, ..ScoreOptions::default() };

@@ -28,8 +28,8 @@ fn reference_images() -> Vec<ReferenceImage> {
     let mut out = Vec::new();
     for batch in read_parquet(&fixtures().join("reference/images/images.parquet")) {
         let names = strings(&batch, "image");
-        let pixels = f64_lists(&batch, "pixel_values");
-        let embeddings = f64_lists(&batch, "embedding");
+        let pixels = double_lists_as_f32(&batch, "pixel_values");
+        let embeddings = double_lists_as_f32(&batch, "embedding");
         for ((name, pixel_values), embedding) in names.into_iter().zip(pixels).zip(embeddings) {
             out.push(ReferenceImage { name, pixel_values, embedding });
         }
@@ -184,7 +184,7 @@ fn misshapen_weight_is_an_error_naming_the_tensor() {
 fn ingest_matches_pyav_and_transformers_reference() {
     let dir = Dir::new();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&fixtures().join("videos")], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&fixtures().join("videos")], &[]);
     assert_eq!(code, 0, "{stderr}");
 
     let mut ours: HashMap<String, Vec<(u32, f64, Vec<f32>)>> = HashMap::new();
@@ -209,9 +209,9 @@ fn ingest_matches_pyav_and_transformers_reference() {
     let mut checked = 0;
     for batch in read_parquet(&fixtures().join("reference/ingest_tiny.parquet")) {
         let ids = strings(&batch, "video_id");
-        let pts = f64_lists(&batch, "pts_s");
-        let frames = f64_list_lists(&batch, "frame_embeddings");
-        let videos = f64_lists(&batch, "embedding");
+        let pts = double_lists_as_f32(&batch, "pts_s");
+        let frames = double_list_lists_as_f32(&batch, "frame_embeddings");
+        let videos = double_lists_as_f32(&batch, "embedding");
         for i in 0..ids.len() {
             let id = &ids[i];
             let mut got = ours.remove(id).unwrap_or_else(|| panic!("{id} was not indexed"));
@@ -247,7 +247,7 @@ fn reference_texts() -> Vec<ReferenceText> {
     for batch in read_parquet(&fixtures().join("reference/text_tiny.parquet")) {
         let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
         let texts = strings(&batch, "text");
-        let embeddings = f64_lists(&batch, "embedding");
+        let embeddings = double_lists_as_f32(&batch, "embedding");
         for (i, (text, embedding)) in texts.into_iter().zip(embeddings).enumerate() {
             let ids = tokens.value(i).as_primitive::<Int64Type>().values().iter().map(|&t| t as u32).collect();
             out.push(ReferenceText { text, token_ids: ids, embedding });

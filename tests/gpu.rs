@@ -8,7 +8,7 @@
 //! lack, so it includes only the helpers that do not reach it (`cargo test --features cuda --test gpu`).
 
 #[allow(dead_code)]
-mod scoring;
+mod score_cases;
 #[allow(dead_code)]
 mod tolerance;
 #[allow(dead_code)]
@@ -17,7 +17,7 @@ mod util;
 use vtr_index::gpu::{self, KERNEL_SOURCES, Probe};
 use vtr_index::score::{DeviceInputs, Outcome, Problem, Revision, ScoreOptions, score};
 
-use crate::scoring::{
+use crate::score_cases::{
     DenseRows, UnderflowCase, assert_metrics_equal, load_case, problem, reference_metrics, synthetic,
 };
 use crate::tolerance::{F16_INPUTS_RECALL_POINTS, F16_INPUTS_TOP1_SHARE, SUM_TERMS_RELATIVE};

@@ -91,7 +91,7 @@ fn each_head_matches_clip4clip_on_the_same_frame_embeddings() {
         let heads = strings(&batch, "head");
         let counts = batch.column_by_name("frames").unwrap();
         let counts = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(counts);
-        for ((i, head), want) in heads.iter().enumerate().zip(f64_lists(&batch, "embedding")) {
+        for ((i, head), want) in heads.iter().enumerate().zip(double_lists_as_f32(&batch, "embedding")) {
             let kind = HeadKind::parse(head).unwrap();
             let checkpoint = Checkpoint::open(&head_checkpoint(&dir, kind, HashMap::new())).unwrap();
             let frames = raw[..counts.value(i) as usize].to_vec();
@@ -151,10 +151,10 @@ fn ingest_with_a_head_matches_the_reference_ingest() {
     let mut reference: HashMap<(String, String), Ingested> = HashMap::new();
     for batch in read_parquet(&fixtures().join("reference/clip4clip/ingest.parquet")) {
         let rows = strings(&batch, "head").into_iter().zip(strings(&batch, "video_id"));
-        let values = f64_lists(&batch, "pts_s")
+        let values = double_lists_as_f32(&batch, "pts_s")
             .into_iter()
-            .zip(f64_list_lists(&batch, "frame_embeddings"))
-            .zip(f64_lists(&batch, "embedding"));
+            .zip(double_list_lists_as_f32(&batch, "frame_embeddings"))
+            .zip(double_lists_as_f32(&batch, "embedding"));
         for ((head, id), ((pts, frames), embedding)) in rows.zip(values) {
             reference.insert((head, id), (pts, frames, embedding));
         }

@@ -87,7 +87,7 @@ fn hostile_files_become_typed_failures_and_the_run_goes_on() {
     let dir = Dir::new();
     let expected = hostile_corpus(&dir);
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&dir.join("corpus")], &["--decode-timeout", "60"]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&dir.join("corpus")], &["--decode-timeout", "60"]);
     assert_eq!(code, 2, "{stderr}");
 
     let ids = indexed_ids(&index);
@@ -120,7 +120,7 @@ fn tables_have_the_design_schema_and_are_listed_by_the_manifest() {
     let dir = Dir::new();
     hostile_corpus(&dir);
     let index = dir.join("index");
-    ingest(&index, &[&dir.join("corpus")], &[]);
+    ingest_exit_and_stderr(&index, &[&dir.join("corpus")], &[]);
     let manifest = Manifest::load(&index).unwrap().unwrap();
     assert_eq!(manifest.format_version, vtr_index::store::FORMAT_VERSION);
     assert_eq!(manifest.model.embed_dim, 32);
@@ -204,9 +204,9 @@ fn rerun_without_changes_commits_nothing_and_keeps_everything() {
     let dir = Dir::new();
     let root = dir.copy(&fixtures().join("videos"), "corpus");
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&root], &[]).0, 0);
     let first = std::fs::read_to_string(index.join("manifest.json")).unwrap();
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("0 new, 0 changed, 0 reused, 12 unchanged"), "{stderr}");
     assert_eq!(std::fs::read_to_string(index.join("manifest.json")).unwrap(), first);
@@ -214,7 +214,7 @@ fn rerun_without_changes_commits_nothing_and_keeps_everything() {
     // A deleted file is dropped; a copy of an indexed file reuses its rows; the rest stays.
     std::fs::remove_file(root.join("short_h264.mp4")).unwrap();
     dir.copy(&fixtures().join("videos/vfr_h264.mp4"), "corpus/more/vfr_copy.mp4");
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("0 new, 0 changed, 1 reused, 11 unchanged, 1 removed"), "{stderr}");
     let ids = indexed_ids(&index);
@@ -228,10 +228,10 @@ fn missing_root_stops_the_run_and_changes_nothing() {
     let dir = Dir::new();
     let root = dir.copy(&fixtures().join("videos/nested"), "corpus");
     let index = dir.join("index");
-    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&root], &[]).0, 0);
     let before = std::fs::read_to_string(index.join("manifest.json")).unwrap();
     std::fs::remove_dir_all(&root).unwrap();
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 1);
     assert!(stderr.contains("does not exist"), "{stderr}");
     assert_eq!(std::fs::read_to_string(index.join("manifest.json")).unwrap(), before);
@@ -244,8 +244,8 @@ fn other_sampling_or_no_model_is_refused() {
     let index = dir.join("index");
     let (_, stderr) = TestCommand::new(&["ingest"]).arg(&root).arg("--index").arg(&index).expect_code(1);
     assert!(stderr.contains("needs --model"), "{stderr}");
-    assert_eq!(ingest(&index, &[&root], &[]).0, 0);
-    let (code, stderr) = ingest(&index, &[&root], &["--frames", "4"]);
+    assert_eq!(ingest_exit_and_stderr(&index, &[&root], &[]).0, 0);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &["--frames", "4"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("--frames 12"), "{stderr}");
 }
@@ -255,12 +255,12 @@ fn a_file_past_its_deadline_is_a_timeout_failure_and_the_run_goes_on() {
     let dir = Dir::new();
     let root = dir.copy(&fixtures().join("videos/nested"), "corpus");
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&root], &["--decode-timeout", "0.001"]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &["--decode-timeout", "0.001"]);
     assert_eq!(code, 2, "{stderr}");
     let failures = failures_by_path(&index);
     assert_eq!(failures["deeper/gradient_h264.mp4"].0, "timeout", "{failures:?}");
     // The failure is retried once the deadline is reasonable again.
-    let (code, stderr) = ingest(&index, &[&root], &["--retry-failed"]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &["--retry-failed"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(indexed_ids(&index), vec!["deeper/gradient_h264".to_string()]);
     assert!(failures_by_path(&index).is_empty());
@@ -308,7 +308,7 @@ fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
     };
     // Killed before the upgrading commit lands: still the old index, whole.
     let out = ingest_v1().env("VTR_INDEX_KILL_AT", "manifest-written").output();
-    assert_eq!(out.status.code(), None, "killed: {}", summary(&out));
+    assert_eq!(out.status.code(), None, "killed: {}", stderr_text(&out));
     assert_eq!(Manifest::load(&index).unwrap().unwrap().format_version, 1);
     assert_eq!(snapshot(&index).unwrap(), before);
     TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
@@ -449,7 +449,7 @@ fn an_index_of_format_3_is_upgraded_in_place_and_a_newer_format_is_refused() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..2]);
     let index = dir.join("index");
-    assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+    assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
     let with_version = |version: u32| {
         let path = index.join("manifest.json");
         let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
@@ -459,8 +459,8 @@ fn an_index_of_format_3_is_upgraded_in_place_and_a_newer_format_is_refused() {
     let before = Manifest::load(&index).unwrap().unwrap();
     with_version(3);
     TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     let after = Manifest::load(&index).unwrap().unwrap();
     assert_eq!(after.format_version, vtr_index::store::FORMAT_VERSION);
     assert_eq!(after.tables, before.tables, "no shard rewritten");
@@ -470,6 +470,36 @@ fn an_index_of_format_3_is_upgraded_in_place_and_a_newer_format_is_refused() {
         let (_, stderr) = TestCommand::new(command).arg(&index).expect_code(1);
         assert!(stderr.contains("is not supported by this vtr-index"), "{stderr}");
     }
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_text(&out));
+}
+
+/// The failure kinds and stages are the contract's lists (§4), as the tolerances are §6's: a kind
+/// added, renamed or dropped on one side fails here.
+#[test]
+fn the_failure_kinds_and_stages_are_the_contracts() {
+    use vtr_index::failure::{FailureKind, Stage};
+    let contract = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/contract.md")).unwrap();
+    let paragraph =
+        contract.split("Failure kinds: ").nth(1).unwrap().split(". Every failure is retried").next().unwrap();
+    // The list's items are separated by `;` outside parentheses; each starts with its kind.
+    let (mut items, mut item, mut depth) = (Vec::new(), String::new(), 0);
+    for c in paragraph.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ';' if depth == 0 => items.push(std::mem::take(&mut item)),
+            _ => {}
+        }
+        if !(c == ';' && depth == 0) {
+            item.push(c);
+        }
+    }
+    items.push(item);
+    let kinds: Vec<String> = items.iter().map(|i| i.trim().split('`').nth(1).unwrap().to_string()).collect();
+    let ours: Vec<String> = FailureKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
+    assert_eq!(kinds, ours, "contract §4's failure kinds, in order");
+    let stages = contract.split("`stage` (").nth(1).unwrap().split(')').next().unwrap();
+    let stages: Vec<&str> = stages.split(", ").collect();
+    assert_eq!(stages, Stage::ALL.map(Stage::as_str), "contract §4's failure stages, in order");
 }

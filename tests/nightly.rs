@@ -19,15 +19,15 @@ fn reruns_add_modify_delete_rename_and_touch() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..3]);
     let index = dir.join("index");
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     let first = snapshot(&index).unwrap();
     assert_eq!(first.videos.len(), 3);
 
     // Rename: the bytes are known, so the rows are reused under the new id; nothing is decoded.
     std::fs::rename(root.join("short_h264.mp4"), root.join("renamed.mp4")).unwrap();
-    let out = run_ingest(&index, &root, &[], None);
-    assert!(summary(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 1 removed"), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert!(stderr_text(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 1 removed"), "{}", stderr_text(&out));
     let renamed = snapshot(&index).unwrap();
     assert!(!renamed.videos.contains_key("short_h264"));
     assert_eq!(renamed.videos["renamed"], first.videos["short_h264"], "the embedding moved as it was");
@@ -35,22 +35,22 @@ fn reruns_add_modify_delete_rename_and_touch() {
 
     // Touch: same bytes, new mtime → reused in place.
     set_mtime(&root.join("rotated90_h264.mp4"), 60);
-    let out = run_ingest(&index, &root, &[], None);
-    assert!(summary(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 0 removed"), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert!(stderr_text(&out).contains("0 new, 0 changed, 1 reused, 2 unchanged, 0 removed"), "{}", stderr_text(&out));
     assert_eq!(snapshot(&index).unwrap().videos["rotated90_h264"], first.videos["rotated90_h264"]);
 
     // Modify: other bytes under the same name replace the old rows.
     std::fs::copy(fixtures().join("videos/vfr_h264.mp4"), root.join("rotated90_h264.mp4")).unwrap();
-    let out = run_ingest(&index, &root, &[], None);
-    assert!(summary(&out).contains("0 new, 1 changed, 0 reused, 2 unchanged"), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert!(stderr_text(&out).contains("0 new, 1 changed, 0 reused, 2 unchanged"), "{}", stderr_text(&out));
     let modified = snapshot(&index).unwrap();
     assert!(cosine(&modified.videos["rotated90_h264"], &first.videos["rotated90_h264"]) < 0.999);
 
     // Add and delete.
     std::fs::remove_file(root.join("renamed.mp4")).unwrap();
     dir.copy(&fixtures().join("videos/bars_mpeg4.avi"), "videos/bars_mpeg4.avi");
-    let out = run_ingest(&index, &root, &[], None);
-    assert!(summary(&out).contains("1 new, 0 changed, 0 reused, 2 unchanged, 1 removed"), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert!(stderr_text(&out).contains("1 new, 0 changed, 0 reused, 2 unchanged, 1 removed"), "{}", stderr_text(&out));
     let last = snapshot(&index).unwrap();
     assert_eq!(last.videos.keys().collect::<Vec<_>>(), ["bars_mpeg4", "nested/deeper/gradient_h264", "rotated90_h264"]);
     assert!(last.frames.keys().all(|(id, _)| last.videos.contains_key(id)), "no orphan frames");
@@ -66,8 +66,8 @@ fn sigkill_at_any_point_keeps_the_last_commit_and_a_rerun_completes() {
     let reference_dir = Dir::new();
     let reference_root = corpus(&reference_dir, "videos", &CLIPS);
     let reference_index = reference_dir.join("index");
-    let out = run_ingest(&reference_index, &reference_root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let out = ingest_output(&reference_index, &reference_root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     let reference = snapshot(&reference_index).unwrap();
 
     let points = [
@@ -85,13 +85,13 @@ fn sigkill_at_any_point_keeps_the_last_commit_and_a_rerun_completes() {
         // The index before the run: two videos, committed by an earlier run.
         let root = corpus(&dir, "videos", &CLIPS[..2]);
         let index = dir.join("index");
-        assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+        assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
         let before = snapshot(&index).unwrap();
         corpus(&dir, "videos", &CLIPS[2..]);
 
         // One frame per model batch, so each video finishes, and is committed, on its own.
-        let out = run_ingest(&index, &root, &["--commit-every", "1", "--batch", "1"], Some(point));
-        assert_eq!(out.status.code(), None, "{point}: the process was killed\n{}", summary(&out));
+        let out = ingest_output(&index, &root, &["--commit-every", "1", "--batch", "1"], Some(point));
+        assert_eq!(out.status.code(), None, "{point}: the process was killed\n{}", stderr_text(&out));
         TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
         let after = snapshot(&index).unwrap();
         for (id, embedding) in &before.videos {
@@ -107,8 +107,8 @@ fn sigkill_at_any_point_keeps_the_last_commit_and_a_rerun_completes() {
             assert_eq!(after, before, "{point}: killed before the first commit");
         }
 
-        let out = run_ingest(&index, &root, &[], None);
-        assert_eq!(out.status.code(), Some(0), "{point}: re-run\n{}", summary(&out));
+        let out = ingest_output(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{point}: re-run\n{}", stderr_text(&out));
         assert_same_index(&snapshot(&index).unwrap(), &reference, point);
         let leftovers: Vec<_> = ["videos", "frames", "failures"]
             .iter()
@@ -127,12 +127,12 @@ fn a_file_in_flight_at_two_crashes_is_a_crashed_decoder_failure() {
     let root = corpus(&dir, "videos", &CLIPS[..3]);
     let index = dir.join("index");
     for crash in 1..=2 {
-        let out = run_ingest(&index, &root, &[], Some("decode:rotated90_h264.mp4"));
+        let out = ingest_output(&index, &root, &[], Some("decode:rotated90_h264.mp4"));
         assert_eq!(out.status.code(), None, "crash {crash}");
     }
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
-    assert!(summary(&out).contains("rotated90_h264.mp4: crashed_decoder"), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_text(&out));
+    assert!(stderr_text(&out).contains("rotated90_h264.mp4: crashed_decoder"), "{}", stderr_text(&out));
     let state = snapshot(&index).unwrap();
     assert_eq!(state.videos.keys().collect::<Vec<_>>(), ["nested/deeper/gradient_h264", "short_h264"]);
     assert!(state.failures.contains(&("rotated90_h264.mp4".to_string(), "crashed_decoder".to_string())));
@@ -140,10 +140,10 @@ fn a_file_in_flight_at_two_crashes_is_a_crashed_decoder_failure() {
     assert!(manifest.suspects.is_empty(), "the crash counts became the failure: {:?}", manifest.suspects);
 
     // Unchanged, it stays set aside; retried on request, it indexes (it never really crashed).
-    let out = run_ingest(&index, &root, &[], None);
+    let out = ingest_output(&index, &root, &[], None);
     assert_eq!(out.status.code(), Some(2));
-    let out = run_ingest(&index, &root, &["--retry-failed"], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &["--retry-failed"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(snapshot(&index).unwrap().videos.len(), 3);
 }
 
@@ -158,7 +158,7 @@ fn a_file_beside_a_crash_is_not_blamed_for_the_next_one() {
     // when the crash comes.
     let workers = ["--decode-workers", "4"];
     let crashing = "rotated90_h264.mp4";
-    let out = run_ingest(&index, &root, &workers, Some(&format!("decode:{crashing}")));
+    let out = ingest_output(&index, &root, &workers, Some(&format!("decode:{crashing}")));
     assert_eq!(out.status.code(), None);
     // The first crash had every file in flight, whichever the workers had started.
     let journal = std::fs::read_dir(index.join("runs"))
@@ -174,13 +174,13 @@ fn a_file_beside_a_crash_is_not_blamed_for_the_next_one() {
         std::io::Write::write_all(&mut file, format!("+{root_name}\t{clip}\n").as_bytes()).unwrap();
     }
 
-    let out = run_ingest(&index, &root, &workers, Some(&format!("decode:{crashing}")));
+    let out = ingest_output(&index, &root, &workers, Some(&format!("decode:{crashing}")));
     assert_eq!(out.status.code(), None);
-    let out = run_ingest(&index, &root, &workers, None);
-    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &workers, None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_text(&out));
     let state = snapshot(&index).unwrap();
     let failures: Vec<_> = state.failures.iter().cloned().collect();
-    assert_eq!(failures, [(crashing.to_string(), "crashed_decoder".to_string())], "{}", summary(&out));
+    assert_eq!(failures, [(crashing.to_string(), "crashed_decoder".to_string())], "{}", stderr_text(&out));
     assert_eq!(state.videos.keys().collect::<Vec<_>>(), ["nested/deeper/gradient_h264", "short_h264"]);
 }
 
@@ -189,9 +189,9 @@ fn one_crash_is_forgiven_and_the_file_retried() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..2]);
     let index = dir.join("index");
-    assert_eq!(run_ingest(&index, &root, &[], Some("decode:short_h264.mp4")).status.code(), None);
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(ingest_output(&index, &root, &[], Some("decode:short_h264.mp4")).status.code(), None);
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(snapshot(&index).unwrap().videos.len(), 2);
     assert!(Manifest::load(&index).unwrap().unwrap().suspects.is_empty());
     let journals = std::fs::read_dir(index.join("runs")).unwrap();
@@ -203,19 +203,19 @@ fn a_second_writer_is_refused_and_a_stale_lock_taken_over() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..1]);
     let index = dir.join("index");
-    assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+    assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
     corpus(&dir, "videos", &CLIPS[1..2]);
     let held = vtr_index::store::WriterLock::acquire(&index, "ingest").unwrap();
-    let out = run_ingest(&index, &root, &[], None);
+    let out = ingest_output(&index, &root, &[], None);
     assert_eq!(out.status.code(), Some(1));
-    assert!(summary(&out).contains("another writer holds this index"), "{}", summary(&out));
+    assert!(stderr_text(&out).contains("another writer holds this index"), "{}", stderr_text(&out));
     drop(held);
     // A writer killed while holding the lock leaves its description behind; the next one
     // takes over and says so.
-    assert_eq!(run_ingest(&index, &root, &[], Some("decode:rotated90_h264.mp4")).status.code(), None);
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
-    assert!(summary(&out).contains("took over the lock"), "{}", summary(&out));
+    assert_eq!(ingest_output(&index, &root, &[], Some("decode:rotated90_h264.mp4")).status.code(), None);
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
+    assert!(stderr_text(&out).contains("took over the lock"), "{}", stderr_text(&out));
 }
 
 #[test]
@@ -228,8 +228,8 @@ fn a_named_pipe_with_a_video_extension_cannot_hang_the_run() {
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
     let index = dir.join("index");
     let started = std::time::Instant::now();
-    let out = run_ingest(&index, &root, &["--decode-timeout", "3"], None);
-    assert_eq!(out.status.code(), Some(2), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &["--decode-timeout", "3"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_text(&out));
     assert!(started.elapsed().as_secs() < 60);
     let state = snapshot(&index).unwrap();
     assert_eq!(state.videos.len(), 1);
@@ -242,7 +242,7 @@ fn a_run_report_counts_and_times_every_stage() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..2]);
     let index = dir.join("index");
-    let out = run_ingest(&index, &root, &["--commit-every", "1"], None);
+    let out = ingest_output(&index, &root, &["--commit-every", "1"], None);
     assert_eq!(out.status.code(), Some(0));
     let manifest = Manifest::load(&index).unwrap().unwrap();
     let report: serde_json::Value =
@@ -335,7 +335,7 @@ fn an_io_error_at_any_write_step_leaves_the_last_commit_and_a_rerun_completes() 
     let reference_dir = Dir::new();
     let reference_root = corpus(&reference_dir, "videos", &CLIPS[..3]);
     let reference_index = reference_dir.join("index");
-    assert_eq!(run_ingest(&reference_index, &reference_root, &[], None).status.code(), Some(0));
+    assert_eq!(ingest_output(&reference_index, &reference_root, &[], None).status.code(), Some(0));
     let reference = snapshot(&reference_index).unwrap();
 
     for step in ["write", "sync", "rename", "sync-dir"] {
@@ -344,7 +344,7 @@ fn an_io_error_at_any_write_step_leaves_the_last_commit_and_a_rerun_completes() 
             let dir = Dir::new();
             let root = corpus(&dir, "videos", &CLIPS[..2]);
             let index = dir.join("index");
-            assert_eq!(run_ingest(&index, &root, &[], None).status.code(), Some(0));
+            assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
             let before = snapshot(&index).unwrap();
             corpus(&dir, "videos", &CLIPS[2..3]);
             let out = ingest_command(&index, &root, &[]).env("VTR_INDEX_FAIL_AT", &format!("{step}:{hit}")).output();
@@ -353,8 +353,8 @@ fn an_io_error_at_any_write_step_leaves_the_last_commit_and_a_rerun_completes() 
             }
             failed_runs += 1;
             let what = format!("{step}:{hit}");
-            assert_eq!(out.status.code(), Some(1), "{what}\n{}", summary(&out));
-            assert!(summary(&out).contains("No space left on device"), "{what}: {}", summary(&out));
+            assert_eq!(out.status.code(), Some(1), "{what}\n{}", stderr_text(&out));
+            assert!(stderr_text(&out).contains("No space left on device"), "{what}: {}", stderr_text(&out));
             TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
             let after = snapshot(&index).unwrap();
             if after != before {
@@ -362,8 +362,8 @@ fn an_io_error_at_any_write_step_leaves_the_last_commit_and_a_rerun_completes() 
                 assert_eq!(step, "sync-dir", "{what}: the index is its last commit");
                 assert_same_index(&after, &reference, &what);
             }
-            let out = run_ingest(&index, &root, &[], None);
-            assert_eq!(out.status.code(), Some(0), "{what}: re-run\n{}", summary(&out));
+            let out = ingest_output(&index, &root, &[], None);
+            assert_eq!(out.status.code(), Some(0), "{what}: re-run\n{}", stderr_text(&out));
             assert_same_index(&snapshot(&index).unwrap(), &reference, &what);
             assert!(own_temporaries(&index).is_empty(), "{what}: {:?}", own_temporaries(&index));
         }
@@ -378,7 +378,7 @@ fn an_io_error_at_any_write_step_leaves_the_last_commit_and_a_rerun_completes() 
 fn an_io_error_at_any_write_step_of_score_leaves_the_outputs_whole() {
     let dir = Dir::new();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&sample().join("videos")], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&sample().join("videos")], &[]);
     assert_eq!(code, 0, "{stderr}");
     TestCommand::new(&["encode-text"]).arg(sample().join("captions.csv")).arg("--index").arg(&index).expect_code(0);
     let score = |out: &Path| {
@@ -402,7 +402,7 @@ fn an_io_error_at_any_write_step_of_score_leaves_the_outputs_whole() {
                 break;
             }
             failed_runs += 1;
-            assert_eq!(out.status.code(), Some(1), "{what}\n{}", summary(&out));
+            assert_eq!(out.status.code(), Some(1), "{what}\n{}", stderr_text(&out));
             let tree = file_tree(&scores);
             assert!(
                 tree == old || (step == "sync-dir" && tree == new),

@@ -8,7 +8,7 @@ use crate::util::*;
 
 /// `ingest` with the bundled model; returns (exit code, stderr).
 fn ingest_into(index: &Path, root: &Path, extra: &[&str]) -> (i32, String) {
-    ingest(index, &[root], extra)
+    ingest_exit_and_stderr(index, &[root], extra)
 }
 
 #[test]
@@ -111,30 +111,30 @@ fn foreign_files_in_the_index_survive_ingest_encode_text_and_crash_cleanup() {
     assert_eq!(user_files(&index), before, "after ingest");
 
     let out = TestCommand::new(&["encode-text"]).arg(sample().join("captions.csv")).arg("--index").arg(&index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     // Replacing the set collects its old shards.
     let out = TestCommand::new(&["encode-text"]).arg(sample().join("captions.csv")).arg("--index").arg(&index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(user_files(&index), before, "after encode-text");
 
     // A run killed after writing a shard, then the run that cleans up after it.
     corpus(&dir, "videos", &CLIPS[2..4]);
-    assert_eq!(run_ingest(&index, &root, &[], Some("shard-renamed")).status.code(), None);
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(ingest_output(&index, &root, &[], Some("shard-renamed")).status.code(), None);
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(user_files(&index), before, "after a crash's clean-up");
     let out = TestCommand::new(&["verify", "--index"]).arg(&index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
 }
 
 #[test]
 fn score_keeps_the_other_files_of_its_output_folder() {
     let dir = Dir::new();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&sample().join("videos")], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&sample().join("videos")], &[]);
     assert_eq!(code, 0, "{stderr}");
     let out = TestCommand::new(&["encode-text"]).arg(sample().join("captions.csv")).arg("--index").arg(&index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     let scores = dir.join("scores");
     for (rel, bytes) in [("notes.txt", "mine"), ("t2v.npy.bak", "my copy"), ("old/topk.parquet", "older")] {
         dir.create(&format!("scores/{rel}"), bytes.as_bytes());
@@ -146,7 +146,7 @@ fn score_keeps_the_other_files_of_its_output_folder() {
             .arg("--out")
             .arg(&scores)
             .output();
-        assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     }
     let after = file_tree(&scores);
     for (rel, bytes) in &before {

@@ -5,7 +5,7 @@
 
 use vtr_index::score::{Outcome, Problem, Revision, RowSink, ScoreOptions, score};
 
-use crate::scoring::*;
+use crate::score_cases::*;
 use crate::tolerance::*;
 use crate::util::*;
 

@@ -17,7 +17,7 @@ mod kubernetes;
 mod nightly;
 mod placement;
 mod score;
-mod scoring;
+mod score_cases;
 mod shards;
 mod slurm;
 mod texts;

@@ -18,7 +18,7 @@ fn indexed_videos() -> &'static PathBuf {
         .get_or_init(|| {
             let dir = Dir::new();
             let index = dir.join("index");
-            let (code, stderr) = ingest(&index, &[&fixtures().join("videos")], &[]);
+            let (code, stderr) = ingest_exit_and_stderr(&index, &[&fixtures().join("videos")], &[]);
             assert_eq!(code, 0, "{stderr}");
             (dir, index)
         })
@@ -221,7 +221,7 @@ fn encoded_texts_match_the_reference_tokenizer_and_tower() {
     for batch in read_parquet(&fixtures().join("reference/text_tiny.parquet")) {
         let tokens = batch.column_by_name("token_ids").unwrap().as_list::<i32>();
         for (i, (text, embedding)) in
-            strings(&batch, "text").into_iter().zip(f64_lists(&batch, "embedding")).enumerate()
+            strings(&batch, "text").into_iter().zip(double_lists_as_f32(&batch, "embedding")).enumerate()
         {
             let want: Vec<u32> =
                 tokens.value(i).as_primitive::<Int64Type>().values().iter().map(|&t| t as u32).collect();
@@ -329,7 +329,7 @@ fn another_model_is_refused_and_a_second_writer_waits_its_turn() {
     let lock = vtr_index::store::WriterLock::acquire(&index, "ingest").unwrap();
     let (_, stderr) = encode_text(&index, &queries, &[]).expect_code(1);
     assert!(stderr.contains("another writer holds this index") && stderr.contains("(ingest)"), "{stderr}");
-    let (code, stderr) = ingest(&index, &[&fixtures().join("videos")], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&fixtures().join("videos")], &[]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("another writer holds this index"), "{stderr}");
     drop(lock);

@@ -186,7 +186,7 @@ pub fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
 }
 
 /// A `list<double>` column as one vector per row, in f32.
-pub fn f64_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<f32>> {
+pub fn double_lists_as_f32(batch: &RecordBatch, name: &str) -> Vec<Vec<f32>> {
     let lists = batch.column_by_name(name).unwrap().as_list::<i32>();
     (0..lists.len())
         .map(|i| lists.value(i).as_primitive::<Float64Type>().values().iter().map(|&v| v as f32).collect())
@@ -194,7 +194,7 @@ pub fn f64_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<f32>> {
 }
 
 /// A `list<list<double>>` column.
-pub fn f64_list_lists(batch: &RecordBatch, name: &str) -> Vec<Vec<Vec<f32>>> {
+pub fn double_list_lists_as_f32(batch: &RecordBatch, name: &str) -> Vec<Vec<Vec<f32>>> {
     let lists = batch.column_by_name(name).unwrap().as_list::<i32>();
     (0..lists.len())
         .map(|i| {
@@ -216,7 +216,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Ingests `roots` into `index` with the bundled tiny model and returns the exit code.
-pub fn ingest(index: &Path, roots: &[&Path], extra: &[&str]) -> (i32, String) {
+pub fn ingest_exit_and_stderr(index: &Path, roots: &[&Path], extra: &[&str]) -> (i32, String) {
     let mut cmd = TestCommand::new(&["ingest"]);
     for root in roots {
         cmd = cmd.arg(root);
@@ -354,7 +354,7 @@ pub fn ingest_command(index: &Path, root: &Path, extra: &[&str]) -> TestCommand 
         .args(extra)
 }
 
-pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
+pub fn ingest_output(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&str>) -> Output {
     let mut cmd = ingest_command(index, root, extra);
     if let Some(point) = kill_at {
         cmd = cmd.env("VTR_INDEX_KILL_AT", point);
@@ -365,9 +365,9 @@ pub fn run_ingest(index: &Path, root: &Path, extra: &[&str], kill_at: Option<&st
 /// `verify` passes on `index`.
 pub fn assert_verifies(index: &Path) {
     let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
 }
 
-pub fn summary(out: &Output) -> String {
+pub fn stderr_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

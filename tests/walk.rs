@@ -21,7 +21,7 @@ fn each_folder_is_walked_once_and_only_a_link_to_an_ancestor_is_a_loop() {
     symlink("2024-06", root.join("current")).unwrap();
     symlink("../2024-06", root.join("2024-05/june")).unwrap();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 2, "the loop is a failure\n{stderr}");
     let state = snapshot(&index).unwrap();
     let ids: Vec<&str> = state.videos.keys().map(String::as_str).collect();
@@ -56,7 +56,7 @@ fn a_folder_reached_through_two_links_or_two_roots_is_walked_once() {
         symlink(&ext, root.join("all")).unwrap();
         symlink(ext.join("nested"), root.join(link)).unwrap();
         let index = dir.join("index");
-        let (code, stderr) = ingest(&index, &[&root], &[]);
+        let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
         assert_eq!(code, 0, "{stderr}");
         let state = snapshot(&index).unwrap();
         let got: Vec<&str> = state.videos.keys().map(String::as_str).collect();
@@ -73,7 +73,7 @@ fn a_folder_reached_through_two_links_or_two_roots_is_walked_once() {
         ([&inner, &ext], ["deeper/gradient_h264", "rotated90_h264"], format!("{}/nested", ext.display())),
     ] {
         let index = dir.path().join(format!("index-{}", roots[0].file_name().unwrap().to_string_lossy()));
-        let (code, stderr) = ingest(&index, &[roots[0].as_path(), roots[1].as_path()], &[]);
+        let (code, stderr) = ingest_exit_and_stderr(&index, &[roots[0].as_path(), roots[1].as_path()], &[]);
         assert_eq!(code, 0, "{stderr}");
         let got: Vec<String> = snapshot(&index).unwrap().videos.into_keys().collect();
         assert_eq!(got, ids, "{stderr}");
@@ -91,7 +91,7 @@ fn files_named_in_latin1_are_indexed_under_escaped_ids_and_found_unchanged() {
     std::fs::copy(fixtures().join("videos/short_h264.mp4"), &latin1).unwrap();
     std::fs::copy(fixtures().join("videos/rotated90_h264.mp4"), root.join("café.mp4")).unwrap();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     let state = snapshot(&index).unwrap();
     let ids: Vec<&str> = state.videos.keys().map(String::as_str).collect();
@@ -99,13 +99,13 @@ fn files_named_in_latin1_are_indexed_under_escaped_ids_and_found_unchanged() {
     let frames = state.frames.keys().filter(|(id, _)| id == "caf%E9 cr%E8me").count();
     assert!(frames >= 1, "its frames were decoded from its real bytes");
 
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("0 new, 0 changed, 0 reused, 2 unchanged, 0 removed"), "{stderr}");
 
     // A UTF-8 name that spells the escape takes the same id: a duplicate, not a second video.
     std::fs::copy(fixtures().join("videos/vfr_h264.mp4"), root.join("caf%E9 cr%E8me.mkv")).unwrap();
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 2, "{stderr}");
     let state = snapshot(&index).unwrap();
     assert_eq!(state.videos.len(), 2);
@@ -120,7 +120,7 @@ fn a_root_named_in_latin1_is_walked_by_its_bytes_and_stored_escaped() {
     std::fs::create_dir_all(root.join("day 1")).unwrap();
     std::fs::copy(fixtures().join("videos/short_h264.mp4"), root.join("day 1/beach.mp4")).unwrap();
     let index = dir.join("index");
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     let stored = format!("{}/%E9t%E9", dir.path().display());
     let manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
@@ -130,7 +130,7 @@ fn a_root_named_in_latin1_is_walked_by_its_bytes_and_stored_escaped() {
     assert_eq!(videos.len(), 1);
     assert_eq!((videos[0].root.as_str(), videos[0].video_id.as_str()), (stored.as_str(), "day 1/beach"));
 
-    let (code, stderr) = ingest(&index, &[&root], &[]);
+    let (code, stderr) = ingest_exit_and_stderr(&index, &[&root], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("0 new, 0 changed, 0 reused, 1 unchanged, 0 removed"), "{stderr}");
 }

@@ -135,10 +135,10 @@ fn each_worker_fault_costs_its_file_only() {
         let root = corpus(&dir, "videos", clips);
         let index = dir.join("index");
         let out = ingest_command(&index, &root, extra).env(FAULT, &format!("{fault}:{VICTIM}")).output();
-        assert_eq!(out.status.code(), Some(2), "{fault}: {}", summary(&out));
-        assert!(summary(&out).contains(said), "{fault}: {}", summary(&out));
+        assert_eq!(out.status.code(), Some(2), "{fault}: {}", stderr_text(&out));
+        assert!(stderr_text(&out).contains(said), "{fault}: {}", stderr_text(&out));
         let (videos, failures) = contents(&index);
-        assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{fault}: {}", summary(&out));
+        assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{fault}: {}", stderr_text(&out));
         assert_eq!(failures, BTreeSet::from([(VICTIM.to_string(), kind.to_string())]), "{fault}");
         assert_verifies(&index);
         let report = last_report(&index);
@@ -154,10 +154,10 @@ fn a_crash_on_the_first_try_only_is_retried_and_indexed_as_any_other() {
     let dir = Dir::new();
     let reference = dir.join("reference");
     let root = corpus(&dir, "videos", clips);
-    assert_eq!(run_ingest(&reference, &root, &[], None).status.code(), Some(0));
+    assert_eq!(ingest_output(&reference, &root, &[], None).status.code(), Some(0));
     let index = dir.join("index");
     let out = ingest_command(&index, &root, &[]).env(FAULT, &format!("abort:{VICTIM}:1")).output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_same_index(&snapshot(&index).unwrap(), &snapshot(&reference).unwrap(), "retried");
     let report = last_report(&index);
     assert_eq!((workers_count(&report, "deaths"), workers_count(&report, "retries")), (1, 1), "{report}");
@@ -177,16 +177,16 @@ fn files_that_kill_their_workers_in_a_row_stop_the_run_without_blaming_them() {
     let root = corpus(&dir, "videos", &CLIPS);
     let index = dir.join("index");
     let out = ingest_command(&index, &root, &[]).env(FAULT, "abort:*").output();
-    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
-    let stderr = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_text(&out));
+    let stderr = stderr_text(&out);
     assert!(stderr.contains("5 files in a row killed their decode workers"), "{stderr}");
     assert!(stderr.contains("SIGABRT"), "{stderr}");
     // Nothing is quarantined: a run with working decoders indexes every file.
     if let Some(state) = snapshot(&index) {
         assert!(state.failures.is_empty(), "{:?}", state.failures);
     }
-    let out = run_ingest(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    let out = ingest_output(&index, &root, &[], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(contents(&index).0, ids(&CLIPS));
 }
 
@@ -208,7 +208,7 @@ fn a_worker_killed_from_outside_mid_file_costs_a_retry() {
         }
     }
     let out = child.finish();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
     assert_eq!(contents(&index).0, ids(clips));
     assert!(workers_count(&last_report(&index), "deaths") >= 1);
     assert_verifies(&index);
@@ -244,7 +244,7 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
             }
         }
         let out = child.finish();
-        assert_eq!(out.status.code(), Some(code), "{how}: {}", summary(&out));
+        assert_eq!(out.status.code(), Some(code), "{how}: {}", stderr_text(&out));
         let (videos, failures) = contents(&index);
         assert_eq!(videos, ids(&[CLIPS[0], CLIPS[2]]), "{how}");
         assert!(failures.is_empty(), "{how}: {failures:?}");
@@ -252,8 +252,8 @@ fn signals_to_the_group_or_to_every_process_stop_the_run_and_blame_no_file() {
         assert!(manifest.suspects.is_empty(), "{how}: {:?}", manifest.suspects);
         assert_eq!(workers_count(&last_report(&index), "deaths"), 0, "{how}");
         assert_verifies(&index);
-        let out = run_ingest(&index, &root, &[], None);
-        assert_eq!(out.status.code(), Some(0), "{how}: {}", summary(&out));
+        let out = ingest_output(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{how}: {}", stderr_text(&out));
         assert_eq!(contents(&index).0, ids(clips), "{how}");
     }
 }
@@ -311,7 +311,7 @@ fn no_worker_outlives_a_normal_an_interrupted_or_a_killed_run() {
             cmd = cmd.env(key, value);
         }
         let out = cmd.output();
-        assert_eq!(out.status.code(), code, "{name}: {}", summary(&out));
+        assert_eq!(out.status.code(), code, "{name}: {}", stderr_text(&out));
         assert_eq!(still_running_with(&marker), Vec::<i32>::new(), "{name}: workers left running");
     }
 
@@ -351,8 +351,8 @@ fn a_worker_that_cannot_start_is_a_run_error_naming_the_limit() {
         .env("VTR_INDEX_FAIL_AT", "spawn")
         .env("VTR_INDEX_FAIL_WITH", "EAGAIN")
         .output();
-    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
-    let stderr = summary(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_text(&out));
+    let stderr = stderr_text(&out);
     assert!(stderr.contains("cannot start a decode worker process") && stderr.contains("process limit"), "{stderr}");
     assert!(snapshot(&index).is_none_or(|state| state.failures.is_empty()), "no file is blamed");
 }
@@ -364,7 +364,7 @@ fn a_chatty_decoder_is_drained_not_taken_for_a_hang() {
     let root = corpus(&dir, "videos", &CLIPS[..2]);
     let index = dir.join("index");
     let out = ingest_command(&index, &root, &["--decode-timeout", "60"]).env("GST_DEBUG", "*:5").output();
-    assert_eq!(out.status.code(), Some(0), "{}", summary(&out).lines().last().unwrap_or_default());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out).lines().last().unwrap_or_default());
     assert!(out.stderr.len() > 1 << 20, "GST_DEBUG wrote only {} bytes", out.stderr.len());
     assert_eq!(contents(&index).0, ids(&CLIPS[..2]));
 }
@@ -389,8 +389,8 @@ fn zero_decode_workers_is_refused() {
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &CLIPS[..1]);
     let out = ingest_command(&dir.join("index"), &root, &["--decode-workers", "0"]).output();
-    assert_eq!(out.status.code(), Some(1), "{}", summary(&out));
-    assert!(summary(&out).contains("--decode-workers"), "{}", summary(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_text(&out));
+    assert!(stderr_text(&out).contains("--decode-workers"), "{}", stderr_text(&out));
     assert!(!dir.join("index").exists());
 }
 
@@ -476,7 +476,7 @@ fn damaged_files_with_sound_never_end_a_run() {
     let index = dir.join("index");
     let started = Instant::now();
     let out = ingest_command(&index, &root, &["--decode-timeout", "10", "--decode-workers", "2"]).output();
-    let stderr = summary(&out);
+    let stderr = stderr_text(&out);
     assert!(matches!(out.status.code(), Some(0 | 2)), "seed {seed}: {:?}\n{stderr}", out.status);
     let manifest = Manifest::load(&index).unwrap().unwrap();
     let videos: Vec<vtr_index::store::VideoRow> =

@@ -133,7 +133,7 @@ pub fn score(
     }
     // Texts in the CPU path's order; the blocks are cut by each path.
     let layout = StripLayout::with_strip_rows(problem.text_video, n.max(1));
-    let run = Run { gpu, problem, options, layout, n, columns, mode, top_k };
+    let run = DeviceRun { gpu, problem, options, layout, n, columns, mode, top_k };
     match (options.device_inputs, sink) {
         (DeviceInputs::F32, sink) => run.stored(sink),
         (DeviceInputs::F16, None) => {
@@ -155,7 +155,7 @@ struct Results {
 }
 
 /// One scoring problem on one device.
-struct Run<'a> {
+struct DeviceRun<'a> {
     gpu: &'a Gpu,
     problem: &'a Problem<'a>,
     options: &'a ScoreOptions,
@@ -166,7 +166,7 @@ struct Run<'a> {
     top_k: usize,
 }
 
-impl Run<'_> {
+impl DeviceRun<'_> {
     fn stream(&self) -> &std::sync::Arc<CudaStream> {
         &self.gpu.stream
     }

@@ -89,8 +89,10 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Refused(String),
-    #[error("the {0} stage failed: {1}; nothing was committed")]
+    #[error("the {0} stage failed: {1}; only the commits made before it are kept")]
     Stage(&'static str, String),
+    #[error("the encode stage failed: {0}; only the commits made before it are kept")]
+    Encode(#[source] ModelError),
     /// Decode workers died on too many files in a row; the files finished before are committed.
     #[error("{0}; the files finished before were committed")]
     DecodersBroken(String),

@@ -17,7 +17,7 @@ use super::worker::Prepared;
 use super::{IngestError, IngestOptions};
 use crate::encode::{BatchEncoder, EmbeddedVideo, PreparedVideo};
 use crate::failure::Rejection;
-use crate::model::{Clip, Unbuilt};
+use crate::model::{Clip, ModelError, Unbuilt};
 use crate::store::{InFlightJournal, StoreError};
 use crate::walk::VideoFile;
 
@@ -230,21 +230,21 @@ impl Pipeline<'_> {
         let building = Instant::now();
         let clip = clip.build()?;
         clock.add(Activity::BuildModel, building);
-        let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, String> {
+        let embed = |pixels: &[f32], count: usize| -> Result<Vec<Vec<f32>>, ModelError> {
             crate::fault::point("encode");
             let started = Instant::now();
-            let flat = clip.image_features(pixels, count).map_err(|e| e.to_string())?;
+            let flat = clip.image_features(pixels, count)?;
             clock.add(Activity::Encode, started);
             Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
         };
-        let pool_video = |features: Vec<Vec<f32>>| clip.pool_video(features).map_err(|e| e.to_string());
+        let pool_video = |features: Vec<Vec<f32>>| clip.pool_video(features);
         let mut encoder = BatchEncoder::new(self.options.batch, embed, pool_video);
         loop {
             let waiting = Instant::now();
             let Ok(item) = decoded.recv() else { break };
             clock.add(Activity::EncodeWaiting, waiting);
             let done = match item {
-                Decoded::Video(video) => encoder.push(video).map_err(encode_failed)?,
+                Decoded::Video(video) => encoder.push(video).map_err(IngestError::Encode)?,
                 Decoded::Failed(file, rejection) => {
                     if encoded.send(Encoded::Failed(file, rejection)).is_err() {
                         return Ok(());
@@ -258,7 +258,7 @@ impl Pipeline<'_> {
                 }
             }
         }
-        for video in encoder.finish().map_err(encode_failed)? {
+        for video in encoder.finish().map_err(IngestError::Encode)? {
             if encoded.send(Encoded::Video(video)).is_err() {
                 return Ok(());
             }
@@ -276,8 +276,4 @@ impl Drop for AbandonOnPanic<'_> {
             self.0.abandon();
         }
     }
-}
-
-fn encode_failed(message: String) -> IngestError {
-    IngestError::Stage("encode", message)
 }

@@ -1,5 +1,5 @@
 //! One writer at a time: an advisory lock on `INDEX/lock`, taken by every command that
-//! commits (ingest, encode-text).
+//! commits (ingest, encode-text, merge).
 //!
 //! The lock is `flock(LOCK_EX | LOCK_NB)` on an open file, so the kernel drops it when the
 //! holder exits, however it exits: a lock left by a killed process is free again, and the

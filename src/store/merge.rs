@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{
-    FORMAT_VERSION, Manifest, Merged, MergedPart, ShardInfo, StoreError, WriterLock, collect_garbage, io_error, now_us,
-    publish, sync_dir, temporary_path,
+    FORMAT_VERSION, Manifest, Merged, MergedPart, ShardInfo, StoreError, WriterLock, collect_garbage, create_temporary,
+    io_error, now_us, publish, sync_dir, sync_temporary, temporary_path,
 };
 
 /// The tables a merge owns; the parts' shards of these make the merged index's.
@@ -248,7 +248,10 @@ fn place(from: &Path, to: &Path, bytes: u64) -> Result<Placed, StoreError> {
         return Ok(Placed::Linked);
     }
     let tmp = temporary_path(to);
-    let copied = std::fs::copy(from, &tmp).and_then(|_| std::fs::File::open(&tmp)?.sync_all());
+    let copied = create_temporary(&tmp).and_then(|mut file| {
+        std::io::copy(&mut std::fs::File::open(from)?, &mut file)?;
+        sync_temporary(&file)
+    });
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_error(from)(e));

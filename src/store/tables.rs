@@ -314,14 +314,8 @@ impl TableRows for Failure {
         let (sizes, mtimes) = (u64_column(batch, "size_bytes")?, i64_column(batch, "mtime_ns")?);
         (0..batch.num_rows())
             .map(|i| {
-                let stage = match stages.value(i) {
-                    "walk" => Stage::Walk,
-                    "probe" => Stage::Probe,
-                    "decode" => Stage::Decode,
-                    "encode" => Stage::Encode,
-                    "write" => Stage::Write,
-                    other => return Err(format!("unknown stage {other:?}")),
-                };
+                let stage =
+                    Stage::parse(stages.value(i)).ok_or_else(|| format!("unknown stage {:?}", stages.value(i)))?;
                 let kind =
                     FailureKind::parse(kinds.value(i)).ok_or_else(|| format!("unknown kind {:?}", kinds.value(i)))?;
                 Ok(Failure {

@@ -3,10 +3,10 @@
 //! never stored, so device memory grows only with N + M.
 
 use super::super::{GpuError, launch};
-use super::{COLUMN_KERNEL_BLOCKS, FUSED_COLUMNS, FUSED_DEPTH, FUSED_ROWS, Run, zeros};
+use super::{COLUMN_KERNEL_BLOCKS, DeviceRun, FUSED_COLUMNS, FUSED_DEPTH, FUSED_ROWS, zeros};
 use crate::score::{Outcome, StripLayout};
 
-impl Run<'_> {
+impl DeviceRun<'_> {
     /// The f16 path: tiles computed on the tensor cores in every pass and never stored.
     pub(super) fn fused(&self) -> Result<Outcome, GpuError> {
         let (gpu, stream, columns, n) = (self.gpu, self.stream(), self.columns, self.n);

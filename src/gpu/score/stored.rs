@@ -7,7 +7,8 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 use super::super::{Gpu, GpuError, launch};
 use super::{
-    COLUMN_KERNEL_BLOCKS, DENSE_BATCH_BYTES, Run, Statistics, TILE, blocks_for, group_chunks, int, revision_code, zeros,
+    COLUMN_KERNEL_BLOCKS, DENSE_BATCH_BYTES, DeviceRun, Statistics, TILE, blocks_for, group_chunks, int, revision_code,
+    zeros,
 };
 use crate::score::{Outcome, Revision, RowSink, ScoreError, StripLayout};
 
@@ -54,7 +55,7 @@ struct StoredMatrix {
 
 impl StoredMatrix {
     /// The cosines of the texts at `rows` (positions in the run's order) with every video.
-    fn compute(&mut self, run: &Run, rows: std::ops::Range<usize>) -> Result<(), GpuError> {
+    fn compute(&mut self, run: &DeviceRun, rows: std::ops::Range<usize>) -> Result<(), GpuError> {
         let texts = self.texts.slice(rows.start * run.problem.dim..rows.end * run.problem.dim);
         let mut cosines = self.cosines.slice_mut(..rows.len() * run.columns);
         launch_cosines(run.gpu, &texts, &self.videos.as_view(), &mut cosines, run.problem.dim)
@@ -86,7 +87,7 @@ fn launch_cosines(
     Ok(())
 }
 
-impl Run<'_> {
+impl DeviceRun<'_> {
     /// Device memory for the f32 path's row block of cosines: three quarters of what is free once
     /// everything else the path allocates is counted (the rest left to the allocator's rounding
     /// and the driver), so a large text set takes smaller blocks instead of running out.
