@@ -54,6 +54,7 @@ impl Revision {
         }
     }
 
+    /// What this revision needs before a row can be revised: the one place that says it.
     pub const fn needs(self) -> Needs {
         const NOTHING: Needs = Needs {
             column_stats: false,
