@@ -581,3 +581,23 @@ fn device_scoring_past_2_pow_31_elements_matches_the_cpu_path() {
     eprintln!("{differing} of {queries} ranks differ; {} texts' rows checked exactly", kept.len());
     assert!(differing * 1000 <= queries, "{differing} of {queries} ranks differ");
 }
+
+/// The device check (`benchmarks/device_check/run.py`) selects tests of this file by name, for
+/// compute-sanitizer and the 48,000² run: each name it holds is a test here, so a rename cannot
+/// leave the check selecting nothing on the first GPU it meets.
+#[test]
+fn the_device_check_selects_tests_that_exist() {
+    let check = include_str!("../benchmarks/device_check/run.py");
+    let this = include_str!("gpu.rs");
+    let names: Vec<&str> = check
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with(|c: char| c.is_ascii_lowercase()) && s.matches('_').count() >= 4)
+        .filter(|s| s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .collect();
+    assert!(names.len() >= 4, "the scan finds the check's test names: {names:?}");
+    for name in names {
+        assert!(this.contains(&format!("fn {name}()")), "run.py selects `{name}`, which is no test of tests/gpu.rs");
+    }
+}
