@@ -10,10 +10,11 @@
 // The file is header-free: NVRTC ships no headers, and the few definitions needed are here.
 
 // THREADS, TILE, TOPK_MAX, F_BM, F_BN, F_BK, the REVISE_* codes and EXP_MIN are the host's
-// (src/gpu/score.rs, KERNEL_CONSTANTS), passed as -D options to every compiler of this file.
+// (src/gpu/score.rs: KERNEL_CONSTANTS, and each revision's code from Revision::needs), passed as
+// -D options (kernel_defines) to every compiler of this file.
 #if !defined(THREADS) || !defined(TILE) || !defined(TOPK_MAX) || !defined(F_BM) || !defined(F_BN) || \
     !defined(F_BK) || !defined(REVISE_NONE) || !defined(REVISE_DSL) || !defined(REVISE_DSL_SYM) || !defined(EXP_MIN)
-#error "compile with the host's constants: gpu::compile passes them (src/gpu/score.rs, KERNEL_CONSTANTS)"
+#error "compile with the host's constants: gpu::compile passes them (src/gpu/score.rs, KERNEL_CONSTANTS, kernel_defines)"
 #endif
 // The fused path's tiles are shared by the block's threads: two per column of a tile in pass
 // one, four per row in fused_row_stats.

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-$PWD/target}
 nvrtc=$(bash scripts/fetch-nvrtc.sh)
 emulator="$target/cuda-emulator"
-# The constants the kernels share with the host, as NVRTC gets them (gpu::score::KERNEL_CONSTANTS).
+# The constants the kernels share with the host, as NVRTC gets them (gpu::score::kernel_defines).
 defines=$(cargo run --quiet --locked --features cuda --example kernel_constants | tr '\n' ' ')
 for sanitizer in address thread; do
   make -s -C cuda-emulator OUT="$emulator/$sanitizer" SANITIZER="$sanitizer" DEFINES="$defines" \

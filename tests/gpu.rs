@@ -82,9 +82,10 @@ fn a_kernel_that_overruns_shared_memory_is_an_error() {
     assert!(error.to_string().contains("too_big.cu"), "{error}");
 }
 
-/// The kernels' shared constants come from the host alone (`gpu::score::KERNEL_CONSTANTS`, as
-/// `-D` options): a source that defines one itself differently is caught by the kernels' own
-/// checks of how their thread layout depends on them, and one compiled without them is refused.
+/// The kernels' shared constants come from the host alone (`gpu::score::kernel_defines`: the
+/// `KERNEL_CONSTANTS` and each revision's code, as `-D` options): a source that defines one
+/// itself differently is caught by the kernels' own checks of how their thread layout depends on
+/// them, and one compiled without them is refused.
 #[test]
 fn the_kernels_take_their_constants_from_the_host() {
     if !gpu::nvrtc_present() {

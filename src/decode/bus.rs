@@ -116,7 +116,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn the_reason_of_a_debug_string_is_its_last_line_cut_at_a_character() {
+    fn the_reason_of_a_debug_string_is_its_last_line_cut_at_a_character() {
         let debug = "../gst/isomp4/qtdemux.c(7012): gst_qtdemux_loop (): /GstPipeline:p/GstQTDemux:q:\nstreaming stopped, reason error (-5)";
         assert_eq!(reason_line(debug), "streaming stopped, reason error (-5)");
         // Three-byte characters: byte 200 falls inside one, so the cut is at 198.

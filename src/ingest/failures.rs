@@ -25,7 +25,8 @@ pub(super) struct FailureBook {
     suspects: BTreeMap<FileKey, u32>,
 }
 
-/// What the last commit lists, and whether it differs from what the index held.
+/// What the last commit lists, and whether it or the suspects differ from what the run found
+/// (the index's failures; its suspects with the crash journals' counts).
 pub(super) struct ClosedBook {
     /// Sorted by (root, path).
     pub(super) failures: Vec<Failure>,

@@ -92,14 +92,14 @@ pub enum IngestError {
     #[error("the {0} stage failed: {1}; only the commits made before it are kept")]
     Stage(&'static str, String),
     #[error("the encode stage failed: {0}; only the commits made before it are kept")]
-    Encode(#[source] ModelError),
+    Encode(ModelError),
     /// Decode workers died on too many files in a row; the files finished before are committed.
     #[error("{0}; the files finished before were committed")]
     DecodersBroken(String),
 }
 
-/// Runs one ingest. Per-file failures are data in the report; an `Err` means nothing useful
-/// could be done and the index is as it was.
+/// Runs one ingest. Per-file failures are data in the report; an `Err` means the run could not
+/// go on, with the index as its last commit left it (a refusal before any work: as it was).
 pub fn ingest(options: &IngestOptions) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let started_at_us = now_us();

@@ -111,7 +111,7 @@ pub(super) fn in_fixed_order<T: Send>(
     merge: &(impl Fn(T, T) -> T + Sync),
 ) -> T {
     let leaves = count.div_ceil(STRIPS_PER_LEAF).max(1);
-    pub(super) fn tree<T: Send>(
+    fn tree<T: Send>(
         leaves: Range<usize>,
         count: usize,
         leaf: &(impl Fn(Range<usize>) -> T + Sync),

@@ -68,7 +68,6 @@ impl Embeddings {
     }
 }
 
-/// `video_id` and `embedding` of every video.
 /// The videos table as the matrix every score and search ranks: `(ids, embeddings)` with the
 /// rows sorted by `video_id`'s bytes, so a column's number is the same whatever the shards'
 /// order (the column order of `--dense`'s matrices, contract §4).

@@ -70,7 +70,10 @@ impl StageFiles {
 
     /// A stage file's data, checked to belong to the score `header` describes.
     pub fn read<T: DeserializeOwned>(&self, path: &Path, header: &StageHeader) -> Result<T, StageFileError> {
-        let text = std::fs::read_to_string(path).map_err(|_| StageFileError::Missing(path.to_path_buf()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StageFileError::Missing(path.to_path_buf()),
+            _ => StoreError::Io { path: path.to_path_buf(), source: e }.into(),
+        })?;
         let file: StageFile<T> = serde_json::from_str(&text)
             .map_err(|e| StageFileError::NotAStageFile(path.to_path_buf(), e.to_string()))?;
         if file.header.manifest_sha256 != header.manifest_sha256 {
