@@ -22,6 +22,7 @@ pub mod preprocess;
 pub mod progress;
 pub mod sampling;
 pub mod score;
+pub mod search_engine;
 pub mod simd;
 pub mod store;
 pub mod text_sets;

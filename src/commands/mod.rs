@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::store::{Embeddings, Manifest};
+use crate::store::{Embeddings, Manifest, NotUnit};
 use crate::types::DeviceChoice;
 
 /// `--device` → where to run, or the error the user reads.
@@ -28,11 +28,15 @@ fn device(text: &str) -> Result<DeviceChoice> {
 /// NaN would rank first and spread into every column's sums, silently raising R@1. Names the
 /// table, the row (`id_of` its position) and what is wrong with it.
 fn refuse_non_unit(table: &str, embeddings: &Embeddings, id_of: impl Fn(usize) -> String) -> Result<()> {
-    match embeddings.first_not_unit() {
-        Some((row, why)) => bail!(
-            "{table}: the embedding of {} {why}; scoring needs L2-normalised, finite embeddings: \
+    refuse_not_unit(table, embeddings.first_not_unit().map(|(row, why)| (id_of(row), why)))
+}
+
+/// The error for a row (named as `what`) that is not a unit vector, if there is one.
+fn refuse_not_unit(table: &str, found: Option<(String, NotUnit)>) -> Result<()> {
+    match found {
+        Some((what, why)) => bail!(
+            "{table}: the embedding of {what} {why}; scoring needs L2-normalised, finite embeddings: \
              re-ingest that video or re-encode that text set",
-            id_of(row)
         ),
         None => Ok(()),
     }

@@ -3,6 +3,8 @@
 //!
 //! Ranking is by the logit `scale · cos(query, video)` (one query has no dual-softmax prior);
 //! the best frame is the sampled frame whose embedding has the highest cosine with the query.
+//! The index's search segments answer it through [`SearchEngine`]; an index of an older format
+//! without them is answered from its tables.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -13,7 +15,8 @@ use clap::Args;
 use crate::model::Clip;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::score::{Problem, Revision, ScoreOptions, cosine_of_unit_vectors, score};
-use crate::store::{read_frames_of, read_video_embeddings};
+use crate::search_engine::SearchEngine;
+use crate::store::{Manifest, read_frames_of, read_video_embeddings};
 use crate::types::DeviceChoice;
 
 #[derive(Debug, Args)]
@@ -79,20 +82,35 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     let clip = Clip::load_recorded(&manifest.model, command.model.as_deref(), command.device)?;
     let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(&command.query);
     let query = clip.embed_texts(&[tokens])?;
-
-    let (ids, videos) = read_video_embeddings(&command.index, manifest.shards("videos"))?;
-    if ids.is_empty() {
+    let scale = f64::from(manifest.model.logit_scale).exp();
+    if manifest.rows("videos") == 0 {
         bail!("{}: the index holds no videos yet", command.index.display());
     }
+    match SearchEngine::open(&command.index, &manifest)? {
+        Some(engine) => {
+            let not_unit = engine.first_not_unit().map(|(id, why)| (format!("video {id:?}"), why));
+            super::refuse_not_unit("the videos table", not_unit)?;
+            let hits = engine.search(&query, command.top_k).into_iter().enumerate().map(|(i, hit)| Hit {
+                rank: i + 1,
+                video_id: hit.video_id.to_string(),
+                score: scale * f64::from(hit.cosine),
+                best_frame_s: hit.best_frame.map(|b| b.time_s),
+                best_frame_cosine: hit.best_frame.map(|b| f64::from(b.cosine)),
+            });
+            Ok(hits.collect())
+        }
+        None => search_tables(command, &manifest, &query, scale),
+    }
+}
+
+/// The query answered from the Parquet tables: an index of a format before 5, which has no
+/// search segments until its next writer upgrades it (a reader never does).
+fn search_tables(command: &SearchCommand, manifest: &Manifest, query: &[f32], scale: f64) -> Result<Vec<Hit>> {
+    let (ids, videos) = read_video_embeddings(&command.index, manifest.shards("videos"))?;
     super::refuse_non_unit("the videos table", &videos, |row| format!("video {:?}", ids[row]))?;
     let (dim, matrix) = (videos.dim, &videos.values);
-    let options = ScoreOptions {
-        revision: Revision::None,
-        scale: f64::from(manifest.model.logit_scale).exp(),
-        top_k: command.top_k,
-        ..ScoreOptions::default()
-    };
-    let problem = Problem { texts: &query, videos: matrix, dim, text_video: &[None], bank: None };
+    let options = ScoreOptions { revision: Revision::None, scale, top_k: command.top_k, ..ScoreOptions::default() };
+    let problem = Problem { texts: query, videos: matrix, dim, text_video: &[None], bank: None };
     let outcome = score(&problem, &options, None)?;
     let top: Vec<(&str, f64)> =
         outcome.top[0].iter().map(|&(col, score)| (ids[col as usize].as_str(), score)).collect();
@@ -100,7 +118,7 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     let wanted: HashSet<&str> = top.iter().map(|&(id, _)| id).collect();
     let mut best: HashMap<String, (f64, f64)> = HashMap::new();
     for frame in read_frames_of(&command.index, manifest.shards("frames"), &wanted)? {
-        let cosine = cosine_of_unit_vectors(&frame.embedding, &query);
+        let cosine = cosine_of_unit_vectors(&frame.embedding, query);
         let entry = best.entry(frame.video_id).or_insert((f64::NEG_INFINITY, frame.pts_s));
         if cosine > entry.0 {
             *entry = (cosine, frame.pts_s);

@@ -1,5 +1,7 @@
-//! `vtr-index verify --index INDEX`: every shard the manifest lists is present, readable, of
-//! the recorded size and rows, and matches its checksum; exit 1 names each one that is not.
+//! `vtr-index verify --index INDEX [--deep]`: every shard the manifest lists is present,
+//! readable, of the recorded size and rows, and matches its checksum, and so is each `videos`
+//! shard's search segment; `--deep` also compares each segment's contents with its shard and
+//! the frames table. Exit 1 names each file that fails.
 
 use std::path::PathBuf;
 
@@ -7,29 +9,46 @@ use anyhow::Result;
 use clap::Args;
 
 use super::load_manifest;
+use crate::store::segment::{deep_check, verify_segment};
 use crate::store::verify_shard;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[arg(long, value_name = "INDEX")]
     pub index: PathBuf,
+    /// Also compare each search segment's contents with its shard and the frames table (reads
+    /// the whole index).
+    #[arg(long)]
+    pub deep: bool,
 }
 
 pub fn run(args: VerifyArgs) -> Result<u8> {
     let m = load_manifest(&args.index)?;
-    let mut problems = 0;
+    let mut problems = Vec::new();
     let mut checked = 0;
-    for shard in m.tables.values().flatten() {
-        checked += 1;
-        if let Err(problem) = verify_shard(&args.index, shard) {
-            eprintln!("vtr-index: {problem}");
-            problems += 1;
+    // Indexes of a format before 5 have no segments until their next writer upgrades them.
+    let has_segments = m.format_version >= 5;
+    for (table, shards) in &m.tables {
+        for shard in shards {
+            checked += 1;
+            problems.extend(verify_shard(&args.index, shard).err());
+            if table == "videos" && has_segments {
+                checked += 1;
+                problems.extend(verify_segment(&args.index, shard, m.model.embed_dim).err());
+            }
         }
     }
-    if problems > 0 {
-        eprintln!("vtr-index: verify: {problems} of {checked} shards are damaged or missing");
+    if problems.is_empty() && args.deep && has_segments {
+        problems.extend(deep_check(&args.index, &m)?);
+    }
+    for problem in &problems {
+        eprintln!("vtr-index: {problem}");
+    }
+    if !problems.is_empty() {
+        eprintln!("vtr-index: verify: {} problems in {checked} files", problems.len());
         return Ok(1);
     }
-    println!("verify: {checked} shards OK ({} videos, {} frames)", m.rows("videos"), m.rows("frames"));
+    let deep = if args.deep && has_segments { ", segments equal to their shards" } else { "" };
+    println!("verify: {checked} files OK ({} videos, {} frames{deep})", m.rows("videos"), m.rows("frames"));
     Ok(0)
 }

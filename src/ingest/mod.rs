@@ -518,6 +518,7 @@ fn write_kept_rows(
         tables.insert(table.to_string(), kept);
     }
     if !reused.is_empty() {
+        let old_video_shards = previous.map_or(&[][..], |m| m.shards("videos"));
         let old = previous.map_or(&[][..], |m| m.shards("frames"));
         let rows = reused.into_iter().map(|(file, old)| {
             let old_id = old.video_id.clone();
@@ -531,7 +532,7 @@ fn write_kept_rows(
             };
             (row, old_id)
         });
-        write_reused(index, old, rows.collect(), writers)?;
+        write_reused(index, old_video_shards, old, rows.collect(), writers)?;
     }
     Ok(tables)
 }

@@ -7,39 +7,102 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::segment::{Segment, SegmentInfo, SegmentWriter, Values, segment_path_of};
+use super::shard::shard_path;
 use super::{
     FRAME_SHARD_ROWS, FrameRow, Manifest, ShardInfo, ShardWriter, StoreError, Suspect, VIDEO_SHARD_ROWS, VideoRow,
     collect_garbage, read_table, read_video_ids,
 };
 use crate::failure::Failure;
 
-/// The open shard writers of the two per-video tables.
+/// The open writers of the two per-video tables and of the `videos` shards' search segments.
+/// A segment is closed with its shard, after the same number of rows (both roll over every
+/// [`VIDEO_SHARD_ROWS`]), and named after it.
 pub struct RowWriters {
+    index: PathBuf,
+    tag: String,
     videos: ShardWriter<VideoRow>,
+    segment: Option<SegmentWriter>,
+    segments: Vec<(u64, SegmentInfo)>,
     frames: ShardWriter<FrameRow>,
 }
 
 impl RowWriters {
     pub fn new(index: &Path, tag: &str, dim: usize) -> Result<RowWriters, StoreError> {
         Ok(RowWriters {
+            index: index.to_path_buf(),
+            tag: tag.to_string(),
             videos: ShardWriter::new(index, "videos", tag, dim, VIDEO_SHARD_ROWS)?,
+            segment: None,
+            segments: Vec::new(),
             frames: ShardWriter::new(index, "frames", tag, dim, FRAME_SHARD_ROWS)?,
         })
     }
 
     /// Writes one video's row and its frames' rows.
     pub fn write_video(&mut self, video: VideoRow, frames: Vec<FrameRow>) -> Result<(), StoreError> {
+        self.push_video(video, frames.iter().map(|f| (f.pts_s, Values::F32(&f.embedding))))?;
         for frame in frames {
             self.frames.push(frame)?;
         }
-        self.videos.push(video)
+        Ok(())
+    }
+
+    /// Writes one video's row, with its frames into its segment only (the caller writes the
+    /// frames table's rows, or keeps the shards that hold them).
+    fn push_video<'a>(
+        &mut self,
+        video: VideoRow,
+        frames: impl IntoIterator<Item = (f64, Values<'a>)>,
+    ) -> Result<(), StoreError> {
+        let segment = match &mut self.segment {
+            Some(segment) => segment,
+            None => {
+                let shard = shard_path("videos", &self.tag, self.segments.len());
+                self.segment.insert(SegmentWriter::create(&self.index, &shard, self.videos.dim())?)
+            }
+        };
+        segment.push(&video.video_id, Values::F32(&video.embedding), frames)?;
+        let full = segment.rows() >= VIDEO_SHARD_ROWS;
+        self.videos.push(video)?;
+        if full {
+            self.close_segment()?;
+        }
+        Ok(())
+    }
+
+    fn close_segment(&mut self) -> Result<(), StoreError> {
+        if let Some(segment) = self.segment.take() {
+            let rows = segment.rows();
+            self.segments.push((rows, segment.finish()?));
+        }
+        Ok(())
+    }
+
+    /// Closes every writer: the `videos` shards, each with its segment, and the `frames` shards.
+    fn finish(mut self) -> Result<(Vec<ShardInfo>, Vec<ShardInfo>), StoreError> {
+        self.close_segment()?;
+        let mut videos = self.videos.finish()?;
+        let paired = videos.len() == self.segments.len()
+            && videos.iter().zip(&self.segments).all(|(s, (rows, g))| s.rows == *rows && g.path == segment_path_of(&s.path));
+        if !paired {
+            return Err(StoreError::Corrupt {
+                path: self.index.clone(),
+                message: "the videos shards and their search segments were cut at different rows".into(),
+            });
+        }
+        for (shard, (_, segment)) in videos.iter_mut().zip(self.segments.drain(..)) {
+            shard.segment = Some(segment);
+        }
+        Ok((videos, self.frames.finish()?))
     }
 }
 
 /// Lists again the old shards of `table` whose rows all stay, and copies the kept rows of the
-/// others into `writers`. Returns the shards listed unchanged. When every old video stays (a
-/// run that only adds, or finds nothing to do) no shard is read at all; otherwise a frames
-/// shard is read whole only if its `video_id` column names a dropped video.
+/// others into `writers` (a video's with its frames from the old shard's segment). Returns the
+/// shards listed unchanged. When every old video stays (a run that only adds, or finds nothing
+/// to do) no shard is read at all; otherwise a frames shard is read whole only if its
+/// `video_id` column names a dropped video.
 pub fn carry_over(
     index: &Path,
     table: &str,
@@ -59,8 +122,11 @@ pub fn carry_over(
         }
         let one = std::slice::from_ref(shard);
         if table == "videos" {
-            for row in read_table::<VideoRow>(index, one)?.into_iter().filter(|r| keep_ids.contains(&r.video_id)) {
-                writers.videos.push(row)?;
+            let segment = open_segment(index, shard, writers.videos.dim())?;
+            for (row, video) in read_table::<VideoRow>(index, one)?.into_iter().enumerate() {
+                if keep_ids.contains(&video.video_id) {
+                    writers.push_video(video, segment.frame_values(row))?;
+                }
             }
         } else {
             for row in read_table::<FrameRow>(index, one)?.into_iter().filter(|r| keep_ids.contains(&r.video_id)) {
@@ -71,10 +137,21 @@ pub fn carry_over(
     Ok(unchanged)
 }
 
+/// The segment beside a `videos` shard of a manifest this build wrote or upgraded.
+fn open_segment(index: &Path, shard: &ShardInfo, dim: usize) -> Result<Segment, StoreError> {
+    let info = shard.segment.as_ref().ok_or_else(|| StoreError::Corrupt {
+        path: index.join(&shard.path),
+        message: "no search segment beside this videos shard".into(),
+    })?;
+    Segment::open(index, info, dim, shard.rows)
+}
+
 /// Writes the rows of files whose bytes an old video already had, under their new identity:
-/// each `(new row, old video_id)` pair's row, and the old video's frames under the new id.
+/// each `(new row, old video_id)` pair's row, and the old video's frames under the new id (in
+/// the frames table, and in the new row's segment from the old row's).
 pub fn write_reused(
     index: &Path,
+    old_video_shards: &[ShardInfo],
     old_frame_shards: &[ShardInfo],
     reused: Vec<(VideoRow, String)>,
     writers: &mut RowWriters,
@@ -93,8 +170,24 @@ pub fn write_reused(
             }
         }
     }
-    for (new, _) in reused {
-        writers.videos.push(new)?;
+    let segments = old_video_shards
+        .iter()
+        .map(|shard| open_segment(index, shard, writers.videos.dim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut old_rows: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (s, segment) in segments.iter().enumerate() {
+        for row in 0..segment.len() {
+            if new_ids_of.contains_key(segment.id(row)) {
+                old_rows.insert(segment.id(row), (s, row));
+            }
+        }
+    }
+    for (new, old_id) in reused {
+        let &(s, row) = old_rows.get(old_id.as_str()).ok_or_else(|| StoreError::Corrupt {
+            path: index.to_path_buf(),
+            message: format!("no search segment holds {old_id:?}, a video of the videos table"),
+        })?;
+        writers.push_video(new, segments[s].frame_values(row))?;
     }
     Ok(())
 }
@@ -169,7 +262,8 @@ impl<'a> Committer<'a> {
         // `TAG-N` from 1: `TAG-0` is the format upgrade's (`store::upgrade`).
         let next_tag = format!("{}-{}", self.tag, self.commits);
         let done = std::mem::replace(writers, RowWriters::new(self.index, &next_tag, dim)?);
-        for (table, shards) in [("videos", done.videos.finish()?), ("frames", done.frames.finish()?)] {
+        let (videos, frames) = done.finish()?;
+        for (table, shards) in [("videos", videos), ("frames", frames)] {
             self.template.tables.entry(table.to_string()).or_default().extend(shards);
         }
         let mut manifest = self.template.clone();

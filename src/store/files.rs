@@ -5,7 +5,8 @@
 //!
 //! - `manifest.json`, `lock` and `runs/<digits>.json` / `runs/<digits>.inflight` at their places;
 //! - shards `part-<digits>[-<digits>…]-<5 digits>.parquet` in `videos/`, `frames/`,
-//!   `failures/` and `texts/<NAME>/`;
+//!   `failures/` and `texts/<NAME>/`, and search segments, the same names ending `.vseg`, in
+//!   `segments/`;
 //! - temporary files `.tmp-<pid>-<name>` ([`temporary_path`]) beside the file they become, in
 //!   the table folders, at the top level and in `runs/` (and `.tmp-<shard name>`, the shard
 //!   temporaries of older builds); a collection removes every one but this process's own.
@@ -21,10 +22,11 @@ use std::sync::Mutex;
 
 use super::{Manifest, StoreError, io_error};
 
-/// Folders that hold table shards (`texts` one folder deeper, per text set).
-const TABLE_DIRS: &[&str] = &["videos", "frames", "failures", "texts"];
+/// Folders that hold table shards (`texts` one folder deeper, per text set) and segments.
+const TABLE_DIRS: &[&str] = &["videos", "frames", "failures", "texts", super::segment::SEGMENTS];
 /// Files and folders the index keeps at its top level.
-const TOP_LEVEL: &[&str] = &["manifest.json", "lock", "runs", "videos", "frames", "failures", "texts"];
+const TOP_LEVEL: &[&str] =
+    &["manifest.json", "lock", "runs", "videos", "frames", "failures", "texts", super::segment::SEGMENTS];
 
 /// The temporary name `path` is written under before it is renamed into place:
 /// `.tmp-<pid>-<name>` in the same folder (the rename is atomic only within one file system).
@@ -52,7 +54,18 @@ fn temporary_pid(name: &str) -> Option<&str> {
 
 /// `part-<digits>[-<digits>…]-<5 digits>.parquet`: a shard, listed or not.
 pub fn is_shard_name(name: &str) -> bool {
-    let Some(tag) = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")) else { return false };
+    is_part_name(name, "parquet")
+}
+
+/// A shard's name ending `.vseg`: a search segment, listed or not.
+pub fn is_segment_name(name: &str) -> bool {
+    is_part_name(name, super::segment::SEGMENT_EXTENSION)
+}
+
+fn is_part_name(name: &str, extension: &str) -> bool {
+    let Some(tag) = name.strip_prefix("part-").and_then(|n| n.strip_suffix(extension)?.strip_suffix('.')) else {
+        return false;
+    };
     let parts: Vec<&str> = tag.split('-').collect();
     parts.len() >= 2 && parts.iter().all(|p| is_digits(p)) && parts.last().is_some_and(|n| n.len() == 5)
 }
@@ -104,12 +117,13 @@ fn table_files(index: &Path) -> Result<TableFiles, StoreError> {
         holds_shards: bool,
         files: &mut TableFiles,
     ) -> Result<Vec<PathBuf>, StoreError> {
+        let is_own_name = if rel == super::segment::SEGMENTS { is_segment_name } else { is_shard_name };
         let mut folders = Vec::new();
         for (path, is_dir) in entries(folder)? {
             let name = name_of(&path);
             if is_dir {
                 folders.push(path);
-            } else if holds_shards && (is_shard_name(&name) || is_temporary_name(&name)) {
+            } else if holds_shards && (is_own_name(&name) || is_temporary_name(&name)) {
                 files.own.push((path, format!("{rel}/{name}")));
             } else {
                 files.foreign.push(path);
@@ -166,8 +180,12 @@ pub fn foreign_entries(index: &Path) -> Result<Vec<PathBuf>, StoreError> {
 /// named once in a warning and left where they are. Runs under the writer lock, so every
 /// temporary but this process's own is a dead writer's. Returns how many files were removed.
 pub fn collect_garbage(index: &Path, manifest: Option<&Manifest>) -> Result<usize, StoreError> {
-    let listed: HashSet<&str> =
-        manifest.map(|m| m.tables.values().flatten().map(|s| s.path.as_str()).collect()).unwrap_or_default();
+    let listed: HashSet<&str> = manifest
+        .map(|m| {
+            let shards = m.tables.values().flatten();
+            shards.flat_map(|s| std::iter::once(s.path.as_str()).chain(s.segment.as_ref().map(|g| g.path.as_str()))).collect()
+        })
+        .unwrap_or_default();
     let files = table_files(index)?;
     warn_foreign(&files.foreign);
     let mut removed = 0;
@@ -225,6 +243,9 @@ mod tests {
         assert!(!is_shard_name("part-abc-00000.parquet"));
         assert!(!is_shard_name("part-1-0.parquet"));
         assert!(!is_shard_name("my-videos.parquet"));
+        assert!(is_segment_name("part-1732000000000000-3-00012.vseg"));
+        assert!(!is_segment_name("part-1732000000000000-00012.parquet") && !is_shard_name("part-1-00000.vseg"));
+        assert!(!is_segment_name("part-1-00000vseg"));
         assert!(is_temporary_name(".tmp-4242-manifest.json"));
         assert!(is_temporary_name(&name_of(&temporary_path(Path::new("/x/t2v.npy")))));
         assert!(!is_temporary_name(".tmp-notes.txt"));
@@ -254,6 +275,8 @@ mod tests {
             put(".tmp-4194305-manifest.json"),
             put("runs/.tmp-4194305-1.json"),
             put("videos/.tmp-part-1-00001.parquet"),
+            put("segments/part-1-00000.vseg"),
+            put("segments/.tmp-4194305-frames.spill"),
         ];
         let ours = put(&name_of(&temporary_path(Path::new("manifest.json"))));
         let foreign = [
@@ -264,10 +287,12 @@ mod tests {
             put("frames/sub/part-3-00000.parquet"),
             put("texts/notes.txt"),
             put("texts/part-4-00000.parquet"),
+            put("segments/part-1-00000.parquet"),
+            put("videos/part-1-00001.vseg"),
         ];
         let removed = collect_garbage(index.path(), None).unwrap();
         // The set folder a user keeps files in stays; its one index-named file went.
-        assert_eq!(removed, 7);
+        assert_eq!(removed, 9);
         assert!(ours.exists(), "this process's own temporary is in use");
         for path in stale {
             assert!(!path.exists(), "{}", path.display());

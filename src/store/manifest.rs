@@ -9,14 +9,16 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::segment::SegmentInfo;
 use super::{StoreError, atomic_write_with};
 use crate::partition::Shard;
 use crate::types::ModelIdentity;
 
 pub const MANIFEST: &str = "manifest.json";
 /// The format this build writes. 2 added `stream_index` to `videos`; 3 made recorded paths
-/// canonical; 4 added the failure kind `memory_limit`, which older builds cannot read.
-pub const FORMAT_VERSION: u32 = 4;
+/// canonical; 4 added the failure kind `memory_limit`, which older builds cannot read; 5 added
+/// a search segment beside each `videos` shard (`segment.rs`).
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this build reads; a writer upgrades it ([`crate::store::upgrade`]).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -28,6 +30,9 @@ pub struct ShardInfo {
     pub rows: u64,
     pub bytes: u64,
     pub sha256: String,
+    /// The search segment written with a `videos` shard (format 5 on; none in other tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<SegmentInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::segment::{SEGMENTS, SegmentInfo, segment_path_of};
 use super::{
     FORMAT_VERSION, Manifest, Merged, MergedPart, ShardInfo, StoreError, WriterLock, collect_garbage, create_temporary,
     io_error, now_us, publish, sync_dir, sync_temporary, temporary_path,
@@ -32,7 +33,8 @@ pub struct MergeReport {
     pub videos: u64,
     pub frames: u64,
     pub failures: u64,
-    /// Shard files newly linked, copied (where no link could be made), and already present.
+    /// Shard and segment files newly linked, copied (where no link could be made), and already
+    /// present.
     pub linked: usize,
     pub copied: usize,
     pub kept: usize,
@@ -86,15 +88,32 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeReport, MergeError> {
             let shard = part.manifest.shard.expect("checked: every part has its shard");
             for (k, info) in part.manifest.shards(table).iter().enumerate() {
                 let name = format!("{table}/part-{}-{}-{k:05}.parquet", part.manifest.committed_at_us, shard.index);
-                match place(&part.path.join(&info.path), &out.join(&name), info.bytes)? {
-                    Placed::Linked => report.linked += 1,
-                    Placed::Copied => report.copied += 1,
-                    Placed::Present => report.kept += 1,
+                let mut placed = vec![(place(&part.path.join(&info.path), &out.join(&name), info.bytes)?)];
+                // A videos shard's search segment goes with it, named after its new name.
+                let segment = match &info.segment {
+                    Some(segment) => {
+                        let path = segment_path_of(&name);
+                        let folder = out.join(SEGMENTS);
+                        std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
+                        placed.push(place(&part.path.join(&segment.path), &out.join(&path), segment.bytes)?);
+                        Some(SegmentInfo { path, ..segment.clone() })
+                    }
+                    None => None,
+                };
+                for placed in placed {
+                    match placed {
+                        Placed::Linked => report.linked += 1,
+                        Placed::Copied => report.copied += 1,
+                        Placed::Present => report.kept += 1,
+                    }
                 }
-                listed.push(ShardInfo { path: name, ..info.clone() });
+                listed.push(ShardInfo { path: name, segment, ..info.clone() });
             }
         }
         sync_dir(&out.join(table))?;
+        if table == "videos" && listed.iter().any(|s| s.segment.is_some()) {
+            sync_dir(&out.join(SEGMENTS))?;
+        }
         tables.insert(table.to_string(), listed);
     }
     let manifest = Manifest {
@@ -145,7 +164,7 @@ fn read_parts(paths: &[PathBuf]) -> Result<Vec<Part>, MergeError> {
         }
         if manifest.format_version != FORMAT_VERSION {
             return Err(MergeError::Refused(format!(
-                "{}: format {} (this merge reads parts of format {FORMAT_VERSION}): run its ingest again first",
+                "{}: format {} (this merge reads parts of format {FORMAT_VERSION}): upgrade it first by running its `ingest --shard` again (the next writer upgrades an index in place)",
                 path.display(),
                 manifest.format_version
             )));

@@ -14,6 +14,7 @@ mod manifest;
 mod merge;
 pub mod npy;
 mod scores;
+pub mod segment;
 mod shard;
 mod stage_files;
 mod tables;
@@ -177,7 +178,9 @@ pub fn sync_dir(folder: &Path) -> Result<(), StoreError> {
 ///   plan matches them and nothing is embedded again. A root is resolved only where a file
 ///   recorded under it is found with its size; one that cannot be is kept as recorded;
 /// - 3 → 4: nothing but the number: format 4 only adds a failure kind (`memory_limit`), so that
-///   an older build refuses an index that may hold one instead of misreading it.
+///   an older build refuses an index that may hold one instead of misreading it;
+/// - 4 → 5: a search segment is written beside each `videos` shard
+///   ([`segment::add_missing_segments`], which reads the frames table once).
 ///
 /// The old shards stay until that commit's garbage collection. Returns whether anything
 /// changed; the caller must then commit even if it has nothing else to do. The new shards are
@@ -193,6 +196,7 @@ pub fn upgrade(
         return Ok(false);
     }
     if manifest.format_version >= 3 {
+        segment::add_missing_segments(index, manifest)?;
         manifest.format_version = FORMAT_VERSION;
         return Ok(true);
     }
@@ -252,13 +256,14 @@ pub fn upgrade(
     {
         manifest.model.source = source;
     }
+    segment::add_missing_segments(index, manifest)?;
     manifest.format_version = FORMAT_VERSION;
     Ok(true)
 }
 
-/// Total bytes of the shards a manifest lists.
+/// Total bytes of the shards and segments a manifest lists.
 pub fn index_bytes(manifest: &Manifest) -> u64 {
-    manifest.tables.values().flatten().map(|s| s.bytes).sum()
+    manifest.tables.values().flatten().map(|s| s.bytes + s.segment.as_ref().map_or(0, |g| g.bytes)).sum()
 }
 
 /// Microseconds since the Unix epoch: run tags and commit times.

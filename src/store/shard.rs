@@ -33,6 +33,12 @@ struct OpenShard {
     rows: u64,
 }
 
+/// The path, relative to the index, of the `n`-th shard a [`ShardWriter`] of `table` tagged
+/// `tag` writes.
+pub fn shard_path(table: &str, tag: &str, n: usize) -> String {
+    format!("{table}/part-{tag}-{n:05}.parquet")
+}
+
 /// Writes rows of one table into shards of at most `max_rows` rows each, named
 /// `TABLE/part-TAG-NNNNN.parquet`. Each finished shard is synced and renamed; it becomes part
 /// of the index only when a manifest lists the [`ShardInfo`]s that `finish` returns.
@@ -102,13 +108,12 @@ impl<R: TableRows> ShardWriter<R> {
     }
 
     fn open_shard(&self) -> Result<OpenShard, StoreError> {
-        let n = self.done.len();
-        let name = format!("part-{}-{n:05}.parquet", self.tag);
-        let tmp_path = super::temporary_path(&self.index.join(&self.table).join(&name));
+        let final_rel = shard_path(&self.table, &self.tag, self.done.len());
+        let tmp_path = super::temporary_path(&self.index.join(&final_rel));
         let file = super::create_temporary(&tmp_path).map_err(io_error(&tmp_path))?;
         let writer = ArrowWriter::try_new(file, R::schema(self.dim), Some(writer_properties()))
             .map_err(|e| StoreError::Parquet { path: tmp_path.clone(), message: e.to_string() })?;
-        Ok(OpenShard { writer, tmp_path, final_rel: format!("{}/{name}", self.table), rows: 0 })
+        Ok(OpenShard { writer, tmp_path, final_rel, rows: 0 })
     }
 
     fn close_shard(&mut self) -> Result<(), StoreError> {
@@ -132,7 +137,7 @@ impl<R: TableRows> ShardWriter<R> {
         }
         crate::fault::point("shard-renamed");
         let (bytes, sha256) = size_and_sha256(&final_path)?;
-        self.done.push(ShardInfo { path: shard.final_rel, rows: shard.rows, bytes, sha256 });
+        self.done.push(ShardInfo { path: shard.final_rel, rows: shard.rows, bytes, sha256, segment: None });
         Ok(())
     }
 

@@ -1,0 +1,269 @@
+//! The query engine: one text embedding against every video of an index, answered from the
+//! mapped search segments (`store::segment`). `search` uses it for one query; a resident
+//! process keeps it open and asks many.
+//!
+//! A query is an exact scan: every video embedding's cosine with the query (f16 halves widened
+//! in registers, f32 sums; parallel over blocks of rows), a bounded selection of the best `k`
+//! per block (not a sort of all), and for each of those the frame whose embedding matches the
+//! query best, read by offset. Ranking is by cosine, ties by ascending `video_id` bytes; the
+//! cosines differ from those of the tables' f32 embeddings by at most
+//! [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
+
+use std::collections::BinaryHeap;
+use std::path::Path;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::store::segment::{Segment, open_segments};
+use crate::store::{Manifest, NotUnit, StoreError, UNIT_NORM_TOLERANCE};
+
+/// Rows one parallel task scans: large enough that a task's overhead is small next to its
+/// reads (2,048 × 512 halves = 2 MiB), small enough that two threads share the work evenly.
+const BLOCK_ROWS: usize = 2048;
+
+/// The videos of an index, mapped, ready for queries.
+pub struct SearchEngine {
+    segments: Vec<Segment>,
+    dim: usize,
+}
+
+/// One of a query's top videos.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineHit<'a> {
+    pub video_id: &'a str,
+    /// The cosine of the query and the video's embedding.
+    pub cosine: f32,
+    /// The video's sampled frame whose embedding has the highest cosine with the query (the
+    /// first such, in the frames table's order); none for a video without frames.
+    pub best_frame: Option<BestFrame>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BestFrame {
+    /// Its presentation time, in seconds.
+    pub time_s: f64,
+    pub cosine: f32,
+}
+
+impl SearchEngine {
+    /// Maps the segments of the index `manifest` describes. `None` for an index whose `videos`
+    /// shards have no segments (a format before 5 that no writer has upgraded yet).
+    pub fn open(index: &Path, manifest: &Manifest) -> Result<Option<SearchEngine>, StoreError> {
+        let Some(segments) = open_segments(index, manifest)? else { return Ok(None) };
+        Ok(Some(SearchEngine { segments, dim: manifest.model.embed_dim }))
+    }
+
+    /// How many videos a query ranks.
+    pub fn videos(&self) -> usize {
+        self.segments.iter().map(Segment::len).sum()
+    }
+
+    /// The first video whose embedding is not a unit vector, and why: a NaN would rank first.
+    /// One pass over the video arrays; a resident process makes it once.
+    pub fn first_not_unit(&self) -> Option<(&str, NotUnit)> {
+        self.blocks().into_par_iter().find_map_first(|(s, rows)| {
+            let segment = &self.segments[s];
+            rows.into_iter().find_map(|row| {
+                let v = &segment.video_embeddings()[row * self.dim..(row + 1) * self.dim];
+                let mut squares = 0.0f64;
+                for (position, &h) in v.iter().enumerate() {
+                    let x = f16::from_bits(h).to_f32();
+                    if !x.is_finite() {
+                        return Some((segment.id(row), NotUnit::NonFinite { position, value: x }));
+                    }
+                    squares += f64::from(x) * f64::from(x);
+                }
+                let norm = squares.sqrt();
+                ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some((segment.id(row), NotUnit::Norm(norm)))
+            })
+        })
+    }
+
+    /// The `k` videos whose embeddings have the highest cosine with `query` (an L2-normalised
+    /// embedding of the index's width), best first, each with its best frame.
+    pub fn search(&self, query: &[f32], k: usize) -> Vec<EngineHit<'_>> {
+        assert_eq!(query.len(), self.dim, "a query of the index's width");
+        if k == 0 {
+            return Vec::new();
+        }
+        let top = self
+            .blocks()
+            .into_par_iter()
+            .fold(
+                || BinaryHeap::with_capacity(k + 1),
+                |mut top, (s, rows)| {
+                    let segment = &self.segments[s];
+                    let videos = segment.video_embeddings();
+                    for row in rows {
+                        let cosine = dot_f16(query, &videos[row * self.dim..(row + 1) * self.dim]);
+                        // Most rows lose to the running k-th at once; only the others' ids are read.
+                        if top.len() < k || top.peek().is_some_and(|worst: &Candidate| cosine >= worst.cosine) {
+                            offer(&mut top, k, Candidate { cosine, id: segment.id(row), segment: s, row });
+                        }
+                    }
+                    top
+                },
+            )
+            .reduce(BinaryHeap::new, |mut a, b| {
+                for candidate in b {
+                    offer(&mut a, k, candidate);
+                }
+                a
+            });
+        // The heap's greatest is its worst: ascending order is best first.
+        top.into_sorted_vec()
+            .into_iter()
+            .map(|c| EngineHit { video_id: c.id, cosine: c.cosine, best_frame: self.best_frame(query, c.segment, c.row) })
+            .collect()
+    }
+
+    fn best_frame(&self, query: &[f32], segment: usize, row: usize) -> Option<BestFrame> {
+        let (times, embeddings) = self.segments[segment].frames(row);
+        let mut best: Option<BestFrame> = None;
+        for (&time_s, embedding) in times.iter().zip(embeddings.chunks_exact(self.dim.max(1))) {
+            let cosine = dot_f16(query, embedding);
+            if best.is_none_or(|b| cosine > b.cosine) {
+                best = Some(BestFrame { time_s, cosine });
+            }
+        }
+        best
+    }
+
+    /// The scan's tasks: `(segment, rows)` blocks of at most [`BLOCK_ROWS`].
+    fn blocks(&self) -> Vec<(usize, std::ops::Range<usize>)> {
+        let mut blocks = Vec::new();
+        for (s, segment) in self.segments.iter().enumerate() {
+            let mut start = 0;
+            while start < segment.len() {
+                let end = (start + BLOCK_ROWS).min(segment.len());
+                blocks.push((s, start..end));
+                start = end;
+            }
+        }
+        blocks
+    }
+}
+
+/// A video in the running selection. Ordered worst first (greatest): a lower cosine, or the
+/// same cosine and a later id, so that a max-heap of `k` keeps the best `k` with its worst on top.
+#[derive(Debug, Clone, Copy)]
+struct Candidate<'a> {
+    cosine: f32,
+    id: &'a str,
+    segment: usize,
+    row: usize,
+}
+
+impl Ord for Candidate<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.cosine.total_cmp(&self.cosine).then_with(|| self.id.as_bytes().cmp(other.id.as_bytes()))
+    }
+}
+
+impl PartialOrd for Candidate<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Candidate<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Candidate<'_> {}
+
+/// Keeps `candidate` if it is among the best `k` seen.
+#[inline]
+fn offer<'a>(top: &mut BinaryHeap<Candidate<'a>>, k: usize, candidate: Candidate<'a>) {
+    if top.len() < k {
+        top.push(candidate);
+    } else if let Some(mut worst) = top.peek_mut()
+        && candidate.cosine >= worst.cosine
+        && candidate < *worst
+    {
+        *worst = candidate;
+    }
+}
+
+/// `Σ query[i] · v[i]` with `v` in f16 halves: widened eight at a time (F16C) into four FMA
+/// chains where the CPU has them, one f32 chain otherwise.
+#[inline]
+pub fn dot_f16(query: &[f32], v: &[u16]) -> f32 {
+    debug_assert_eq!(query.len(), v.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has the features the kernel is compiled for (checked above).
+            return unsafe { dot_f16_f16c(query, v) };
+        }
+    }
+    query.iter().zip(v).fold(0.0f32, |sum, (&q, &h)| q.mul_add(f16::from_bits(h).to_f32(), sum))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_f16c(query: &[f32], v: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = query.len().min(v.len());
+    let (q, h) = (query.as_ptr(), v.as_ptr());
+    let mut sums = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (every load below): `i + 8 ≤ n` elements of both slices are in bounds.
+    unsafe {
+        while i + 32 <= n {
+            for (lane, sum) in sums.iter_mut().enumerate() {
+                let at = i + 8 * lane;
+                let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(at).cast()));
+                *sum = _mm256_fmadd_ps(halves, _mm256_loadu_ps(q.add(at)), *sum);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(i).cast()));
+            sums[0] = _mm256_fmadd_ps(halves, _mm256_loadu_ps(q.add(i)), sums[0]);
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
+        let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+        for j in i..n {
+            total = query[j].mul_add(f16::from_bits(v[j]).to_f32(), total);
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_f16_dot_product_is_the_sum_of_its_terms() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 512, 515] {
+            let query: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 16.0).collect();
+            let v: Vec<u16> = (0..n).map(|i| f16::from_f32(((i * 13 % 7) as f32 - 3.0) / 8.0).to_bits()).collect();
+            let exact: f64 =
+                query.iter().zip(&v).map(|(&q, &h)| f64::from(q) * f64::from(f16::from_bits(h).to_f32())).sum();
+            // Every term and partial sum is a multiple of 2⁻⁷ well inside f32's range: exact.
+            assert_eq!(f64::from(dot_f16(&query, &v)), exact, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn the_selection_keeps_the_best_and_breaks_ties_by_id() {
+        let mut top = BinaryHeap::new();
+        let ids = ["e", "b", "d", "a", "c"];
+        for (i, (&id, cosine)) in ids.iter().zip([0.5, 0.9, 0.9, 0.1, 0.9]).enumerate() {
+            offer(&mut top, 3, Candidate { cosine, id, segment: 0, row: i });
+        }
+        let kept: Vec<&str> = top.into_sorted_vec().iter().map(|c| c.id).collect();
+        assert_eq!(kept, ["b", "c", "d"]);
+    }
+}
