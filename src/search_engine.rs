@@ -114,7 +114,11 @@ impl SearchEngine {
         // The heap's greatest is its worst: ascending order is best first.
         top.into_sorted_vec()
             .into_iter()
-            .map(|c| EngineHit { video_id: c.id, cosine: c.cosine, best_frame: self.best_frame(query, c.segment, c.row) })
+            .map(|c| EngineHit {
+                video_id: c.id,
+                cosine: c.cosine,
+                best_frame: self.best_frame(query, c.segment, c.row),
+            })
             .collect()
     }
 

@@ -339,7 +339,8 @@ fn an_index_of_format_1_is_read_and_upgraded_by_the_next_ingest() {
     }
     let videos = dir.path().join("videos").canonicalize().unwrap().to_str().unwrap().to_string();
     assert_eq!(manifest.roots, [videos], "the root, recorded as typed in format 1, is canonical");
-    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
+    assert!(manifest.shards("videos").iter().all(|s| s.segment.is_some()), "search segments written");
+    assert_verifies(&index);
 }
 
 /// An index written in format 2, kept in `tests/data/index-v2` as that version wrote it, run
@@ -439,15 +440,16 @@ fn commands_run_from_another_folder_find_the_model_and_the_roots() {
     assert!(stderr.contains("0 new, 0 changed, 0 reused, 2 unchanged"), "{stderr}");
 }
 
-/// Format 4 differs from 3 only in the failure kind `memory_limit`: an index of format 3 (made
-/// here by writing 3 into a manifest, which is all that tells the two apart) is read as it is
-/// and brought to format 4 by its next writer without a shard rewritten; an index of a format
-/// newer than this build's (as format 4 is to a build that reads up to 3) is refused by every
-/// command, naming the versions.
+/// Format 4 differs from 3 only in the failure kind `memory_limit`, and 5 from 4 in the search
+/// segments beside the `videos` shards: an index of format 3 or 4 (made here by removing the
+/// segments and writing the number into a manifest, which is all that tells them apart) is read
+/// as it is, searched from its tables, and brought to format 5 by its next writer, which writes
+/// the segments from the tables without a shard rewritten; an index of a format newer than this
+/// build's is refused by every command, naming the versions.
 #[test]
-fn an_index_of_format_3_is_upgraded_in_place_and_a_newer_format_is_refused() {
+fn an_index_of_format_3_or_4_is_upgraded_in_place_and_a_newer_format_is_refused() {
     let dir = Dir::new();
-    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let root = corpus(&dir, "videos", &CLIPS[..3]);
     let index = dir.join("index");
     assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
     let with_version = |version: u32| {
@@ -456,14 +458,23 @@ fn an_index_of_format_3_is_upgraded_in_place_and_a_newer_format_is_refused() {
         manifest["format_version"] = version.into();
         std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     };
+    let search = || TestCommand::new(&["search", "a clock", "--json", "--index"]).arg(&index).expect_code(0).0;
     let before = Manifest::load(&index).unwrap().unwrap();
-    with_version(3);
-    TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
-    let out = ingest_output(&index, &root, &[], None);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
-    let after = Manifest::load(&index).unwrap().unwrap();
-    assert_eq!(after.format_version, vtr_index::store::FORMAT_VERSION);
-    assert_eq!(after.tables, before.tables, "no shard rewritten");
+    let searched = search();
+    for version in [3, 4] {
+        as_older_format(&index, version);
+        assert!(!index.join("segments").read_dir().unwrap().any(|_| true));
+        TestCommand::new(&["verify", "--deep", "--index"]).arg(&index).expect_code(0);
+        // Answered from the tables: the same videos and frames, scores as the segments' within f16.
+        assert_same_search(&search(), &searched, f64::from(before.model.logit_scale).exp());
+        let out = ingest_output(&index, &root, &[], None);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
+        let after = Manifest::load(&index).unwrap().unwrap();
+        assert_eq!(after.format_version, vtr_index::store::FORMAT_VERSION);
+        assert_eq!(after.tables, before.tables, "no shard rewritten; the segments written again are the same bytes");
+        assert_verifies(&index);
+        assert_eq!(search(), searched);
+    }
 
     with_version(vtr_index::store::FORMAT_VERSION + 1);
     for command in [&["verify", "--index"][..], &["info", "--index"][..]] {

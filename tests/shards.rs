@@ -112,11 +112,18 @@ fn a_sharded_ingest_merged_equals_a_single_run() {
     assert_same_rows(&rows(&out), &rows(&single), "merged vs single");
     let (stdout, _) = TestCommand::new(&["info", "--index"]).arg(&out).expect_code(0);
     assert!(stdout.contains("merged:    3 parts"), "{stdout}");
-    TestCommand::new(&["verify", "--index"]).arg(&out).expect_code(0);
-    // The parts hold no file twice and the merge's shards are links to theirs, not copies.
-    let part_video_shard = parts[0].join(&Manifest::load(&parts[0]).unwrap().unwrap().shards("videos")[0].path);
-    let linked = std::fs::metadata(&part_video_shard).unwrap();
-    assert!(std::os::unix::fs::MetadataExt::nlink(&linked) >= 2, "the part's shard is linked into the merged index");
+    assert_verifies(&out);
+    // The parts hold no file twice and the merge's shards and segments are links to theirs, not
+    // copies; the merged index searches as the single run's.
+    let part_videos = Manifest::load(&parts[0]).unwrap().unwrap().shards("videos")[0].clone();
+    for file in [&part_videos.path, &part_videos.segment.as_ref().unwrap().path] {
+        let linked = std::fs::metadata(parts[0].join(file)).unwrap();
+        assert!(std::os::unix::fs::MetadataExt::nlink(&linked) >= 2, "{file} is linked into the merged index");
+    }
+    let search = |index: &Path| {
+        TestCommand::new(&["search", "a fractal", "-k", "20", "--json", "--index"]).arg(index).expect_code(0).0
+    };
+    assert_eq!(search(&out), search(&single));
     // Scoring the merged index gives the single run's metrics.
     let captions = fixtures().join("videos_captions.csv");
     for index in [&out, &single] {
@@ -195,6 +202,9 @@ fn merge_refuses_parts_that_are_not_one_ingest() {
         assert!(!out.exists(), "a refused merge leaves no index");
     };
     refused(&[&p0, &p2], &["missing part 1/3"]);
+    let older = dir.copy(&p1, "p1-format-4");
+    as_older_format(&older, 4);
+    refused(&[&p0, &older, &p2], &["format 4", "upgrade it first"]);
     refused(&[&p0, &p1, &p1, &p2], &["part 1/3 is given twice"]);
     let p3 = part("p2-frames", "2/3", &["--frames", "4"]);
     refused(&[&p0, &p1, &p3], &["another sampling"]);

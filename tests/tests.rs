@@ -18,6 +18,7 @@ mod nightly;
 mod placement;
 mod score;
 mod score_cases;
+mod search;
 mod shards;
 mod slurm;
 mod texts;

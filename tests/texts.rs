@@ -147,33 +147,39 @@ fn msrvtt_captions_encode_score_and_search_end_to_end() {
     let query_embedding = fixed_lists(&stored("texts/query")[0], "embedding").remove(0);
     let dot = |e: &[f32]| e.iter().zip(&query_embedding).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
     let scale = f64::from(manifest.model.logit_scale).exp();
-    let mut want: Vec<(f64, String)> = Vec::new();
+    let mut reference: Vec<ReferenceVideo> = Vec::new();
     for batch in stored("videos") {
         for (id, e) in strings(&batch, "video_id").into_iter().zip(fixed_lists(&batch, "embedding")) {
-            want.push((scale * dot(&e), id));
+            reference.push(ReferenceVideo { video_id: id, score: scale * dot(&e), frames: Vec::new() });
         }
     }
-    want.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes())));
-    let mut best_frame: HashMap<String, (f64, f64)> = HashMap::new();
     for batch in stored("frames") {
         let pts = batch.column_by_name("pts_s").unwrap().as_primitive::<arrow::datatypes::Float64Type>();
         for (i, (id, e)) in strings(&batch, "video_id").into_iter().zip(fixed_lists(&batch, "embedding")).enumerate() {
-            let entry = best_frame.entry(id).or_insert((f64::NEG_INFINITY, 0.0));
-            if dot(&e) > entry.0 {
-                *entry = (dot(&e), pts.value(i));
-            }
+            let video = reference.iter_mut().find(|v| v.video_id == id).unwrap();
+            video.frames.push((dot(&e), pts.value(i)));
         }
     }
-    let (stdout, _) =
-        TestCommand::new(&["search", query, "--index"]).arg(&index).args(&["-k", "12", "--json"]).expect_code(0);
-    let hits: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(hits.len(), 12);
+    let search = |index: &std::path::Path| {
+        let (stdout, _) =
+            TestCommand::new(&["search", query, "--index"]).arg(index).args(&["-k", "12", "--json"]).expect_code(0);
+        search_hits(&stdout)
+    };
+    // From the search segments (f16): the reference's results up to their rounding.
+    let hits = search(&index);
+    assert_search_matches(&hits, &reference, 12, scale);
     // Not every best frame is the first: a search that returned each video's first frame fails.
-    assert!(hits.iter().any(|h| h["best_frame_s"].as_f64().unwrap() > 0.0), "{stdout}");
-    for (hit, (score, id)) in hits.iter().zip(&want) {
-        assert_eq!(hit["video_id"], id.as_str(), "{stdout}");
-        assert!((hit["score"].as_f64().unwrap() - score).abs() <= 1e-4, "{id}: {stdout}");
-        assert_eq!(hit["best_frame_s"].as_f64().unwrap(), best_frame[id].1, "{id}: the best frame's time");
+    assert!(hits.iter().any(|h| h.best_frame_s.unwrap() > 0.0), "{hits:?}");
+    // From the tables of the same index in format 4 (no segments): the reference's, in f32.
+    let older = dir.copy(&index, "index-v4");
+    as_older_format(&older, 4);
+    let mut exact: Vec<&ReferenceVideo> = reference.iter().collect();
+    exact.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.video_id.as_bytes().cmp(b.video_id.as_bytes())));
+    for (hit, want) in search(&older).iter().zip(&exact) {
+        assert_eq!(hit.video_id, want.video_id);
+        assert!((hit.score - want.score).abs() <= 1e-4, "{}: {} against {}", want.video_id, hit.score, want.score);
+        let best = want.frames.iter().fold((f64::NEG_INFINITY, 0.0), |b, &f| if f.0 > b.0 { f } else { b });
+        assert_eq!(hit.best_frame_s, Some(best.1), "{}: the best frame's time", want.video_id);
     }
 }
 
@@ -462,8 +468,21 @@ fn scoring_refuses_embeddings_that_are_not_unit_vectors() {
     let video = change_embedding(&video_shard, 0, |e| e.iter_mut().for_each(|x| *x *= 2.0));
     let norm = format!("has norm 2.000000, not 1 within {}", vtr_index::store::UNIT_NORM_TOLERANCE);
     refused(score(&dir.join("double")), &["the videos table", &format!("video {video:?}"), &norm]);
-    let search = TestCommand::new(&["search", "a clock", "--index"]).arg(&index);
-    refused(search, &["the videos table", &format!("video {video:?}"), &norm]);
+    // Search reads the video embeddings from the search segment beside the shard: the same
+    // vector doubled there (f16 halves at the offset its header records, contract §4).
+    let search = || TestCommand::new(&["search", "a clock", "--index"]).arg(&index);
+    let segment = index.join(&manifest.shards("videos")[0].segment.as_ref().unwrap().path);
+    let pristine_segment = std::fs::read(&segment).unwrap();
+    let mut doubled = pristine_segment.clone();
+    let start = u64::from_le_bytes(doubled[56..64].try_into().unwrap()) as usize;
+    for half in doubled[start..start + 2 * manifest.model.embed_dim].chunks_exact_mut(2) {
+        let x = half::f16::from_le_bytes([half[0], half[1]]).to_f32() * 2.0;
+        half.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
+    }
+    std::fs::write(&segment, &doubled).unwrap();
+    refused(search(), &["the videos table", &format!("video {video:?}"), "has norm 2.00", "not 1 within"]);
     std::fs::write(&video_shard, &pristine.1).unwrap();
+    std::fs::write(&segment, &pristine_segment).unwrap();
+    search().expect_code(0);
     score(&dir.join("restored")).expect_code(0);
 }

@@ -77,6 +77,7 @@ fn the_contract_states_these_tolerances() {
         ("dual-softmax values with f32 sum terms", format!("each value within {SUM_TERMS_RELATIVE:e} of itself")),
         ("metrics", format!("within {METRICS_ABS:e}")),
         ("an embedding read by", format!("norm within {:e} of 1", vtr_index::store::UNIT_NORM_TOLERANCE)),
+        ("a cosine from a search segment", format!("within {:e}", vtr_index::store::segment::F16_COSINE_ERROR)),
         ("the GPU's `--gpu-inputs f16`", format!("top-1 equal for ≥ {} % of texts", F16_INPUTS_TOP1_SHARE * 100.0)),
         ("the GPU's `--gpu-inputs f16`", format!("R@1, R@10 within {F16_INPUTS_RECALL_POINTS} point")),
         ("a sharded ingest, merged", "embeddings equal bits".to_string()),

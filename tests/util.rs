@@ -362,12 +362,123 @@ pub fn ingest_output(index: &Path, root: &Path, extra: &[&str], kill_at: Option<
     cmd.output()
 }
 
-/// `verify` passes on `index`.
+/// `verify --deep` passes: every listed file is whole, and every search segment holds what its
+/// shard and the frames table hold.
 pub fn assert_verifies(index: &Path) {
-    let out = TestCommand::new(&["verify", "--index"]).arg(index).output();
+    let out = TestCommand::new(&["verify", "--deep", "--index"]).arg(index).output();
     assert_eq!(out.status.code(), Some(0), "{}", stderr_text(&out));
+}
+
+/// Makes `index` what a build of format `version` (< 5) wrote: no search segments (their
+/// entries and files removed) and that version in its manifest.
+pub fn as_older_format(index: &Path, version: u32) {
+    let path = index.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["format_version"] = version.into();
+    for shard in manifest["tables"]["videos"].as_array_mut().unwrap() {
+        let segment = shard.as_object_mut().unwrap().remove("segment").expect("a format-5 index");
+        std::fs::remove_file(index.join(segment["path"].as_str().unwrap())).unwrap();
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
 }
 
 pub fn stderr_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One line of `search --json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    pub video_id: String,
+    pub score: f64,
+    pub best_frame_s: Option<f64>,
+}
+
+pub fn search_hits(stdout: &str) -> Vec<SearchHit> {
+    let hits = stdout.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap());
+    hits.map(|h| SearchHit {
+        video_id: h["video_id"].as_str().unwrap().to_string(),
+        score: h["score"].as_f64().unwrap(),
+        best_frame_s: h["best_frame_s"].as_f64(),
+    })
+    .collect()
+}
+
+/// A video as a brute-force reference ranks it: its exact score (`scale · cosine` of the f32
+/// embeddings) and each frame's exact cosine and time, in the frames table's order.
+pub struct ReferenceVideo {
+    pub video_id: String,
+    pub score: f64,
+    pub frames: Vec<(f64, f64)>,
+}
+
+/// `got`, the top `k` that search answered from the f16 search segments, is the exact top `k` of
+/// `reference` (every video of the index) up to f16 rounding (contract §6): each score within
+/// `scale ·` [`F16_COSINE_ERROR`](vtr_index::store::segment::F16_COSINE_ERROR) of the exact
+/// one; the order the exact one, ties by ascending id, except between videos whose exact scores
+/// are closer than twice that; no video left out that beats the last one kept by more; and each
+/// best frame the exact best, or one within twice the cosine error of it.
+pub fn assert_search_matches(got: &[SearchHit], reference: &[ReferenceVideo], k: usize, scale: f64) {
+    let error = vtr_index::store::segment::F16_COSINE_ERROR;
+    let mut exact: Vec<&ReferenceVideo> = reference.iter().collect();
+    exact.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.video_id.as_bytes().cmp(b.video_id.as_bytes())));
+    assert_eq!(got.len(), k.min(exact.len()), "{got:?}");
+    let by_id: std::collections::HashMap<&str, &ReferenceVideo> =
+        reference.iter().map(|v| (v.video_id.as_str(), v)).collect();
+    let slack = 2.0 * scale * error;
+    for (rank, hit) in got.iter().enumerate() {
+        let want = by_id.get(hit.video_id.as_str()).unwrap_or_else(|| panic!("{} is no video", hit.video_id));
+        assert!(
+            (hit.score - want.score).abs() <= scale * error,
+            "{}: {} against {}",
+            hit.video_id,
+            hit.score,
+            want.score
+        );
+        if exact[rank].video_id != hit.video_id {
+            assert!(
+                (exact[rank].score - want.score).abs() <= slack,
+                "rank {}: {} (exact {}) where the exact order has {} ({})",
+                rank + 1,
+                hit.video_id,
+                want.score,
+                exact[rank].video_id,
+                exact[rank].score
+            );
+        }
+        let best = want.frames.iter().map(|f| f.0).fold(f64::NEG_INFINITY, f64::max);
+        match hit.best_frame_s {
+            Some(time) => {
+                let chosen = want.frames.iter().find(|f| f.1 == time).expect("a frame of the video");
+                assert!(chosen.0 >= best - 2.0 * error, "{}: frame at {time} s, not the best", hit.video_id);
+                if want.frames.iter().filter(|f| f.0 >= best - 2.0 * error).count() == 1 {
+                    assert_eq!(chosen.0, best, "{}: the one best frame", hit.video_id);
+                }
+            }
+            None => assert!(want.frames.is_empty(), "{}: its best frame is missing", hit.video_id),
+        }
+    }
+    if let Some(last) = got.last() {
+        let last = by_id[last.video_id.as_str()].score;
+        let kept: std::collections::HashSet<&str> = got.iter().map(|h| h.video_id.as_str()).collect();
+        for video in exact.iter().filter(|v| v.score > last + slack) {
+            assert!(kept.contains(video.video_id.as_str()), "{} (score {}) is left out", video.video_id, video.score);
+        }
+    }
+}
+
+/// Two searches of one index whose logit scale is `scale`, one from its tables (f32) and one
+/// from its segments (f16): the same videos and best frames, scores up to the f16 rounding.
+pub fn assert_same_search(got: &str, want: &str, scale: f64) {
+    let (got, want) = (search_hits(got), search_hits(want));
+    let reference: Vec<ReferenceVideo> = want
+        .iter()
+        .map(|h| ReferenceVideo {
+            video_id: h.video_id.clone(),
+            score: h.score,
+            frames: h.best_frame_s.map(|t| (1.0, t)).into_iter().collect(),
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_search_matches(&got, &reference, got.len(), scale);
 }

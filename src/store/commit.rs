@@ -84,7 +84,10 @@ impl RowWriters {
         self.close_segment()?;
         let mut videos = self.videos.finish()?;
         let paired = videos.len() == self.segments.len()
-            && videos.iter().zip(&self.segments).all(|(s, (rows, g))| s.rows == *rows && g.path == segment_path_of(&s.path));
+            && videos
+                .iter()
+                .zip(&self.segments)
+                .all(|(s, (rows, g))| s.rows == *rows && g.path == segment_path_of(&s.path));
         if !paired {
             return Err(StoreError::Corrupt {
                 path: self.index.clone(),

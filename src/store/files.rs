@@ -183,7 +183,9 @@ pub fn collect_garbage(index: &Path, manifest: Option<&Manifest>) -> Result<usiz
     let listed: HashSet<&str> = manifest
         .map(|m| {
             let shards = m.tables.values().flatten();
-            shards.flat_map(|s| std::iter::once(s.path.as_str()).chain(s.segment.as_ref().map(|g| g.path.as_str()))).collect()
+            shards
+                .flat_map(|s| std::iter::once(s.path.as_str()).chain(s.segment.as_ref().map(|g| g.path.as_str())))
+                .collect()
         })
         .unwrap_or_default();
     let files = table_files(index)?;

@@ -403,11 +403,17 @@ pub fn deep_check(index: &Path, manifest: &Manifest) -> Result<Vec<String>, Stor
         for (row, video) in rows.iter().enumerate() {
             let stored = &segment.video_embeddings()[row * segment.dim..(row + 1) * segment.dim];
             if segment.id(row) != video.video_id {
-                problems.push(format!("{}: row {row} is {:?}, its shard's {:?}", shard.path, segment.id(row), video.video_id));
+                problems.push(format!(
+                    "{}: row {row} is {:?}, its shard's {:?}",
+                    shard.path,
+                    segment.id(row),
+                    video.video_id
+                ));
                 return Ok(problems);
             }
             if !same_in_f16(&video.embedding, stored) {
-                problems.push(format!("{}: the embedding of {:?} differs from its shard's", shard.path, video.video_id));
+                problems
+                    .push(format!("{}: the embedding of {:?} differs from its shard's", shard.path, video.video_id));
             }
             place.insert(video.video_id.clone(), (s, row, 0));
         }
@@ -422,8 +428,8 @@ pub fn deep_check(index: &Path, manifest: &Manifest) -> Result<Vec<String>, Stor
                 let segment = &segments[*s];
                 let (times, embeddings) = segment.frames(*row);
                 let stored = embeddings.chunks_exact(segment.dim.max(1)).nth(*seen);
-                let same = stored
-                    .is_some_and(|stored| times[*seen] == frame.pts_s && same_in_f16(&frame.embedding, stored));
+                let same =
+                    stored.is_some_and(|stored| times[*seen] == frame.pts_s && same_in_f16(&frame.embedding, stored));
                 if !same {
                     problems.push(format!(
                         "{}: frame {} of {:?} differs from the frames table's",
@@ -440,7 +446,8 @@ pub fn deep_check(index: &Path, manifest: &Manifest) -> Result<Vec<String>, Stor
     for (id, (s, row, seen)) in &place {
         let held = segments[*s].frames(*row).0.len();
         if held != *seen {
-            problems.push(format!("{}: {id:?} has {held} frames, the frames table {seen}", segments[*s].path.display()));
+            problems
+                .push(format!("{}: {id:?} has {held} frames, the frames table {seen}", segments[*s].path.display()));
         }
     }
     problems.sort();
@@ -492,7 +499,9 @@ pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(),
                 Ok(())
             })?;
         }
-        let spill = spill.into_inner().map_err(|e| io_error(&spill_path)(e.into_error()))?;
+        spill.flush().map_err(io_error(&spill_path))?;
+        drop(spill);
+        let spill = File::open(&spill_path).map_err(io_error(&spill_path))?;
         let mut tables = manifest.tables.clone();
         for shard in tables.get_mut("videos").into_iter().flatten().filter(|s| s.segment.is_none()) {
             let mut writer = SegmentWriter::create(index, &shard.path, dim)?;
