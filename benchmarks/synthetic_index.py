@@ -3,6 +3,7 @@ project's Parquet schema (embeddings as FixedSizeList<Float32, D>) and the manif
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,15 +25,61 @@ def write_shard(index, rel, table):
     return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def manifest(dim, roots, tables, max_frames=12, logit_scale=4.605170249938965):
-    """A manifest for a synthetic model of width `dim` that is never loaded."""
+def manifest(dim, roots, tables, max_frames=12, logit_scale=4.605170249938965, model=None):
+    """A format-1 manifest for a synthetic model of width `dim` that is never loaded, or for
+    `model`, the identity another index records of a real checkpoint."""
     return {
         "format_version": 1,
-        "model": {"id": "synthetic", "source": "/nonexistent/synthetic-model", "sha256": "0" * 64,
-                  "embed_dim": dim, "image_size": 224, "logit_scale": logit_scale},
+        "model": model or {"id": "synthetic", "source": "/nonexistent/synthetic-model", "sha256": "0" * 64,
+                           "embed_dim": dim, "image_size": 224, "logit_scale": logit_scale},
         "sampling": {"fps": 1.0, "max_frames": max_frames},
         "preprocess": {"resize": "bicubic-antialias", "shortest_edge": 224, "crop": 224,
                        "mean": CLIP_MEAN, "std": CLIP_STD},
         "roots": roots,
         "tables": tables,
     }
+
+
+def unit_rows(rng, n, dim):
+    """`n` random unit vectors of width `dim` (float32)."""
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def write_tables(index, root, n, frames, dim, rng, video_rows=100_000, frame_rows=20_000):
+    """Writes the videos and frames shards (format 1: no `stream_index`) of `n` synthetic videos
+    of `frames` frames each under the root `root`, one shard's rows in memory at a time; returns
+    the manifest's `tables`. Video `i` is `v/<i>`; its frames are at 0, 1, 2… s."""
+    tables = {"videos": [], "frames": []}
+    frame_part = 0
+    for part, start in enumerate(range(0, n, video_rows)):
+        count = min(video_rows, n - start)
+        ids = [f"v/{i:07d}" for i in range(start, start + count)]
+        videos = pa.table({
+            "video_id": pa.array(ids),
+            "root": pa.array([root] * count),
+            "path": pa.array([f"{i}.mp4" for i in ids]),
+            "size_bytes": pa.array(np.full(count, 1000, np.uint64)),
+            "mtime_ns": pa.array(np.full(count, 0, np.int64)),
+            "content_hash": pa.array([hashlib.blake2b(i.encode()).hexdigest()[:64] for i in ids]),
+            "duration_s": pa.array(np.full(count, float(frames))),
+            "width": pa.array(np.full(count, 320, np.uint32)),
+            "height": pa.array(np.full(count, 240, np.uint32)),
+            "fps": pa.array(np.full(count, 25.0)),
+            "n_frames": pa.array(np.full(count, frames, np.uint32)),
+            "embedding": embedding_array(unit_rows(rng, count, dim)),
+        })
+        tables["videos"].append(write_shard(index, f"videos/part-1-{part:05d}.parquet", videos))
+        per_shard = max(1, frame_rows // max(frames, 1))
+        for first in range(0, count, per_shard):
+            chunk = ids[first:first + per_shard]
+            frame_table = pa.table({
+                "video_id": pa.array([v for v in chunk for _ in range(frames)]),
+                "frame_index": pa.array(np.tile(np.arange(frames, dtype=np.uint32), len(chunk))),
+                "pts_s": pa.array(np.tile(np.arange(frames, dtype=np.float64), len(chunk))),
+                "embedding": embedding_array(unit_rows(rng, len(chunk) * frames, dim)),
+            })
+            tables["frames"].append(write_shard(index, f"frames/part-1-{frame_part:05d}.parquet", frame_table))
+            frame_part += 1
+    return tables
