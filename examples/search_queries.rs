@@ -62,7 +62,7 @@ fn main() {
     let mut lines = String::new();
     for query in queries.chunks_exact(dim) {
         let start = Instant::now();
-        let hits = engine.search(query, k);
+        let hits = engine.search(query, k).expect("readable frames");
         times.push(start.elapsed().as_secs_f64());
         let fields: Vec<String> = hits.iter().map(|h| format!("{}\t{}", h.video_id, h.cosine)).collect();
         lines.push_str(&fields.join("\t"));

@@ -5,7 +5,7 @@
 //! A query is an exact scan: every video embedding's cosine with the query (f16 halves widened
 //! in registers, f32 sums; parallel over blocks of rows), a bounded selection of the best `k`
 //! per block (not a sort of all), and for each of those the frame whose embedding matches the
-//! query best, read by offset. Ranking is by cosine, ties by ascending `video_id` bytes; the
+//! query best, its frames read from the segment's file by offset. Ranking is by cosine, ties by ascending `video_id` bytes; the
 //! cosines differ from those of the tables' f32 embeddings by at most
 //! [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
 
@@ -66,26 +66,25 @@ impl SearchEngine {
             let segment = &self.segments[s];
             rows.into_iter().find_map(|row| {
                 let v = &segment.video_embeddings()[row * self.dim..(row + 1) * self.dim];
-                let mut squares = 0.0f64;
-                for (position, &h) in v.iter().enumerate() {
-                    let x = f16::from_bits(h).to_f32();
-                    if !x.is_finite() {
-                        return Some((segment.id(row), NotUnit::NonFinite { position, value: x }));
-                    }
-                    squares += f64::from(x) * f64::from(x);
+                // A finite f32 sum within the tolerance (some margin for its rounding) is a unit
+                // row; anything else is looked at closely, in f64.
+                let squares = squared_norm_f16(v);
+                if squares.is_finite() && (f64::from(squares).sqrt() - 1.0).abs() <= 0.5 * UNIT_NORM_TOLERANCE {
+                    return None;
                 }
-                let norm = squares.sqrt();
-                ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some((segment.id(row), NotUnit::Norm(norm)))
+                not_unit(v).map(|why| (segment.id(row), why))
             })
         })
     }
 
     /// The `k` videos whose embeddings have the highest cosine with `query` (an L2-normalised
-    /// embedding of the index's width), best first, each with its best frame.
-    pub fn search(&self, query: &[f32], k: usize) -> Vec<EngineHit<'_>> {
+    /// embedding of the index's width), best first, each with its best frame. The frames are
+    /// read from the files by offset, not through the maps, so a process that keeps the engine
+    /// open holds the video arrays and nothing more (the page cache may keep more, as it will).
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<EngineHit<'_>>, StoreError> {
         assert_eq!(query.len(), self.dim, "a query of the index's width");
         if k == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let top = self
             .blocks()
@@ -112,18 +111,15 @@ impl SearchEngine {
                 a
             });
         // The heap's greatest is its worst: ascending order is best first.
-        top.into_sorted_vec()
-            .into_iter()
-            .map(|c| EngineHit {
-                video_id: c.id,
-                cosine: c.cosine,
-                best_frame: self.best_frame(query, c.segment, c.row),
-            })
-            .collect()
+        let hits = top.into_sorted_vec().into_iter().map(|c| {
+            let best_frame = self.best_frame(query, c.segment, c.row)?;
+            Ok(EngineHit { video_id: c.id, cosine: c.cosine, best_frame })
+        });
+        hits.collect()
     }
 
-    fn best_frame(&self, query: &[f32], segment: usize, row: usize) -> Option<BestFrame> {
-        let (times, embeddings) = self.segments[segment].frames(row);
+    fn best_frame(&self, query: &[f32], segment: usize, row: usize) -> Result<Option<BestFrame>, StoreError> {
+        let (times, embeddings) = self.segments[segment].read_frames(row)?;
         let mut best: Option<BestFrame> = None;
         for (&time_s, embedding) in times.iter().zip(embeddings.chunks_exact(self.dim.max(1))) {
             let cosine = dot_f16(query, embedding);
@@ -131,7 +127,7 @@ impl SearchEngine {
                 best = Some(BestFrame { time_s, cosine });
             }
         }
-        best
+        Ok(best)
     }
 
     /// The scan's tasks: `(segment, rows)` blocks of at most [`BLOCK_ROWS`].
@@ -147,6 +143,20 @@ impl SearchEngine {
         }
         blocks
     }
+}
+
+/// Why the f16 row `v` is not a unit vector, if it is not (as `Embeddings::first_not_unit`).
+fn not_unit(v: &[u16]) -> Option<NotUnit> {
+    let mut squares = 0.0f64;
+    for (position, &h) in v.iter().enumerate() {
+        let x = f16::from_bits(h).to_f32();
+        if !x.is_finite() {
+            return Some(NotUnit::NonFinite { position, value: x });
+        }
+        squares += f64::from(x) * f64::from(x);
+    }
+    let norm = squares.sqrt();
+    ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some(NotUnit::Norm(norm))
 }
 
 /// A video in the running selection. Ordered worst first (greatest): a lower cosine, or the
@@ -192,11 +202,41 @@ fn offer<'a>(top: &mut BinaryHeap<Candidate<'a>>, k: usize, candidate: Candidate
     }
 }
 
-/// `Σ query[i] · v[i]` with `v` in f16 halves: widened eight at a time (F16C) into four FMA
-/// chains where the CPU has them, one f32 chain otherwise.
+/// What the halves of a row are multiplied by: the query's f32 lanes, or the halves themselves
+/// (a row's squared norm).
+#[derive(Clone, Copy)]
+enum Factor<'a> {
+    Query(&'a [f32]),
+    Itself,
+}
+
+impl Factor<'_> {
+    #[inline(always)]
+    fn scalar(self, at: usize, x: f32) -> f32 {
+        match self {
+            Factor::Query(query) => query[at],
+            Factor::Itself => x,
+        }
+    }
+}
+
+/// `Σ query[i] · v[i]` with `v` in f16 halves.
 #[inline]
 pub fn dot_f16(query: &[f32], v: &[u16]) -> f32 {
     debug_assert_eq!(query.len(), v.len());
+    sum_of_products(v, Factor::Query(&query[..v.len()]))
+}
+
+/// `Σ v[i]²` with `v` in f16 halves.
+#[inline]
+pub fn squared_norm_f16(v: &[u16]) -> f32 {
+    sum_of_products(v, Factor::Itself)
+}
+
+/// `Σ v[i] · factor[i]`: the halves widened eight at a time (F16C) into four FMA chains where
+/// the CPU has them, one f32 chain otherwise.
+#[inline]
+fn sum_of_products(v: &[u16], factor: Factor<'_>) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -204,44 +244,54 @@ pub fn dot_f16(query: &[f32], v: &[u16]) -> f32 {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has the features the kernel is compiled for (checked above).
-            return unsafe { dot_f16_f16c(query, v) };
+            return unsafe { sum_of_products_f16c(v, factor) };
         }
     }
-    query.iter().zip(v).fold(0.0f32, |sum, (&q, &h)| q.mul_add(f16::from_bits(h).to_f32(), sum))
+    v.iter().enumerate().fold(0.0f32, |sum, (i, &h)| {
+        let x = f16::from_bits(h).to_f32();
+        factor.scalar(i, x).mul_add(x, sum)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_f16c(query: &[f32], v: &[u16]) -> f32 {
+unsafe fn sum_of_products_f16c(v: &[u16], factor: Factor<'_>) -> f32 {
     use std::arch::x86_64::*;
-    let n = query.len().min(v.len());
-    let (q, h) = (query.as_ptr(), v.as_ptr());
+    let n = v.len();
+    let h = v.as_ptr();
+    // SAFETY (every load below): `at + 8 ≤ n` elements of `v`, and of the query, whose length
+    // is `n` (`dot_f16`), are in bounds.
+    let lanes = |at: usize| unsafe {
+        let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(at).cast()));
+        let other = match factor {
+            Factor::Query(query) => _mm256_loadu_ps(query.as_ptr().add(at)),
+            Factor::Itself => halves,
+        };
+        (halves, other)
+    };
     let mut sums = [_mm256_setzero_ps(); 4];
     let mut i = 0;
-    // SAFETY (every load below): `i + 8 ≤ n` elements of both slices are in bounds.
-    unsafe {
-        while i + 32 <= n {
-            for (lane, sum) in sums.iter_mut().enumerate() {
-                let at = i + 8 * lane;
-                let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(at).cast()));
-                *sum = _mm256_fmadd_ps(halves, _mm256_loadu_ps(q.add(at)), *sum);
-            }
-            i += 32;
+    while i + 32 <= n {
+        for (lane, sum) in sums.iter_mut().enumerate() {
+            let (halves, other) = lanes(i + 8 * lane);
+            *sum = _mm256_fmadd_ps(halves, other, *sum);
         }
-        while i + 8 <= n {
-            let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(i).cast()));
-            sums[0] = _mm256_fmadd_ps(halves, _mm256_loadu_ps(q.add(i)), sums[0]);
-            i += 8;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
-        let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-        for j in i..n {
-            total = query[j].mul_add(f16::from_bits(v[j]).to_f32(), total);
-        }
-        total
+        i += 32;
     }
+    while i + 8 <= n {
+        let (halves, other) = lanes(i);
+        sums[0] = _mm256_fmadd_ps(halves, other, sums[0]);
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
+    let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+    for (j, &h) in v.iter().enumerate().skip(i) {
+        let x = f16::from_bits(h).to_f32();
+        total = factor.scalar(j, x).mul_add(x, total);
+    }
+    total
 }
 
 #[cfg(test)]
@@ -258,6 +308,19 @@ mod tests {
             // Every term and partial sum is a multiple of 2⁻⁷ well inside f32's range: exact.
             assert_eq!(f64::from(dot_f16(&query, &v)), exact, "n = {n}");
         }
+    }
+
+    #[test]
+    fn the_squared_norm_is_the_sum_of_squares() {
+        for n in [0, 5, 8, 40, 512] {
+            let v: Vec<u16> = (0..n).map(|i| f16::from_f32(((i * 5 % 9) as f32 - 4.0) / 4.0).to_bits()).collect();
+            let exact: f64 = v.iter().map(|&h| f64::from(f16::from_bits(h).to_f32()).powi(2)).sum();
+            assert_eq!(f64::from(squared_norm_f16(&v)), exact, "n = {n}");
+        }
+        let one = [f16::ONE.to_bits(), 0, 0];
+        assert!(not_unit(&one).is_none());
+        assert!(matches!(not_unit(&[f16::NAN.to_bits(), 0]), Some(NotUnit::NonFinite { position: 0, .. })));
+        assert!(matches!(not_unit(&[f16::from_f32(2.0).to_bits()]), Some(NotUnit::Norm(n)) if n == 2.0));
     }
 
     #[test]

@@ -183,6 +183,7 @@ fn the_engine_answers_as_a_brute_force_reference_does() {
         for k in [0, 1, 2, 10, 100, 2999, 3000, 5000] {
             let hits: Vec<SearchHit> = engine
                 .search(&query, k)
+                .unwrap()
                 .into_iter()
                 .map(|h| SearchHit {
                     video_id: h.video_id.to_string(),
@@ -201,7 +202,7 @@ fn the_engine_answers_as_a_brute_force_reference_does() {
     }
     // The error bound holds on every video, not only the top ones.
     let query = numbers.unit(dim);
-    let all = engine.search(&query, 3000);
+    let all = engine.search(&query, 3000).unwrap();
     let exact: std::collections::HashMap<&str, f64> =
         videos.iter().map(|(id, e, _)| (id.as_str(), dot(&query, e))).collect();
     let worst = all.iter().map(|h| (f64::from(h.cosine) - exact[h.video_id]).abs()).fold(0.0, f64::max);

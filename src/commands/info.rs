@@ -69,7 +69,16 @@ fn print_index_info(index: &Path) -> Result<u8> {
             merged.parts.iter().map(|p| format!("{}/{} {}", p.shard, merged.count, p.path)).collect();
         println!("merged:    {} parts: {}", merged.count, parts.join(", "));
     }
-    println!("size:      {} bytes in {} shards", index_bytes(&m), m.tables.values().map(Vec::len).sum::<usize>());
+    let shards = m.tables.values().map(Vec::len).sum::<usize>();
+    let segments = m.shards("videos").iter().filter(|s| s.segment.is_some()).count();
+    println!("size:      {} bytes in {shards} shards and {segments} search segments", index_bytes(&m));
+    if m.format_version < crate::store::FORMAT_VERSION {
+        println!(
+            "format:    {} (searched from its tables; the next ingest or encode-text upgrades it to {})",
+            m.format_version,
+            crate::store::FORMAT_VERSION
+        );
+    }
     if let Some(run) = &m.last_run {
         println!("last run:  {run}");
     }

@@ -90,7 +90,7 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
         Some(engine) => {
             let not_unit = engine.first_not_unit().map(|(id, why)| (format!("video {id:?}"), why));
             super::refuse_not_unit("the videos table", not_unit)?;
-            let hits = engine.search(&query, command.top_k).into_iter().enumerate().map(|(i, hit)| Hit {
+            let hits = engine.search(&query, command.top_k)?.into_iter().enumerate().map(|(i, hit)| Hit {
                 rank: i + 1,
                 video_id: hit.video_id.to_string(),
                 score: scale * f64::from(hit.cosine),

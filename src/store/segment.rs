@@ -22,7 +22,7 @@ use half::f16;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use super::shard::for_each_batch;
+use super::shard::{for_each_batch, verify_recorded};
 use super::tables::{FrameRow, TableRows, VideoRow};
 use super::{Manifest, ShardInfo, StoreError, io_error, read_table};
 
@@ -242,6 +242,7 @@ impl Drop for SegmentWriter {
 /// One segment, mapped: nothing is read until a query touches it.
 #[derive(Debug)]
 pub struct Segment {
+    file: File,
     map: Mmap,
     path: PathBuf,
     dim: usize,
@@ -266,7 +267,7 @@ impl Segment {
         for (i, field) in header.iter_mut().enumerate().skip(1) {
             *field = u64::from_le_bytes(map[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         }
-        let segment = Segment { map, path: path.clone(), dim, videos: rows as usize, header };
+        let segment = Segment { file, map, path: path.clone(), dim, videos: rows as usize, header };
         segment.check(dim as u64, rows).map_err(corrupt)?;
         Ok(segment)
     }
@@ -370,6 +371,25 @@ impl Segment {
         let times: &[f64] = bytemuck::cast_slice(self.bytes(Field::FrameTimes, frames * 8));
         let embeddings: &[u16] = bytemuck::cast_slice(self.bytes(Field::FrameEmbeddings, frames * self.dim * 2));
         (&times[first..end], &embeddings[first * self.dim..end * self.dim])
+    }
+
+    /// Row `row`'s frames as [`Segment::frames`] gives them, read from the file by offset
+    /// (`pread`) rather than through the map: the page cache's large folios would otherwise map
+    /// megabytes of other videos' frames into the reader for each video it looks at.
+    pub fn read_frames(&self, row: usize) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
+        let starts = self.u64s(Field::FrameStarts, self.videos + 1);
+        let (first, end) = (starts[row], starts[row + 1]);
+        let count = (end - first) as usize;
+        let mut times = vec![0f64; count];
+        let mut embeddings = vec![0u16; count * self.dim];
+        let at = |field: Field, size: u64| self.header[field as usize] + first * size;
+        let read =
+            self.file.read_exact_at(bytemuck::cast_slice_mut(&mut times), at(Field::FrameTimes, 8)).and_then(|()| {
+                let offset = at(Field::FrameEmbeddings, self.dim as u64 * 2);
+                self.file.read_exact_at(bytemuck::cast_slice_mut(&mut embeddings), offset)
+            });
+        read.map_err(io_error(&self.path))?;
+        Ok((times, embeddings))
     }
 
     /// Row `row`'s frames as the writer takes them.
@@ -532,14 +552,7 @@ pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(),
 /// that fits the shard beside it.
 pub fn verify_segment(index: &Path, shard: &ShardInfo, dim: usize) -> Result<(), String> {
     let Some(info) = &shard.segment else { return Err(format!("{}: no search segment beside it", shard.path)) };
-    let path = index.join(&info.path);
-    let (bytes, sha256) = crate::checksum::sha256_file(&path).map_err(|e| format!("{}: {e}", info.path))?;
-    if bytes != info.bytes {
-        return Err(format!("{}: {bytes} bytes, the manifest records {}", info.path, info.bytes));
-    }
-    if sha256 != info.sha256 {
-        return Err(format!("{}: checksum differs from the manifest's", info.path));
-    }
+    verify_recorded(index, &info.path, info.bytes, &info.sha256)?;
     Segment::open(index, info, dim, shard.rows).map(drop).map_err(|e| e.to_string())
 }
 
@@ -569,6 +582,10 @@ mod tests {
         assert!(segment.frames(1).0.is_empty());
         assert_eq!(segment.frames(2).0, [1.0, 2.0]);
         assert_eq!(segment.frames(2).1[3..], [0, 0, f16::ONE.to_bits()]);
+        for row in 0..3 {
+            let (times, embeddings) = segment.read_frames(row).unwrap();
+            assert_eq!((times.as_slice(), embeddings.as_slice()), segment.frames(row), "row {row}");
+        }
         assert!(Segment::open(index.path(), &info, 3, 4).is_err(), "another shard's row count");
         assert!(Segment::open(index.path(), &info, 4, 3).is_err(), "another width");
         // Cut short, or its header damaged: refused, never mapped past its end.

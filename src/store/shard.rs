@@ -216,17 +216,28 @@ pub fn for_each_batch(
     Ok(())
 }
 
+/// Checks that the file at `rel` in `index` is present with the size and SHA-256 its manifest
+/// records.
+pub(super) fn verify_recorded(
+    index: &Path,
+    rel: &str,
+    recorded_bytes: u64,
+    recorded_sha256: &str,
+) -> Result<(), String> {
+    let (bytes, sha256) = size_and_sha256(&index.join(rel)).map_err(|e| e.to_string())?;
+    if bytes != recorded_bytes {
+        return Err(format!("{rel}: {bytes} bytes, the manifest records {recorded_bytes}"));
+    }
+    if sha256 != recorded_sha256 {
+        return Err(format!("{rel}: checksum differs from the manifest's"));
+    }
+    Ok(())
+}
+
 /// Checks one listed shard: present, the recorded size and SHA-256, readable, the recorded
 /// row count. Returns what is wrong, if anything.
 pub fn verify_shard(index: &Path, shard: &ShardInfo) -> Result<(), String> {
-    let path = index.join(&shard.path);
-    let (bytes, sha256) = size_and_sha256(&path).map_err(|e| e.to_string())?;
-    if bytes != shard.bytes {
-        return Err(format!("{}: {bytes} bytes, the manifest records {}", shard.path, shard.bytes));
-    }
-    if sha256 != shard.sha256 {
-        return Err(format!("{}: checksum differs from the manifest's", shard.path));
-    }
+    verify_recorded(index, &shard.path, shard.bytes, &shard.sha256)?;
     let mut rows = 0u64;
     for_each_batch(index, shard, |batch| {
         rows += batch.num_rows() as u64;
