@@ -54,6 +54,11 @@ impl SearchEngine {
         Ok(Some(SearchEngine { segments, dim: manifest.model.embed_dim }))
     }
 
+    /// Each segment's video array (row-major f16 halves): what a query scans.
+    pub fn video_arrays(&self) -> impl Iterator<Item = &[u16]> {
+        self.segments.iter().map(Segment::video_embeddings)
+    }
+
     /// How many videos a query ranks.
     pub fn videos(&self) -> usize {
         self.segments.iter().map(Segment::len).sum()
@@ -83,6 +88,8 @@ impl SearchEngine {
     /// open holds the video arrays and nothing more (the page cache may keep more, as it will).
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<EngineHit<'_>>, StoreError> {
         assert_eq!(query.len(), self.dim, "a query of the index's width");
+        // A `k` past the videos asks for them all; the heaps are sized by what they can hold.
+        let k = k.min(self.videos());
         if k == 0 {
             return Ok(Vec::new());
         }
@@ -202,41 +209,24 @@ fn offer<'a>(top: &mut BinaryHeap<Candidate<'a>>, k: usize, candidate: Candidate
     }
 }
 
-/// What the halves of a row are multiplied by: the query's f32 lanes, or the halves themselves
-/// (a row's squared norm).
-#[derive(Clone, Copy)]
-enum Factor<'a> {
-    Query(&'a [f32]),
-    Itself,
-}
-
-impl Factor<'_> {
-    #[inline(always)]
-    fn scalar(self, at: usize, x: f32) -> f32 {
-        match self {
-            Factor::Query(query) => query[at],
-            Factor::Itself => x,
-        }
-    }
-}
-
 /// `Σ query[i] · v[i]` with `v` in f16 halves.
 #[inline]
 pub fn dot_f16(query: &[f32], v: &[u16]) -> f32 {
     debug_assert_eq!(query.len(), v.len());
-    sum_of_products(v, Factor::Query(&query[..v.len()]))
+    sum_of_products::<false>(v, &query[..v.len()])
 }
 
 /// `Σ v[i]²` with `v` in f16 halves.
 #[inline]
 pub fn squared_norm_f16(v: &[u16]) -> f32 {
-    sum_of_products(v, Factor::Itself)
+    sum_of_products::<true>(v, &[])
 }
 
-/// `Σ v[i] · factor[i]`: the halves widened eight at a time (F16C) into four FMA chains where
-/// the CPU has them, one f32 chain otherwise.
+/// `Σ v[i] · query[i]`, or `Σ v[i]²` when `SQUARES` (a constant, so the kernel has no branch):
+/// the halves widened eight at a time (F16C) into four FMA chains where the CPU has them, one
+/// f32 chain otherwise.
 #[inline]
-fn sum_of_products(v: &[u16], factor: Factor<'_>) -> f32 {
+fn sum_of_products<const SQUARES: bool>(v: &[u16], query: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -244,44 +234,42 @@ fn sum_of_products(v: &[u16], factor: Factor<'_>) -> f32 {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has the features the kernel is compiled for (checked above).
-            return unsafe { sum_of_products_f16c(v, factor) };
+            return unsafe { sum_of_products_f16c::<SQUARES>(v, query) };
         }
     }
     v.iter().enumerate().fold(0.0f32, |sum, (i, &h)| {
         let x = f16::from_bits(h).to_f32();
-        factor.scalar(i, x).mul_add(x, sum)
+        (if SQUARES { x } else { query[i] }).mul_add(x, sum)
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sum_of_products_f16c(v: &[u16], factor: Factor<'_>) -> f32 {
+unsafe fn sum_of_products_f16c<const SQUARES: bool>(v: &[u16], query: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = v.len();
-    let h = v.as_ptr();
-    // SAFETY (every load below): `at + 8 ≤ n` elements of `v`, and of the query, whose length
-    // is `n` (`dot_f16`), are in bounds.
-    let lanes = |at: usize| unsafe {
-        let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(at).cast()));
-        let other = match factor {
-            Factor::Query(query) => _mm256_loadu_ps(query.as_ptr().add(at)),
-            Factor::Itself => halves,
-        };
-        (halves, other)
-    };
+    assert!(SQUARES || query.len() == n);
+    let (h, q) = (v.as_ptr(), query.as_ptr());
     let mut sums = [_mm256_setzero_ps(); 4];
     let mut i = 0;
-    while i + 32 <= n {
-        for (lane, sum) in sums.iter_mut().enumerate() {
-            let (halves, other) = lanes(i + 8 * lane);
+    // SAFETY (every load below): `at + 8 ≤ n` elements of `v`, and of the query where it is
+    // read (its length is `n`, asserted above), are in bounds.
+    unsafe {
+        let add = |at: usize, sum: &mut __m256| {
+            let halves = _mm256_cvtph_ps(_mm_loadu_si128(h.add(at).cast()));
+            let other = if SQUARES { halves } else { _mm256_loadu_ps(q.add(at)) };
             *sum = _mm256_fmadd_ps(halves, other, *sum);
+        };
+        while i + 32 <= n {
+            for (lane, sum) in sums.iter_mut().enumerate() {
+                add(i + 8 * lane, sum);
+            }
+            i += 32;
         }
-        i += 32;
-    }
-    while i + 8 <= n {
-        let (halves, other) = lanes(i);
-        sums[0] = _mm256_fmadd_ps(halves, other, sums[0]);
-        i += 8;
+        while i + 8 <= n {
+            add(i, &mut sums[0]);
+            i += 8;
+        }
     }
     let sum = _mm256_add_ps(_mm256_add_ps(sums[0], sums[1]), _mm256_add_ps(sums[2], sums[3]));
     let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
@@ -289,7 +277,7 @@ unsafe fn sum_of_products_f16c(v: &[u16], factor: Factor<'_>) -> f32 {
     let mut total = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
     for (j, &h) in v.iter().enumerate().skip(i) {
         let x = f16::from_bits(h).to_f32();
-        total = factor.scalar(j, x).mul_add(x, total);
+        total = (if SQUARES { x } else { query[j] }).mul_add(x, total);
     }
     total
 }
