@@ -5,7 +5,8 @@
 //! `POINT:N` the N-th time (1-based). Points: `planned` (ingest's walk and plan done, before
 //! any file is started), `decode:FILE_NAME` (a thread starting to decode
 //! that file), `shard-written` (a shard synced under its temporary name), `shard-renamed`
-//! (a shard renamed, before any manifest names it), `manifest-written` (the new manifest
+//! (a shard renamed, before any manifest names it), `segment-written` and `segment-renamed`
+//! (the same for a search segment), `manifest-written` (the new manifest
 //! synced under its temporary name, before the rename), `committed` (just after a commit),
 //! `encode` (a model batch of ingest or encode-text starting), `scored` (score done, outputs
 //! not yet published). `VTR_INDEX_KILL_WITH=SIGINT|SIGTERM` sends that

@@ -5,9 +5,9 @@
 //! A query is an exact scan: every video embedding's cosine with the query (f16 halves widened
 //! in registers, f32 sums; parallel over blocks of rows), a bounded selection of the best `k`
 //! per block (not a sort of all), and for each of those the frame whose embedding matches the
-//! query best, its frames read from the segment's file by offset. Ranking is by cosine, ties by ascending `video_id` bytes; the
-//! cosines differ from those of the tables' f32 embeddings by at most
-//! [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
+//! query best, its frames read from the segment's file by offset. Ranking is by cosine, ties by
+//! ascending `video_id` bytes; the cosines differ from those of the tables' f32 embeddings by at
+//! most [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
 
 use std::collections::BinaryHeap;
 use std::path::Path;
@@ -35,7 +35,7 @@ pub struct EngineHit<'a> {
     /// The cosine of the query and the video's embedding.
     pub cosine: f32,
     /// The video's sampled frame whose embedding has the highest cosine with the query (the
-    /// first such, in the frames table's order); none for a video without frames.
+    /// first such by `frame_index`); none for a video without frames.
     pub best_frame: Option<BestFrame>,
 }
 
@@ -83,9 +83,11 @@ impl SearchEngine {
     }
 
     /// The `k` videos whose embeddings have the highest cosine with `query` (an L2-normalised
-    /// embedding of the index's width), best first, each with its best frame. The frames are
-    /// read from the files by offset, not through the maps, so a process that keeps the engine
-    /// open holds the video arrays and nothing more (the page cache may keep more, as it will).
+    /// embedding of the index's width: another width panics), best first, each with its best
+    /// frame. The caller has refused non-unit rows ([`SearchEngine::first_not_unit`]): a NaN
+    /// would rank anywhere. The frames are read from the files by offset, not through the maps,
+    /// so a process that keeps the engine open holds the video arrays and nothing more (the
+    /// page cache may keep more, as it will).
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<EngineHit<'_>>, StoreError> {
         assert_eq!(query.len(), self.dim, "a query of the index's width");
         // A `k` past the videos asks for them all; the heaps are sized by what they can hold.
@@ -152,18 +154,9 @@ impl SearchEngine {
     }
 }
 
-/// Why the f16 row `v` is not a unit vector, if it is not (as `Embeddings::first_not_unit`).
+/// Why the f16 row `v` is not a unit vector, if it is not.
 fn not_unit(v: &[u16]) -> Option<NotUnit> {
-    let mut squares = 0.0f64;
-    for (position, &h) in v.iter().enumerate() {
-        let x = f16::from_bits(h).to_f32();
-        if !x.is_finite() {
-            return Some(NotUnit::NonFinite { position, value: x });
-        }
-        squares += f64::from(x) * f64::from(x);
-    }
-    let norm = squares.sqrt();
-    ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some(NotUnit::Norm(norm))
+    NotUnit::of(v.iter().map(|&h| f16::from_bits(h).to_f32()))
 }
 
 /// A video in the running selection. Ordered worst first (greatest): a lower cosine, or the
@@ -178,7 +171,9 @@ struct Candidate<'a> {
 
 impl Ord for Candidate<'_> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.cosine.total_cmp(&self.cosine).then_with(|| self.id.as_bytes().cmp(other.id.as_bytes()))
+        // `+ 0.0` makes −0 and +0 one value, so that they tie and the ids decide.
+        let (mine, theirs) = (self.cosine + 0.0, other.cosine + 0.0);
+        theirs.total_cmp(&mine).then_with(|| self.id.as_bytes().cmp(other.id.as_bytes()))
     }
 }
 

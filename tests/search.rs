@@ -6,7 +6,7 @@ use std::path::Path;
 
 use vtr_index::search_engine::SearchEngine;
 use vtr_index::store::segment::{F16_COSINE_ERROR, SegmentWriter, Values};
-use vtr_index::store::{Manifest, ShardInfo};
+use vtr_index::store::{FrameRow, Manifest, ShardInfo, ShardWriter, read_table};
 
 use crate::util::*;
 
@@ -17,7 +17,8 @@ fn search(index: &Path, query: &str) -> String {
 
 /// The writes of one commit, each a kill point (`src/fault.rs`): the temporary shard or
 /// segment synced, then renamed, then the manifest's temporary written. The run below writes
-/// one segment and two shards (videos, frames; no failure, so no failures shard).
+/// one segment and two shards (videos, frames; no failure, so no failures shard); on an index
+/// of format 4 the upgrade's segment comes first, so the run's own is the second.
 const COMMIT_WRITES: [&str; 7] = [
     "segment-written:1",
     "segment-renamed:1",
@@ -47,7 +48,8 @@ fn a_kill_between_any_two_writes_of_a_commit_leaves_the_index_as_it_was() {
     let want = snapshot(&reference).unwrap();
 
     for format in [5, 4] {
-        for point in COMMIT_WRITES {
+        let upgrade_writes: &[&str] = if format == 4 { &["segment-written:2", "segment-renamed:2"] } else { &[] };
+        for &point in COMMIT_WRITES.iter().chain(upgrade_writes) {
             let index = dir.copy(&base, &format!("killed-{format}-{}", point.replace(':', "-")));
             if format == 4 {
                 as_older_format(&index, 4);
@@ -96,6 +98,37 @@ fn verify_deep_finds_a_segment_that_differs_from_its_shard() {
     TestCommand::new(&["verify", "--index"]).arg(&index).expect_code(0);
     let (_, stderr) = TestCommand::new(&["verify", "--deep", "--index"]).arg(&index).expect_code(1);
     assert!(stderr.contains("frame 0 of") && stderr.contains("differs from the frames table's"), "{stderr}");
+}
+
+/// A video's frames split over frames shards and out of order there (as a rewrite of one shard
+/// that a video straddles leaves them): its segment holds them by `frame_index`, so `verify
+/// --deep` passes, and the segments an upgrade writes from such tables are the same bytes as
+/// those ingest wrote.
+#[test]
+fn frames_out_of_order_across_shards_make_the_same_segments() {
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &CLIPS[..2]);
+    let index = dir.join("index");
+    assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
+    let mut manifest = Manifest::load(&index).unwrap().unwrap();
+    let segments = manifest.tables["videos"].clone();
+    let mut frames: Vec<FrameRow> = read_table(&index, manifest.shards("frames")).unwrap();
+    assert!(frames.len() >= 4, "{} frames", frames.len());
+    // Last frame first, two rows a shard: every video straddles shards, backwards.
+    frames.reverse();
+    let mut writer = ShardWriter::<FrameRow>::new(&index, "frames", "7", manifest.model.embed_dim, 2).unwrap();
+    for frame in frames {
+        writer.push(frame).unwrap();
+    }
+    manifest.tables.insert("frames".into(), writer.finish().unwrap());
+    manifest.commit(&index).unwrap();
+    assert_verifies(&index);
+
+    as_older_format(&index, 4);
+    assert_eq!(ingest_output(&index, &root, &[], None).status.code(), Some(0));
+    let upgraded = Manifest::load(&index).unwrap().unwrap();
+    assert_eq!(upgraded.tables["videos"], segments, "the same segments, byte for byte");
+    assert_verifies(&index);
 }
 
 /// A deterministic stream of numbers in [-1, 1) (xorshift), for synthetic embeddings.
@@ -150,6 +183,7 @@ fn the_engine_answers_as_a_brute_force_reference_does() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/index-v1");
     let mut manifest = Manifest::load(&fixture).unwrap().unwrap();
     manifest.model.embed_dim = dim;
+    manifest.format_version = vtr_index::store::FORMAT_VERSION;
     let mut shards = Vec::new();
     let mut start = 0;
     for (n, rows) in [1200, 1, 1799].into_iter().enumerate() {

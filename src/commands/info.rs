@@ -72,7 +72,7 @@ fn print_index_info(index: &Path) -> Result<u8> {
     let shards = m.tables.values().map(Vec::len).sum::<usize>();
     let segments = m.shards("videos").iter().filter(|s| s.segment.is_some()).count();
     println!("size:      {} bytes in {shards} shards and {segments} search segments", index_bytes(&m));
-    if m.format_version < crate::store::FORMAT_VERSION {
+    if m.format_version < crate::store::segment::SEGMENTS_SINCE_FORMAT {
         println!(
             "format:    {} (searched from its tables; the next ingest or encode-text upgrades it to {})",
             m.format_version,

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::load_manifest;
-use crate::store::segment::{deep_check, verify_segment};
+use crate::store::segment::{SEGMENTS_SINCE_FORMAT, deep_check, verify_segment};
 use crate::store::verify_shard;
 
 #[derive(Debug, Args)]
@@ -26,8 +26,8 @@ pub fn run(args: VerifyArgs) -> Result<u8> {
     let m = load_manifest(&args.index)?;
     let mut problems = Vec::new();
     let mut checked = 0;
-    // Indexes of a format before 5 have no segments until their next writer upgrades them.
-    let has_segments = m.format_version >= 5;
+    // Indexes of an older format have no segments until their next writer upgrades them.
+    let has_segments = m.format_version >= SEGMENTS_SINCE_FORMAT;
     for (table, shards) in &m.tables {
         for shard in shards {
             checked += 1;
@@ -48,7 +48,11 @@ pub fn run(args: VerifyArgs) -> Result<u8> {
         eprintln!("vtr-index: verify: {} problems in {checked} files", problems.len());
         return Ok(1);
     }
-    let deep = if args.deep && has_segments { ", segments equal to their shards" } else { "" };
+    let deep = match (args.deep, has_segments) {
+        (true, true) => ", segments equal to their shards".to_string(),
+        (true, false) => format!(", no search segments to compare: format {}", m.format_version),
+        (false, _) => String::new(),
+    };
     println!("verify: {checked} files OK ({} videos, {} frames{deep})", m.rows("videos"), m.rows("frames"));
     Ok(0)
 }

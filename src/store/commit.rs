@@ -1,6 +1,7 @@
-//! An ingest run's writes: the open shard writers of the videos and frames tables, the old
-//! rows carried over (whole shards listed again, or the kept rows of a shard copied), the rows
-//! of renamed files written under their new identity, and the [`Committer`] that publishes the
+//! An ingest run's writes: the open shard writers of the videos and frames tables and of the
+//! videos shards' search segments, the old rows carried over (whole shards listed again, or the
+//! kept rows of a shard copied, a video's with its frames from the old segment), the rows of
+//! renamed files written under their new identity, and the [`Committer`] that publishes the
 //! run's work periodically and at the end, with the run's report.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -44,17 +44,27 @@ impl std::fmt::Display for NotUnit {
     }
 }
 
+impl NotUnit {
+    /// Why the vector of these values is not a unit vector, if it is not.
+    pub fn of(values: impl IntoIterator<Item = f32>) -> Option<NotUnit> {
+        let mut squares = 0.0f64;
+        for (position, value) in values.into_iter().enumerate() {
+            if !value.is_finite() {
+                return Some(NotUnit::NonFinite { position, value });
+            }
+            squares += f64::from(value) * f64::from(value);
+        }
+        let norm = squares.sqrt();
+        ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some(NotUnit::Norm(norm))
+    }
+}
+
 impl Embeddings {
     /// The first row that is not a unit vector, and why: scoring would rank a NaN row first
     /// (nothing is greater than NaN) and spread it into every column's sums.
     pub fn first_not_unit(&self) -> Option<(usize, NotUnit)> {
-        self.values.chunks_exact(self.dim.max(1)).enumerate().find_map(|(row, v)| {
-            if let Some(position) = v.iter().position(|x| !x.is_finite()) {
-                return Some((row, NotUnit::NonFinite { position, value: v[position] }));
-            }
-            let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
-            ((norm - 1.0).abs() > UNIT_NORM_TOLERANCE).then_some((row, NotUnit::Norm(norm)))
-        })
+        let mut rows = self.values.chunks_exact(self.dim.max(1)).enumerate();
+        rows.find_map(|(row, v)| NotUnit::of(v.iter().copied()).map(|why| (row, why)))
     }
 
     fn append(&mut self, values: Vec<f32>, dim: usize) -> Result<(), String> {

@@ -10,7 +10,8 @@
 //! [`Field`]), then the sections at the offsets it records, each 64-byte aligned: frame
 //! embeddings (`frames × D` f16), frame times (`frames` f64), frame starts (`videos + 1` u64: the
 //! frames of video `i` are `starts[i]..starts[i+1]`), video embeddings (`videos × D` f16), id
-//! ends (`videos` u64) and the ids' UTF-8 bytes.
+//! ends (`videos` u64) and the ids' UTF-8 bytes. A video's frames are in `frame_index` order
+//! (the order they were sampled in), whatever order the frames table's shards hold them in.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,6 +32,8 @@ compile_error!("search segments are mapped as little-endian arrays");
 
 /// The folder of the segments, beside the table folders.
 pub const SEGMENTS: &str = "segments";
+/// The first format whose `videos` shards each have a segment.
+pub const SEGMENTS_SINCE_FORMAT: u32 = 5;
 /// What a segment file's name ends with.
 pub const SEGMENT_EXTENSION: &str = "vseg";
 const MAGIC: [u8; 8] = *b"VTRSEG1\0";
@@ -147,7 +150,8 @@ impl SegmentWriter {
         self.id_ends.len() as u64
     }
 
-    /// Appends one video: its id, its embedding and its frames' `(time, embedding)` in order.
+    /// Appends one video: its id, its embedding and its frames' `(time, embedding)` in
+    /// `frame_index` order. A width other than the index's is refused, and nothing is appended.
     pub fn push<'a>(
         &mut self,
         video_id: &str,
@@ -162,8 +166,10 @@ impl SegmentWriter {
             return Err(wrong_width("the embedding", embedding.len()));
         }
         self.scratch.clear();
+        let first_time = self.times.len();
         for (time, frame) in frames {
             if frame.len() != self.dim {
+                self.times.truncate(first_time);
                 return Err(wrong_width("a frame", frame.len()));
             }
             frame.extend_f16(&mut self.scratch);
@@ -285,11 +291,12 @@ impl Segment {
             ));
         }
         let frames = h(Field::Frames);
+        let row_bytes = dim.checked_mul(2);
         let sections = [
-            (Field::FrameEmbeddings, frames.checked_mul(dim * 2)),
+            (Field::FrameEmbeddings, row_bytes.and_then(|b| frames.checked_mul(b))),
             (Field::FrameTimes, frames.checked_mul(8)),
-            (Field::FrameStarts, (rows + 1).checked_mul(8)),
-            (Field::VideoEmbeddings, rows.checked_mul(dim * 2)),
+            (Field::FrameStarts, rows.checked_add(1).and_then(|n| n.checked_mul(8))),
+            (Field::VideoEmbeddings, row_bytes.and_then(|b| rows.checked_mul(b))),
             (Field::IdEnds, rows.checked_mul(8)),
         ];
         let mut end = HEADER_BYTES;
@@ -399,24 +406,33 @@ impl Segment {
     }
 }
 
-/// The manifest's videos shards, each with its segment mapped; `None` when a shard has none
-/// (an index of a format before 5, read and never upgraded, as readers never do).
+/// The manifest's videos shards, each with its segment mapped; `None` for an index of a format
+/// before [`SEGMENTS_SINCE_FORMAT`] (read and never upgraded, as readers never do). A shard of a
+/// later format without its segment is a damaged index.
 pub fn open_segments(index: &Path, manifest: &Manifest) -> Result<Option<Vec<Segment>>, StoreError> {
+    if manifest.format_version < SEGMENTS_SINCE_FORMAT {
+        return Ok(None);
+    }
     let mut segments = Vec::new();
     for shard in manifest.shards("videos") {
-        let Some(info) = &shard.segment else { return Ok(None) };
+        let info = shard.segment.as_ref().ok_or_else(|| StoreError::Corrupt {
+            path: index.join(&shard.path),
+            message: "no search segment beside this videos shard".into(),
+        })?;
         segments.push(Segment::open(index, info, manifest.model.embed_dim, shard.rows)?);
     }
     Ok(Some(segments))
 }
 
-/// Compares a segment's contents with what it was made from: its shard's ids in order and
-/// embeddings rounded to f16, and, for each of those videos, its frames in the frames table,
-/// in order, times equal and embeddings rounded to f16. Returns the first difference.
+/// Compares each segment's contents with what it was made from: its shard's ids in order and
+/// embeddings rounded to f16, and, for each of those videos, its frames in the frames table by
+/// `frame_index`, times equal and embeddings rounded to f16. Returns every difference found
+/// (after a row whose id differs, the comparison stops).
 pub fn deep_check(index: &Path, manifest: &Manifest) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
     let Some(segments) = open_segments(index, manifest)? else { return Ok(problems) };
-    // Where each video lives, and how many of its frames the frames table has shown so far.
+    // Where each video lives, and how many of its frames the frames table has shown so far (each
+    // frame is compared at its `frame_index`; the count then shows none is missing or doubled).
     let mut place: HashMap<String, (usize, usize, usize)> = HashMap::new();
     for ((s, segment), shard) in segments.iter().enumerate().zip(manifest.shards("videos")) {
         let rows = read_table::<VideoRow>(index, std::slice::from_ref(shard))?;
@@ -447,14 +463,14 @@ pub fn deep_check(index: &Path, manifest: &Manifest) -> Result<Vec<String>, Stor
                 };
                 let segment = &segments[*s];
                 let (times, embeddings) = segment.frames(*row);
-                let stored = embeddings.chunks_exact(segment.dim.max(1)).nth(*seen);
+                let at = frame.frame_index as usize;
+                let stored = embeddings.chunks_exact(segment.dim.max(1)).nth(at);
                 let same =
-                    stored.is_some_and(|stored| times[*seen] == frame.pts_s && same_in_f16(&frame.embedding, stored));
+                    stored.is_some_and(|stored| times[at] == frame.pts_s && same_in_f16(&frame.embedding, stored));
                 if !same {
                     problems.push(format!(
-                        "{}: frame {} of {:?} differs from the frames table's",
+                        "{}: frame {at} of {:?} differs from the frames table's",
                         segment.path.display(),
-                        *seen,
                         frame.video_id
                     ));
                 }
@@ -482,7 +498,8 @@ fn same_in_f16(values: &[f32], stored: &[u16]) -> bool {
 /// before 5), for the writer upgrading it, and lists them in `manifest`. The frames table is
 /// read once: each frame goes, as f16, to a temporary spill file in `segments/` (removed after;
 /// a dead writer's is collected as any temporary), whose offsets per video the segments are
-/// then filled from. Memory: the spill's offsets and one shard's rows.
+/// then filled from, each video's frames put in `frame_index` order. Memory: the spill's offsets
+/// and one shard's rows; disk: the spill, about the size of the segments' frames.
 pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(), StoreError> {
     let dim = manifest.model.embed_dim;
     if manifest.shards("videos").iter().all(|s| s.segment.is_some()) {
@@ -492,7 +509,8 @@ pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(),
     std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
     let spill_path = super::temporary_path(&folder.join("frames.spill"));
     let result = (|| {
-        let record = dim * 2 + 8;
+        // A record: the time (f64), the frame index (u64), the embedding (f16 halves).
+        let record = dim * 2 + 16;
         let mut spill = BufWriter::new(super::create_temporary(&spill_path).map_err(io_error(&spill_path))?);
         let mut runs: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         let mut next = 0u64;
@@ -505,10 +523,11 @@ pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(),
                     }
                     buffer.clear();
                     buffer.extend_from_slice(&frame.pts_s.to_le_bytes());
+                    buffer.extend_from_slice(&u64::from(frame.frame_index).to_le_bytes());
                     for &x in &frame.embedding {
                         buffer.extend_from_slice(&f16::from_f32(x).to_bits().to_le_bytes());
                     }
-                    spill.write_all(&buffer).map_err(|e| e.to_string())?;
+                    spill.write_all(&buffer).map_err(|e| format!("{}: {e}", spill_path.display()))?;
                     let video = runs.entry(frame.video_id).or_default();
                     match video.last_mut() {
                         Some((start, count)) if *start + *count == next => *count += 1,
@@ -526,17 +545,19 @@ pub fn add_missing_segments(index: &Path, manifest: &mut Manifest) -> Result<(),
         for shard in tables.get_mut("videos").into_iter().flatten().filter(|s| s.segment.is_none()) {
             let mut writer = SegmentWriter::create(index, &shard.path, dim)?;
             for video in read_table::<VideoRow>(index, std::slice::from_ref(shard))? {
-                let mut frames: Vec<(f64, Vec<u16>)> = Vec::new();
+                let mut frames: Vec<(u64, f64, Vec<u16>)> = Vec::new();
                 for &(start, count) in runs.get(&video.video_id).into_iter().flatten() {
                     let mut bytes = vec![0u8; record * count as usize];
                     spill.read_exact_at(&mut bytes, start * record as u64).map_err(io_error(&spill_path))?;
                     for chunk in bytes.chunks_exact(record) {
                         let time = f64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
-                        let halves = chunk[8..].chunks_exact(2).map(|h| u16::from_le_bytes([h[0], h[1]])).collect();
-                        frames.push((time, halves));
+                        let frame_index = u64::from_le_bytes(chunk[8..16].try_into().expect("8 bytes"));
+                        let halves = chunk[16..].chunks_exact(2).map(|h| u16::from_le_bytes([h[0], h[1]])).collect();
+                        frames.push((frame_index, time, halves));
                     }
                 }
-                let frames = frames.iter().map(|(t, e)| (*t, Values::F16(e)));
+                frames.sort_by_key(|f| f.0);
+                let frames = frames.iter().map(|(_, t, e)| (*t, Values::F16(e)));
                 writer.push(&video.video_id, Values::F32(&video.embedding), frames)?;
             }
             shard.segment = Some(writer.finish()?);
