@@ -88,7 +88,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeReport, MergeError> {
             let shard = part.manifest.shard.expect("checked: every part has its shard");
             for (k, info) in part.manifest.shards(table).iter().enumerate() {
                 let name = format!("{table}/part-{}-{}-{k:05}.parquet", part.manifest.committed_at_us, shard.index);
-                let mut placed = vec![(place(&part.path.join(&info.path), &out.join(&name), info.bytes)?)];
+                let mut placed = vec![place(&part.path.join(&info.path), &out.join(&name), info.bytes)?];
                 // A videos shard's search segment goes with it, named after its new name.
                 let segment = match &info.segment {
                     Some(segment) => {
