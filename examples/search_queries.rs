@@ -15,11 +15,9 @@ use rayon::prelude::*;
 use vtr_index::search_engine::SearchEngine;
 use vtr_index::store::Manifest;
 
-/// VmRSS of this process, in bytes.
+/// Resident bytes of this process, as ingest reads its workers'.
 fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("Linux's /proc");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") * 1024
+    vtr_index::ingest::resident_bytes(std::process::id() as i32).expect("Linux's /proc")
 }
 
 /// The time the rayon pool takes to read `arrays` once, summing them as words in blocks as the

@@ -40,6 +40,7 @@ use crate::walk::{Root, VideoFile, WalkError, list_files, walk_roots};
 use failures::{FailureBook, FileKey};
 use pipeline::{Encoded, JournalGuard, Pipeline};
 use plan::Plan;
+pub use process::resident_bytes;
 pub use report::{IngestReport, StageSeconds, failure_line};
 use settings::{
     ModelSource, check_part, lock_index, model_record, refuse_dangerous_placement, resolve_precision, resolve_sampling,

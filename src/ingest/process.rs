@@ -37,7 +37,7 @@ pub(super) fn page_bytes() -> u64 {
 }
 
 /// Resident bytes of a process (`/proc/PID/statm`), if it can still be read.
-pub(super) fn resident_bytes(pid: i32) -> Option<u64> {
+pub fn resident_bytes(pid: i32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * page_bytes())
