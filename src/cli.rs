@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::commands::{encode_text, info, ingest, job, merge, score, search, verify};
+use crate::commands::{encode_text, info, ingest, job, merge, score, search, serve, verify};
 
 #[derive(Debug, Parser)]
 #[command(name = "vtr-index", version, about = "Index video corpora with CLIP for text-to-video retrieval")]
@@ -25,6 +25,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Top videos for one query, with the time of each one's best-matching frame.
     Search(search::SearchArgs),
+    /// Serve searches of an index over HTTP, with a web page (loopback unless --public).
+    Serve(serve::ServeArgs),
     /// Show what an index holds, or what a checkpoint is.
     Info(info::InfoArgs),
     /// Check every shard the manifest lists: present, readable, right size, rows and checksum.
@@ -67,7 +69,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
         }
-        Command::Run(_) | Command::Merge(_) => {}
+        // `serve` only reads: a signal ends it where it is.
+        Command::Run(_) | Command::Merge(_) | Command::Serve(_) => {}
         // A worker leaves every signal to its parent (`ingest::worker::serve`).
         Command::DecodeWorker(args) => return Ok(crate::ingest::worker::serve(args.parent, args.low_priority)),
     }
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::EncodeText(args) => encode_text::run(args),
         Command::Score(args) => score::run(args),
         Command::Search(args) => search::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Info(args) => info::run(args),
         Command::Verify(args) => verify::run(args),
         Command::DecodeWorker(_) => unreachable!("run above"),

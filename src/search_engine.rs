@@ -10,12 +10,14 @@
 //! most [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
 
 use std::collections::BinaryHeap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 
 use half::f16;
 use rayon::prelude::*;
 
-use crate::store::segment::{Segment, open_segments};
+use crate::store::segment::{Segment, SegmentInfo, open_segments_reusing};
 use crate::store::{Manifest, NotUnit, StoreError, UNIT_NORM_TOLERANCE};
 
 /// Rows one parallel task scans: large enough that a task's overhead is small next to its
@@ -24,8 +26,21 @@ const BLOCK_ROWS: usize = 2048;
 
 /// The videos of an index, mapped, ready for queries.
 pub struct SearchEngine {
-    segments: Vec<Segment>,
+    segments: Vec<Arc<Segment>>,
+    /// Each segment's manifest entry, by which a later engine reuses it.
+    infos: Vec<SegmentInfo>,
     dim: usize,
+    /// `(hash of the id, segment, row)` sorted, once [`SearchEngine::with_id_lookup`] built it:
+    /// 16 bytes a video where a map of the ids themselves would copy them.
+    by_id: Vec<(u64, u32, u32)>,
+}
+
+/// Where a video is: the engine's segments are the manifest's `videos` shards in order, and a
+/// segment's rows are its shard's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoAt {
+    pub segment: usize,
+    pub row: usize,
 }
 
 /// One of a query's top videos.
@@ -50,18 +65,82 @@ impl SearchEngine {
     /// Maps the segments of the index `manifest` describes. `None` for an index whose `videos`
     /// shards have no segments (a format before 5 that no writer has upgraded yet).
     pub fn open(index: &Path, manifest: &Manifest) -> Result<Option<SearchEngine>, StoreError> {
-        let Some(segments) = open_segments(index, manifest)? else { return Ok(None) };
-        Ok(Some(SearchEngine { segments, dim: manifest.model.embed_dim }))
+        SearchEngine::open_reusing(index, manifest, None)
+    }
+
+    /// [`SearchEngine::open`], sharing with `previous` (an engine of an earlier manifest of the
+    /// same index) the segments both list, so that following a commit maps only its new ones.
+    pub fn open_reusing(
+        index: &Path,
+        manifest: &Manifest,
+        previous: Option<&SearchEngine>,
+    ) -> Result<Option<SearchEngine>, StoreError> {
+        let held = |info: &SegmentInfo| {
+            let previous = previous?;
+            let at = previous.infos.iter().position(|held| held == info)?;
+            Some(Arc::clone(&previous.segments[at]))
+        };
+        let Some(segments) = open_segments_reusing(index, manifest, held)? else { return Ok(None) };
+        let infos = manifest.shards("videos").iter().filter_map(|shard| shard.segment.clone()).collect();
+        Ok(Some(SearchEngine { segments, infos, dim: manifest.model.embed_dim, by_id: Vec::new() }))
+    }
+
+    /// The engine with its lookup of videos by id ([`SearchEngine::find`]) built: one pass over
+    /// the ids, 16 bytes a video.
+    pub fn with_id_lookup(mut self) -> SearchEngine {
+        let mut by_id = Vec::with_capacity(self.videos());
+        for (s, segment) in self.segments.iter().enumerate() {
+            for row in 0..segment.len() {
+                by_id.push((id_hash(segment.id(row)), s as u32, row as u32));
+            }
+        }
+        by_id.par_sort_unstable();
+        self.by_id = by_id;
+        self
+    }
+
+    /// Where the video `id` is; `None` if the index has no such video (or the lookup was not
+    /// built).
+    pub fn find(&self, id: &str) -> Option<VideoAt> {
+        let hash = id_hash(id);
+        let first = self.by_id.partition_point(|&(h, _, _)| h < hash);
+        self.by_id[first..]
+            .iter()
+            .take_while(|&&(h, _, _)| h == hash)
+            .map(|&(_, s, row)| VideoAt { segment: s as usize, row: row as usize })
+            .find(|at| self.segments[at.segment].id(at.row) == id)
+    }
+
+    /// The video's id at `at`.
+    pub fn id(&self, at: VideoAt) -> &str {
+        self.segments[at.segment].id(at.row)
+    }
+
+    /// The video's embedding at `at`, widened to f32 and normalised again (the f16 rounding
+    /// moves its norm by up to 2⁻¹¹): a query for the videos like it.
+    pub fn video_embedding(&self, at: VideoAt) -> Vec<f32> {
+        let halves = &self.segments[at.segment].video_embeddings()[at.row * self.dim..(at.row + 1) * self.dim];
+        let mut v: Vec<f32> = halves.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
+        let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x = (f64::from(*x) / norm) as f32);
+        }
+        v
+    }
+
+    /// The presentation times of the video's sampled frames, in seconds, by `frame_index`.
+    pub fn frame_times(&self, at: VideoAt) -> Result<Vec<f64>, StoreError> {
+        Ok(self.segments[at.segment].read_frames(at.row)?.0)
     }
 
     /// Each segment's video array (row-major f16 halves): what a query scans.
     pub fn video_arrays(&self) -> impl Iterator<Item = &[u16]> {
-        self.segments.iter().map(Segment::video_embeddings)
+        self.segments.iter().map(|s| s.video_embeddings())
     }
 
     /// How many videos a query ranks.
     pub fn videos(&self) -> usize {
-        self.segments.iter().map(Segment::len).sum()
+        self.segments.iter().map(|s| s.len()).sum()
     }
 
     /// The first video whose embedding is not a unit vector, and why: a NaN would rank first.
@@ -152,6 +231,13 @@ impl SearchEngine {
         }
         blocks
     }
+}
+
+/// The id lookup's hash: SipHash with fixed keys, the same in every process.
+fn id_hash(id: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    id.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Why the f16 row `v` is not a unit vector, if it is not.

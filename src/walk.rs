@@ -362,6 +362,37 @@ pub fn escape_path_bytes(name: &std::ffi::OsStr) -> String {
     out
 }
 
+/// The bytes a name that [`escape_path_bytes`] wrote may stand for: `%XX` of a byte that is
+/// not ASCII (the only bytes it escapes) turned back into that byte. A name that holds such
+/// `%XX` literally is also tried as it is, by the caller.
+pub fn unescape_path_bytes(name: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        // `escape_path_bytes` writes upper-case hex.
+        let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)));
+        let escaped = match (bytes[i], hex) {
+            (b'%', Some(hex)) => {
+                u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("00"), 16).ok().filter(|&b| b >= 0x80)
+            }
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
 fn strip_extension(rel: &str) -> &str {
     let file_start = rel.rfind('/').map_or(0, |i| i + 1);
     match rel[file_start..].rfind('.') {
@@ -380,6 +411,20 @@ mod tests {
         assert!(is_video_path(Path::new("clip.WebM")));
         assert!(!is_video_path(Path::new("notes.txt")));
         assert!(!is_video_path(Path::new("mp4")));
+    }
+
+    #[test]
+    fn an_escaped_name_turns_back_into_its_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        for bytes in [&b"caf\xe9 %41 100%.mp4"[..], b"\xff\xfe", b"plain/name.mp4", b"%E9 literal", b"%"] {
+            let name = std::ffi::OsStr::from_bytes(bytes);
+            let escaped = escape_path_bytes(name);
+            if escaped.contains("%E9") && bytes.starts_with(b"%E9") {
+                // A literal `%E9` reads back as the byte: the caller also tries the name as it is.
+                continue;
+            }
+            assert_eq!(unescape_path_bytes(&escaped).as_bytes(), bytes, "{escaped}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod job;
 pub mod merge;
 pub mod score;
 pub mod search;
+pub mod serve;
 pub mod verify;
 
 use std::path::Path;

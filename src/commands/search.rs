@@ -15,7 +15,7 @@ use clap::Args;
 use crate::model::Clip;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::score::{Problem, Revision, ScoreOptions, cosine_of_unit_vectors, score};
-use crate::search_engine::SearchEngine;
+use crate::search_engine::{EngineHit, SearchEngine};
 use crate::store::{Manifest, read_frames_of, read_video_embeddings};
 use crate::types::DeviceChoice;
 
@@ -80,9 +80,8 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
     }
     let manifest = super::load_manifest(&command.index)?;
     let clip = Clip::load_recorded(&manifest.model, command.model.as_deref(), command.device)?;
-    let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(&command.query);
-    let query = clip.embed_texts(&[tokens])?;
-    let scale = f64::from(manifest.model.logit_scale).exp();
+    let query = embed_query(&clip, &command.query)?;
+    let scale = logit_scale(&manifest);
     if manifest.rows("videos") == 0 {
         bail!("{}: the index holds no videos yet", command.index.display());
     }
@@ -90,17 +89,33 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
         Some(engine) => {
             let not_unit = engine.first_not_unit().map(|(id, why)| (format!("video {id:?}"), why));
             super::refuse_not_unit("the videos table", not_unit)?;
-            let hits = engine.search(&query, command.top_k)?.into_iter().enumerate().map(|(i, hit)| Hit {
-                rank: i + 1,
-                video_id: hit.video_id.to_string(),
-                score: scale * f64::from(hit.cosine),
-                best_frame_s: hit.best_frame.map(|b| b.time_s),
-                best_frame_cosine: hit.best_frame.map(|b| f64::from(b.cosine)),
-            });
-            Ok(hits.collect())
+            Ok(hits_of(engine.search(&query, command.top_k)?, scale))
         }
         None => search_tables(command, &manifest, &query, scale),
     }
+}
+
+/// The query's text embedding (L2-normalised), as every search embeds it.
+pub fn embed_query(clip: &Clip, text: &str) -> Result<Vec<f32>> {
+    let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(text);
+    Ok(clip.embed_texts(&[tokens])?)
+}
+
+/// The factor from a cosine to a search score: the model's `exp(logit_scale)`.
+pub fn logit_scale(manifest: &Manifest) -> f64 {
+    f64::from(manifest.model.logit_scale).exp()
+}
+
+/// The engine's hits as search reports them, ranked from 1.
+pub fn hits_of(hits: Vec<EngineHit<'_>>, scale: f64) -> Vec<Hit> {
+    let hits = hits.into_iter().enumerate().map(|(i, hit)| Hit {
+        rank: i + 1,
+        video_id: hit.video_id.to_string(),
+        score: scale * f64::from(hit.cosine),
+        best_frame_s: hit.best_frame.map(|b| b.time_s),
+        best_frame_cosine: hit.best_frame.map(|b| f64::from(b.cosine)),
+    });
+    hits.collect()
 }
 
 /// The query answered from the Parquet tables: an index of a format before 5, which has no

@@ -156,6 +156,27 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
     Ok(DecodedVideo { duration_s, width, height, fps, frames, stream_index: probe.stream_index })
 }
 
+/// The frame on screen `time_s` seconds after the first frame of the video at `path` (the last
+/// frame for a time past the end), as displayed, with its presentation time: what a thumbnail
+/// of a sampled frame shows. Probes and decodes as [`decode_video`] does, for one target.
+pub fn decode_frame_at(path: &Path, time_s: f64, timeout: Duration) -> Result<SampledFrame, Rejection> {
+    let deadline = Deadline { at: Instant::now() + timeout };
+    let file = std::fs::File::open(path).map_err(|e| io_rejection(&e))?;
+    let location = source_location(path, &file);
+    let path = location.as_str();
+    init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
+    let probe = probe_packets(path, deadline)?;
+    let first_ns = probe.frame_times_ns[0];
+    let wanted_ns = first_ns.saturating_add((time_s.max(0.0) * 1e9).round() as i64);
+    // The probe's times are in presentation order: the last one not after the time is on screen.
+    let target = probe.frame_times_ns.iter().copied().filter(|&t| t <= wanted_ns).max().unwrap_or(first_ns);
+    let skip = probe.packets.as_ref().map(|packets| Arc::new(SkipUnwanted::new(packets, &[target])));
+    let (stream_time_ns, image) = fetch_frames(path, &[target], skip, deadline)?
+        .pop()
+        .ok_or_else(|| Rejection::new(Stage::Decode, FailureKind::Corrupt, "the decoder gave no frame at that time"))?;
+    Ok(SampledFrame { pts_s: (stream_time_ns - first_ns) as f64 / 1e9, image: probe.orientation.apply(image) })
+}
+
 /// What `filesrc` opens: the path itself when it is UTF-8 (GStreamer's string properties are),
 /// otherwise the already open file through `/proc/self/fd`, which is the same file whatever
 /// bytes its name holds.

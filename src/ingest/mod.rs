@@ -15,7 +15,7 @@ mod failures;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;
-mod process;
+pub(crate) mod process;
 pub mod report;
 mod settings;
 pub mod timeline;

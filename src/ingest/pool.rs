@@ -12,17 +12,17 @@
 //! that one dies too the file is a `crashed_decoder` failure, and [`CRASHES_IN_A_ROW`] such
 //! files in a row stop the run (a broken plugin, not bad files).
 
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::process::{
-    LIVE_WORKERS_CPU_TICKS, Worker, cpu_ticks, drain_stderr, how_it_ended, resident_bytes, start_error, start_worker,
+    LIVE_WORKERS_CPU_TICKS, Worker, cpu_ticks, how_it_ended, resident_bytes, start_error, start_worker,
     wait_without_reaping,
 };
 use super::worker::{self, Prepared, Setup};
@@ -429,36 +429,10 @@ impl Slot<'_> {
         let (reply, answer) = bounded(1);
         let starter = lock(&self.pool.starter).clone().ok_or_else(ended)?;
         starter.send(StartRequest { low_priority: self.low_priority, reply }).map_err(|_| ended())?;
-        let mut child = answer.recv().map_err(|_| ended())?.map_err(|e| start_error(&e))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            unreachable!("the three standard streams are piped");
-        };
+        let child = answer.recv().map_err(|_| ended())?.map_err(|e| start_error(&e))?;
+        let mut worker = Worker::attach(child, format!("worker-{}-stderr", self.index))?;
         lock(&self.pool.slots[self.index]).worker =
-            Some(Watched { pid: child.id() as i32, answer_due: None, killed: None, cpu_ticks: 0 });
-        let last_words = Arc::new(Mutex::new(None));
-        let drain = {
-            let last_words = Arc::clone(&last_words);
-            std::thread::Builder::new()
-                .name(format!("worker-{}-stderr", self.index))
-                .spawn(move || drain_stderr(stderr, last_words))
-        };
-        let mut worker = Worker {
-            child,
-            to: Some(BufWriter::new(stdin)),
-            from: BufReader::with_capacity(1 << 20, stdout),
-            drain: None,
-            last_words,
-        };
-        match drain {
-            Ok(drain) => worker.drain = Some(drain),
-            Err(e) => {
-                self.unregister();
-                let _ = worker.child.kill();
-                worker.reap();
-                return Err(format!("cannot start a thread: {e}"));
-            }
-        }
+            Some(Watched { pid: worker.child.id() as i32, answer_due: None, killed: None, cpu_ticks: 0 });
         lock(&self.pool.counts).started += 1;
         // A worker that cannot take its setup is found dead at its first file.
         if let Some(to) = worker.to.as_mut() {

@@ -54,7 +54,7 @@ pub(super) fn cpu_ticks(pid: i32) -> Option<u64> {
 
 /// Starts one worker. `posix_spawn` (no `pre_exec`, an absolute program) never copies the
 /// parent's address space; the worker sets up the rest itself (`worker::serve`).
-pub(super) fn start_worker(low_priority: bool) -> io::Result<Child> {
+pub(crate) fn start_worker(low_priority: bool) -> io::Result<Child> {
     let mut command = Command::new("/proc/self/exe");
     command.arg0("vtr-index").arg(worker::SUBCOMMAND).arg("--parent").arg(std::process::id().to_string());
     if low_priority {
@@ -70,7 +70,7 @@ pub(super) fn start_worker(low_priority: bool) -> io::Result<Child> {
 }
 
 /// What a worker that cannot start means for the user: usually a process limit.
-pub(super) fn start_error(e: &io::Error) -> String {
+pub(crate) fn start_error(e: &io::Error) -> String {
     let mut limit = std::mem::MaybeUninit::<libc::rlimit>::zeroed();
     // SAFETY: getrlimit writes the struct it is given.
     let nproc =
@@ -85,7 +85,7 @@ pub(super) fn start_error(e: &io::Error) -> String {
 }
 
 /// How a worker's process ended, in words.
-pub(super) fn how_it_ended(status: Option<ExitStatus>) -> String {
+pub(crate) fn how_it_ended(status: Option<ExitStatus>) -> String {
     match status {
         Some(status) => match (status.signal(), status.code()) {
             (Some(signal), _) => format!("was killed by {}", crate::interrupt::signal_name(signal)),
@@ -110,18 +110,50 @@ pub(super) fn wait_without_reaping(pid: i32) {
 }
 
 /// The parent's end of one worker process.
-pub(super) struct Worker {
-    pub(super) child: Child,
-    pub(super) to: Option<BufWriter<ChildStdin>>,
-    pub(super) from: BufReader<ChildStdout>,
-    pub(super) drain: Option<JoinHandle<()>>,
+pub(crate) struct Worker {
+    pub(crate) child: Child,
+    pub(crate) to: Option<BufWriter<ChildStdin>>,
+    pub(crate) from: BufReader<ChildStdout>,
+    drain: Option<JoinHandle<()>>,
     /// The last line the worker wrote to stderr since it was handed its current file.
-    pub(super) last_words: Arc<Mutex<Option<String>>>,
+    pub(crate) last_words: Arc<Mutex<Option<String>>>,
 }
 
 impl Worker {
+    /// Takes over a started worker's pipes, draining its stderr on a thread named `name`; on
+    /// failure the process is killed and reaped.
+    pub(crate) fn attach(mut child: Child, name: String) -> Result<Worker, String> {
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            unreachable!("the three standard streams are piped");
+        };
+        let last_words = Arc::new(Mutex::new(None));
+        let drain = {
+            let last_words = Arc::clone(&last_words);
+            std::thread::Builder::new().name(name).spawn(move || drain_stderr(stderr, last_words))
+        };
+        let mut worker = Worker {
+            child,
+            to: Some(BufWriter::new(stdin)),
+            from: BufReader::with_capacity(1 << 20, stdout),
+            drain: None,
+            last_words,
+        };
+        match drain {
+            Ok(drain) => {
+                worker.drain = Some(drain);
+                Ok(worker)
+            }
+            Err(e) => {
+                let _ = worker.child.kill();
+                worker.reap();
+                Err(format!("cannot start a thread: {e}"))
+            }
+        }
+    }
+
     /// Waits for the process and its stderr, whose last line is then complete.
-    pub(super) fn reap(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn reap(&mut self) -> Option<ExitStatus> {
         self.to = None;
         let status = self.child.wait().ok();
         if let Some(drain) = self.drain.take() {
@@ -143,7 +175,7 @@ impl Drop for Worker {
 
 /// Forwards a worker's stderr to ours line by line (a chatty `GST_DEBUG` must never fill the
 /// pipe and stall the worker) and keeps its last line.
-pub(super) fn drain_stderr(from: impl io::Read, last_words: Arc<Mutex<Option<String>>>) {
+pub(crate) fn drain_stderr(from: impl io::Read, last_words: Arc<Mutex<Option<String>>>) {
     let mut from = BufReader::new(from);
     let mut line = Vec::new();
     loop {

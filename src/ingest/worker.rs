@@ -5,6 +5,8 @@
 //! The parent (`ingest/pool.rs`) starts `/proc/self/exe decode-worker --parent PID`, a hidden
 //! subcommand, sends it one [`Setup`] and then one file at a time; for each file the worker
 //! answers with the file's facts and its frames' pixel values, or with its typed failure. The
+//! service (`serve/thumbnails.rs`) starts the same workers and asks them for one frame of a file
+//! at a time as a JPEG thumbnail (`crate::thumbnail`). The
 //! worker never touches the index. It dies with its parent (`PR_SET_PDEATHSIG`), leaves SIGINT
 //! and SIGTERM to the parent (a terminal and Slurm signal every process of the group or step),
 //! and offers itself to an OOM killer first (`oom_score_adj` 1000).
@@ -28,6 +30,7 @@ use crate::encode::VideoFacts;
 use crate::failure::{FailureKind, Rejection, Stage};
 use crate::preprocess::{PreprocessConfig, pixel_values};
 use crate::sampling::SamplingConfig;
+use crate::thumbnail::{Thumbnail, make_thumbnail};
 
 /// The hidden subcommand that runs a worker.
 pub const SUBCOMMAND: &str = "decode-worker";
@@ -42,6 +45,10 @@ const TAG_SETUP: u8 = b'S';
 const TAG_TASK: u8 = b'T';
 const TAG_VIDEO: u8 = b'V';
 const TAG_FAILED: u8 = b'F';
+const TAG_THUMBNAIL: u8 = b'P';
+const TAG_PICTURE: u8 = b'J';
+/// The largest thumbnail either side accepts; one of `THUMBNAIL_MAX_SIDE` is far smaller.
+const MAX_PICTURE_BYTES: u64 = 8 << 20;
 
 /// What every file of a run is decoded with; the first message to a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +70,19 @@ impl Setup {
 struct TaskHeader {
     /// 1 for a file's first try, 2 for its retry in a fresh worker.
     attempt: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ThumbnailTask {
+    time_s: f64,
+    max_side: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PictureHeader {
+    time_s: f64,
+    width: u32,
+    height: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -242,16 +262,54 @@ pub fn receive_prepared(from: &mut impl Read, setup: &Setup) -> io::Result<Prepa
             };
             Ok(Prepared::Video { facts, frames })
         }
-        TAG_FAILED if body_len == 0 => {
-            let header: FailedHeader = parse(&header)?;
-            let stage = Stage::parse(&header.stage);
-            let kind = FailureKind::parse(&header.kind);
-            match (stage, kind) {
-                (Some(stage), Some(kind)) => Ok(Prepared::Failed(Rejection::new(stage, kind, header.message))),
-                _ => Err(io::Error::new(io::ErrorKind::InvalidData, "an unknown stage or failure kind")),
-            }
-        }
+        TAG_FAILED if body_len == 0 => Ok(Prepared::Failed(parse_failed(&header)?)),
         other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("an unknown message {other}"))),
+    }
+}
+
+fn parse_failed(header: &[u8]) -> io::Result<Rejection> {
+    let header: FailedHeader = parse(header)?;
+    match (Stage::parse(&header.stage), FailureKind::parse(&header.kind)) {
+        (Some(stage), Some(kind)) => Ok(Rejection::new(stage, kind, header.message)),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "an unknown stage or failure kind")),
+    }
+}
+
+/// The service's end: one frame of `path` to make a thumbnail of.
+pub fn send_thumbnail_task(to: &mut impl Write, path: &Path, time_s: f64, max_side: u32) -> io::Result<()> {
+    write_message(to, TAG_THUMBNAIL, &ThumbnailTask { time_s, max_side }, &[path.as_os_str().as_bytes()])
+}
+
+/// The service's end: the thumbnail it asked for last, or why the file gave none. An error or
+/// an early end means the worker died or broke the protocol.
+pub fn receive_thumbnail(from: &mut impl Read) -> io::Result<Result<Thumbnail, Rejection>> {
+    let (tag, header, body) = read_message(from, MAX_PICTURE_BYTES)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the worker closed its output"))?;
+    match tag {
+        TAG_PICTURE => {
+            let header: PictureHeader = parse(&header)?;
+            Ok(Ok(Thumbnail { time_s: header.time_s, width: header.width, height: header.height, jpeg: body }))
+        }
+        TAG_FAILED if body.is_empty() => Ok(Err(parse_failed(&header)?)),
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("an unknown message {other}"))),
+    }
+}
+
+fn send_thumbnail(to: &mut impl Write, made: &Result<Thumbnail, Rejection>) -> io::Result<()> {
+    match made {
+        Ok(picture) => {
+            let header = PictureHeader { time_s: picture.time_s, width: picture.width, height: picture.height };
+            write_message(to, TAG_PICTURE, &header, &[&picture.jpeg])
+        }
+        Err(rejection) => write_message(to, TAG_FAILED, &failed_header(rejection), &[]),
+    }
+}
+
+fn failed_header(rejection: &Rejection) -> FailedHeader {
+    FailedHeader {
+        stage: rejection.stage.as_str().to_string(),
+        kind: rejection.kind.as_str().to_string(),
+        message: rejection.message.clone(),
     }
 }
 
@@ -275,14 +333,7 @@ fn send_prepared(to: &mut impl Write, prepared: &Prepared, cut_short: bool) -> i
             }
             write_message(to, TAG_VIDEO, &header, &parts)
         }
-        Prepared::Failed(rejection) => {
-            let header = FailedHeader {
-                stage: rejection.stage.as_str().to_string(),
-                kind: rejection.kind.as_str().to_string(),
-                message: rejection.message.clone(),
-            };
-            write_message(to, TAG_FAILED, &header, &[])
-        }
+        Prepared::Failed(rejection) => write_message(to, TAG_FAILED, &failed_header(rejection), &[]),
     }
 }
 
@@ -399,6 +450,14 @@ pub fn serve(parent: u32, low_priority: bool) -> u8 {
         // The parent closing our input is the end of the run.
         let (header, body) = match read_message(&mut from_parent, 1 << 16) {
             Ok(Some((TAG_TASK, header, body))) => (header, body),
+            Ok(Some((TAG_THUMBNAIL, header, body))) => {
+                let Ok(ThumbnailTask { time_s, max_side }) = parse(&header) else { return 1 };
+                let made = make_thumbnail(Path::new(OsStr::from_bytes(&body)), time_s, max_side, decode.timeout);
+                if send_thumbnail(&mut to_parent, &made).is_err() {
+                    return 1;
+                }
+                continue;
+            }
             Ok(None) => return 0,
             _ => return 1,
         };

@@ -127,7 +127,13 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        Manifest::parse(&path, &text).map(Some)
+    }
+
+    /// A manifest's text, read from `path`, checked to be of a format this build reads.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, StoreError> {
+        let path = path.to_path_buf();
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             message: format!("not a vtr-index manifest: {e}"),
         })?;
@@ -140,7 +146,7 @@ impl Manifest {
                 ),
             });
         }
-        Ok(Some(manifest))
+        Ok(manifest)
     }
 
     /// Publishes this manifest: the commit point of every change to the index.

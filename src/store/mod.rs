@@ -38,7 +38,9 @@ pub use scores::{
     Embeddings, NotUnit, TextSet, TopKRow, UNIT_NORM_TOLERANCE, read_frames_of, read_text_embeddings,
     read_video_embeddings, topk_schema, write_topk,
 };
-pub use shard::{ShardWriter, for_each_batch, read_table, read_video_ids, verify_shard};
+pub use shard::{
+    ShardWriter, VideoRecord, for_each_batch, read_table, read_video_ids, read_video_record, verify_shard,
+};
 pub use stage_files::{StageFileError, StageFiles, StageHeader};
 pub use tables::{
     FRAME_SHARD_ROWS, FrameRow, TableRows, TextRow, VIDEO_SHARD_ROWS, VideoRow, embedding_values, failures_schema,
@@ -57,7 +59,7 @@ pub enum StoreError {
     Parquet { path: PathBuf, message: String },
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+pub fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 

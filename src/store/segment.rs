@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::f16;
 use memmap2::Mmap;
@@ -409,7 +410,17 @@ impl Segment {
 /// The manifest's videos shards, each with its segment mapped; `None` for an index of a format
 /// before [`SEGMENTS_SINCE_FORMAT`] (read and never upgraded, as readers never do). A shard of a
 /// later format without its segment is a damaged index.
-pub fn open_segments(index: &Path, manifest: &Manifest) -> Result<Option<Vec<Segment>>, StoreError> {
+pub fn open_segments(index: &Path, manifest: &Manifest) -> Result<Option<Vec<Arc<Segment>>>, StoreError> {
+    open_segments_reusing(index, manifest, |_| None)
+}
+
+/// [`open_segments`], taking from `held` the segments already mapped (by their manifest entry),
+/// so that a process that follows an index's commits maps each segment once.
+pub fn open_segments_reusing(
+    index: &Path,
+    manifest: &Manifest,
+    held: impl Fn(&SegmentInfo) -> Option<Arc<Segment>>,
+) -> Result<Option<Vec<Arc<Segment>>>, StoreError> {
     if manifest.format_version < SEGMENTS_SINCE_FORMAT {
         return Ok(None);
     }
@@ -419,7 +430,11 @@ pub fn open_segments(index: &Path, manifest: &Manifest) -> Result<Option<Vec<Seg
             path: index.join(&shard.path),
             message: "no search segment beside this videos shard".into(),
         })?;
-        segments.push(Segment::open(index, info, manifest.model.embed_dim, shard.rows)?);
+        let segment = match held(info) {
+            Some(segment) if segment.len() as u64 == shard.rows => segment,
+            _ => Arc::new(Segment::open(index, info, manifest.model.embed_dim, shard.rows)?),
+        };
+        segments.push(segment);
     }
     Ok(Some(segments))
 }

@@ -197,6 +197,86 @@ pub fn read_video_ids(index: &Path, shard: &ShardInfo) -> Result<Vec<String>, St
     Ok(ids)
 }
 
+/// One `videos` row without its embedding: what the service shows of a video and checks its
+/// file against before reading it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VideoRecord {
+    pub video_id: String,
+    pub root: String,
+    pub path: String,
+    pub size_bytes: u64,
+    pub mtime_ns: i64,
+    pub duration_s: f64,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+    pub n_frames: u32,
+}
+
+/// Row `row` of the `videos` shard open as `file` (read from `path`, named in errors): only its
+/// row group, and of that only the columns [`VideoRecord`] holds.
+pub fn read_video_record(file: File, path: &Path, row: usize) -> Result<VideoRecord, StoreError> {
+    use arrow::datatypes::{Float64Type, Int64Type, UInt32Type, UInt64Type};
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+
+    let corrupt = |message: String| StoreError::Corrupt { path: path.to_path_buf(), message };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| corrupt(format!("not a readable Parquet shard: {e}")))?;
+    let mut first = 0;
+    let mut group = None;
+    for (g, meta) in builder.metadata().row_groups().iter().enumerate() {
+        let rows = meta.num_rows() as usize;
+        if row < first + rows {
+            group = Some(g);
+            break;
+        }
+        first += rows;
+    }
+    let group = group.ok_or_else(|| corrupt(format!("no row {row}")))?;
+    const COLUMNS: [&str; 10] =
+        ["video_id", "root", "path", "size_bytes", "mtime_ns", "duration_s", "width", "height", "fps", "n_frames"];
+    let mut columns = Vec::new();
+    for name in COLUMNS {
+        columns.push(builder.schema().index_of(name).map_err(|_| corrupt(format!("no {name} column")))?);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
+    let selection = RowSelection::from(vec![RowSelector::skip(row - first), RowSelector::select(1)]);
+    let mut reader = builder
+        .with_row_groups(vec![group])
+        .with_projection(mask)
+        .with_row_selection(selection)
+        .with_batch_size(1)
+        .build()
+        .map_err(|e| corrupt(e.to_string()))?;
+    let batch = reader
+        .next()
+        .ok_or_else(|| corrupt(format!("no row {row}")))?
+        .map_err(|e| corrupt(format!("unreadable row group: {e}")))?;
+    let column = |name: &str| batch.column_by_name(name).ok_or_else(|| corrupt(format!("no {name} column")));
+    let wrong = |name: &str| corrupt(format!("{name} is not of its type"));
+    let text = |name: &str| -> Result<String, StoreError> {
+        Ok(column(name)?.as_string_opt::<i32>().ok_or_else(|| wrong(name))?.value(0).to_string())
+    };
+    macro_rules! number {
+        ($name:literal, $type:ty) => {
+            column($name)?.as_primitive_opt::<$type>().ok_or_else(|| wrong($name))?.value(0)
+        };
+    }
+    Ok(VideoRecord {
+        video_id: text("video_id")?,
+        root: text("root")?,
+        path: text("path")?,
+        size_bytes: number!("size_bytes", UInt64Type),
+        mtime_ns: number!("mtime_ns", Int64Type),
+        duration_s: number!("duration_s", Float64Type),
+        width: number!("width", UInt32Type),
+        height: number!("height", UInt32Type),
+        fps: number!("fps", Float64Type),
+        n_frames: number!("n_frames", UInt32Type),
+    })
+}
+
 /// Calls `f` on each record batch of one shard.
 pub fn for_each_batch(
     index: &Path,

@@ -1,0 +1,174 @@
+//! `vtr-index serve`: a resident process that answers searches of one index over HTTP, and the
+//! web page that shows them (contract §7).
+//!
+//! It loads the model once and keeps the index's query engine open ([`index::LiveIndex`],
+//! which follows the writers' commits). Requests go through [`guard`] (Host and token checks,
+//! the bound on concurrent requests, the security headers), then to the JSON API
+//! ([`api`]), the files ([`media`]: thumbnails, the videos themselves) or the page ([`page`]).
+//! It only reads: the index is opened without a lock and never written, and a file is served
+//! only if it is the recorded file of a `videos` row, unchanged since.
+//!
+//! Connections are accepted here, not by `axum::serve`, so that each resource has its bound:
+//! at most [`MAX_CONNECTIONS`] open (one more is answered 503 and closed), headers within
+//! [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`].
+
+pub mod api;
+pub mod guard;
+pub mod index;
+pub mod media;
+pub mod page;
+pub mod thumbnails;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+
+use crate::model::Clip;
+use crate::types::DeviceChoice;
+use index::LiveIndex;
+use thumbnails::Thumbnails;
+
+/// Where `serve` listens unless told otherwise: loopback only.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+/// Connections open at once; one more is answered 503 at once and closed.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Requests in progress at once; one more is answered 503 at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 64;
+/// Text queries embedded at once (the text tower's threads are the machine's).
+pub const CONCURRENT_EMBEDDINGS: usize = 2;
+/// A client has this long to send a request's headers, and to start the next one on a kept-alive
+/// connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request line and headers larger than this are refused (hyper's smallest buffer).
+pub const MAX_HEADER_BYTES: usize = 8192;
+/// How often the manifest is looked at for a writer's commit.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
+/// The thumbnail cache's bound unless told otherwise.
+pub const DEFAULT_THUMBNAIL_CACHE_MIB: usize = 64;
+
+/// What `serve` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub index: PathBuf,
+    pub bind: SocketAddr,
+    /// Whether a bind address other than loopback was allowed (`--public`).
+    pub public: bool,
+    /// Host names accepted in the `Host` header besides loopback's (`--allow-host`).
+    pub allowed_hosts: Vec<String>,
+    pub model: Option<PathBuf>,
+    pub poll: Duration,
+    pub thumbnail_cache_bytes: usize,
+}
+
+/// What every request handler shares.
+pub struct App {
+    pub live: LiveIndex,
+    pub clip: Clip,
+    pub thumbnails: Thumbnails,
+    pub embeddings: Semaphore,
+    pub requests: Arc<Semaphore>,
+    pub access: guard::Access,
+}
+
+/// Runs the service until the process is stopped. Returns an error (exit 1) for a refused
+/// address or an index or model that cannot be opened.
+pub fn run(options: ServeOptions) -> Result<u8> {
+    if !options.bind.ip().is_loopback() && !options.public {
+        bail!(
+            "{}: not a loopback address; serving to other machines makes the index's file names, captions and videos \
+             readable there: give --public to do so (it then requires an access token it prints)",
+            options.bind
+        );
+    }
+    if let Err(e) = crate::decode::init() {
+        eprintln!("vtr-index serve: warning: thumbnails will fail: {e}");
+    }
+    let live = LiveIndex::open(&options.index)?;
+    let snapshot = live.snapshot();
+    let clip = Clip::load_recorded(&snapshot.manifest.model, options.model.as_deref(), DeviceChoice::Cpu)?;
+    let thumbnails = Thumbnails::start(options.thumbnail_cache_bytes).context("cannot start the thumbnail decoders")?;
+    let token = options.public.then(guard::new_token).transpose()?;
+    let access =
+        guard::Access { token: token.clone(), allowed_hosts: options.allowed_hosts.clone(), bind: options.bind };
+    let app = Arc::new(App {
+        live,
+        clip,
+        thumbnails,
+        embeddings: Semaphore::new(CONCURRENT_EMBEDDINGS),
+        requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+        access,
+    });
+
+    let listener =
+        std::net::TcpListener::bind(options.bind).with_context(|| format!("cannot listen on {}", options.bind))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    if options.public {
+        eprintln!(
+            "vtr-index serve: WARNING: listening on {address}, beyond this machine: whoever reaches it and has the token \
+             can read the index's video names, captions, failures and the videos themselves"
+        );
+    }
+    let token_query = token.as_ref().map(|t| format!("?token={t}")).unwrap_or_default();
+    println!(
+        "vtr-index serve: http://{address}/{token_query} ({}: {} videos)",
+        options.index.display(),
+        snapshot.engine.videos()
+    );
+    drop(snapshot);
+    {
+        let app = Arc::clone(&app);
+        std::thread::Builder::new().name("manifest-poll".into()).spawn(move || {
+            loop {
+                std::thread::sleep(options.poll);
+                app.live.refresh();
+            }
+        })?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        accept(listener, app).await;
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(0)
+}
+
+/// Accepts connections until the process ends, each served by hyper within the bounds above.
+async fn accept(listener: tokio::net::TcpListener, app: Arc<App>) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let router = api::router(Arc::clone(&app));
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors, or a connection reset before it was accepted: go on.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = stream.write_all(guard::BUSY_RESPONSE.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .max_headers(64);
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            drop(permit);
+        });
+    }
+}

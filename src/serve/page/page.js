@@ -1,0 +1,252 @@
+// The page of `vtr-index serve`: search, results, player, the index's state. Every element is
+// built with textContent and attributes, never from markup, so names and messages from the
+// index are shown as text. Every URL is relative, so the page works behind a path prefix.
+"use strict";
+
+const PAGE = 20;
+const TABLE_PAGE = 20;
+const MAX_STRIP = 64;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, children) {
+  const e = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === "text") e.textContent = value;
+    else if (key === "class") e.className = value;
+    else e.setAttribute(key, value);
+  }
+  for (const child of children || []) e.append(child);
+  return e;
+}
+
+function api(path, params) {
+  const query = new URLSearchParams(params || {}).toString();
+  return "api/v1/" + path + (query ? "?" + query : "");
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { credentials: "same-origin" });
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (e) {
+    throw new Error(response.status + " " + response.statusText);
+  }
+  if (!response.ok) throw new Error(body && body.error ? body.error.message : response.statusText);
+  return body;
+}
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+function seconds(t) {
+  return t === null || t === undefined ? "-" : t.toFixed(2) + " s";
+}
+
+// The ranking on screen: a text query or "more like" a video.
+let ranking = null;
+
+async function showRanking(next, offset) {
+  ranking = next;
+  status(ranking.q !== undefined ? "Searching…" : "Finding similar videos…");
+  try {
+    const params = ranking.q !== undefined ? { q: ranking.q } : { id: ranking.id };
+    params.offset = offset;
+    params.limit = PAGE;
+    const data = await getJSON(api(ranking.q !== undefined ? "search" : "similar", params));
+    ranking.page = data.page;
+    renderResults(data.page);
+    status("");
+  } catch (e) {
+    status("Search failed: " + e.message);
+  }
+}
+
+function renderResults(page) {
+  const title = ranking.q !== undefined ? "Results for “" + ranking.q + "”" : "Videos like " + ranking.id;
+  $("results-title").textContent = title;
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const hit of page.items) {
+    const time = hit.best_frame_s === null ? 0 : hit.best_frame_s;
+    const thumb = el("img", {
+      class: "thumb",
+      alt: hit.video_id,
+      loading: "lazy",
+      src: api("thumbnail", { id: hit.video_id, t: time.toFixed(3) }),
+    });
+    thumb.addEventListener("click", () => openPlayer(hit.video_id, time));
+    const more = el("button", { type: "button", class: "similar", text: "More like this" });
+    more.addEventListener("click", () => showRanking({ id: hit.video_id }, 0));
+    const card = el("article", { class: "result", "data-video-id": hit.video_id }, [
+      thumb,
+      el("div", { class: "meta" }, [
+        el("span", { class: "video-id", text: hit.video_id }),
+        el("span", { class: "numbers" }, [
+          el("span", { class: "rank", text: "#" + hit.rank }),
+          " · score ",
+          el("span", { class: "score", text: hit.score.toFixed(2) }),
+          " · at ",
+          el("span", { class: "time", text: seconds(hit.best_frame_s) }),
+        ]),
+        more,
+      ]),
+    ]);
+    grid.append(card);
+  }
+  const shown = page.items.length;
+  $("page-info").textContent = shown
+    ? page.offset + 1 + "–" + (page.offset + shown) + " of " + page.total
+    : "nothing found";
+  $("prev").disabled = page.offset === 0;
+  $("next").disabled = page.next_offset === null;
+  $("results-section").hidden = false;
+}
+
+async function openPlayer(id, time) {
+  const player = $("player");
+  const video = $("player-video");
+  const strip = $("strip");
+  video.pause();
+  video.removeAttribute("src");
+  video.hidden = true;
+  strip.hidden = true;
+  strip.replaceChildren();
+  $("player-title").textContent = id;
+  $("player-note").textContent = "";
+  player.hidden = false;
+  player.scrollIntoView({ block: "nearest" });
+  let info;
+  try {
+    info = await getJSON(api("video", { id }));
+  } catch (e) {
+    $("player-note").textContent = e.message;
+    return;
+  }
+  if (info.file !== "unchanged") {
+    $("player-note").textContent =
+      info.file === "changed" ? "The file has changed since it was indexed." : "The file is no longer there.";
+    return;
+  }
+  if (video.canPlayType(info.media_type) === "") {
+    showStrip(info, "This browser cannot play " + info.media_type + ": its sampled frames instead.");
+    return;
+  }
+  video.dataset.start = String(time);
+  video.onloadedmetadata = () => {
+    video.currentTime = time;
+  };
+  video.onerror = () => {
+    video.hidden = true;
+    showStrip(info, "This browser cannot play this file: its sampled frames instead.");
+  };
+  video.src = api("media", { id });
+  video.hidden = false;
+  $("player-note").textContent = "From " + seconds(time) + ".";
+}
+
+function showStrip(info, note) {
+  const strip = $("strip");
+  strip.replaceChildren();
+  $("player-note").textContent = note;
+  for (const t of info.frame_times.slice(0, MAX_STRIP)) {
+    const img = el("img", { alt: info.video_id + " at " + seconds(t), src: api("thumbnail", { id: info.video_id, t: t.toFixed(3) }) });
+    strip.append(el("figure", {}, [img, el("figcaption", { text: seconds(t) })]));
+  }
+  strip.hidden = false;
+}
+
+function fact(dl, name, value) {
+  dl.append(el("dt", { text: name }), el("dd", { text: String(value) }));
+}
+
+async function loadState() {
+  try {
+    const state = await getJSON(api("index"));
+    const dl = $("facts");
+    dl.replaceChildren();
+    fact(dl, "videos", state.videos);
+    fact(dl, "frames", state.frames);
+    fact(dl, "failures", state.failures);
+    fact(dl, "text sets", state.text_sets.map((s) => s.name + " (" + s.texts + ")").join(", ") || "none");
+    fact(dl, "model", state.model.id + " (" + state.model.source + ")");
+    fact(dl, "sampling", state.sampling.fps + " frames/s, at most " + state.sampling.max_frames + " a video");
+    fact(dl, "last commit", new Date(state.committed_at_us / 1000).toISOString().replace("T", " ").slice(0, 19));
+    if (state.merged) fact(dl, "merged from", state.merged.count + " parts");
+    for (const img of document.querySelectorAll("#plots img")) {
+      img.src = api("plots/runs.svg", { metric: img.dataset.metric });
+    }
+  } catch (e) {
+    status("Cannot read the index's state: " + e.message);
+  }
+  loadRuns(0);
+  loadFailures(0);
+}
+
+function pager(prefix, page, load) {
+  const shown = page.items.length;
+  $(prefix + "-info").textContent = shown ? page.offset + 1 + "–" + (page.offset + shown) + " of " + page.total : "none";
+  const prev = $(prefix + "-prev");
+  const next = $(prefix + "-next");
+  prev.disabled = page.offset === 0;
+  next.disabled = page.next_offset === null;
+  prev.onclick = () => load(Math.max(0, page.offset - page.limit));
+  next.onclick = () => load(page.next_offset);
+}
+
+async function loadRuns(offset) {
+  try {
+    const data = await getJSON(api("runs", { offset, limit: TABLE_PAGE }));
+    $("runs-note").textContent = data.note || "";
+    const body = $("runs").tBodies[0];
+    body.replaceChildren();
+    for (const run of data.page.items) {
+      const started = new Date(run.started_at_us / 1000).toISOString().replace("T", " ").slice(0, 19);
+      const state = run.interrupted ? "interrupted by " + run.interrupted : run.committed ? "committed" : "not committed";
+      const cells = [started, run.videos, run.failures, run.frames, run.frames_per_s.toFixed(1), run.wall_s.toFixed(1), state];
+      body.append(el("tr", {}, cells.map((c) => el("td", { text: String(c) }))));
+    }
+    pager("runs", data.page, loadRuns);
+  } catch (e) {
+    $("runs-note").textContent = "Cannot read the runs: " + e.message;
+  }
+}
+
+async function loadFailures(offset) {
+  try {
+    const data = await getJSON(api("failures", { offset, limit: TABLE_PAGE }));
+    const body = $("failures").tBodies[0];
+    body.replaceChildren();
+    for (const f of data.page.items) {
+      body.append(
+        el("tr", {}, [
+          el("td", { class: "file", text: f.root + "/" + f.path }),
+          el("td", { text: f.stage }),
+          el("td", { text: f.kind }),
+          el("td", { class: "message", text: f.message }),
+          el("td", { text: String(f.attempts) }),
+        ]),
+      );
+    }
+    pager("failures", data.page, loadFailures);
+  } catch (e) {
+    status("Cannot read the failures: " + e.message);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const q = $("query").value.trim();
+    if (q) showRanking({ q }, 0);
+  });
+  $("prev").addEventListener("click", () => showRanking(ranking, Math.max(0, ranking.page.offset - PAGE)));
+  $("next").addEventListener("click", () => showRanking(ranking, ranking.page.next_offset));
+  $("player-close").addEventListener("click", () => {
+    $("player-video").pause();
+    $("player").hidden = true;
+  });
+  loadState();
+});
