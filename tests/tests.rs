@@ -19,6 +19,7 @@ mod placement;
 mod score;
 mod score_cases;
 mod search;
+mod serve;
 mod shards;
 mod slurm;
 mod texts;

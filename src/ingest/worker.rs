@@ -452,7 +452,11 @@ pub fn serve(parent: u32, low_priority: bool) -> u8 {
             Ok(Some((TAG_TASK, header, body))) => (header, body),
             Ok(Some((TAG_THUMBNAIL, header, body))) => {
                 let Ok(ThumbnailTask { time_s, max_side }) = parse(&header) else { return 1 };
-                let made = make_thumbnail(Path::new(OsStr::from_bytes(&body)), time_s, max_side, decode.timeout);
+                let path = Path::new(OsStr::from_bytes(&body));
+                if let Some(fault) = fault_for(fault.as_deref(), path, 1) {
+                    fail_as(fault);
+                }
+                let made = make_thumbnail(path, time_s, max_side, decode.timeout);
                 if send_thumbnail(&mut to_parent, &made).is_err() {
                     return 1;
                 }

@@ -138,8 +138,11 @@ pub struct Params(Vec<(String, String)>);
 impl Params {
     /// The parameters of `uri`, each one of `allowed` at most once.
     pub fn of(uri: &Uri, allowed: &[&str]) -> Result<Params, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or(""))
-            .map_err(|_| ApiError::bad_request("the query string is not percent-encoded UTF-8"))?;
+        let mut pairs = Vec::new();
+        for pair in uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            pairs.push((form_decoded(name)?, form_decoded(value)?));
+        }
         for (i, (name, _)) in pairs.iter().enumerate() {
             if !allowed.contains(&name.as_str()) {
                 return Err(ApiError::bad_request(format!(
@@ -192,6 +195,31 @@ impl Params {
         }
         Ok((offset, limit))
     }
+}
+
+/// A query string's name or value decoded once, as a form's: `+` is a space and `%XX` a byte;
+/// a `%` without two hex digits after it, or bytes that are not UTF-8, are refused rather than
+/// guessed at.
+fn form_decoded(text: &str) -> Result<String, ApiError> {
+    let refused = || ApiError::bad_request("the query string is not percent-encoded UTF-8");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex =
+                    bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).ok_or_else(refused)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| refused())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| refused())?);
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| refused())
 }
 
 /// A page of a list.
@@ -489,4 +517,18 @@ async fn runs(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiE
         Ok(Json(json!({"page": Page::new(offset, limit, total, items), "note": note})))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_value_is_decoded_once_and_strictly() {
+        assert_eq!(form_decoded("a+b%20c%2Bd%25E9").unwrap(), "a b c+d%E9");
+        assert_eq!(form_decoded("caf%C3%A9").unwrap(), "café");
+        for bad in ["%", "%4", "%zz", "%+1", "%FF", "%C3"] {
+            assert!(form_decoded(bad).is_err(), "{bad}");
+        }
+    }
 }

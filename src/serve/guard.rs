@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use super::App;
 use super::api::ApiError;
 
-/// The longest URI accepted (path and query).
-pub const MAX_URI_BYTES: usize = 8192;
+/// The longest URI accepted (path and query): an id of `MAX_ID_BYTES` all escaped fits.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
 /// The cookie a browser keeps the access token in, once it has opened the page's `?token=` link.
 pub const TOKEN_COOKIE: &str = "vtr_index_token";
 

@@ -45,8 +45,9 @@ pub const CONCURRENT_EMBEDDINGS: usize = 2;
 /// A client has this long to send a request's headers, and to start the next one on a kept-alive
 /// connection.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request line and headers larger than this are refused (hyper's smallest buffer).
-pub const MAX_HEADER_BYTES: usize = 8192;
+/// A request line and headers larger than this are refused (hyper's read buffer): room for a
+/// URI of [`guard::MAX_URI_BYTES`] and ordinary headers.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// How often the manifest is looked at for a writer's commit.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
 /// The thumbnail cache's bound unless told otherwise.
