@@ -2,14 +2,15 @@
 # Installs the system packages vtr-index builds and runs with (Debian/Ubuntu), if missing:
 # GStreamer with the demuxers and decoders for common video formats, OpenBLAS (linked statically
 # for the matrix products), and pkg-config. With --tests, also ffmpeg, which the tests use to
-# build the conformance corpus of real-world files (tests/media/conformance.sh), and g++ and make,
+# build the conformance corpus of real-world files (tests/media/conformance.sh), Chromium and its
+# WebDriver, which drive the page tests (tests/browser.rs), and g++ and make,
 # which build the emulated CUDA device with its sanitizers (cuda-emulator/).
 set -euo pipefail
 packages=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
   gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   libopenblas-dev)
 if [ "${1:-}" = "--tests" ]; then
-  packages+=(ffmpeg g++ make)
+  packages+=(ffmpeg g++ make chromium chromium-driver fonts-dejavu-core)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -7,7 +7,9 @@
 //! per block (not a sort of all), and for each of those the frame whose embedding matches the
 //! query best, its frames read from the segment's file by offset. Ranking is by cosine, ties by
 //! ascending `video_id` bytes; the cosines differ from those of the tables' f32 embeddings by at
-//! most [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR).
+//! most [`F16_COSINE_ERROR`](crate::store::segment::F16_COSINE_ERROR). What a search reports
+//! ([`Hit`]: ranks from 1, `scale · cosine`) and how it embeds a query are here too, shared by
+//! `search` and the service.
 
 use std::collections::BinaryHeap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -17,6 +19,8 @@ use std::sync::Arc;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{Clip, ModelError};
 use crate::store::segment::{Segment, SegmentInfo, open_segments_reusing};
 use crate::store::{Manifest, NotUnit, StoreError, UNIT_NORM_TOLERANCE};
 
@@ -231,6 +235,41 @@ impl SearchEngine {
         }
         blocks
     }
+}
+
+/// One of a search's top videos, as `search --json` prints it and the service's API sends it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Hit {
+    pub rank: usize,
+    pub video_id: String,
+    /// `scale · cos(query, video)`.
+    pub score: f64,
+    /// The presentation time of the best-matching sampled frame, in seconds.
+    pub best_frame_s: Option<f64>,
+    pub best_frame_cosine: Option<f64>,
+}
+
+/// The query's text embedding (L2-normalised), as every search embeds it.
+pub fn embed_query(clip: &Clip, text: &str) -> Result<Vec<f32>, ModelError> {
+    let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(text);
+    clip.embed_texts(&[tokens])
+}
+
+/// The factor from a cosine to a search score: the model's `exp(logit_scale)`.
+pub fn logit_scale(manifest: &Manifest) -> f64 {
+    f64::from(manifest.model.logit_scale).exp()
+}
+
+/// The engine's hits as search reports them, ranked from 1.
+pub fn hits_of(hits: Vec<EngineHit<'_>>, scale: f64) -> Vec<Hit> {
+    let hits = hits.into_iter().enumerate().map(|(i, hit)| Hit {
+        rank: i + 1,
+        video_id: hit.video_id.to_string(),
+        score: scale * f64::from(hit.cosine),
+        best_frame_s: hit.best_frame.map(|b| b.time_s),
+        best_frame_cosine: hit.best_frame.map(|b| f64::from(b.cosine)),
+    });
+    hits.collect()
 }
 
 /// The id lookup's hash: SipHash with fixed keys, the same in every process.

@@ -289,9 +289,9 @@ fn only_a_listed_unchanged_file_is_served_and_ranges_are_bounded() {
     let service = Service::start(&index, &[]);
     let file = std::fs::read(root.join("vfr_h264.mp4")).unwrap();
 
-    let part = service.request(&format!(
-        "GET /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: bytes=100-199\r\nConnection: close\r\n\r\n"
-    ));
+    let part = service.request(
+        "GET /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: bytes=100-199\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(part.status, 206, "{}", part.text());
     assert_eq!(part.headers["content-range"], format!("bytes 100-199/{}", file.len()));
     assert_eq!(part.headers["accept-ranges"], "bytes");
@@ -631,9 +631,7 @@ fn the_service_survives_concurrent_mixed_and_hostile_requests() {
                         6 => format!("GET /api/v1/failures?offset={n} HTTP/1.1\r\n{host}\r\n").into_bytes(),
                         7 => format!("GET /api/v1/search?q=%FF%FE{n} HTTP/1.1\r\n{host}\r\n").into_bytes(),
                         8 => format!("GET /api/v1/media?id=..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\n{host}\r\n").into_bytes(),
-                        9 => {
-                            format!("GET /api/v1/index HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n").into_bytes()
-                        }
+                        9 => b"GET /api/v1/index HTTP/1.1\r\nHost: rebind.attacker.example\r\n\r\n".to_vec(),
                         10 => vec![0xff; 64 + n],
                         _ => format!("GET /api/v1/search?q=dog&limit={} HTTP/1.1\r\n{host}\r\n", 1000 + n).into_bytes(),
                     };

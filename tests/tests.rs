@@ -6,6 +6,7 @@ mod tolerance;
 mod util;
 
 mod architecture;
+mod browser;
 mod checkpoints;
 mod cli;
 mod conformance;

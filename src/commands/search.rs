@@ -15,7 +15,7 @@ use clap::Args;
 use crate::model::Clip;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::score::{Problem, Revision, ScoreOptions, cosine_of_unit_vectors, score};
-use crate::search_engine::{EngineHit, SearchEngine};
+use crate::search_engine::{Hit, SearchEngine, embed_query, hits_of, logit_scale};
 use crate::store::{Manifest, read_frames_of, read_video_embeddings};
 use crate::types::DeviceChoice;
 
@@ -42,17 +42,6 @@ pub struct SearchCommand {
     pub top_k: usize,
     pub model: Option<PathBuf>,
     pub device: DeviceChoice,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Hit {
-    pub rank: usize,
-    pub video_id: String,
-    /// `scale · cos(query, video)`.
-    pub score: f64,
-    /// The presentation time of the best-matching sampled frame, in seconds.
-    pub best_frame_s: Option<f64>,
-    pub best_frame_cosine: Option<f64>,
 }
 
 pub fn run(args: SearchArgs) -> Result<u8> {
@@ -93,29 +82,6 @@ pub fn search(command: &SearchCommand) -> Result<Vec<Hit>> {
         }
         None => search_tables(command, &manifest, &query, scale),
     }
-}
-
-/// The query's text embedding (L2-normalised), as every search embeds it.
-pub fn embed_query(clip: &Clip, text: &str) -> Result<Vec<f32>> {
-    let tokens = ClipTokenizer::new(clip.max_text_tokens()).encode(text);
-    Ok(clip.embed_texts(&[tokens])?)
-}
-
-/// The factor from a cosine to a search score: the model's `exp(logit_scale)`.
-pub fn logit_scale(manifest: &Manifest) -> f64 {
-    f64::from(manifest.model.logit_scale).exp()
-}
-
-/// The engine's hits as search reports them, ranked from 1.
-pub fn hits_of(hits: Vec<EngineHit<'_>>, scale: f64) -> Vec<Hit> {
-    let hits = hits.into_iter().enumerate().map(|(i, hit)| Hit {
-        rank: i + 1,
-        video_id: hit.video_id.to_string(),
-        score: scale * f64::from(hit.cosine),
-        best_frame_s: hit.best_frame.map(|b| b.time_s),
-        best_frame_cosine: hit.best_frame.map(|b| f64::from(b.cosine)),
-    });
-    hits.collect()
 }
 
 /// The query answered from the Parquet tables: an index of a format before 5, which has no

@@ -50,5 +50,6 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         model: args.model,
         poll,
         thumbnail_cache_bytes: args.thumbnail_cache_mib.saturating_mul(1 << 20),
-    })
+    })?;
+    Ok(0)
 }

@@ -21,10 +21,9 @@ use serde_json::{Value, json};
 
 use super::index::Snapshot;
 use super::{App, guard, media, page};
-use crate::commands::search::{Hit, embed_query, hits_of, logit_scale};
 use crate::failure::Failure;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::search_engine::VideoAt;
+use crate::search_engine::{Hit, VideoAt, embed_query, hits_of, logit_scale};
 use crate::store::{StoreError, TableRows, for_each_batch};
 
 /// The most items one page lists.
@@ -436,39 +435,62 @@ const MAX_REPORT_BYTES: u64 = 16 << 20;
 /// The runs a list or a plot reads: the latest ones.
 pub const MAX_RUNS: usize = 1000;
 
-/// The index's run reports (`runs/TAG.json`), newest first, summarised once each.
-pub fn run_summaries(snapshot: &Snapshot) -> Vec<RunSummary> {
-    static SUMMARIES: Mutex<Option<HashMap<(std::path::PathBuf, u64, i64), RunSummary>>> = Mutex::new(None);
-    let folder = snapshot.index.join("runs");
-    let Ok(entries) = std::fs::read_dir(&folder) else { return Vec::new() };
-    let mut reports: Vec<(u64, std::path::PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let tag = name.strip_suffix(".json")?.parse::<u64>().ok()?;
-            Some((tag, e.path()))
-        })
-        .collect();
-    reports.sort_by(|a, b| b.0.cmp(&a.0));
-    reports.truncate(MAX_RUNS);
-    let mut cache = SUMMARIES.lock().unwrap_or_else(PoisonError::into_inner);
-    let cache = cache.get_or_insert_with(HashMap::new);
-    let mut out = Vec::new();
-    for (tag, path) in reports {
-        let Ok(metadata) = std::fs::metadata(&path) else { continue };
-        if metadata.len() > MAX_REPORT_BYTES {
-            continue;
+/// A run report as last read: its path, size and modification time.
+type ReportKey = (std::path::PathBuf, u64, i64);
+
+/// The index's run reports (`runs/TAG.json`) summarised, each read once while it is unchanged.
+#[derive(Default)]
+pub struct RunSummaries {
+    read: Mutex<HashMap<ReportKey, RunSummary>>,
+}
+
+impl RunSummaries {
+    /// The latest [`MAX_RUNS`] runs of the snapshot's index, newest first.
+    pub fn of(&self, snapshot: &Snapshot) -> Vec<RunSummary> {
+        let folder = snapshot.index.join("runs");
+        let Ok(entries) = std::fs::read_dir(&folder) else { return Vec::new() };
+        let mut reports: Vec<(u64, std::path::PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let tag = name.strip_suffix(".json")?.parse::<u64>().ok()?;
+                Some((tag, e.path()))
+            })
+            .collect();
+        reports.sort_by_key(|r| std::cmp::Reverse(r.0));
+        reports.truncate(MAX_RUNS);
+        let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reports rewritten or removed since leave the cache now and then.
+        if read.len() > 2 * MAX_RUNS {
+            read.clear();
         }
-        let key = (path.clone(), metadata.len(), crate::walk::mtime_ns(&metadata));
-        if let Some(summary) = cache.get(&key) {
-            out.push(summary.clone());
-            continue;
+        let mut out = Vec::new();
+        for (tag, path) in reports {
+            let Ok(metadata) = std::fs::metadata(&path) else { continue };
+            if metadata.len() > MAX_REPORT_BYTES {
+                continue;
+            }
+            let key = (path.clone(), metadata.len(), crate::walk::mtime_ns(&metadata));
+            if let Some(summary) = read.get(&key) {
+                out.push(summary.clone());
+                continue;
+            }
+            let Some(report) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
+                continue;
+            };
+            let summary = RunSummary::of(tag, &report);
+            read.insert(key, summary.clone());
+            out.push(summary);
         }
-        let Some(report) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
-            continue;
-        };
+        out
+    }
+}
+
+impl RunSummary {
+    /// What an ingest run report (`ingest/report.rs`) says of its run.
+    fn of(tag: u64, report: &Value) -> RunSummary {
         let number = |name: &str| report.get(name).and_then(Value::as_f64).unwrap_or(0.0);
-        let summary = RunSummary {
+        RunSummary {
             tag: tag.to_string(),
             started_at_us: number("started_at_us") as i64,
             wall_s: number("wall_s"),
@@ -485,15 +507,8 @@ pub fn run_summaries(snapshot: &Snapshot) -> Vec<RunSummary> {
             videos_per_s: number("videos_per_s"),
             committed: report.get("committed").and_then(Value::as_bool).unwrap_or(false),
             interrupted: report.get("interrupted").and_then(Value::as_str).map(str::to_string),
-        };
-        cache.insert(key, summary.clone());
-        out.push(summary);
+        }
     }
-    // Reports of runs since removed, or rewritten, leave the cache.
-    if cache.len() > 2 * MAX_RUNS {
-        cache.clear();
-    }
-    out
 }
 
 async fn runs(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
@@ -501,7 +516,7 @@ async fn runs(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiE
     let (offset, limit) = params.page(MAX_RUNS)?;
     let snapshot = app.live.snapshot();
     blocking(move || {
-        let summaries = run_summaries(&snapshot);
+        let summaries = app.runs.of(&snapshot);
         let total = summaries.len();
         let items: Vec<RunSummary> = summaries.into_iter().skip(offset).take(limit).collect();
         let note = match &snapshot.manifest.merged {

@@ -93,7 +93,7 @@ fn same_secret(given: &str, secret: &str) -> bool {
 }
 
 /// A new access token: 128 bits from the kernel's random source, as hex.
-pub fn new_token() -> anyhow::Result<String> {
+pub fn new_token() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())

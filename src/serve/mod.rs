@@ -24,12 +24,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
-use crate::model::Clip;
+use crate::model::{Clip, ModelError};
+use crate::store::StoreError;
 use crate::types::DeviceChoice;
 use index::LiveIndex;
 use thumbnails::Thumbnails;
@@ -67,6 +67,27 @@ pub struct ServeOptions {
     pub thumbnail_cache_bytes: usize,
 }
 
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "{0}: not a loopback address; serving to other machines makes the index's file names, captions, failures \
+         and videos readable there: give --public to do so (it then requires an access token it prints)"
+    )]
+    NotLoopback(SocketAddr),
+    #[error(transparent)]
+    Index(#[from] StoreError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
 /// What every request handler shares.
 pub struct App {
     pub live: LiveIndex,
@@ -75,17 +96,14 @@ pub struct App {
     pub embeddings: Semaphore,
     pub requests: Arc<Semaphore>,
     pub access: guard::Access,
+    pub runs: api::RunSummaries,
 }
 
-/// Runs the service until the process is stopped. Returns an error (exit 1) for a refused
-/// address or an index or model that cannot be opened.
-pub fn run(options: ServeOptions) -> Result<u8> {
+/// Runs the service until the process is stopped. Returns an error for a refused address or
+/// an index or model that cannot be opened.
+pub fn run(options: ServeOptions) -> Result<(), ServeError> {
     if !options.bind.ip().is_loopback() && !options.public {
-        bail!(
-            "{}: not a loopback address; serving to other machines makes the index's file names, captions and videos \
-             readable there: give --public to do so (it then requires an access token it prints)",
-            options.bind
-        );
+        return Err(ServeError::NotLoopback(options.bind));
     }
     if let Err(e) = crate::decode::init() {
         eprintln!("vtr-index serve: warning: thumbnails will fail: {e}");
@@ -93,8 +111,9 @@ pub fn run(options: ServeOptions) -> Result<u8> {
     let live = LiveIndex::open(&options.index)?;
     let snapshot = live.snapshot();
     let clip = Clip::load_recorded(&snapshot.manifest.model, options.model.as_deref(), DeviceChoice::Cpu)?;
-    let thumbnails = Thumbnails::start(options.thumbnail_cache_bytes).context("cannot start the thumbnail decoders")?;
-    let token = options.public.then(guard::new_token).transpose()?;
+    let thumbnails =
+        Thumbnails::start(options.thumbnail_cache_bytes).map_err(io_error("cannot start the thumbnail decoders"))?;
+    let token = options.public.then(guard::new_token).transpose().map_err(io_error("cannot make an access token"))?;
     let access =
         guard::Access { token: token.clone(), allowed_hosts: options.allowed_hosts.clone(), bind: options.bind };
     let app = Arc::new(App {
@@ -104,12 +123,13 @@ pub fn run(options: ServeOptions) -> Result<u8> {
         embeddings: Semaphore::new(CONCURRENT_EMBEDDINGS),
         requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         access,
+        runs: api::RunSummaries::default(),
     });
 
-    let listener =
-        std::net::TcpListener::bind(options.bind).with_context(|| format!("cannot listen on {}", options.bind))?;
-    listener.set_nonblocking(true)?;
-    let address = listener.local_addr()?;
+    let cannot_listen = || format!("cannot listen on {}", options.bind);
+    let listener = std::net::TcpListener::bind(options.bind).map_err(io_error(cannot_listen()))?;
+    listener.set_nonblocking(true).map_err(io_error(cannot_listen()))?;
+    let address = listener.local_addr().map_err(io_error(cannot_listen()))?;
     if options.public {
         eprintln!(
             "vtr-index serve: WARNING: listening on {address}, beyond this machine: whoever reaches it and has the token \
@@ -125,20 +145,23 @@ pub fn run(options: ServeOptions) -> Result<u8> {
     drop(snapshot);
     {
         let app = Arc::clone(&app);
-        std::thread::Builder::new().name("manifest-poll".into()).spawn(move || {
+        let poller = std::thread::Builder::new().name("manifest-poll".into()).spawn(move || {
             loop {
                 std::thread::sleep(options.poll);
                 app.live.refresh();
             }
-        })?;
+        });
+        poller.map_err(io_error("cannot start a thread"))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error("cannot start the runtime"))?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(io_error(cannot_listen()))?;
         accept(listener, app).await;
-        Ok::<_, std::io::Error>(())
-    })?;
-    Ok(0)
+        Ok(())
+    })
 }
 
 /// Accepts connections until the process ends, each served by hyper within the bounds above.

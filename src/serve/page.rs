@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use plotters::prelude::*;
 
 use super::App;
-use super::api::{ApiError, Params, RunSummary, blocking, run_summaries};
+use super::api::{ApiError, Params, RunSummary, blocking};
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const PAGE_JS: &str = include_str!("page/page.js");
@@ -85,7 +85,7 @@ pub async fn runs_plot(State(app): State<Arc<App>>, uri: Uri) -> Result<Response
         .ok_or_else(|| ApiError::bad_request("metric is one of videos, failures, frames_per_s"))?;
     let snapshot = app.live.snapshot();
     let svg = blocking(move || {
-        let mut runs = run_summaries(&snapshot);
+        let mut runs = app.runs.of(&snapshot);
         runs.truncate(PLOTTED_RUNS);
         runs.reverse();
         let values: Vec<f64> = runs.iter().map(|run| metric.of(run)).collect();
@@ -112,8 +112,17 @@ fn draw(title: &str, values: &[f64]) -> Result<String, Box<dyn std::error::Error
             .margin(8)
             .x_label_area_size(28)
             .y_label_area_size(48)
-            .build_cartesian_2d(0.5..runs + 0.5, 0.0..top)?;
-        chart.configure_mesh().x_desc("run").max_light_lines(0).x_labels(6).y_labels(5).draw()?;
+            .build_cartesian_2d(0.0..runs + 1.0, 0.0..top)?;
+        // Runs are counted: a label only where a run is.
+        let whole = |x: &f64| if x.fract() == 0.0 && (1.0..=runs).contains(x) { format!("{x}") } else { String::new() };
+        chart
+            .configure_mesh()
+            .x_desc("run, oldest first")
+            .max_light_lines(0)
+            .x_labels(10)
+            .x_label_formatter(&whole)
+            .y_labels(5)
+            .draw()?;
         let points = values.iter().enumerate().map(|(i, &v)| (i as f64 + 1.0, v));
         chart.draw_series(LineSeries::new(points.clone(), &BLUE))?;
         chart.draw_series(points.map(|p| Circle::new(p, 3, BLUE.filled())))?;
@@ -132,5 +141,9 @@ mod tests {
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
         assert_eq!(svg.matches("<circle").count(), 3);
         assert!(draw("none yet", &[]).unwrap().starts_with("<svg"));
+        for runs in [1, 2, 7, 200] {
+            let values: Vec<f64> = (0..runs).map(|r| f64::from(r) * 1.5).collect();
+            assert_eq!(draw("videos", &values).unwrap().matches("<circle").count(), runs as usize);
+        }
     }
 }
