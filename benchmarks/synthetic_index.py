@@ -47,10 +47,12 @@ def unit_rows(rng, n, dim):
     return x
 
 
-def write_tables(index, root, n, frames, dim, rng, video_rows=100_000, frame_rows=20_000):
+def write_tables(index, root, n, frames, dim, rng, video_rows=100_000, frame_rows=20_000, files=None):
     """Writes the videos and frames shards (format 1: no `stream_index`) of `n` synthetic videos
     of `frames` frames each under the root `root`, one shard's rows in memory at a time; returns
-    the manifest's `tables`. Video `i` is `v/<i>`; its frames are at 0, 1, 2… s."""
+    the manifest's `tables`. Video `i` is `v/<i>`; its frames are at 0, 1, 2… s. Its file is
+    `<id>.mp4`, which does not exist, or, with `files` (`(path under root, size, mtime_ns)`
+    each), those real files in turn, so that what reads a video's file finds one."""
     tables = {"videos": [], "frames": []}
     frame_part = 0
     for part, start in enumerate(range(0, n, video_rows)):
@@ -59,9 +61,12 @@ def write_tables(index, root, n, frames, dim, rng, video_rows=100_000, frame_row
         videos = pa.table({
             "video_id": pa.array(ids),
             "root": pa.array([root] * count),
-            "path": pa.array([f"{i}.mp4" for i in ids]),
-            "size_bytes": pa.array(np.full(count, 1000, np.uint64)),
-            "mtime_ns": pa.array(np.full(count, 0, np.int64)),
+            "path": pa.array([files[j % len(files)][0] for j in range(start, start + count)] if files
+                             else [f"{i}.mp4" for i in ids]),
+            "size_bytes": pa.array([files[j % len(files)][1] for j in range(start, start + count)] if files
+                                   else np.full(count, 1000, np.uint64), pa.uint64()),
+            "mtime_ns": pa.array([files[j % len(files)][2] for j in range(start, start + count)] if files
+                                 else np.full(count, 0, np.int64), pa.int64()),
             "content_hash": pa.array([hashlib.blake2b(i.encode()).hexdigest()[:64] for i in ids]),
             "duration_s": pa.array(np.full(count, float(frames))),
             "width": pa.array(np.full(count, 320, np.uint32)),

@@ -603,6 +603,7 @@ fn the_service_survives_concurrent_mixed_and_hostile_requests() {
     let sample_index = Dir::new();
     let index = sample_index.join("index");
     ingest_command(&index, &sample().join("videos"), &[]).expect_code(0);
+    let before = crate::util::file_tree(&index);
     let mut service = Service::start(&index, &[]);
     let port = service.port;
     let ids: Vec<String> = service.get_json("/api/v1/search?q=video&limit=100")["page"]["items"]
@@ -669,4 +670,52 @@ fn the_service_survives_concurrent_mixed_and_hostile_requests() {
     }
     assert!(all.get(&200).copied().unwrap_or(0) > 1000, "{all:?}");
     assert_eq!(service.get_json("/api/v1/index")["videos"], ids.len());
+    drop(service);
+    assert!(crate::util::file_tree(&index) == before, "the service wrote nothing to the index");
+}
+
+#[test]
+fn past_its_bounds_the_service_answers_503_at_once() {
+    let dir = Dir::new();
+    let (_, index) = index_of(&dir, &["short_h264.mp4"]);
+    // Decoders that hang: every thumbnail holds its decoder until the deadline.
+    let service = Service::start_with(&index, &[], &[("VTR_INDEX_WORKER_FAULT", "hang:*")]);
+    let port = service.port;
+    let decoders = vtr_index::serve::thumbnails::DECODERS;
+    let queued = vtr_index::serve::thumbnails::QUEUED;
+    // Fill the decoders and their queue, then ask for more.
+    let mut waiting = Vec::new();
+    for t in 0..decoders + queued {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let request = format!("GET /api/v1/thumbnail?id=short_h264&t={t} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        waiting.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let refused = service.get("/api/v1/thumbnail?id=short_h264&t=999");
+    refused.assert_error(503, "busy");
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert!(start.elapsed() < Duration::from_secs(2), "refused at once, not queued: {:?}", start.elapsed());
+    // The rest of the service goes on meanwhile.
+    assert_eq!(service.get_json("/api/v1/index")["videos"], 1);
+    drop(waiting);
+    drop(service);
+
+    // Connections past the bound: refused at once with the same error, and closed.
+    let service = Service::start(&index, &[]);
+    let port = service.port;
+    let idle: Vec<TcpStream> =
+        (0..vtr_index::serve::MAX_CONNECTIONS).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let refused = service.get("/api/v1/index");
+    refused.assert_error(503, "busy");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    drop(idle);
+    let due = Instant::now() + Duration::from_secs(10);
+    while service.get("/api/v1/index").status != 200 {
+        assert!(Instant::now() < due, "the service did not come back once the connections closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -285,15 +285,27 @@ async fn search(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, Ap
         return Err(ApiError::bad_request("the query is empty"));
     }
     let (offset, limit) = params.page(MAX_RANKED)?;
-    let permit = app.embeddings.acquire().await.map_err(|_| ApiError::busy("shutting down"))?;
-    let query = {
-        let (app, text) = (Arc::clone(&app), text.clone());
-        blocking(move || embed_query(&app.clip, &text).map_err(|e| ApiError::internal(e.to_string()))).await?
-    };
-    drop(permit);
+    let query = query_embedding(&app, &text).await?;
     let snapshot = app.live.snapshot();
     let page = blocking(move || ranked(&snapshot, &query, offset, limit, None)).await?;
     Ok(Json(json!({"query": {"text": text}, "page": page})))
+}
+
+/// The text's embedding: from the cache (a user pages through one query, a page asks again),
+/// or made by the model, [`super::CONCURRENT_EMBEDDINGS`] at a time.
+async fn query_embedding(app: &Arc<App>, text: &str) -> Result<Arc<Vec<f32>>, ApiError> {
+    if let Some(cached) = app.queries.lock().unwrap_or_else(PoisonError::into_inner).get(text) {
+        return Ok(Arc::clone(cached));
+    }
+    let permit = app.embeddings.acquire().await.map_err(|_| ApiError::busy("shutting down"))?;
+    let embedding = {
+        let (app, text) = (Arc::clone(app), text.to_string());
+        blocking(move || embed_query(&app.clip, &text).map_err(|e| ApiError::internal(e.to_string()))).await?
+    };
+    drop(permit);
+    let embedding = Arc::new(embedding);
+    app.queries.lock().unwrap_or_else(PoisonError::into_inner).put(text.to_string(), Arc::clone(&embedding));
+    Ok(embedding)
 }
 
 async fn similar(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
@@ -351,6 +363,7 @@ async fn index_state(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value
         "suspects": m.suspects.len(),
         "reloads": app.live.reloads(),
         "reload_error": app.live.last_error(),
+        "thumbnail_cache_bytes": app.thumbnails.cached_bytes(),
     })))
 }
 

@@ -23,7 +23,7 @@ pub const TOKEN_COOKIE: &str = "vtr_index_token";
 
 /// The answer to a connection past [`super::MAX_CONNECTIONS`], written before it is closed.
 pub const BUSY_RESPONSE: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-retry-after: 1\r\nconnection: close\r\ncontent-length: 70\r\n\r\n\
+x-content-type-options: nosniff\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 70\r\n\r\n\
 {\"error\":{\"code\":\"busy\",\"message\":\"too many connections; try again\"}}\n";
 
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \

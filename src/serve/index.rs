@@ -105,6 +105,8 @@ impl Snapshot {
 pub struct LiveIndex {
     index: PathBuf,
     current: ArcSwap<Snapshot>,
+    /// Held while a new snapshot is loaded: one load at a time.
+    loading: Mutex<()>,
     /// Why the latest manifest could not be loaded, while it cannot.
     last_error: Mutex<Option<String>>,
     reloads: std::sync::atomic::AtomicU64,
@@ -116,6 +118,7 @@ impl LiveIndex {
         Ok(LiveIndex {
             index: index.to_path_buf(),
             current: ArcSwap::from_pointee(snapshot),
+            loading: Mutex::new(()),
             last_error: Mutex::new(None),
             reloads: 0.into(),
         })
@@ -127,8 +130,9 @@ impl LiveIndex {
     }
 
     /// Loads the manifest if it changed since the current snapshot's, and swaps the new
-    /// snapshot in. Returns whether it did. Called by one thread (the poller) at a time.
+    /// snapshot in. Returns whether it did.
     pub fn refresh(&self) -> bool {
+        let _loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.snapshot();
         let path = self.index.join(MANIFEST);
         match std::fs::metadata(&path) {

@@ -42,6 +42,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Text queries embedded at once (the text tower's threads are the machine's).
 pub const CONCURRENT_EMBEDDINGS: usize = 2;
+/// Text queries whose embeddings are kept (2 KiB each at D = 512).
+pub const CACHED_QUERIES: usize = 1024;
 /// A client has this long to send a request's headers, and to start the next one on a kept-alive
 /// connection.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +96,8 @@ pub struct App {
     pub clip: Clip,
     pub thumbnails: Thumbnails,
     pub embeddings: Semaphore,
+    /// The latest queries' embeddings, by their text.
+    pub queries: std::sync::Mutex<lru::LruCache<String, Arc<Vec<f32>>>>,
     pub requests: Arc<Semaphore>,
     pub access: guard::Access,
     pub runs: api::RunSummaries,
@@ -121,6 +125,9 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
         clip,
         thumbnails,
         embeddings: Semaphore::new(CONCURRENT_EMBEDDINGS),
+        queries: std::sync::Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(CACHED_QUERIES).expect("a positive count"),
+        )),
         requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         access,
         runs: api::RunSummaries::default(),
