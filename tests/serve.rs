@@ -133,6 +133,7 @@ impl Response {
         let csp = self.headers.get("content-security-policy").expect("a content security policy");
         assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
         assert_eq!(self.headers.get("x-content-type-options").map(String::as_str), Some("nosniff"));
+        assert_eq!(self.headers.get("cross-origin-resource-policy").map(String::as_str), Some("same-origin"));
         assert!(!self.headers.keys().any(|k| k.starts_with("access-control-")), "{:?}", self.headers);
     }
 }
@@ -301,14 +302,22 @@ fn only_a_listed_unchanged_file_is_served_and_ranges_are_bounded() {
         "GET /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: bytes=-10\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(tail.body, file[file.len() - 10..]);
-    for range in ["bytes=0-1,5-6", "bytes=99999999-", "bytes=5-1", "pages=1-2"] {
+    for range in ["bytes=0-1,5-6", "bytes=99999999-", "bytes=5-1"] {
         let refused = service.request(&format!(
             "GET /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: {range}\r\nConnection: close\r\n\r\n"
         ));
         refused.assert_error(416, "range_not_satisfiable");
+        assert_eq!(refused.headers["content-range"], format!("bytes */{}", file.len()));
     }
-    let head =
-        service.request("HEAD /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    // A range of another unit is ignored, as HTTP says: the whole file.
+    let other_unit = service.request(
+        "GET /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: pages=1-2\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((other_unit.status, other_unit.body.len()), (200, file.len()));
+    // HEAD: a range is ignored; the length is the file's.
+    let head = service.request(
+        "HEAD /api/v1/media?id=vfr_h264 HTTP/1.1\r\nHost: localhost\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(head.status, 200);
     assert_eq!(head.headers["content-length"], file.len().to_string());
     assert!(head.body.is_empty());
@@ -361,6 +370,8 @@ fn malformed_requests_get_a_4xx_with_the_one_error_shape() {
         ("/api/v1/plots/runs.svg?metric=../../etc", 400, "bad_request"),
         ("/api/v1/runs?limit=1000", 400, "bad_request"),
         ("/api/v1/failures?offset=x", 400, "bad_request"),
+        ("/api/v1/failures?offset=18446744073709551615", 400, "bad_request"),
+        ("/api/v1/failures?offset=4294967295&limit=100", 400, "bad_request"),
         ("/api/v1/index?x=1", 400, "bad_request"),
         ("/api/v2/search?q=dog", 404, "not_found"),
         ("/nothing", 404, "not_found"),
@@ -402,12 +413,27 @@ fn the_host_header_must_name_this_service() {
     let with_host = |host: &str| {
         service.request(&format!("GET /api/v1/index HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"))
     };
-    for allowed in ["localhost:9000", "localhost", "127.0.0.1", "[::1]:8080", "search.lab.example:443"] {
+    for allowed in ["localhost:9000", "localhost", "127.0.0.1", "[::1]:8080", "search.lab.example:443", "10.1.2.3"] {
         assert_eq!(with_host(allowed).status, 200, "{allowed}");
     }
-    for refused in ["attacker.example", "attacker.example:8080", "search.lab.example.attacker.example", "10.1.2.3"] {
-        with_host(refused).assert_error(403, "host_not_allowed");
+    for refused in ["attacker.example", "attacker.example:8080", "search.lab.example.attacker.example"] {
+        let response = with_host(refused);
+        response.assert_error(403, "host_not_allowed");
+        assert_eq!(response.headers["connection"], "close");
     }
+    // Another site's page may link to the service, not load its thumbnails, videos or answers.
+    let from = |site: &str, mode: &str, path: &str| {
+        service.request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nSec-Fetch-Site: {site}\r\nSec-Fetch-Mode: {mode}\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    for path in ["/api/v1/thumbnail?id=short_h264", "/api/v1/media?id=short_h264", "/api/v1/search?q=dog", "/page.js"] {
+        from("cross-site", "no-cors", path).assert_error(403, "cross_site");
+        from("same-site", "cors", path).assert_error(403, "cross_site");
+        assert_eq!(from("same-origin", "no-cors", path).status, 200, "{path}");
+    }
+    assert_eq!(from("cross-site", "navigate", "/").status, 200, "a link from elsewhere opens the page");
+    assert_eq!(from("none", "navigate", "/").status, 200);
     drop(service);
     let plain = Service::start(&index, &[]);
     let response = plain.request("GET /api/v1/index HTTP/1.1\r\nHost: search.lab.example\r\nConnection: close\r\n\r\n");
@@ -438,7 +464,7 @@ fn beyond_loopback_the_service_needs_the_flag_and_then_a_token() {
     assert_eq!(link.status, 303);
     assert_eq!(link.headers["location"], "./");
     let cookie = link.headers["set-cookie"].split(';').next().unwrap().to_string();
-    assert!(link.headers["set-cookie"].contains("HttpOnly") && link.headers["set-cookie"].contains("SameSite=Strict"));
+    assert!(link.headers["set-cookie"].contains("HttpOnly") && link.headers["set-cookie"].contains("SameSite=Lax"));
     assert_eq!(request(&format!("Cookie: other=1; {cookie}\r\n")).status, 200);
 }
 

@@ -32,6 +32,8 @@ pub const MAX_PAGE: usize = 100;
 pub const DEFAULT_PAGE: usize = 20;
 /// How deep a ranking pages: `offset + limit` at most this.
 pub const MAX_RANKED: usize = 1000;
+/// How far a list of the index's own rows (the failures table) pages.
+pub const MAX_LISTED: usize = u32::MAX as usize;
 /// The longest text query, in bytes (CLIP reads 77 tokens of it at most).
 pub const MAX_QUERY_BYTES: usize = 1000;
 /// The longest id accepted.
@@ -90,11 +92,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// For a 416: the file's size, which its `Content-Range: bytes */SIZE` states.
+    pub content_range: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), content_range: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -120,6 +124,10 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(size) = self.content_range {
+            let value = HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii");
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
         }
         response
     }
@@ -189,7 +197,7 @@ impl Params {
             return Err(ApiError::bad_request(format!("limit must be from 1 to {MAX_PAGE}")));
         }
         let offset = self.count("offset", 0, deepest)?;
-        if offset + limit > deepest {
+        if offset.checked_add(limit).is_none_or(|end| end > deepest) {
             return Err(ApiError::bad_request(format!("offset + limit must be at most {deepest}")));
         }
         Ok((offset, limit))
@@ -240,11 +248,27 @@ impl<T> Page<T> {
     }
 }
 
-/// Runs blocking work (the model, a scan, a file) off the async threads.
+/// Runs blocking work (the model, a scan, a file) off the async threads. The work runs to its
+/// end even if the client leaves; what bounds it is the permit it holds (the embeddings') or
+/// the scans' bound in [`ranked_blocking`].
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("a task failed: {e}")))?
+}
+
+/// A scan, [`super::CONCURRENT_SCANS`] at a time (each uses every core), its permit held by the
+/// work itself.
+async fn ranked_blocking(
+    app: &Arc<App>,
+    work: impl FnOnce() -> Result<Page<Hit>, ApiError> + Send + 'static,
+) -> Result<Page<Hit>, ApiError> {
+    let permit = Arc::clone(&app.scans).acquire_owned().await.map_err(|_| ApiError::busy("shutting down"))?;
+    blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
 }
 
 /// The video `id` in the snapshot, or the 404 that says it is not indexed.
@@ -287,7 +311,7 @@ async fn search(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, Ap
     let (offset, limit) = params.page(MAX_RANKED)?;
     let query = query_embedding(&app, &text).await?;
     let snapshot = app.live.snapshot();
-    let page = blocking(move || ranked(&snapshot, &query, offset, limit, None)).await?;
+    let page = ranked_blocking(&app, move || ranked(&snapshot, &query, offset, limit, None)).await?;
     Ok(Json(json!({"query": {"text": text}, "page": page})))
 }
 
@@ -297,12 +321,16 @@ async fn query_embedding(app: &Arc<App>, text: &str) -> Result<Arc<Vec<f32>>, Ap
     if let Some(cached) = app.queries.lock().unwrap_or_else(PoisonError::into_inner).get(text) {
         return Ok(Arc::clone(cached));
     }
-    let permit = app.embeddings.acquire().await.map_err(|_| ApiError::busy("shutting down"))?;
+    // The permit goes with the work: a client that leaves does not free it while the model runs.
+    let permit = Arc::clone(&app.embeddings).acquire_owned().await.map_err(|_| ApiError::busy("shutting down"))?;
     let embedding = {
         let (app, text) = (Arc::clone(app), text.to_string());
-        blocking(move || embed_query(&app.clip, &text).map_err(|e| ApiError::internal(e.to_string()))).await?
+        blocking(move || {
+            let _permit = permit;
+            embed_query(&app.clip, &text).map_err(|e| ApiError::internal(e.to_string()))
+        })
+        .await?
     };
-    drop(permit);
     let embedding = Arc::new(embedding);
     app.queries.lock().unwrap_or_else(PoisonError::into_inner).put(text.to_string(), Arc::clone(&embedding));
     Ok(embedding)
@@ -316,7 +344,7 @@ async fn similar(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, A
     let at = find(&snapshot, &id)?;
     let query = snapshot.engine.video_embedding(at);
     let skip = id.clone();
-    let page = blocking(move || ranked(&snapshot, &query, offset, limit, Some(&skip))).await?;
+    let page = ranked_blocking(&app, move || ranked(&snapshot, &query, offset, limit, Some(&skip))).await?;
     Ok(Json(json!({"query": {"video_id": id}, "page": page})))
 }
 
@@ -369,7 +397,7 @@ async fn index_state(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value
 
 async fn failures(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
     let params = Params::of(&uri, &["offset", "limit"])?;
-    let (offset, limit) = params.page(usize::MAX)?;
+    let (offset, limit) = params.page(MAX_LISTED)?;
     let first = app.live.snapshot();
     let page = blocking(move || match failures_page(&first, offset, limit) {
         // A commit since the snapshot was taken may have collected its failures shards: the

@@ -1,11 +1,14 @@
 //! What every request passes before a handler sees it, and what every response carries:
 //! the bound on requests in progress (503 at once past it, never a queue), the methods (GET and
-//! HEAD: the service only reads), the `Host` check against DNS rebinding, the access token of a
-//! service bound beyond loopback, the bound on the URI, and the security headers (a content
+//! HEAD: the service only reads), the `Host` check against DNS rebinding, the refusal of other
+//! sites' pages (`Sec-Fetch-Site`: an `<img>` or `<video>` on any site could otherwise load
+//! thumbnails and videos from a loopback service, or make it embed and decode), the access token
+//! of a service bound beyond loopback, the bound on the URI, and the security headers (a content
 //! security policy that allows nothing but this origin's own files, `nosniff`, no referrer, no
-//! framing; no CORS header, so other origins' pages cannot read the answers).
+//! framing, resources for this origin only; no CORS header, so other origins' pages cannot read
+//! the answers). A refusal closes its connection.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -21,10 +24,17 @@ pub const MAX_URI_BYTES: usize = 16 * 1024;
 /// The cookie a browser keeps the access token in, once it has opened the page's `?token=` link.
 pub const TOKEN_COOKIE: &str = "vtr_index_token";
 
-/// The answer to a connection past [`super::MAX_CONNECTIONS`], written before it is closed.
-pub const BUSY_RESPONSE: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-x-content-type-options: nosniff\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 70\r\n\r\n\
-{\"error\":{\"code\":\"busy\",\"message\":\"too many connections; try again\"}}\n";
+/// The answer to a connection past [`super::MAX_CONNECTIONS`], written before it is closed,
+/// with the headers every answer carries.
+pub const BUSY_RESPONSE: &str = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n",
+    "content-security-policy: default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; ",
+    "media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n",
+    "x-content-type-options: nosniff\r\nreferrer-policy: no-referrer\r\nx-frame-options: DENY\r\n",
+    "cross-origin-resource-policy: same-origin\r\n",
+    "retry-after: 1\r\nconnection: close\r\ncontent-length: 70\r\n\r\n",
+    "{\"error\":{\"code\":\"busy\",\"message\":\"too many connections; try again\"}}\n"
+);
 
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
 media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -36,25 +46,24 @@ pub struct Access {
     pub token: Option<String>,
     /// Host names accepted besides loopback's (`--allow-host`).
     pub allowed_hosts: Vec<String>,
-    pub bind: SocketAddr,
 }
 
 impl Access {
-    /// Whether a request's `Host` value names this service: a loopback name or address on any
-    /// port (an `ssh -L` tunnel sends `localhost:9000`), the address it is bound to, or a name
-    /// given with `--allow-host`. Anything else may be a rebound DNS name serving another
-    /// site's page.
+    /// Whether a request's `Host` value names this service: a loopback name on any port (an
+    /// `ssh -L` tunnel sends `localhost:9000`), an IP address (which no DNS answer can rebind),
+    /// or a name given with `--allow-host`. Any other name may be one an attacker's DNS has
+    /// pointed at this machine, to serve its page from the service's origin.
     pub fn host_allowed(&self, host: &str) -> bool {
         let name = host_name(host).to_ascii_lowercase();
+        let name = name.trim_end_matches('.');
         if name.is_empty() {
             return false;
         }
-        let name = name.trim_end_matches('.');
         if name == "localhost" || name.ends_with(".localhost") {
             return true;
         }
-        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            return ip.is_loopback() || (ip == self.bind.ip() && !ip.is_unspecified());
+        if name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok() {
+            return true;
         }
         self.allowed_hosts.iter().any(|allowed| allowed.trim_end_matches('.').eq_ignore_ascii_case(name))
     }
@@ -102,7 +111,12 @@ pub fn new_token() -> std::io::Result<String> {
 /// The middleware: every check above, then the handler, then the headers.
 pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let mut response = match check(&app, &request) {
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            // A client refused once is not kept connected to try again at leisure.
+            let mut response = refusal.into_response();
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
         Ok(Some(redirect)) => redirect,
         Ok(None) => match Arc::clone(&app.requests).try_acquire_owned() {
             Ok(permit) => {
@@ -114,6 +128,7 @@ pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) ->
         },
     };
     let headers = response.headers_mut();
+    headers.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
@@ -142,6 +157,16 @@ fn check(app: &App, request: &Request) -> Result<Option<Response>, ApiError> {
         }
         Some(_) => {}
     }
+    // Browsers say where a request comes from; a page of another site may only link here.
+    let site = request.headers().get("sec-fetch-site").and_then(|v| v.to_str().ok()).unwrap_or("none");
+    let navigation = request.headers().get("sec-fetch-mode").is_some_and(|v| v == "navigate");
+    if matches!(site, "cross-site" | "same-site") && !(navigation && request.uri().path() == "/") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "a page of another site may link to this service, not use it",
+        ));
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -156,7 +181,9 @@ fn check(app: &App, request: &Request) -> Result<Option<Response>, ApiError> {
     {
         // The printed link: keep the token in a cookie only this origin's requests carry, and
         // take it out of the address bar.
-        let cookie = format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+        // Lax: a link to the service from mail or a chat still carries it; the service only
+        // reads, so nothing a link asks for changes anything.
+        let cookie = format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/");
         let mut response = StatusCode::SEE_OTHER.into_response();
         response.headers_mut().insert(header::LOCATION, HeaderValue::from_static("./"));
         response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("hex"));
@@ -177,11 +204,7 @@ mod tests {
     use super::*;
 
     fn access(allowed: &[&str]) -> Access {
-        Access {
-            token: None,
-            allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
-            bind: "127.0.0.1:8080".parse().unwrap(),
-        }
+        Access { token: None, allowed_hosts: allowed.iter().map(|s| s.to_string()).collect() }
     }
 
     #[test]
@@ -193,7 +216,8 @@ mod tests {
             assert!(a.host_allowed(ok), "{ok}");
         }
         assert!(a.host_allowed("search.lab.example:8080"));
-        for refused in ["evil.example", "evil.example:8080", "localhost.evil.example", "10.0.0.1:8080", "", ":80"] {
+        assert!(a.host_allowed("10.0.0.1:8080"), "an address cannot be rebound");
+        for refused in ["evil.example", "evil.example:8080", "localhost.evil.example", "", ":80", "."] {
             assert!(!a.host_allowed(refused), "{refused}");
         }
     }
@@ -201,7 +225,8 @@ mod tests {
     #[test]
     fn the_busy_answer_declares_its_length() {
         let (head, body) = BUSY_RESPONSE.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        assert!(head.split("\r\n").any(|line| line == format!("content-length: {}", body.len())), "{head}");
+        assert!(head.contains("content-security-policy: default-src 'none';") && head.contains("nosniff"));
         serde_json::from_str::<serde_json::Value>(body).unwrap();
     }
 

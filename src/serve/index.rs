@@ -31,6 +31,9 @@ struct Stamp {
     inode: u64,
     bytes: u64,
     mtime_ns: i64,
+    /// The inode's change time too: a file system with coarse times and reused inodes could
+    /// otherwise hide a commit of the same size.
+    ctime_ns: i64,
 }
 
 impl Stamp {
@@ -40,6 +43,7 @@ impl Stamp {
             inode: metadata.ino(),
             bytes: metadata.len(),
             mtime_ns: crate::walk::mtime_ns(metadata),
+            ctime_ns: metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec(),
         }
     }
 }

@@ -8,12 +8,13 @@
 
 use std::fs::File;
 use std::io::SeekFrom;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -61,7 +62,13 @@ pub fn recorded_file(record: &VideoRecord) -> Result<(File, PathBuf), ApiError> 
     for root in &roots {
         for path in &paths {
             let candidate = root.join(path);
-            let Ok(file) = File::open(&candidate) else { continue };
+            // Only a regular file is opened, and without waiting: a FIFO put in its place, or a
+            // device, must not hold the request (O_NONBLOCK changes nothing for a file's reads).
+            if !std::fs::metadata(&candidate).is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            let opened = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&candidate);
+            let Ok(file) = opened else { continue };
             let Ok(metadata) = file.metadata() else { continue };
             if metadata.is_file()
                 && metadata.len() == record.size_bytes
@@ -132,7 +139,12 @@ pub async fn thumbnail(State(app): State<Arc<App>>, uri: Uri) -> Result<Response
 }
 
 /// `GET /api/v1/media?id=ID`: the video file, whole or one byte range of it.
-pub async fn media(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn media(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let params = Params::of(&uri, &["id"])?;
     let id = params.id()?.to_string();
     let snapshot = app.live.snapshot();
@@ -144,14 +156,17 @@ pub async fn media(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) ->
     })
     .await?;
     let size = record.size_bytes;
+    // A range is of bytes, and of a GET; anything else is ignored and the whole file sent.
     let range = match headers.get(header::RANGE) {
-        None => None,
-        Some(value) => Some(byte_range(value, size)?),
+        Some(value) if method == Method::GET && value.as_bytes().starts_with(b"bytes=") => {
+            Some(byte_range(value, size)?)
+        }
+        _ => None,
     };
     let (start, length) = range.unwrap_or((0, size));
     let mut file = tokio::fs::File::from_std(file);
     file.seek(SeekFrom::Start(start)).await.map_err(|e| ApiError::internal(format!("cannot read the file: {e}")))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(length)));
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file.take(length), 1 << 16));
     let mut response = body.into_response();
     let out = response.headers_mut();
     out.insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type(&record.path)));
@@ -172,6 +187,7 @@ fn byte_range(value: &HeaderValue, size: u64) -> Result<(u64, u64), ApiError> {
     let unsatisfiable = |why: &str| {
         let mut e = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", why.to_string());
         e.message.push_str(&format!(" (the file has {size} bytes)"));
+        e.content_range = Some(size);
         e
     };
     let text = value.to_str().map_err(|_| unsatisfiable("the Range header is not ASCII"))?;
@@ -195,7 +211,7 @@ mod tests {
         assert_eq!(range("bytes=900-").unwrap(), (900, 100));
         assert_eq!(range("bytes=-10").unwrap(), (990, 10));
         assert_eq!(range("bytes=990-5000").unwrap(), (990, 10), "an end past the file is the file's end");
-        for bad in ["bytes=1000-", "bytes=0-1,5-6", "bytes=5-1", "items=0-1", "bytes=x-y", ""] {
+        for bad in ["bytes=1000-", "bytes=0-1,5-6", "bytes=5-1", "bytes=x-y", "bytes="] {
             assert_eq!(range(bad).unwrap_err().status, StatusCode::RANGE_NOT_SATISFIABLE, "{bad}");
         }
     }

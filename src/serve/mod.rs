@@ -42,6 +42,10 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Text queries embedded at once (the text tower's threads are the machine's).
 pub const CONCURRENT_EMBEDDINGS: usize = 2;
+/// Threads for blocking work: the permits' sum and room for the file reads.
+pub const BLOCKING_THREADS: usize = 16;
+/// Scans of the video arrays at once (each one is parallel).
+pub const CONCURRENT_SCANS: usize = 2;
 /// Text queries whose embeddings are kept (2 KiB each at D = 512).
 pub const CACHED_QUERIES: usize = 1024;
 /// A client has this long to send a request's headers, and to start the next one on a kept-alive
@@ -95,7 +99,8 @@ pub struct App {
     pub live: LiveIndex,
     pub clip: Clip,
     pub thumbnails: Thumbnails,
-    pub embeddings: Semaphore,
+    pub embeddings: Arc<Semaphore>,
+    pub scans: Arc<Semaphore>,
     /// The latest queries' embeddings, by their text.
     pub queries: std::sync::Mutex<lru::LruCache<String, Arc<Vec<f32>>>>,
     pub requests: Arc<Semaphore>,
@@ -118,13 +123,13 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
     let thumbnails =
         Thumbnails::start(options.thumbnail_cache_bytes).map_err(io_error("cannot start the thumbnail decoders"))?;
     let token = options.public.then(guard::new_token).transpose().map_err(io_error("cannot make an access token"))?;
-    let access =
-        guard::Access { token: token.clone(), allowed_hosts: options.allowed_hosts.clone(), bind: options.bind };
+    let access = guard::Access { token: token.clone(), allowed_hosts: options.allowed_hosts.clone() };
     let app = Arc::new(App {
         live,
         clip,
         thumbnails,
-        embeddings: Semaphore::new(CONCURRENT_EMBEDDINGS),
+        embeddings: Arc::new(Semaphore::new(CONCURRENT_EMBEDDINGS)),
+        scans: Arc::new(Semaphore::new(CONCURRENT_SCANS)),
         queries: std::sync::Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(CACHED_QUERIES).expect("a positive count"),
         )),
@@ -142,6 +147,13 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
             "vtr-index serve: WARNING: listening on {address}, beyond this machine: whoever reaches it and has the token \
              can read the index's video names, captions, failures and the videos themselves"
         );
+        if address.ip().is_unspecified() {
+            eprintln!(
+                "vtr-index serve: open it by this machine's address (http://ADDRESS:{}/?token=…); a host name other \
+                 than an address needs --allow-host NAME",
+                address.port()
+            );
+        }
     }
     let token_query = token.as_ref().map(|t| format!("?token={t}")).unwrap_or_default();
     println!(
@@ -160,7 +172,10 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
         });
         poller.map_err(io_error("cannot start a thread"))?;
     }
+    // Blocking work (the model, scans, file reads) is bounded by its permits; a small pool of
+    // threads for it keeps the allocator's per-thread arenas, and so the memory, bounded too.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
         .map_err(io_error("cannot start the runtime"))?;

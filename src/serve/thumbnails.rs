@@ -135,6 +135,10 @@ fn run_decoder(n: usize, queue: &Receiver<Job>) {
     };
     let mut worker: Option<Worker> = None;
     for job in queue {
+        // Its requester left (a page moved on): the decoder goes to the next one.
+        if job.reply.is_closed() {
+            continue;
+        }
         let made = thumbnail_in_worker(n, &setup, &mut worker, &job.path, job.time_s);
         // The requester may have gone (its client closed the connection): nothing to do.
         let _ = job.reply.send(made);
@@ -144,6 +148,13 @@ fn run_decoder(n: usize, queue: &Receiver<Job>) {
     }
 }
 
+/// What became of one task handed to a worker.
+enum Asked {
+    Answered(Result<Thumbnail, ThumbnailError>),
+    /// The task never reached a live worker (it had died while idle): why.
+    NotDelivered(String),
+}
+
 fn thumbnail_in_worker(
     n: usize,
     setup: &Setup,
@@ -151,9 +162,29 @@ fn thumbnail_in_worker(
     path: &Path,
     time_s: f64,
 ) -> Result<Thumbnail, ThumbnailError> {
+    match ask_worker(n, setup, slot, path, time_s) {
+        Asked::Answered(made) => made,
+        // A worker that died while idle (the OOM killer's first choice) costs no request: the
+        // task never reached it, so a fresh one takes it.
+        Asked::NotDelivered(_) => match ask_worker(n, setup, slot, path, time_s) {
+            Asked::Answered(made) => made,
+            Asked::NotDelivered(why) => Err(ThumbnailError::WorkerDied(why)),
+        },
+    }
+}
+
+/// Hands the task to the slot's worker, started first if there is none, and waits for its
+/// answer until the deadline; a worker that dies, breaks the protocol or passes the deadline
+/// is killed and the slot emptied.
+fn ask_worker(n: usize, setup: &Setup, slot: &mut Option<Worker>, path: &Path, time_s: f64) -> Asked {
     if slot.is_none() {
-        let child = start_worker(false).map_err(|e| ThumbnailError::WorkerDied(start_error(&e)))?;
-        let mut worker = Worker::attach(child, format!("thumbnails-{n}-stderr")).map_err(ThumbnailError::WorkerDied)?;
+        let started = start_worker(false)
+            .map_err(|e| start_error(&e))
+            .and_then(|child| Worker::attach(child, format!("thumbnails-{n}-stderr")));
+        let mut worker = match started {
+            Ok(worker) => worker,
+            Err(why) => return Asked::Answered(Err(ThumbnailError::WorkerDied(why))),
+        };
         if let Some(to) = worker.to.as_mut() {
             // A worker that cannot take its setup is found dead below.
             let _ = send_setup(to, setup);
@@ -164,22 +195,22 @@ fn thumbnail_in_worker(
     let sent = worker
         .to
         .as_mut()
-        .map(|to| send_thumbnail_task(to, path, time_s, THUMBNAIL_MAX_SIDE).and_then(|()| to.flush()));
-    let answered = matches!(sent, Some(Ok(()))) && wait_readable(worker, THUMBNAIL_TIMEOUT + KILL_GRACE);
-    let answer = if answered { receive_thumbnail(&mut worker.from).ok() } else { None };
-    match answer {
-        Some(Ok(thumbnail)) => Ok(thumbnail),
-        Some(Err(rejection)) => Err(ThumbnailError::Failed(rejection)),
-        None => {
-            let mut worker = slot.take().expect("present");
-            let _ = worker.child.kill();
-            let ended = how_it_ended(worker.reap());
-            if answered || !matches!(sent, Some(Ok(()))) {
-                Err(ThumbnailError::WorkerDied(format!("the decode worker {ended}")))
-            } else {
-                Err(ThumbnailError::TimedOut)
-            }
-        }
+        .is_some_and(|to| send_thumbnail_task(to, path, time_s, THUMBNAIL_MAX_SIDE).and_then(|()| to.flush()).is_ok());
+    let ended = |slot: &mut Option<Worker>| {
+        let mut worker = slot.take().expect("present");
+        let _ = worker.child.kill();
+        format!("the decode worker {}", how_it_ended(worker.reap()))
+    };
+    if !sent {
+        return Asked::NotDelivered(ended(slot));
+    }
+    if !wait_readable(worker, THUMBNAIL_TIMEOUT + KILL_GRACE) {
+        ended(slot);
+        return Asked::Answered(Err(ThumbnailError::TimedOut));
+    }
+    match receive_thumbnail(&mut worker.from) {
+        Ok(made) => Asked::Answered(made.map_err(ThumbnailError::Failed)),
+        Err(_) => Asked::Answered(Err(ThumbnailError::WorkerDied(ended(slot)))),
     }
 }
 

@@ -45,22 +45,26 @@ function seconds(t) {
   return t === null || t === undefined ? "-" : t.toFixed(2) + " s";
 }
 
-// The ranking on screen: a text query or "more like" a video.
+// The ranking on screen (a text query or "more like" a video) with its page, and the number of
+// the latest request: an answer to an earlier one, arriving late, is dropped.
 let ranking = null;
+let rankingAsked = 0;
 
 async function showRanking(next, offset) {
-  ranking = next;
-  status(ranking.q !== undefined ? "Searching…" : "Finding similar videos…");
+  const asked = ++rankingAsked;
+  const byText = next.q !== undefined;
+  status(byText ? "Searching…" : "Finding similar videos…");
   try {
-    const params = ranking.q !== undefined ? { q: ranking.q } : { id: ranking.id };
+    const params = byText ? { q: next.q } : { id: next.id };
     params.offset = offset;
     params.limit = PAGE;
-    const data = await getJSON(api(ranking.q !== undefined ? "search" : "similar", params));
-    ranking.page = data.page;
+    const data = await getJSON(api(byText ? "search" : "similar", params));
+    if (asked !== rankingAsked) return;
+    ranking = { q: next.q, id: next.id, page: data.page };
     renderResults(data.page);
     status("");
   } catch (e) {
-    status("Search failed: " + e.message);
+    if (asked === rankingAsked) status("Search failed: " + e.message);
   }
 }
 
@@ -105,7 +109,10 @@ function renderResults(page) {
   $("results-section").hidden = false;
 }
 
+let playerAsked = 0;
+
 async function openPlayer(id, time) {
+  const asked = ++playerAsked;
   const player = $("player");
   const video = $("player-video");
   const strip = $("strip");
@@ -122,9 +129,10 @@ async function openPlayer(id, time) {
   try {
     info = await getJSON(api("video", { id }));
   } catch (e) {
-    $("player-note").textContent = e.message;
+    if (asked === playerAsked) $("player-note").textContent = e.message;
     return;
   }
+  if (asked !== playerAsked) return;
   if (info.file !== "unchanged") {
     $("player-note").textContent =
       info.file === "changed" ? "The file has changed since it was indexed." : "The file is no longer there.";
@@ -158,6 +166,12 @@ function showStrip(info, note) {
   strip.hidden = false;
 }
 
+// A time in microseconds since 1970 as "YYYY-MM-DD hh:mm:ss" (UTC), or "-" if it is none.
+function when(us) {
+  const date = new Date(us / 1000);
+  return Number.isNaN(date.getTime()) ? "-" : date.toISOString().replace("T", " ").slice(0, 19);
+}
+
 function fact(dl, name, value) {
   dl.append(el("dt", { text: name }), el("dd", { text: String(value) }));
 }
@@ -173,7 +187,7 @@ async function loadState() {
     fact(dl, "text sets", state.text_sets.map((s) => s.name + " (" + s.texts + ")").join(", ") || "none");
     fact(dl, "model", state.model.id + " (" + state.model.source + ")");
     fact(dl, "sampling", state.sampling.fps + " frames/s, at most " + state.sampling.max_frames + " a video");
-    fact(dl, "last commit", new Date(state.committed_at_us / 1000).toISOString().replace("T", " ").slice(0, 19));
+    fact(dl, "last commit", when(state.committed_at_us));
     if (state.merged) fact(dl, "merged from", state.merged.count + " parts");
     for (const img of document.querySelectorAll("#plots img")) {
       img.src = api("plots/runs.svg", { metric: img.dataset.metric });
@@ -203,7 +217,7 @@ async function loadRuns(offset) {
     const body = $("runs").tBodies[0];
     body.replaceChildren();
     for (const run of data.page.items) {
-      const started = new Date(run.started_at_us / 1000).toISOString().replace("T", " ").slice(0, 19);
+      const started = when(run.started_at_us);
       const state = run.interrupted ? "interrupted by " + run.interrupted : run.committed ? "committed" : "not committed";
       const cells = [started, run.videos, run.failures, run.frames, run.frames_per_s.toFixed(1), run.wall_s.toFixed(1), state];
       body.append(el("tr", {}, cells.map((c) => el("td", { text: String(c) }))));
@@ -242,8 +256,12 @@ document.addEventListener("DOMContentLoaded", () => {
     const q = $("query").value.trim();
     if (q) showRanking({ q }, 0);
   });
-  $("prev").addEventListener("click", () => showRanking(ranking, Math.max(0, ranking.page.offset - PAGE)));
-  $("next").addEventListener("click", () => showRanking(ranking, ranking.page.next_offset));
+  $("prev").addEventListener("click", () => {
+    if (ranking) showRanking(ranking, Math.max(0, ranking.page.offset - PAGE));
+  });
+  $("next").addEventListener("click", () => {
+    if (ranking && ranking.page.next_offset !== null) showRanking(ranking, ranking.page.next_offset);
+  });
   $("player-close").addEventListener("click", () => {
     $("player-video").pause();
     $("player").hidden = true;
