@@ -34,25 +34,20 @@ if grep -q "^cuda: *ready" <<<"$gpu"; then
 else
   echo "not run on a real GPU (they ran on the emulated device above): no device here"
 fi
-# The page's tests drive a real browser and are ignored above; with VTR_INDEX_BROWSER=1 (.ci/run
-# sets it, setup-system.sh --tests installs Chromium and chromedriver) they run here, and the run
-# fails if they did not.
-if [ "${VTR_INDEX_BROWSER:-}" = 1 ]; then
-  browser=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test --locked --features cuda --test integration -- --ignored browser:: 2>&1) || { echo "$browser"; exit 1; }
-  echo "$browser"
-  grep -Eq "test result: ok\. [1-9][0-9]* passed" <<<"$browser" || { echo "the browser tests did not run" >&2; exit 1; }
-else
-  echo "not run: the tests that need Chromium (reported as ignored): VTR_INDEX_BROWSER is not 1"
-fi
-# The tests that submit pipelines/slurm/ to a real cluster are ignored above; with
-# VTR_INDEX_SLURM=1 (.ci/run sets it once scripts/slurm-cluster.sh has started one) they run
-# here, and the run fails if they did not.
-if [ "${VTR_INDEX_SLURM:-}" = 1 ]; then
-  slurm=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test --locked --features cuda --test integration -- --ignored slurm:: 2>&1) || { echo "$slurm"; exit 1; }
-  echo "$slurm"
-  grep -Eq "test result: ok\. [1-9][0-9]* passed" <<<"$slurm" || { echo "the Slurm tests did not run" >&2; exit 1; }
-else
-  echo "not run: the tests that need a Slurm cluster (reported as ignored): VTR_INDEX_SLURM is not 1"
-fi
+# Tests that need a service CI starts are ignored above; each set runs here when its variable is 1
+# (.ci/run sets them), and the run fails if none of its tests ran.
+run_ignored_when() {
+  local variable=$1 filter=$2 what=$3 out
+  if [ "${!variable:-}" = 1 ]; then
+    out=$(LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+      cargo test --locked --features cuda --test integration -- --ignored "$filter" 2>&1) || { echo "$out"; exit 1; }
+    echo "$out"
+    grep -Eq "test result: ok\. [1-9][0-9]* passed" <<<"$out" || { echo "the tests that need $what did not run" >&2; exit 1; }
+  else
+    echo "not run: the tests that need $what (reported as ignored): $variable is not 1"
+  fi
+}
+# The page's tests drive Chromium through chromedriver (setup-system.sh --tests installs both).
+run_ignored_when VTR_INDEX_BROWSER browser:: "Chromium"
+# The tests that submit pipelines/slurm/ to a real cluster (scripts/slurm-cluster.sh starts one).
+run_ignored_when VTR_INDEX_SLURM slurm:: "a Slurm cluster"

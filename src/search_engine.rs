@@ -58,6 +58,14 @@ pub struct EngineHit<'a> {
     pub best_frame: Option<BestFrame>,
 }
 
+/// One of a ranking's videos, before its best frame is read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ranked<'a> {
+    pub video_id: &'a str,
+    pub cosine: f32,
+    pub at: VideoAt,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BestFrame {
     /// Its presentation time, in seconds.
@@ -172,11 +180,22 @@ impl SearchEngine {
     /// so a process that keeps the engine open holds the video arrays and nothing more (the
     /// page cache may keep more, as it will).
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<EngineHit<'_>>, StoreError> {
+        let hits = self.rank(query, k).into_iter().map(|ranked| {
+            let best_frame = self.best_frame(query, ranked.at)?;
+            Ok(EngineHit { video_id: ranked.video_id, cosine: ranked.cosine, best_frame })
+        });
+        hits.collect()
+    }
+
+    /// [`SearchEngine::search`] without the best frames: the `k` best videos and where they
+    /// are, so that a caller showing a page of them reads the frames of that page only
+    /// ([`SearchEngine::best_frame`]).
+    pub fn rank(&self, query: &[f32], k: usize) -> Vec<Ranked<'_>> {
         assert_eq!(query.len(), self.dim, "a query of the index's width");
         // A `k` past the videos asks for them all; the heaps are sized by what they can hold.
         let k = k.min(self.videos());
         if k == 0 {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         let top = self
             .blocks()
@@ -203,15 +222,16 @@ impl SearchEngine {
                 a
             });
         // The heap's greatest is its worst: ascending order is best first.
-        let hits = top.into_sorted_vec().into_iter().map(|c| {
-            let best_frame = self.best_frame(query, c.segment, c.row)?;
-            Ok(EngineHit { video_id: c.id, cosine: c.cosine, best_frame })
-        });
-        hits.collect()
+        let ranked = top.into_sorted_vec().into_iter();
+        ranked
+            .map(|c| Ranked { video_id: c.id, cosine: c.cosine, at: VideoAt { segment: c.segment, row: c.row } })
+            .collect()
     }
 
-    fn best_frame(&self, query: &[f32], segment: usize, row: usize) -> Result<Option<BestFrame>, StoreError> {
-        let (times, embeddings) = self.segments[segment].read_frames(row)?;
+    /// The video's sampled frame whose embedding has the highest cosine with `query` (the first
+    /// such by `frame_index`), its frames read by offset; none for a video without frames.
+    pub fn best_frame(&self, query: &[f32], at: VideoAt) -> Result<Option<BestFrame>, StoreError> {
+        let (times, embeddings) = self.segments[at.segment].read_frames(at.row)?;
         let mut best: Option<BestFrame> = None;
         for (&time_s, embedding) in times.iter().zip(embeddings.chunks_exact(self.dim.max(1))) {
             let cosine = dot_f16(query, embedding);

@@ -127,10 +127,8 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
         Err(e) => return Err(io_rejection(&e)),
     }
     // Held open for the whole decode: a name that is not UTF-8 reaches filesrc through it.
-    let file = std::fs::File::open(path).map_err(|e| io_rejection(&e))?;
-    let location = source_location(path, &file);
+    let (_file, location) = open_source(path)?;
     let path = location.as_str();
-    init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
 
     let probe = probe_packets(path, deadline)?;
     let first_ns = probe.frame_times_ns[0];
@@ -161,10 +159,8 @@ pub fn decode_video(path: &Path, config: &DecodeConfig) -> Result<DecodedVideo, 
 /// of a sampled frame shows. Probes and decodes as [`decode_video`] does, for one target.
 pub fn decode_frame_at(path: &Path, time_s: f64, timeout: Duration) -> Result<SampledFrame, Rejection> {
     let deadline = Deadline { at: Instant::now() + timeout };
-    let file = std::fs::File::open(path).map_err(|e| io_rejection(&e))?;
-    let location = source_location(path, &file);
+    let (_file, location) = open_source(path)?;
     let path = location.as_str();
-    init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
     let probe = probe_packets(path, deadline)?;
     let first_ns = probe.frame_times_ns[0];
     let wanted_ns = first_ns.saturating_add((time_s.max(0.0) * 1e9).round() as i64);
@@ -175,6 +171,15 @@ pub fn decode_frame_at(path: &Path, time_s: f64, timeout: Duration) -> Result<Sa
         .pop()
         .ok_or_else(|| Rejection::new(Stage::Decode, FailureKind::Corrupt, "the decoder gave no frame at that time"))?;
     Ok(SampledFrame { pts_s: (stream_time_ns - first_ns) as f64 / 1e9, image: probe.orientation.apply(image) })
+}
+
+/// Opens the file at `path` (to be held while its pipelines run) and initialises GStreamer;
+/// returns the file and the location `filesrc` reads it by.
+fn open_source(path: &Path) -> Result<(std::fs::File, String), Rejection> {
+    let file = std::fs::File::open(path).map_err(|e| io_rejection(&e))?;
+    let location = source_location(path, &file);
+    init().map_err(|e| Rejection::new(Stage::Probe, FailureKind::UnsupportedCodec, e))?;
+    Ok((file, location))
 }
 
 /// What `filesrc` opens: the path itself when it is UTF-8 (GStreamer's string properties are),

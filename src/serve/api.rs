@@ -23,7 +23,7 @@ use super::index::Snapshot;
 use super::{App, guard, media, page};
 use crate::failure::Failure;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::search_engine::{Hit, VideoAt, embed_query, hits_of, logit_scale};
+use crate::search_engine::{EngineHit, Hit, VideoAt, embed_query, hits_of, logit_scale};
 use crate::store::{StoreError, TableRows, for_each_batch};
 
 /// The most items one page lists.
@@ -284,18 +284,21 @@ fn ranked(
     limit: usize,
     skip_id: Option<&str>,
 ) -> Result<Page<Hit>, ApiError> {
-    let depth = offset + limit + usize::from(skip_id.is_some());
-    let hits = snapshot.engine.search(query, depth)?;
-    let mut hits = hits_of(hits, logit_scale(&snapshot.manifest));
-    if let Some(skip) = skip_id {
-        hits.retain(|hit| hit.video_id != skip);
-        hits.truncate(offset + limit);
-        for (i, hit) in hits.iter_mut().enumerate() {
-            hit.rank = i + 1;
-        }
+    let engine = &snapshot.engine;
+    let mut top = engine.rank(query, offset + limit + usize::from(skip_id.is_some()));
+    top.retain(|ranked| Some(ranked.video_id) != skip_id);
+    top.truncate(offset + limit);
+    // Only the page's best frames are read.
+    let page: Vec<EngineHit<'_>> = top
+        .iter()
+        .skip(offset)
+        .map(|r| Ok(EngineHit { video_id: r.video_id, cosine: r.cosine, best_frame: engine.best_frame(query, r.at)? }))
+        .collect::<Result<_, StoreError>>()?;
+    let mut items = hits_of(page, logit_scale(&snapshot.manifest));
+    for hit in &mut items {
+        hit.rank += offset;
     }
-    let videos = snapshot.engine.videos() - usize::from(skip_id.is_some());
-    let items = hits.into_iter().skip(offset).collect();
+    let videos = engine.videos() - usize::from(skip_id.is_some());
     Ok(Page::new(offset, limit, videos.min(MAX_RANKED), items))
 }
 

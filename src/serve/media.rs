@@ -90,6 +90,18 @@ pub fn recorded_file(record: &VideoRecord) -> Result<(File, PathBuf), ApiError> 
     }
 }
 
+/// The video `id` of the current snapshot: its row and its file, open, unchanged since indexed.
+async fn indexed_file(app: &App, id: &str) -> Result<(VideoRecord, File, PathBuf), ApiError> {
+    let snapshot = app.live.snapshot();
+    let at = find(&snapshot, id)?;
+    blocking(move || {
+        let record = snapshot.video(at)?;
+        let (file, path) = recorded_file(&record)?;
+        Ok((record, file, path))
+    })
+    .await
+}
+
 /// `GET /api/v1/thumbnail?id=ID&t=SECONDS`: the frame on screen at `t` as a JPEG.
 pub async fn thumbnail(State(app): State<Arc<App>>, uri: Uri) -> Result<Response, ApiError> {
     let params = Params::of(&uri, &["id", "t"])?;
@@ -99,14 +111,7 @@ pub async fn thumbnail(State(app): State<Arc<App>>, uri: Uri) -> Result<Response
         Some(Ok(t)) if t.is_finite() && (0.0..=MAX_TIME_S).contains(&t) => t,
         Some(_) => return Err(ApiError::bad_request(format!("t must be a time in seconds from 0 to {MAX_TIME_S}"))),
     };
-    let snapshot = app.live.snapshot();
-    let at = find(&snapshot, &id)?;
-    let (record, path) = blocking(move || {
-        let record = snapshot.video(at)?;
-        let (_, path) = recorded_file(&record)?;
-        Ok((record, path))
-    })
-    .await?;
+    let (record, _, path) = indexed_file(&app, &id).await?;
     let key = ThumbnailKey {
         path,
         size_bytes: record.size_bytes,
@@ -147,14 +152,7 @@ pub async fn media(
 ) -> Result<Response, ApiError> {
     let params = Params::of(&uri, &["id"])?;
     let id = params.id()?.to_string();
-    let snapshot = app.live.snapshot();
-    let at = find(&snapshot, &id)?;
-    let (record, file) = blocking(move || {
-        let record = snapshot.video(at)?;
-        let (file, _) = recorded_file(&record)?;
-        Ok((record, file))
-    })
-    .await?;
+    let (record, file, _) = indexed_file(&app, &id).await?;
     let size = record.size_bytes;
     // A range is of bytes, and of a GET; anything else is ignored and the whole file sent.
     let range = match headers.get(header::RANGE) {

@@ -44,8 +44,8 @@ pub const MAX_CONCURRENT_REQUESTS: usize = 64;
 pub const CONCURRENT_EMBEDDINGS: usize = 2;
 /// Threads for blocking work: the permits' sum and room for the file reads.
 pub const BLOCKING_THREADS: usize = 16;
-/// Scans of the video arrays at once (each one is parallel).
-pub const CONCURRENT_SCANS: usize = 2;
+/// Scans of the video arrays at once: each is parallel, but reads its page's frames alone after.
+pub const CONCURRENT_SCANS: usize = 4;
 /// Text queries whose embeddings are kept (2 KiB each at D = 512).
 pub const CACHED_QUERIES: usize = 1024;
 /// A client has this long to send a request's headers, and to start the next one on a kept-alive
