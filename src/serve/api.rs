@@ -1,4 +1,4 @@
-//! The JSON API under `/api/v1/` (contract §7), the one error shape its refusals share, and the
+//! The JSON API under `/api/v1/` (contract §8), the one error shape its refusals share, and the
 //! router that serves it with the page and the files.
 //!
 //! Every parameter travels in the query string and is percent-decoded once (ids included: an
@@ -39,7 +39,7 @@ pub const MAX_QUERY_BYTES: usize = 1000;
 /// The longest id accepted.
 pub const MAX_ID_BYTES: usize = 4096;
 
-/// Every path the service answers (all GET, and HEAD): the contract's list (§7), which a test
+/// Every path the service answers (all GET, and HEAD): the contract's list (§8), which a test
 /// compares with this one, and the router's, which is built from it.
 pub const ROUTES: &[&str] = &[
     "/",

@@ -1,5 +1,5 @@
 //! `vtr-index serve`: a resident process that answers searches of one index over HTTP, and the
-//! web page that shows them (contract §7).
+//! web page that shows them (contract §8).
 //!
 //! It loads the model once and keeps the index's query engine open ([`index::LiveIndex`],
 //! which follows the writers' commits). Requests go through [`guard`] (Host and token checks,
