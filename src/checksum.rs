@@ -23,6 +23,11 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((bytes, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
 
+/// The SHA-256 of `bytes` as lowercase hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The file's BLAKE3 as lowercase hex: the `content_hash` of the videos table.
 pub fn blake3_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();

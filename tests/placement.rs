@@ -153,5 +153,17 @@ fn score_keeps_the_other_files_of_its_output_folder() {
         assert_eq!(after.get(rel), Some(bytes), "{rel}");
     }
     let written: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    assert_eq!(written, ["metrics.json", "t2v.npy", "topk.parquet", "v2t.npy", "videos.txt"]);
+    assert_eq!(
+        written,
+        [
+            "metrics.json",
+            "run.json",
+            "t2v.npy",
+            "t2v_ranks.parquet",
+            "topk.parquet",
+            "v2t.npy",
+            "v2t_ranks.parquet",
+            "videos.txt"
+        ]
+    );
 }

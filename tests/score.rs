@@ -391,3 +391,47 @@ fn a_split_score_equals_the_whole_one() {
         }
     }
 }
+
+/// A score folder's ranks give its `metrics.json` (contract §5, computed here from the ranks
+/// alone), every output of it carries the run id of its `run.json`, and that record names the
+/// index's shards by their SHA-256s.
+pub fn assert_ranks_give_the_metrics(out: &std::path::Path) {
+    use arrow::array::AsArray;
+    use arrow::datatypes::UInt32Type;
+    let record = vtr_index::store::read_score_folder(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    let ranks = |file: &str| -> Vec<Option<u32>> {
+        crate::util::read_parquet(&out.join(file))
+            .iter()
+            .flat_map(|b| b.column_by_name("rank").unwrap().as_primitive::<UInt32Type>().iter().collect::<Vec<_>>())
+            .collect()
+    };
+    let t2v: Vec<u32> = ranks("t2v_ranks.parquet").into_iter().flatten().collect();
+    let v2t: Vec<u32> = ranks("v2t_ranks.parquet").into_iter().map(Option::unwrap).collect();
+    assert_eq!(ranks("t2v_ranks.parquet").len(), record.n_texts, "a row for every text");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["run_id"], record.run_id.as_str());
+    for (direction, ranks) in [("t2v", &t2v), ("v2t", &v2t)] {
+        let n = ranks.len() as f64;
+        let recall = |k: u32| 100.0 * ranks.iter().filter(|&&r| r <= k).count() as f64 / n;
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        let middle = sorted.len() / 2;
+        let median = if sorted.len() % 2 == 1 {
+            f64::from(sorted[middle])
+        } else {
+            (f64::from(sorted[middle - 1]) + f64::from(sorted[middle])) / 2.0
+        };
+        let mean = ranks.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
+        let m = &metrics[direction];
+        assert_eq!(m["n"], ranks.len(), "{direction}");
+        for (name, want) in [("r1", recall(1)), ("r5", recall(5)), ("r10", recall(10)), ("mdr", median), ("mnr", mean)]
+        {
+            let got = m[name].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{direction} {name}: {got} against {want} from the ranks"
+            );
+        }
+    }
+}

@@ -337,8 +337,16 @@ pub fn assert_same_scores(split: &Path, single: &Path, what: &str) {
         assert_eq!((g.0, g.1, &g.2), (w.0, w.1, &w.2), "{what}: the same top-k in the same order");
         assert!((g.3 - w.3).abs() <= SUM_TERMS_RELATIVE * w.3.abs(), "{what}: {g:?} vs {w:?}");
     }
-    let metrics = |out: &Path| std::fs::read_to_string(out.join("metrics.json")).unwrap();
+    // Equal but for the run each belongs to.
+    let metrics = |out: &Path| {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        value.as_object_mut().unwrap().remove("run_id").expect("a run id");
+        value
+    };
     assert_eq!(metrics(split), metrics(single), "{what}: metrics");
+    crate::score::assert_ranks_give_the_metrics(split);
+    crate::score::assert_ranks_give_the_metrics(single);
 }
 
 /// The score split in three parts by stages, as the array tasks of a scheduler run them (in any

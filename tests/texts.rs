@@ -291,6 +291,19 @@ fn csv_json_lines_and_plain_queries_with_their_problems() {
     TestCommand::new(&["score", "--index"]).arg(&index).args(&["--texts", "queries", "--out"]).arg(&out).expect_code(0);
     assert!(!out.join("metrics.json").exists());
     assert_eq!(read_parquet(&out.join("topk.parquet"))[0].num_rows(), 2 * 10);
+    // Its record and ranks are written all the same: every text, none a query.
+    let record = vtr_index::store::read_score_folder(&out).unwrap();
+    assert_eq!((record.n_texts, record.texts.as_str()), (2, "queries"));
+    assert_eq!(read_parquet(&out.join("t2v_ranks.parquet")).iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    assert_eq!(read_parquet(&out.join("v2t_ranks.parquet")).iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    // An earlier run's metrics left beside them make the folder mixed, not one run's outputs.
+    let caps_run = vtr_index::store::read_score_folder(&dir.join("out")).unwrap();
+    std::fs::copy(dir.join("out/metrics.json"), out.join("metrics.json")).unwrap();
+    let mixed = vtr_index::store::read_score_folder(&out).unwrap_err().to_string();
+    assert!(mixed.contains("mixed outputs: metrics.json is of run") && mixed.contains(&caps_run.run_id), "{mixed}");
+    let index_manifest = vtr_index::store::Manifest::load(&index).unwrap().unwrap();
+    let shards: Vec<String> = index_manifest.shards("videos").iter().map(|s| s.sha256.clone()).collect();
+    assert_eq!(caps_run.videos_sha256, shards, "the videos scored, by content");
 
     // JSON Lines with numeric ids; re-encoding a name replaces the set.
     let jsonl = dir.create("queries.jsonl", b"{\"video_id\": null, \"sentence\": \"a dog\"}\n");

@@ -22,8 +22,9 @@ use clap::Args;
 use crate::score::{DeviceInputs, Metrics, Outcome, Problem, Revision, RowSink, ScoreOptions, is_positive, score};
 use crate::store::npy::NpyWriter;
 use crate::store::{
-    Manifest, StageFiles, StageHeader, TextSet, TopKRow, read_text_embeddings, read_video_embeddings, temporary_path,
-    write_topk,
+    Manifest, SCORE_RECORD, SCORE_TABLES, ScoreRecord, StageFiles, StageHeader, T2vRankRow, TextSet, TopKRow,
+    V2tRankRow, read_text_embeddings, read_video_embeddings, temporary_path, write_t2v_ranks, write_topk,
+    write_v2t_ranks,
 };
 use crate::types::DeviceChoice;
 
@@ -115,6 +116,8 @@ pub struct ScoreCommand {
 /// `metrics.json` (contract §5) with the settings that produced it.
 #[derive(Debug, Clone, Serialize)]
 pub struct MetricsFile {
+    /// The run whose outputs these are (`run.json`).
+    pub run_id: String,
     pub t2v: Option<Metrics>,
     pub v2t: Option<Metrics>,
     pub revise: Revision,
@@ -384,7 +387,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     if command.top_k == 0 && !command.dense {
         eprintln!("vtr-index: --top-k 0: topk.parquet will be empty");
     }
-    let (_, inputs, options) = prepare(command)?;
+    let (manifest, inputs, options) = prepare(command)?;
     let mut staged = open_outputs(out)?;
     let dense = if command.dense { Some(DenseFiles::create(out, &inputs, &mut staged)?) } else { None };
     let sink = dense.as_ref().map(|d| d as &dyn RowSink);
@@ -395,7 +398,7 @@ pub fn run_score(command: &ScoreCommand) -> Result<ScoreReport> {
     if let Some(dense) = dense {
         dense.finish(out, &inputs, &mut staged)?;
     }
-    publish_outcome(command, out, &inputs, &options, &outcome, staged, started)
+    publish_outcome(command, &manifest, out, &inputs, &options, &outcome, staged, started)
 }
 
 /// Makes the output folder and clears this process's temporaries from it. Every output is
@@ -409,9 +412,12 @@ fn open_outputs(out: &Path) -> Result<Staged> {
     Ok(Staged(Vec::new()))
 }
 
-/// Writes `topk.parquet` and `metrics.json` beside what `staged` holds, and publishes them all.
+/// Writes `topk.parquet`, the ranks, `metrics.json` (when there are queries) and the run's
+/// record beside what `staged` holds, all with the run's id, and publishes them all.
+#[allow(clippy::too_many_arguments)]
 fn publish_outcome(
     command: &ScoreCommand,
+    manifest: &Manifest,
     out: &Path,
     inputs: &Inputs,
     options: &ScoreOptions,
@@ -419,10 +425,42 @@ fn publish_outcome(
     mut staged: Staged,
     started: Instant,
 ) -> Result<ScoreReport> {
-    stage_topk(out, inputs, outcome, &mut staged)?;
+    let (t2v, v2t) = (outcome.t2v_metrics(), outcome.v2t_metrics());
+    let mut outputs: Vec<String> =
+        staged.0.iter().filter_map(|(_, p)| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    outputs.extend(SCORE_TABLES.map(String::from));
+    if t2v.is_some() {
+        outputs.push("metrics.json".to_string());
+    }
+    outputs.push(SCORE_RECORD.to_string());
+    let sha256s = |shards: &[crate::store::ShardInfo]| shards.iter().map(|s| s.sha256.clone()).collect::<Vec<_>>();
+    let mut record = ScoreRecord {
+        run_id: String::new(),
+        revise: command.revise.name().to_string(),
+        temperature: command.temperature,
+        beta: command.revise.needs().bank.then_some(command.beta),
+        scale: options.scale,
+        top_k: command.top_k,
+        texts: command.texts.clone(),
+        texts_sha256: sha256s(text_set(manifest, &command.texts)?),
+        videos_sha256: sha256s(manifest.shards("videos")),
+        bank: command.bank.clone(),
+        bank_sha256: match &command.bank {
+            Some(bank) => sha256s(text_set(manifest, bank)?),
+            None => Vec::new(),
+        },
+        n_texts: inputs.texts.text_ids.len(),
+        n_videos: inputs.columns.len(),
+        outputs,
+    };
+    record.identify();
+    let run_id = record.run_id.as_str();
+    stage_topk(out, run_id, inputs, outcome, &mut staged)?;
+    stage_ranks(out, run_id, inputs, outcome, &mut staged)?;
     let metrics = MetricsFile {
-        t2v: outcome.t2v_metrics(),
-        v2t: outcome.v2t_metrics(),
+        run_id: run_id.to_string(),
+        t2v,
+        v2t,
         revise: command.revise,
         temperature: command.temperature,
         scale: options.scale,
@@ -434,11 +472,16 @@ fn publish_outcome(
         n_texts_unmatched: inputs.n_texts_unmatched,
         n_texts_without_video_id: inputs.n_texts_without_video_id,
     };
-    if metrics.t2v.is_some() {
-        let path = out.join("metrics.json");
-        let mut json = serde_json::to_string_pretty(&metrics)?;
-        json.push('\n');
-        staged.0.push((crate::store::write_temporary(&path, json.as_bytes())?, path));
+    for (name, json) in [
+        ("metrics.json", t2v.is_some().then(|| serde_json::to_string_pretty(&metrics))),
+        (SCORE_RECORD, Some(serde_json::to_string_pretty(&record))),
+    ] {
+        if let Some(json) = json {
+            let path = out.join(name);
+            let mut json = json?;
+            json.push('\n');
+            staged.0.push((crate::store::write_temporary(&path, json.as_bytes())?, path));
+        }
     }
 
     crate::fault::point("scored");
@@ -548,7 +591,7 @@ fn finish_stage(command: &ScoreCommand, files: &StageFiles, started: Instant) ->
         .context("the finish stage needs every part's rank stage done first")?;
     let outcome = split::finish(&inputs.text_video, inputs.columns.len(), all);
     let staged = open_outputs(out)?;
-    let report = publish_outcome(command, out, &inputs, &options, &outcome, staged, started)?;
+    let report = publish_outcome(command, &manifest, out, &inputs, &options, &outcome, staged, started)?;
     eprintln!("vtr-index: {} (from {parts} parts)", report.summary());
     for file in &report.files {
         println!("{}", file.display());
@@ -558,7 +601,7 @@ fn finish_stage(command: &ScoreCommand, files: &StageFiles, started: Instant) ->
 
 /// Writes `topk.parquet` under its temporary name: each text's top videos, texts in
 /// `text_id` order.
-fn stage_topk(out: &Path, inputs: &Inputs, outcome: &Outcome, staged: &mut Staged) -> Result<()> {
+fn stage_topk(out: &Path, run_id: &str, inputs: &Inputs, outcome: &Outcome, staged: &mut Staged) -> Result<()> {
     let (text_ids, columns) = (&inputs.texts.text_ids, &inputs.columns);
     let rows = inputs.by_text_id().into_iter().flat_map(|i| {
         outcome.top[i].iter().enumerate().map(move |(r, &(col, score))| TopKRow {
@@ -569,7 +612,31 @@ fn stage_topk(out: &Path, inputs: &Inputs, outcome: &Outcome, staged: &mut Stage
         })
     });
     let path = out.join("topk.parquet");
-    staged.0.push((write_topk(&path, rows)?, path));
+    staged.0.push((write_topk(&path, run_id, rows)?, path));
+    Ok(())
+}
+
+/// Writes `t2v_ranks.parquet` (every text, in `text_id` order; a rank only for a query) and
+/// `v2t_ranks.parquet` (every video with captions, in the index's order) under their
+/// temporary names.
+fn stage_ranks(out: &Path, run_id: &str, inputs: &Inputs, outcome: &Outcome, staged: &mut Staged) -> Result<()> {
+    let mut t2v = vec![None; inputs.texts.text_ids.len()];
+    for &(text, rank) in &outcome.t2v_ranks {
+        t2v[text] = Some(rank);
+    }
+    let rows = inputs.by_text_id().into_iter().map(|i| T2vRankRow {
+        text_id: inputs.texts.text_ids[i],
+        video_id: inputs.texts.video_ids[i].as_deref(),
+        rank: t2v[i],
+    });
+    let path = out.join("t2v_ranks.parquet");
+    staged.0.push((write_t2v_ranks(&path, run_id, rows)?, path));
+    let rows = outcome
+        .v2t_ranks
+        .iter()
+        .map(|&(column, rank)| V2tRankRow { video_id: inputs.columns[column as usize].as_str(), rank });
+    let path = out.join("v2t_ranks.parquet");
+    staged.0.push((write_v2t_ranks(&path, run_id, rows)?, path));
     Ok(())
 }
 

@@ -1,13 +1,17 @@
 //! What scoring reads from an index (video and text embeddings, only the columns it needs)
-//! and the score table it writes (`topk.parquet`: `text_id`, `rank`, `video_id`, `score`).
+//! and the outputs it writes (contract §4): `topk.parquet` (`text_id`, `rank`, `video_id`,
+//! `score`), the ranks of every query (`t2v_ranks.parquet`, `v2t_ranks.parquet`) and the record
+//! of the run (`run.json`), all carrying one run id, and the reading of such a folder, which a
+//! left-over output of another run makes mixed.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
+use parquet::file::metadata::KeyValue;
 
 use super::shard::for_each_batch;
 use super::tables::{FrameRow, TableRows, embedding_values, string_column, u64_column};
@@ -161,42 +165,131 @@ pub fn topk_schema() -> SchemaRef {
     ]))
 }
 
+/// The key under which each Parquet output of a score records its run's id (as `run.json` and
+/// `metrics.json` do in their `run_id`).
+pub const RUN_ID_KEY: &str = "vtr_index.run_id";
+/// Rows a score output's record batch holds.
+const OUTPUT_BATCH: usize = 64 * 1024;
+
 /// Writes `topk.parquet` for `path` in batches, under its temporary name, synced; returns that
 /// temporary path for [`super::publish`].
-pub fn write_topk<'a>(path: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<PathBuf, StoreError> {
+pub fn write_topk<'a>(
+    path: &Path,
+    run_id: &str,
+    rows: impl Iterator<Item = TopKRow<'a>>,
+) -> Result<PathBuf, StoreError> {
+    write_output(path, run_id, topk_schema(), rows, |chunk: &[TopKRow]| {
+        vec![
+            Arc::new(UInt64Array::from_iter_values(chunk.iter().map(|r| r.text_id))) as ArrayRef,
+            Arc::new(UInt32Array::from_iter_values(chunk.iter().map(|r| r.rank))),
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.video_id))),
+            Arc::new(Float64Array::from_iter_values(chunk.iter().map(|r| r.score))),
+        ]
+    })
+}
+
+/// One text's T2V rank: of its own video among all (contract §5); none when the text is not a
+/// query (no `video_id`, or one the index does not hold).
+#[derive(Debug, Clone, Copy)]
+pub struct T2vRankRow<'a> {
+    pub text_id: u64,
+    pub video_id: Option<&'a str>,
+    pub rank: Option<u32>,
+}
+
+/// One video's V2T rank: of its caption group among all groups (contract §5).
+#[derive(Debug, Clone, Copy)]
+pub struct V2tRankRow<'a> {
+    pub video_id: &'a str,
+    pub rank: u32,
+}
+
+pub fn t2v_ranks_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("text_id", DataType::UInt64, false),
+        Field::new("video_id", DataType::Utf8, true),
+        Field::new("rank", DataType::UInt32, true),
+    ]))
+}
+
+pub fn v2t_ranks_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("video_id", DataType::Utf8, false),
+        Field::new("rank", DataType::UInt32, false),
+    ]))
+}
+
+/// Writes `t2v_ranks.parquet` (every text, in `text_id` order) like [`write_topk`].
+pub fn write_t2v_ranks<'a>(
+    path: &Path,
+    run_id: &str,
+    rows: impl Iterator<Item = T2vRankRow<'a>>,
+) -> Result<PathBuf, StoreError> {
+    write_output(path, run_id, t2v_ranks_schema(), rows, |chunk: &[T2vRankRow]| {
+        vec![
+            Arc::new(UInt64Array::from_iter_values(chunk.iter().map(|r| r.text_id))) as ArrayRef,
+            Arc::new(chunk.iter().map(|r| r.video_id).collect::<StringArray>()),
+            Arc::new(chunk.iter().map(|r| r.rank).collect::<UInt32Array>()),
+        ]
+    })
+}
+
+/// Writes `v2t_ranks.parquet` (every V2T query, in the videos' order) like [`write_topk`].
+pub fn write_v2t_ranks<'a>(
+    path: &Path,
+    run_id: &str,
+    rows: impl Iterator<Item = V2tRankRow<'a>>,
+) -> Result<PathBuf, StoreError> {
+    write_output(path, run_id, v2t_ranks_schema(), rows, |chunk: &[V2tRankRow]| {
+        vec![
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.video_id))) as ArrayRef,
+            Arc::new(UInt32Array::from_iter_values(chunk.iter().map(|r| r.rank))),
+        ]
+    })
+}
+
+/// Writes one Parquet output of a score under its temporary name, `columns` turning each
+/// chunk of rows into a record batch, its metadata recording `run_id`; returns the temporary
+/// path for [`super::publish`].
+fn write_output<R>(
+    path: &Path,
+    run_id: &str,
+    schema: SchemaRef,
+    rows: impl Iterator<Item = R>,
+    columns: impl Fn(&[R]) -> Vec<ArrayRef>,
+) -> Result<PathBuf, StoreError> {
     let tmp = super::temporary_path(path);
-    write_topk_to(path, &tmp, rows).inspect_err(|_| {
+    write_output_to(path, &tmp, run_id, schema, rows, columns).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
     Ok(tmp)
 }
 
-fn write_topk_to<'a>(path: &Path, tmp: &Path, rows: impl Iterator<Item = TopKRow<'a>>) -> Result<(), StoreError> {
-    const BATCH: usize = 64 * 1024;
+fn write_output_to<R>(
+    path: &Path,
+    tmp: &Path,
+    run_id: &str,
+    schema: SchemaRef,
+    rows: impl Iterator<Item = R>,
+    columns: impl Fn(&[R]) -> Vec<ArrayRef>,
+) -> Result<(), StoreError> {
     let parquet_error =
         |e: &dyn std::fmt::Display| StoreError::Parquet { path: path.to_path_buf(), message: e.to_string() };
     let file = super::create_temporary(tmp).map_err(io_error(tmp))?;
-    let mut writer = ArrowWriter::try_new(file, topk_schema(), Some(super::shard::writer_properties()))
-        .map_err(|e| parquet_error(&e))?;
-    let mut pending: Vec<TopKRow> = Vec::with_capacity(BATCH);
-    let flush = |pending: &mut Vec<TopKRow>, writer: &mut ArrowWriter<File>| -> Result<(), StoreError> {
-        let batch = RecordBatch::try_new(
-            topk_schema(),
-            vec![
-                Arc::new(UInt64Array::from_iter_values(pending.iter().map(|r| r.text_id))),
-                Arc::new(UInt32Array::from_iter_values(pending.iter().map(|r| r.rank))),
-                Arc::new(StringArray::from_iter_values(pending.iter().map(|r| r.video_id))),
-                Arc::new(Float64Array::from_iter_values(pending.iter().map(|r| r.score))),
-            ],
-        )
-        .map_err(|e| parquet_error(&e))?;
+    let properties =
+        super::shard::writer_properties_recording(vec![KeyValue::new(RUN_ID_KEY.to_string(), run_id.to_string())]);
+    let mut writer =
+        ArrowWriter::try_new(file, Arc::clone(&schema), Some(properties)).map_err(|e| parquet_error(&e))?;
+    let mut pending: Vec<R> = Vec::with_capacity(OUTPUT_BATCH);
+    let flush = |pending: &mut Vec<R>, writer: &mut ArrowWriter<File>| -> Result<(), StoreError> {
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns(pending)).map_err(|e| parquet_error(&e))?;
         writer.write(&batch).map_err(|e| parquet_error(&e))?;
         pending.clear();
         Ok(())
     };
     for row in rows {
         pending.push(row);
-        if pending.len() == BATCH {
+        if pending.len() == OUTPUT_BATCH {
             flush(&mut pending, &mut writer)?;
         }
     }
@@ -205,4 +298,95 @@ fn write_topk_to<'a>(path: &Path, tmp: &Path, rows: impl Iterator<Item = TopKRow
     }
     let file = writer.into_inner().map_err(|e| parquet_error(&e))?;
     super::sync_temporary(&file).map_err(io_error(tmp))
+}
+
+/// The run id a score's Parquet output records; none in one written before outputs had them.
+pub fn run_id_of(path: &Path) -> Result<Option<String>, StoreError> {
+    let file = File::open(path).map_err(io_error(path))?;
+    let reader = parquet::file::reader::SerializedFileReader::new(file)
+        .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: format!("not a Parquet file: {e}") })?;
+    use parquet::file::reader::FileReader;
+    let metadata = reader.metadata().file_metadata().key_value_metadata();
+    Ok(metadata.and_then(|kv| kv.iter().find(|k| k.key == RUN_ID_KEY).and_then(|k| k.value.clone())))
+}
+
+/// The record every score writes beside its outputs.
+pub const SCORE_RECORD: &str = "run.json";
+/// The Parquet outputs of a score that carry its run id.
+pub const SCORE_TABLES: [&str; 3] = ["topk.parquet", "t2v_ranks.parquet", "v2t_ranks.parquet"];
+
+/// `run.json`: what one score scored, identified by content, and how; its `run_id` is in every
+/// output of the run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoreRecord {
+    /// What the rest of the record identifies ([`ScoreRecord::identify`]): two runs that score
+    /// the same texts against the same videos the same way share it, and write the same files.
+    pub run_id: String,
+    pub revise: String,
+    pub temperature: f64,
+    pub beta: Option<f64>,
+    pub scale: f64,
+    pub top_k: usize,
+    /// The text set scored, by name, and its shards' SHA-256s in manifest order.
+    pub texts: String,
+    pub texts_sha256: Vec<String>,
+    /// The `videos` shards' SHA-256s in manifest order: the videos scored, by content (a
+    /// manifest changes at every commit; these only when the videos do).
+    pub videos_sha256: Vec<String>,
+    pub bank: Option<String>,
+    pub bank_sha256: Vec<String>,
+    pub n_texts: usize,
+    pub n_videos: usize,
+    /// The files of the run, `run.json` included.
+    pub outputs: Vec<String>,
+}
+
+impl ScoreRecord {
+    /// Sets `run_id` to the SHA-256 (its first 128 bits, as hex) of the record's other fields:
+    /// outputs stay a function of their inputs, and a file of any other score differs in it.
+    pub fn identify(&mut self) {
+        self.run_id = String::new();
+        let json = serde_json::to_vec(self).expect("a record always serialises");
+        self.run_id = crate::checksum::sha256_bytes(&json)[..32].to_string();
+    }
+}
+
+/// The record of the score in `dir`, once every output there is checked to be of its run: a
+/// file of another run (an earlier score's `metrics.json` left beside a later one that had no
+/// queries), or a listed output that is missing, makes the folder mixed, an error.
+pub fn read_score_folder(dir: &Path) -> Result<ScoreRecord, StoreError> {
+    let path = dir.join(SCORE_RECORD);
+    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+    let record: ScoreRecord = serde_json::from_str(&text)
+        .map_err(|e| StoreError::Corrupt { path: path.clone(), message: format!("not a score record: {e}") })?;
+    let mixed = |file: &str, why: String| StoreError::Corrupt {
+        path: dir.to_path_buf(),
+        message: format!("mixed outputs: {file} {why}, where run.json is of run {}", record.run_id),
+    };
+    for name in &record.outputs {
+        if !dir.join(name).exists() {
+            return Err(mixed(name, "is missing".into()));
+        }
+    }
+    for name in SCORE_TABLES {
+        let table = dir.join(name);
+        if table.exists() {
+            let id = run_id_of(&table)?;
+            if id.as_deref() != Some(record.run_id.as_str()) {
+                return Err(mixed(name, format!("is of run {}", id.as_deref().unwrap_or("none"))));
+            }
+        }
+    }
+    let metrics = dir.join("metrics.json");
+    if metrics.exists() {
+        let value: serde_json::Value = std::fs::read(&metrics).map_err(io_error(&metrics)).and_then(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| StoreError::Corrupt { path: metrics.clone(), message: e.to_string() })
+        })?;
+        let id = value.get("run_id").and_then(serde_json::Value::as_str);
+        if id != Some(record.run_id.as_str()) {
+            return Err(mixed("metrics.json", format!("is of run {}", id.unwrap_or("none"))));
+        }
+    }
+    Ok(record)
 }

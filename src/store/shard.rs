@@ -19,9 +19,15 @@ const BATCH_ROWS: usize = 1024;
 
 /// Snappy: fast, and read by pyarrow, DuckDB, Polars and Spark without extra codecs.
 pub(super) fn writer_properties() -> WriterProperties {
+    writer_properties_recording(Vec::new())
+}
+
+/// [`writer_properties`], the file's metadata also recording `key_values`.
+pub(super) fn writer_properties_recording(key_values: Vec<parquet::file::metadata::KeyValue>) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))
+        .set_key_value_metadata((!key_values.is_empty()).then_some(key_values))
         .build()
 }
 
