@@ -10,6 +10,7 @@ mod browser;
 mod checkpoints;
 mod cli;
 mod conformance;
+mod explorer;
 mod fidelity;
 mod heads;
 mod ingest;

@@ -1,5 +1,5 @@
-//! `vtr-index serve --index INDEX [--bind ADDR]`: the search service and its web page
-//! (`crate::serve`), here its command line.
+//! `vtr-index serve --index INDEX [--bind ADDR] [--scores DIR…]`: the search service, its web
+//! page and the score explorer (`crate::serve`), here its command line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// The most memory the thumbnail cache holds, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_THUMBNAIL_CACHE_MIB)]
     pub thumbnail_cache_mib: usize,
+    /// Score folders (`score --out`) to explore on the page: each one's metrics and queries,
+    /// and, for two that scored the same texts against the same videos, the captions whose
+    /// rank one improved or worsened.
+    #[arg(long, value_name = "DIR", num_args = 1..)]
+    pub scores: Vec<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<u8> {
@@ -50,6 +55,7 @@ pub fn run(args: ServeArgs) -> Result<u8> {
         model: args.model,
         poll,
         thumbnail_cache_bytes: args.thumbnail_cache_mib.saturating_mul(1 << 20),
+        scores: args.scores,
     })?;
     Ok(0)
 }

@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::index::Snapshot;
-use super::{App, guard, media, page};
+use super::{App, explorer, guard, media, page};
 use crate::failure::Failure;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::search_engine::{EngineHit, Hit, VideoAt, embed_query, hits_of, logit_scale};
@@ -54,6 +54,10 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/thumbnail",
     "/api/v1/media",
     "/api/v1/plots/runs.svg",
+    "/api/v1/scores",
+    "/api/v1/scores/queries",
+    "/api/v1/scores/changes",
+    "/api/v1/plots/changes.svg",
 ];
 
 fn handler(path: &str) -> MethodRouter<Arc<App>> {
@@ -70,6 +74,10 @@ fn handler(path: &str) -> MethodRouter<Arc<App>> {
         "/api/v1/thumbnail" => get(media::thumbnail),
         "/api/v1/media" => get(media::media),
         "/api/v1/plots/runs.svg" => get(page::runs_plot),
+        "/api/v1/scores" => get(explorer::list),
+        "/api/v1/scores/queries" => get(explorer::queries),
+        "/api/v1/scores/changes" => get(explorer::changes),
+        "/api/v1/plots/changes.svg" => get(page::changes_plot),
         other => unreachable!("{other} is in ROUTES without a handler"),
     }
 }
@@ -242,7 +250,7 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
-    fn new(offset: usize, limit: usize, total: usize, items: Vec<T>) -> Page<T> {
+    pub fn new(offset: usize, limit: usize, total: usize, items: Vec<T>) -> Page<T> {
         let next_offset = (offset + limit < total).then_some(offset + limit);
         Page { offset, limit, total, next_offset, items }
     }

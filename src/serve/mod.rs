@@ -13,6 +13,7 @@
 //! [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`].
 
 pub mod api;
+pub mod explorer;
 pub mod guard;
 pub mod index;
 pub mod media;
@@ -71,6 +72,8 @@ pub struct ServeOptions {
     pub model: Option<PathBuf>,
     pub poll: Duration,
     pub thumbnail_cache_bytes: usize,
+    /// Score folders to explore (`--scores`), in the order their API positions count.
+    pub scores: Vec<PathBuf>,
 }
 
 /// Why the service could not start.
@@ -85,6 +88,8 @@ pub enum ServeError {
     Index(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("cannot explore the score folder {0}")]
+    Scores(#[from] explorer::FolderError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
 }
@@ -106,6 +111,7 @@ pub struct App {
     pub requests: Arc<Semaphore>,
     pub access: guard::Access,
     pub runs: api::RunSummaries,
+    pub scores: explorer::ScoreFolders,
 }
 
 /// Runs the service until the process is stopped. Returns an error for a refused address or
@@ -119,6 +125,7 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
     }
     let live = LiveIndex::open(&options.index)?;
     let snapshot = live.snapshot();
+    let scores = explorer::ScoreFolders::open(&options.scores, &snapshot.manifest)?;
     let clip = Clip::load_recorded(&snapshot.manifest.model, options.model.as_deref(), DeviceChoice::Cpu)?;
     let thumbnails =
         Thumbnails::start(options.thumbnail_cache_bytes).map_err(io_error("cannot start the thumbnail decoders"))?;
@@ -136,6 +143,7 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
         requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
         access,
         runs: api::RunSummaries::default(),
+        scores,
     });
 
     let cannot_listen = || format!("cannot listen on {}", options.bind);

@@ -1,6 +1,7 @@
 //! The web page at `/`: its three files, compiled into the binary (the page loads nothing from
 //! any other origin, and works behind a path prefix: every URL it uses is relative), and the
-//! plots of the index's runs, drawn by the server as SVG.
+//! plots the server draws as SVG: the index's runs, and the explorer's histogram of rank
+//! changes.
 //!
 //! The page builds every element with `textContent` and attributes, never from markup, so a
 //! video named `<script>….mp4` or a failure message holding HTML is shown as text.
@@ -14,6 +15,7 @@ use plotters::prelude::*;
 
 use super::App;
 use super::api::{ApiError, Params, RunSummary, blocking};
+use super::explorer::CHANGE_BINS;
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const PAGE_JS: &str = include_str!("page/page.js");
@@ -92,10 +94,76 @@ pub async fn runs_plot(State(app): State<Arc<App>>, uri: Uri) -> Result<Response
         draw(metric.title(), &values).map_err(|e| ApiError::internal(format!("cannot draw the plot: {e}")))
     })
     .await?;
+    Ok(svg_response(svg))
+}
+
+fn svg_response(svg: String) -> Response {
     let mut response = svg.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/svg+xml"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    response
+}
+
+/// `GET /api/v1/plots/changes.svg?a=N&b=M`: how many captions' ranks `b` changed against `a`,
+/// by how much, as a histogram (improved in green, worsened in red).
+pub async fn changes_plot(State(app): State<Arc<App>>, uri: Uri) -> Result<Response, ApiError> {
+    let params = Params::of(&uri, &["a", "b"])?;
+    let (a, b) = (params.required("a")?.to_string(), params.required("b")?.to_string());
+    let svg = blocking(move || {
+        let comparison = app.scores.compare(&a, &b)?;
+        let title = format!("rank change per caption ({} unchanged)", comparison.unchanged);
+        draw_changes(&title, &comparison.histogram)
+            .map_err(|e| ApiError::internal(format!("cannot draw the plot: {e}")))
+    })
+    .await?;
+    Ok(svg_response(svg))
+}
+
+/// The histogram of rank changes: a bar per bin of [`CHANGE_BINS`], labelled by the server
+/// (no text from the index is in it).
+fn draw_changes(title: &str, counts: &[u64; CHANGE_BINS.len()]) -> Result<String, Box<dyn std::error::Error>> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (560, 260)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let top = counts.iter().copied().max().unwrap_or(0).max(1) as f64 * 1.15;
+        let bins = CHANGE_BINS.len() as u32;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(40)
+            .y_label_area_size(52)
+            .build_cartesian_2d((0..bins).into_segmented(), 0.0..top)?;
+        let label = |x: &SegmentValue<u32>| match x {
+            SegmentValue::CenterOf(bin) => CHANGE_BINS.get(*bin as usize).map_or(String::new(), |b| b.2.to_string()),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc("rank in the first − rank in the second (above 0: improved)")
+            .y_desc("captions")
+            .x_labels(CHANGE_BINS.len())
+            .x_label_formatter(&label)
+            .y_labels(5)
+            .draw()?;
+        let improved = RGBColor(46, 139, 87);
+        let worsened = RGBColor(200, 60, 50);
+        chart.draw_series(
+            Histogram::vertical(&chart)
+                .margin(6)
+                .style_func(|x, _| {
+                    let bin = match x {
+                        SegmentValue::Exact(bin) | SegmentValue::CenterOf(bin) => *bin as usize,
+                        SegmentValue::Last => 0,
+                    };
+                    if CHANGE_BINS[bin].0 > 0 { improved.filled() } else { worsened.filled() }
+                })
+                .data(counts.iter().enumerate().map(|(bin, &count)| (bin as u32, count as f64))),
+        )?;
+        root.present()?;
+    }
+    Ok(svg)
 }
 
 /// A line of `values` by run number, as SVG. Every text in it is the server's own (a title,
@@ -141,6 +209,8 @@ mod tests {
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
         assert_eq!(svg.matches("<circle").count(), 3);
         assert!(draw("none yet", &[]).unwrap().starts_with("<svg"));
+        let histogram = draw_changes("changes", &[0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+        assert!(histogram.starts_with("<svg") && histogram.contains("+10…+99"), "{histogram}");
         for runs in [1, 2, 7, 200] {
             let values: Vec<f64> = (0..runs).map(|r| f64::from(r) * 1.5).collect();
             assert_eq!(draw("videos", &values).unwrap().matches("<circle").count(), runs as usize);

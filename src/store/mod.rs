@@ -40,12 +40,13 @@ pub use scores::{
     run_id_of, t2v_ranks_schema, topk_schema, v2t_ranks_schema, write_t2v_ranks, write_topk, write_v2t_ranks,
 };
 pub use shard::{
-    ShardWriter, VideoRecord, for_each_batch, read_table, read_video_ids, read_video_record, verify_shard,
+    ShardWriter, VideoRecord, for_each_batch, for_each_batch_of, read_rows_at, read_table, read_video_ids,
+    read_video_record, verify_shard,
 };
 pub use stage_files::{StageFileError, StageFiles, StageHeader};
 pub use tables::{
-    FRAME_SHARD_ROWS, FrameRow, TableRows, TextRow, VIDEO_SHARD_ROWS, VideoRow, embedding_values, failures_schema,
-    frames_schema, texts_schema, videos_schema,
+    FRAME_SHARD_ROWS, FrameRow, TableRows, TextRow, VIDEO_SHARD_ROWS, VideoRow, embedding_values, f64_column,
+    failures_schema, frames_schema, string_column, texts_schema, u32_column, u64_column, videos_schema,
 };
 
 #[derive(Debug, thiserror::Error)]

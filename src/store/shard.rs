@@ -5,9 +5,9 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use arrow::array::AsArray;
-use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow::array::{AsArray, RecordBatch};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
@@ -287,19 +287,78 @@ pub fn read_video_record(file: File, path: &Path, row: usize) -> Result<VideoRec
 pub fn for_each_batch(
     index: &Path,
     shard: &ShardInfo,
-    mut f: impl FnMut(&arrow::array::RecordBatch) -> Result<(), String>,
+    f: impl FnMut(&RecordBatch) -> Result<(), String>,
 ) -> Result<(), StoreError> {
-    let path = index.join(&shard.path);
-    let corrupt = |message: String| StoreError::Corrupt { path: path.clone(), message };
-    let file = File::open(&path).map_err(io_error(&path))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| corrupt(format!("not a readable Parquet shard: {e}")))?;
+    for_each_batch_of(&index.join(&shard.path), &[], f)
+}
+
+/// Reads the Parquet file at `path` batch by batch, only its `columns` (every column when
+/// `columns` is empty), handing each batch to `f`; an error of `f` names the file.
+pub fn for_each_batch_of(
+    path: &Path,
+    columns: &[&str],
+    mut f: impl FnMut(&RecordBatch) -> Result<(), String>,
+) -> Result<(), StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt { path: path.to_path_buf(), message };
+    let file = File::open(path).map_err(io_error(path))?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
+    if !columns.is_empty() {
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
     for batch in reader {
         let batch = batch.map_err(|e| corrupt(format!("unreadable row group: {e}")))?;
         f(&batch).map_err(corrupt)?;
     }
     Ok(())
+}
+
+/// The `columns` of the rows at `positions` (ascending, distinct, counted from the file's first
+/// row) of the Parquet file at `path`, in that order: only the row groups that hold them are
+/// read, so a page of a large table costs a few row groups, never the whole file.
+pub fn read_rows_at(path: &Path, columns: &[&str], positions: &[u64]) -> Result<Vec<RecordBatch>, StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt { path: path.to_path_buf(), message };
+    debug_assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions ascend");
+    let file = File::open(path).map_err(io_error(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
+    let (mut groups, mut selectors) = (Vec::new(), Vec::new());
+    let (mut group_start, mut next) = (0u64, 0usize);
+    for (group, metadata) in builder.metadata().row_groups().iter().enumerate() {
+        let end = group_start + metadata.num_rows() as u64;
+        if positions.get(next).is_some_and(|&p| p < end) {
+            groups.push(group);
+            let mut cursor = group_start;
+            while let Some(&at) = positions.get(next).filter(|&&p| p < end) {
+                if at > cursor {
+                    selectors.push(RowSelector::skip((at - cursor) as usize));
+                }
+                selectors.push(RowSelector::select(1));
+                cursor = at + 1;
+                next += 1;
+            }
+            if end > cursor {
+                selectors.push(RowSelector::skip((end - cursor) as usize));
+            }
+        }
+        group_start = end;
+    }
+    if let Some(beyond) = positions.get(next) {
+        return Err(corrupt(format!("has {group_start} rows, not a row {beyond}")));
+    }
+    if groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .with_row_groups(groups)
+        .with_row_selection(RowSelection::from(selectors))
+        .build()
+        .map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
+    reader.map(|batch| batch.map_err(|e| corrupt(format!("unreadable row group: {e}")))).collect()
 }
 
 /// Checks that the file at `rel` in `index` is present with the size and SHA-256 its manifest

@@ -143,17 +143,17 @@ fn strings<'a>(values: impl Iterator<Item = &'a str>) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(values))
 }
 
-pub(super) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, String> {
+pub fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, String> {
     batch.column_by_name(name).ok_or_else(|| format!("column {name} is missing"))
 }
 
-pub(super) fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
+pub fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
     column(batch, name)?.as_string_opt::<i32>().ok_or_else(|| format!("column {name} is not utf8"))
 }
 
 macro_rules! primitive_column {
     ($fn_name:ident, $arrow_type:ty, $array:ty) => {
-        pub(super) fn $fn_name<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a $array, String> {
+        pub fn $fn_name<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a $array, String> {
             column(batch, name)?
                 .as_primitive_opt::<$arrow_type>()
                 .ok_or_else(|| format!("column {name} has type {}", column(batch, name).unwrap().data_type()))
