@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
+use crate::explorer::{self, labelled_index};
 use crate::serve::{Service, encode};
 use crate::util::{Dir, fixtures, ingest_command};
 
@@ -334,4 +335,148 @@ fn url_component(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The score explorer on the labelled index: the folders' metrics, the comparison of `none` and
+/// `dsl` (its counts, its histogram, the most improved captions first, their true videos'
+/// thumbnails), the queries filtered by outcome and sorted by rank, and a folder named with
+/// markup shown as text. Screenshots: `explorer.png` (the README's picture) and
+/// `explorer-queries.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and chromedriver (Debian's chromium, chromium-driver): VTR_INDEX_BROWSER=1 bash scripts/test.sh"]
+async fn the_explorer_compares_none_and_dsl_and_pages_the_queries() {
+    let dir = Dir::new();
+    let labelled = labelled_index(&dir, "index", usize::MAX);
+    let reference = explorer::reference();
+    let service =
+        Service::start(&labelled.index, &["--scores", labelled.none.to_str().unwrap(), labelled.dsl.to_str().unwrap()]);
+    let driver = Driver::start();
+    let client = browser(&driver, &dir.join("chromium-profile")).await;
+    client.goto(&service.url).await.unwrap();
+
+    // The metrics table: each folder's R@1 as metrics.json has it.
+    let rows = until(
+        &client,
+        "the scores table",
+        "const rows = [...document.querySelectorAll('#score-folders tbody tr')];
+         return rows.length === 2 ? rows.map(r => [...r.cells].map(c => c.textContent)) : null",
+    )
+    .await;
+    for (row, revise) in rows.as_array().unwrap().iter().zip(["none", "dsl"]) {
+        assert_eq!(row[1], revise);
+        let r1 = reference["metrics"][revise]["r1"].as_f64().unwrap();
+        assert_eq!(row[4], format!("{r1:.1}"), "{row}");
+    }
+
+    // The comparison: counts, histogram, the most improved captions first with their videos.
+    let changes: Vec<i64> = reference["changes"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+    let count = |keep: fn(&i64) -> bool| changes.iter().filter(|c| keep(c)).count();
+    let summary = until(
+        &client,
+        "the comparison",
+        "const s = document.getElementById('comparison-summary').textContent; return s || null",
+    )
+    .await;
+    let want =
+        format!("captions ranked their video higher, {} lower, {} the same", count(|c| *c < 0), count(|c| *c == 0));
+    assert!(summary.as_str().unwrap().contains(&format!("{} {want}", count(|c| *c > 0))), "{summary}");
+    until(&client, "the histogram", &ALL_LOADED.replace("arguments[0]", "'#changes-plot'")).await;
+    let mut improved: Vec<usize> = (0..changes.len()).filter(|&t| changes[t] > 0).collect();
+    improved.sort_by_key(|&t| (-changes[t], t));
+    let listed = until(
+        &client,
+        "the improved captions",
+        "const rows = [...document.querySelectorAll('#changes tbody tr')];
+         return rows.length ? rows.map(r => [Number(r.dataset.textId), r.querySelector('.caption').textContent]) : null",
+    )
+    .await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), improved.len().min(20));
+    for (row, &t) in listed.iter().zip(&improved) {
+        assert_eq!(row[0], t);
+        assert_eq!(row[1], reference["captions"][t]["text"]);
+    }
+    until(&client, "their videos' thumbnails", &ALL_LOADED.replace("arguments[0]", "'#changes img'")).await;
+    let script_ran = client
+        .execute("return [document.scripts.length, document.querySelectorAll('img[src=x]').length]", vec![])
+        .await
+        .unwrap();
+    assert_eq!(script_ran, json!([1, 0]), "only page.js; no element from a folder's name");
+    let explorer = client.find(Locator::Id("explorer")).await.unwrap();
+    client.execute("document.getElementById('explorer').scrollIntoView()", vec![]).await.unwrap();
+    let png = explorer.screenshot().await.unwrap();
+    std::fs::write(screenshots().join("explorer.png"), png).unwrap();
+
+    // The queries of dsl whose video is beyond rank 10, then those at rank 1, worst first.
+    let ranks: Vec<u64> = reference["ranks"]["dsl"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+    let choose = |id: &str, value: &str| {
+        format!(
+            "const s = document.getElementById('{id}'); s.value = '{value}'; s.dispatchEvent(new Event('change', {{bubbles: true}}));"
+        )
+    };
+    client.execute(&choose("queries-folder", "1"), vec![]).await.unwrap();
+    client.execute(&choose("queries-outcome", "beyond"), vec![]).await.unwrap();
+    let beyond: Vec<usize> = (0..ranks.len()).filter(|&t| ranks[t] > 10).collect();
+    let shown = until(
+        &client,
+        "the queries beyond rank 10",
+        &format!(
+            "return document.getElementById('queries-info').textContent === '1–{n} of {n}'
+               ? [...document.querySelectorAll('.query')].map(q => Number(q.dataset.textId)) : null",
+            n = beyond.len()
+        ),
+    )
+    .await;
+    assert_eq!(shown, json!(beyond));
+    client.execute(&choose("queries-outcome", "r1"), vec![]).await.unwrap();
+    client.execute(&choose("queries-sort", "-rank"), vec![]).await.unwrap();
+    let at_one = ranks.iter().filter(|&&r| r == 1).count();
+    until(
+        &client,
+        "the queries at rank 1",
+        &format!("return document.getElementById('queries-info').textContent === '1–10 of {at_one}'"),
+    )
+    .await;
+    // Each query: its caption, its top k with the true video marked first, all loaded.
+    let first = until(
+        &client,
+        "a query's top k",
+        "const q = document.querySelector('.query');
+         return q ? [q.querySelector('.caption').textContent, q.querySelectorAll('figure').length,
+           q.querySelector('figure').classList.contains('true')] : null",
+    )
+    .await;
+    let t = (0..ranks.len()).find(|&t| ranks[t] == 1).unwrap();
+    assert_eq!(first, json!([reference["captions"][t]["text"], 10, true]));
+    until(&client, "the top-k thumbnails", &ALL_LOADED.replace("arguments[0]", "'.query img'")).await;
+    let png = client.find(Locator::Id("queries")).await.unwrap().screenshot().await.unwrap();
+    std::fs::write(screenshots().join("explorer-queries.png"), png).unwrap();
+    drop(service);
+
+    // A folder whose name holds markup is shown as text.
+    let hostile = dir.join("<img src=x onerror=alert(3)>dsl");
+    std::fs::create_dir_all(&hostile).unwrap();
+    for entry in std::fs::read_dir(&labelled.dsl).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), hostile.join(entry.file_name())).unwrap();
+    }
+    let service =
+        Service::start(&labelled.index, &["--scores", labelled.none.to_str().unwrap(), hostile.to_str().unwrap()]);
+    client.goto(&service.url).await.unwrap();
+    let names = until(
+        &client,
+        "the scores table",
+        "const rows = [...document.querySelectorAll('#score-folders tbody tr')];
+         return rows.length === 2 && document.getElementById('comparison-summary').textContent
+           ? [rows[1].cells[0].textContent, document.getElementById('comparison-summary').textContent] : null",
+    )
+    .await;
+    assert_eq!(names[0], "<img src=x onerror=alert(3)>dsl");
+    assert!(names[1].as_str().unwrap().starts_with("<img src=x onerror=alert(3)>dsl (dsl) against"), "{names}");
+    let elements = client
+        .execute("return [document.scripts.length, document.querySelectorAll('img[src=x]').length]", vec![])
+        .await
+        .unwrap();
+    assert_eq!(elements, json!([1, 0]), "only page.js; no element from a folder's name");
+    client.close().await.unwrap();
 }

@@ -126,14 +126,16 @@ fn draw_changes(title: &str, counts: &[u64; CHANGE_BINS.len()]) -> Result<String
     {
         let root = SVGBackend::with_string(&mut svg, (560, 260)).into_drawing_area();
         root.fill(&WHITE)?;
-        let top = counts.iter().copied().max().unwrap_or(0).max(1) as f64 * 1.15;
-        let bins = CHANGE_BINS.len() as u32;
+        let top = counts.iter().copied().max().unwrap_or(0).max(1);
+        let top = top + top.div_ceil(8);
+        // A segmented range holds its end too: bins 0 to 7 are 0..7.
+        let last = CHANGE_BINS.len() as u32 - 1;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
             .margin(8)
             .x_label_area_size(40)
             .y_label_area_size(52)
-            .build_cartesian_2d((0..bins).into_segmented(), 0.0..top)?;
+            .build_cartesian_2d((0..last).into_segmented(), 0..top)?;
         let label = |x: &SegmentValue<u32>| match x {
             SegmentValue::CenterOf(bin) => CHANGE_BINS.get(*bin as usize).map_or(String::new(), |b| b.2.to_string()),
             _ => String::new(),
@@ -159,7 +161,7 @@ fn draw_changes(title: &str, counts: &[u64; CHANGE_BINS.len()]) -> Result<String
                     };
                     if CHANGE_BINS[bin].0 > 0 { improved.filled() } else { worsened.filled() }
                 })
-                .data(counts.iter().enumerate().map(|(bin, &count)| (bin as u32, count as f64))),
+                .data(counts.iter().enumerate().map(|(bin, &count)| (bin as u32, count))),
         )?;
         root.present()?;
     }

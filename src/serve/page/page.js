@@ -1,4 +1,4 @@
-// The page of `vtr-index serve`: search, results, player, the index's state. Every element is
+// The page of `vtr-index serve`: search, results, player, the score explorer, the index's state. Every element is
 // built with textContent and attributes, never from markup, so names and messages from the
 // index are shown as text. Every URL is relative, so the page works behind a path prefix.
 "use strict";
@@ -6,6 +6,7 @@
 const PAGE = 20;
 const TABLE_PAGE = 20;
 const MAX_STRIP = 64;
+const QUERY_PAGE = 10;
 
 const $ = (id) => document.getElementById(id);
 
@@ -250,6 +251,137 @@ async function loadFailures(offset) {
   }
 }
 
+// The score explorer: the folders `serve --scores` was given, their queries, and the
+// comparison of two of them.
+let scoreFolders = [];
+let queriesAsked = 0;
+let changesAsked = 0;
+
+function fixed(x, digits) {
+  return x === null || x === undefined ? "-" : Number(x).toFixed(digits);
+}
+
+// A video's thumbnail at `time`, which opens the player there.
+function thumbnail(id, time) {
+  const t = time === null || time === undefined ? 0 : time;
+  const img = el("img", { alt: id, title: id, loading: "lazy", src: api("thumbnail", { id, t: t.toFixed(3) }) });
+  img.addEventListener("click", () => openPlayer(id, t));
+  return img;
+}
+
+function captionText(item) {
+  return item.text === null ? "(text " + item.text_id + " is not in the index's text set as it was scored)" : item.text;
+}
+
+async function loadScores() {
+  let data;
+  try {
+    data = await getJSON(api("scores"));
+  } catch (e) {
+    status("Cannot read the scores: " + e.message);
+    return;
+  }
+  scoreFolders = data.folders;
+  if (!scoreFolders.length) return;
+  const body = $("score-folders").tBodies[0];
+  body.replaceChildren();
+  const metrics = (m) => (m ? [fixed(m.r1, 1), fixed(m.r5, 1), fixed(m.r10, 1), fixed(m.mdr, 1), fixed(m.mnr, 2)] : ["-", "-", "-", "-", "-"]);
+  for (const f of scoreFolders) {
+    const notes = [];
+    if (!f.texts_current) notes.push("the index's text set " + f.texts + " has changed since this score");
+    if (!f.videos_current) notes.push("the index's videos have changed since this score");
+    const cells = [f.name, f.revise, f.texts + " (" + f.n_texts + ")", f.n_videos]
+      .concat(metrics(f.metrics && f.metrics.t2v), metrics(f.metrics && f.metrics.v2t))
+      .map((c) => el("td", { text: String(c) }));
+    cells.push(el("td", { class: "note", text: notes.join("; ") }));
+    body.append(el("tr", { "data-folder": String(f.folder) }, cells));
+  }
+  for (const select of [$("queries-folder"), $("compare-a"), $("compare-b")]) {
+    select.replaceChildren(...scoreFolders.map((f) => el("option", { value: String(f.folder), text: f.name + " (" + f.revise + ")" })));
+  }
+  const pair = scoreFolders.find((f) => f.comparable_with.length);
+  if (scoreFolders.length > 1) {
+    $("compare-area").hidden = false;
+    if (pair) {
+      $("compare-a").value = String(pair.folder);
+      $("compare-b").value = String(pair.comparable_with[0]);
+      showComparison(0);
+    }
+  }
+  $("explorer").hidden = false;
+  loadQueries(0);
+}
+
+async function showComparison(offset) {
+  const a = $("compare-a").value;
+  const b = $("compare-b").value;
+  const asked = ++changesAsked;
+  $("compare-note").textContent = "";
+  try {
+    const data = await getJSON(api("scores/changes", { a, b, change: $("change-kind").value, offset, limit: TABLE_PAGE }));
+    if (asked !== changesAsked) return;
+    $("comparison-summary").textContent =
+      data.b.name + " (" + data.b.revise + ") against " + data.a.name + " (" + data.a.revise + "): " + data.improved +
+      " captions ranked their video higher, " + data.worsened + " lower, " + data.unchanged + " the same.";
+    const plot = api("plots/changes.svg", { a, b });
+    if ($("changes-plot").getAttribute("src") !== plot) $("changes-plot").src = plot;
+    const rows = $("changes").tBodies[0];
+    rows.replaceChildren();
+    for (const item of data.page.items) {
+      rows.append(
+        el("tr", { "data-text-id": String(item.text_id) }, [
+          el("td", {}, [thumbnail(item.video_id, item.best_frame_s)]),
+          el("td", { class: "caption", text: captionText(item) }),
+          el("td", { text: String(item.rank_a) }),
+          el("td", { text: String(item.rank_b) }),
+          el("td", { class: "change " + (item.change > 0 ? "up" : "down"), text: (item.change > 0 ? "+" : "") + item.change }),
+        ]),
+      );
+    }
+    pager("changes", data.page, showComparison);
+    $("comparison").hidden = false;
+  } catch (e) {
+    if (asked !== changesAsked) return;
+    $("comparison").hidden = true;
+    $("compare-note").textContent = e.message;
+  }
+}
+
+function topFigure(id, time, label, isTrue) {
+  return el("figure", { class: isTrue ? "true" : "", "data-video-id": id }, [
+    thumbnail(id, time),
+    el("figcaption", {}, [el("span", { class: "label", text: label }), el("br"), el("span", { text: id })]),
+  ]);
+}
+
+async function loadQueries(offset) {
+  const params = { folder: $("queries-folder").value, outcome: $("queries-outcome").value, sort: $("queries-sort").value };
+  const asked = ++queriesAsked;
+  try {
+    const data = await getJSON(api("scores/queries", Object.assign(params, { offset, limit: QUERY_PAGE })));
+    if (asked !== queriesAsked) return;
+    const list = $("queries");
+    list.replaceChildren();
+    for (const q of data.page.items) {
+      const figures = q.top.map((e) => topFigure(e.video_id, e.best_frame_s, "#" + e.rank + " · " + e.score.toFixed(2), e.true));
+      if (q.video_id !== null && !q.top.some((e) => e.true)) {
+        figures.push(topFigure(q.video_id, q.best_frame_s, "true video, #" + q.rank, true));
+      }
+      const numbers = "text " + q.text_id + " · its video " + q.video_id + " at rank " + q.rank + (q.score === null ? "" : " · score " + q.score.toFixed(2));
+      list.append(
+        el("article", { class: "query", "data-text-id": String(q.text_id) }, [
+          el("div", { class: "caption", text: captionText(q) }),
+          el("div", { class: "numbers", text: numbers }),
+          el("div", { class: "top" }, figures),
+        ]),
+      );
+    }
+    pager("queries", data.page, loadQueries);
+  } catch (e) {
+    if (asked === queriesAsked) status("Cannot read the queries: " + e.message);
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -266,5 +398,12 @@ document.addEventListener("DOMContentLoaded", () => {
     $("player-video").pause();
     $("player").hidden = true;
   });
+  $("queries-form").addEventListener("change", () => loadQueries(0));
+  $("compare-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    showComparison(0);
+  });
+  $("change-kind").addEventListener("change", () => showComparison(0));
+  loadScores();
   loadState();
 });
