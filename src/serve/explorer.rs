@@ -4,9 +4,9 @@
 //! videos (`--revise none` against `--revise dsl`): the captions whose rank the second improved
 //! or worsened, by how much, and how the changes are spread.
 //!
-//! A folder keeps in memory only its ranks (text ids and ranks, 16 bytes a text, with two
-//! orders by rank) and where each text's rows start in `topk.parquet` (8 bytes a text): 5 MB at
-//! 180,000 captions. A page reads its captions, true videos and top-k rows by position from the
+//! A folder keeps in memory only its ranks (text ids and ranks, and two orders by rank: 20 bytes
+//! a text) and where each text's rows start in `topk.parquet` (8 bytes a text): 5 MB at 180,000
+//! captions. A page reads its captions, true videos and top-k rows by position from the
 //! Parquet files (`store::read_rows_at`), so no request reads a whole table, and a comparison
 //! holds 12 bytes a changed caption.
 
