@@ -302,6 +302,23 @@ fn mismatched_and_mixed_folders_are_refused() {
         );
         assert!(!message.contains("the texts"), "{message}");
     }
+    // The text set encoded again under its name: the index's texts are no longer the ones
+    // scored, and none of them is shown as a scored caption.
+    TestCommand::new(&["encode-text"])
+        .arg(dir.create("labelled.txt", b"another caption\nand one more\n"))
+        .arg("--index")
+        .arg(&labelled.index)
+        .args(&["--name", "labelled"])
+        .expect_code(0);
+    let due = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while service.get_json("/api/v1/scores")["folders"][0]["texts_current"] != false {
+        assert!(std::time::Instant::now() < due, "the new text set is not seen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let page = service.get_json("/api/v1/scores/queries?folder=0&limit=5");
+    for query in page["page"]["items"].as_array().unwrap() {
+        assert!(query["text"].is_null() && query["video_id"].is_string(), "{query}");
+    }
     drop(service);
 
     // An earlier run's metrics.json beside a later run's outputs.

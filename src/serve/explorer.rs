@@ -293,11 +293,15 @@ struct Caption {
     embedding: Vec<f32>,
 }
 
-/// The captions of the texts at `rows` (ascending positions in text_id order) of the text set
-/// `name` in the snapshot, each checked to be the text of `text_ids[row]`; none for a row the
-/// set no longer holds so.
-fn captions(snapshot: &Snapshot, name: &str, rows: &[u64], text_ids: &[u64]) -> Vec<Option<Caption>> {
+/// The captions of the texts at `rows` (ascending positions in text_id order) that `folder`
+/// scored, from the snapshot's text set while it is the one scored (a set encoded again under
+/// the same name may give other texts the same ids); none otherwise.
+fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Vec<Option<Caption>> {
     let mut out: Vec<Option<Caption>> = (0..rows.len()).map(|_| None).collect();
+    if !folder.current(&snapshot.manifest).0 {
+        return out;
+    }
+    let (name, text_ids) = (&folder.record.texts, &folder.text_ids);
     let (mut first, mut next) = (0u64, 0usize);
     for shard in snapshot.manifest.shards(&format!("texts/{name}")) {
         let end = first + shard.rows;
@@ -305,28 +309,29 @@ fn captions(snapshot: &Snapshot, name: &str, rows: &[u64], text_ids: &[u64]) -> 
         while rows.get(next).is_some_and(|&row| row < end) {
             next += 1;
         }
-        if next > start {
-            let local: Vec<u64> = rows[start..next].iter().map(|row| row - first).collect();
-            let path = snapshot.index.join(&shard.path);
-            // A set rewritten since (its shard collected, or another shape) has no captions here.
-            let Ok(batches) = read_rows_at(&path, &["text_id", "text", "embedding"], &local) else { continue };
-            let mut slot = start;
-            for batch in batches {
-                let (Ok(ids), Ok(texts), Ok((values, dim))) =
-                    (u64_column(&batch, "text_id"), string_column(&batch, "text"), embedding_values(&batch))
-                else {
-                    break;
-                };
-                for i in 0..batch.num_rows() {
-                    if ids.value(i) == text_ids[rows[slot] as usize] {
-                        let embedding = values[i * dim..(i + 1) * dim].to_vec();
-                        out[slot] = Some(Caption { text: texts.value(i).to_string(), embedding });
-                    }
-                    slot += 1;
+        let local: Vec<u64> = rows[start..next].iter().map(|row| row - first).collect();
+        first = end;
+        if local.is_empty() {
+            continue;
+        }
+        // A shard collected since this snapshot (a later commit rewrote the set) gives none.
+        let path = snapshot.index.join(&shard.path);
+        let Ok(batches) = read_rows_at(&path, &["text_id", "text", "embedding"], &local) else { continue };
+        let mut slot = start;
+        for batch in batches {
+            let (Ok(ids), Ok(texts), Ok((values, dim))) =
+                (u64_column(&batch, "text_id"), string_column(&batch, "text"), embedding_values(&batch))
+            else {
+                break;
+            };
+            for i in 0..batch.num_rows() {
+                if ids.value(i) == text_ids[rows[slot] as usize] {
+                    let embedding = values[i * dim..(i + 1) * dim].to_vec();
+                    out[slot] = Some(Caption { text: texts.value(i).to_string(), embedding });
                 }
+                slot += 1;
             }
         }
-        first = end;
     }
     out
 }
@@ -446,11 +451,10 @@ impl ScoreFolders {
     }
 
     fn no_such(&self, position: &str) -> ApiError {
-        ApiError::not_found(format!(
-            "no score folder {position:?}: this service has {} (0 to {}), given by --scores in that order",
-            self.folders.len(),
-            self.folders.len().saturating_sub(1) as i64 - i64::from(self.folders.is_empty())
-        ))
+        ApiError::not_found(match self.folders.len() {
+            0 => format!("no score folder {position:?}: this service was given no --scores"),
+            n => format!("no score folder {position:?}: the folders are 0 to {} in --scores order", n - 1),
+        })
     }
 
     /// The comparison of the folders at `a` and `b`, made once; a 409 saying what differs if
@@ -562,7 +566,7 @@ fn query_items(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u32]) -> Resul
     sorted.sort_unstable();
     let videos = folder.true_videos(&sorted)?;
     let tops = folder.top(&sorted)?;
-    let captions = captions(snapshot, &folder.record.texts, &sorted, &folder.text_ids);
+    let captions = captions(snapshot, folder, &sorted);
     let at = |row: u32| sorted.binary_search(&u64::from(row)).expect("a row of the page");
     Ok(rows
         .iter()
@@ -616,7 +620,7 @@ pub async fn changes(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value
         let mut sorted: Vec<u64> = page.iter().map(|&(row, _)| u64::from(row)).collect();
         sorted.sort_unstable();
         let videos = folder_a.true_videos(&sorted)?;
-        let captions = captions(&snapshot, &folder_a.record.texts, &sorted, &folder_a.text_ids);
+        let captions = captions(&snapshot, folder_a, &sorted);
         let items: Vec<Value> = page
             .iter()
             .map(|&(row, change)| {
