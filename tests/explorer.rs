@@ -287,7 +287,20 @@ fn mismatched_and_mixed_folders_are_refused() {
     let labelled = labelled_index(&dir, "index", usize::MAX);
     // The same captions against one video fewer, scored in another index.
     let fewer = labelled_index(&dir, "fewer", 10);
-    let service = start(&labelled.index, &[&labelled.none, &fewer.dsl]);
+    // Other texts against the same videos.
+    TestCommand::new(&["encode-text"])
+        .arg(dir.create("queries.txt", b"a colourful fractal\nbars of colour\n"))
+        .arg("--index")
+        .arg(&labelled.index)
+        .args(&["--name", "queries"])
+        .expect_code(0);
+    let queries = dir.join("queries-scored");
+    TestCommand::new(&["score", "--index"])
+        .arg(&labelled.index)
+        .args(&["--texts", "queries", "--out"])
+        .arg(&queries)
+        .expect_code(0);
+    let service = start(&labelled.index, &[&labelled.none, &fewer.dsl, &queries]);
     let listed = service.get_json("/api/v1/scores");
     assert_eq!(listed["folders"][1]["videos_current"], false, "{listed}");
     assert_eq!(listed["folders"][1]["texts_current"], true, "{listed}");
@@ -302,6 +315,15 @@ fn mismatched_and_mixed_folders_are_refused() {
         );
         assert!(!message.contains("the texts"), "{message}");
     }
+    let refused = service.get("/api/v1/scores/changes?a=2&b=0");
+    refused.assert_error(409, "not_comparable");
+    let message = refused.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("the texts: set \"queries\" of 2 texts in 1 shard")
+            && message.contains("against set \"labelled\" of 44 texts")
+            && !message.contains("the videos"),
+        "{message}"
+    );
     // The text set encoded again under its name: the index's texts are no longer the ones
     // scored, and none of them is shown as a scored caption.
     TestCommand::new(&["encode-text"])
@@ -329,29 +351,52 @@ fn mismatched_and_mixed_folders_are_refused() {
         std::fs::copy(entry.path(), mixed.join(entry.file_name())).unwrap();
     }
     std::fs::copy(labelled.dsl.join("metrics.json"), mixed.join("metrics.json")).unwrap();
-    let serve = |folder: &Path| {
-        TestCommand::new(&["serve", "--bind", "127.0.0.1:0", "--index"])
-            .arg(&labelled.index)
-            .arg("--scores")
-            .arg(folder)
-            .expect_code(1)
-            .1
-    };
+    let serve = |folder: &Path| refused_to_start(&labelled.index, folder);
     let stderr = serve(&mixed);
     assert!(stderr.contains("mixed outputs: metrics.json is of run"), "{stderr}");
     // A folder of a text set this index does not hold.
     let other = dir.join("other-texts");
     TestCommand::new(&["encode-text"])
-        .arg(dir.create("queries.txt", b"a colourful fractal\n"))
+        .arg(dir.create("other.txt", b"a colourful fractal\n"))
         .arg("--index")
         .arg(&fewer.index)
-        .args(&["--name", "queries"])
+        .args(&["--name", "other"])
         .expect_code(0);
     TestCommand::new(&["score", "--index"])
         .arg(&fewer.index)
-        .args(&["--texts", "queries", "--out"])
+        .args(&["--texts", "other", "--out"])
         .arg(&other)
         .expect_code(0);
     let stderr = serve(&other);
-    assert!(stderr.contains("scored the text set \"queries\", which this index does not hold"), "{stderr}");
+    assert!(stderr.contains("scored the text set \"other\", which this index does not hold"), "{stderr}");
+}
+
+/// What `serve --scores FOLDER` says as it exits 1, refusing the folder; a service that starts
+/// instead is stopped and fails the test.
+fn refused_to_start(index: &Path, folder: &Path) -> String {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vtr-index"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--index"])
+        .arg(index)
+        .arg("--scores")
+        .arg(folder)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let due = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > due {
+            let _ = child.kill();
+            panic!("serve started with {}", folder.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    stderr
 }
