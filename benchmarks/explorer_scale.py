@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import resident_bytes, run, sample_files  # noqa: E402
+from serve_load import model_identity, resident_bytes, run, sample_files  # noqa: E402
 from synthetic_index import embedding_array, manifest, unit_rows, write_shard, write_tables  # noqa: E402
 
 ROW_GROUP = 64 * 1024
@@ -52,13 +51,7 @@ def fabricated_index(binary, work, videos, captions):
     index = work / f"index-{videos}x2-{captions}"
     if (index / "manifest.json").exists():
         return index
-    one = work / "one-video"
-    if not (one / "manifest.json").exists():
-        src = work / "one-video-root"
-        src.mkdir(parents=True, exist_ok=True)
-        shutil.copy("sample/videos/short_h264.mp4", src)
-        run([binary, "ingest", src, "--index", one, "--model", "sample/model"])
-    identity = json.loads((one / "manifest.json").read_text())["model"]
+    identity = model_identity(binary, work, "sample/model")
     dim = identity["embed_dim"]
     root, files = sample_files()
     rng = np.random.default_rng(11)
@@ -154,7 +147,7 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def notebook(none, dsl):
+def notebook(none, dsl, text_id):
     """The same answers as a notebook gets them with pyarrow; prints its figures as JSON."""
     before = peak_rss()
     start = time.perf_counter()
@@ -167,7 +160,7 @@ def notebook(none, dsl):
     changes_s = time.perf_counter() - start
     start = time.perf_counter()
     topk = pq.read_table(dsl / "topk.parquet")
-    one = topk.filter(pc.equal(topk["text_id"], 60_000)).to_pylist()
+    one = topk.filter(pc.equal(topk["text_id"], text_id)).to_pylist()
     topk_s = time.perf_counter() - start
     assert len(one) == TOP_K and first_improved
     print(json.dumps({"changes_first_page_ms": 1e3 * changes_s, "one_caption_top_k_ms": 1e3 * topk_s,
@@ -177,7 +170,7 @@ def notebook(none, dsl):
 
 def main():
     if sys.argv[1:2] == ["--notebook"]:
-        notebook(Path(sys.argv[2]), Path(sys.argv[3]))
+        notebook(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", default="target/release/vtr-index")
@@ -249,7 +242,8 @@ def main():
 
     # What a notebook does, in a process of its own (for its memory): read the ranks whole, join,
     # sort; read topk whole, filter.
-    answered = subprocess.run([sys.executable, __file__, "--notebook", str(folders[0]), str(folders[1])],
+    answered = subprocess.run([sys.executable, __file__, "--notebook", str(folders[0]), str(folders[1]),
+                               str(args.captions // 3)],
                               capture_output=True, text=True, check=True)
     figures["pyarrow"] = json.loads(answered.stdout)
     assert figures["pyarrow"]["improved"] == figures["comparison"]["improved"], figures

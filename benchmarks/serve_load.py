@@ -60,17 +60,22 @@ def sample_files():
     return str(root), files
 
 
-def fabricated_index(binary, work, videos, frames, model):
-    index = work / f"index-{videos}x{frames}"
-    if (index / "manifest.json").exists():
-        return index
+def model_identity(binary, work, model):
+    """The identity an index records of `model`: that of a one-video index made with it once."""
     one = work / "one-video"
     if not (one / "manifest.json").exists():
         src = work / "one-video-root"
         src.mkdir(parents=True, exist_ok=True)
         shutil.copy("sample/videos/short_h264.mp4", src)
         run([binary, "ingest", src, "--index", one, "--model", model])
-    identity = json.loads((one / "manifest.json").read_text())["model"]
+    return json.loads((one / "manifest.json").read_text())["model"]
+
+
+def fabricated_index(binary, work, videos, frames, model):
+    index = work / f"index-{videos}x{frames}"
+    if (index / "manifest.json").exists():
+        return index
+    identity = model_identity(binary, work, model)
     root, files = sample_files()
     dim = identity["embed_dim"]
     tables = write_tables(index, root, videos, frames, dim, np.random.default_rng(7), files=files)

@@ -454,12 +454,7 @@ async fn the_explorer_compares_none_and_dsl_and_pages_the_queries() {
     drop(service);
 
     // A folder whose name holds markup is shown as text.
-    let hostile = dir.join("<img src=x onerror=alert(3)>dsl");
-    std::fs::create_dir_all(&hostile).unwrap();
-    for entry in std::fs::read_dir(&labelled.dsl).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), hostile.join(entry.file_name())).unwrap();
-    }
+    let hostile = dir.copy(&labelled.dsl, "<img src=x onerror=alert(3)>dsl");
     let service =
         Service::start(&labelled.index, &["--scores", labelled.none.to_str().unwrap(), hostile.to_str().unwrap()]);
     client.goto(&service.url).await.unwrap();

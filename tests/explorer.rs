@@ -344,12 +344,7 @@ fn mismatched_and_mixed_folders_are_refused() {
     drop(service);
 
     // An earlier run's metrics.json beside a later run's outputs.
-    let mixed = dir.join("mixed");
-    std::fs::create_dir_all(&mixed).unwrap();
-    for entry in std::fs::read_dir(&labelled.none).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), mixed.join(entry.file_name())).unwrap();
-    }
+    let mixed = dir.copy(&labelled.none, "mixed");
     std::fs::copy(labelled.dsl.join("metrics.json"), mixed.join("metrics.json")).unwrap();
     let serve = |folder: &Path| refused_to_start(&labelled.index, folder);
     let stderr = serve(&mixed);
