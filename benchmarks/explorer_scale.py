@@ -1,19 +1,21 @@
 """The score explorer at scale: `serve --scores` over two generated score folders of 180,000
 captions against a fabricated index of 1,000,000 videos, beside what a notebook does with pyarrow.
 
-1. The index: 1,000,000 videos × 2 frames in the sample model's width (`synthetic_index.write_tables`,
-   rows pointing at the sample corpus's files in turn, so thumbnails read real videos) and a
-   text set `captions` of 180,000 rows, each the caption of a random video; format 1, upgraded
-   by a writer (`ingest` of an empty folder), as serve_load.py's.
-2. Two score folders, `none` and `dsl`, generated (scoring 180,000 × 1,000,000 on 2 cores takes
-   hours; the explorer's work is paging): `none` ranks drawn log-normal (median about 20), `dsl`
-   from them (six in ten improved, one in ten worsened); `topk.parquet` with 10 rows a caption,
-   the true video at its rank where it is within 10; `t2v_ranks`, `v2t_ranks`, `metrics.json`
-   (from those ranks) and `run.json` naming the index's shards, one run id in all.
+1. The index: 1,000,000 videos × 2 frames at D = 512 (a ViT-B/32-shaped random model, as
+   serve_load.py's; `--width 32` for the sample model's) by `synthetic_index.write_tables`, rows
+   pointing at the sample corpus's files in turn, so thumbnails read real videos, and a text set
+   `captions` of 180,000 rows, each the caption of a random video; Parquet with a page index, as
+   the index's writer writes it; format 1, upgraded by a writer (`ingest` of an empty folder).
+2. Two score folders, `none` and `dsl`, generated in `score`'s layout (scoring 180,000 ×
+   1,000,000 on 2 cores takes hours; the explorer's work is paging): `none` ranks drawn
+   log-normal (median about 20), `dsl` from them (six in ten improved, one in ten worsened);
+   `topk.parquet` with 10 rows a caption, the true video at its rank where it is within 10;
+   `t2v_ranks`, `v2t_ranks`, `metrics.json` (from those ranks) and `run.json` naming the index's
+   shards, one run id in all (a hash of the record, not `score`'s own).
 3. `serve` without and with `--scores` (both folders): the time until it listens and its
    resident memory: the explorer's own cost.
-4. Requests, each repeated: the folder list; pages of queries for every outcome × order at the
-   first, middle and last offsets; the first page of improved captions (the first builds the
+4. Requests, each repeated: the folder list; pages of queries for every outcome × order at
+   three offsets within the outcome's count (none empty); the first page of improved captions (the first builds the
    comparison) and a deep page; the histogram. Per kind: median and worst, in ms.
 5. Side by side: pyarrow reading what a notebook reads for the same answers (both folders'
    `t2v_ranks.parquet` whole, joined and sorted by change; `topk.parquet` whole filtered to one
@@ -42,16 +44,17 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import model_identity, resident_bytes, run, sample_files  # noqa: E402
 from synthetic_index import embedding_array, manifest, unit_rows, write_shard, write_tables  # noqa: E402
+from tower_vs_pytorch import random_vit_b32  # noqa: E402
 
 ROW_GROUP = 64 * 1024
 TOP_K = 10
 
 
-def fabricated_index(binary, work, videos, captions):
+def fabricated_index(binary, work, videos, captions, model):
     index = work / f"index-{videos}x2-{captions}"
     if (index / "manifest.json").exists():
         return index
-    identity = model_identity(binary, work, "sample/model")
+    identity = model_identity(binary, work, model)
     dim = identity["embed_dim"]
     root, files = sample_files()
     rng = np.random.default_rng(11)
@@ -81,7 +84,7 @@ def metrics(ranks):
 
 def write_parquet(table, path, run_id):
     table = table.replace_schema_metadata({"vtr_index.run_id": run_id})
-    pq.write_table(table, path, compression="snappy", row_group_size=ROW_GROUP)
+    pq.write_table(table, path, compression="snappy", row_group_size=ROW_GROUP, write_page_index=True)
 
 
 def score_folder(out, index, revise, ranks, owners, videos, rng):
@@ -178,12 +181,15 @@ def main():
     parser.add_argument("--videos", type=int, default=1_000_000)
     parser.add_argument("--captions", type=int, default=180_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--width", type=int, choices=[32, 512], default=512,
+                        help="the model's: the sample model's 32, or a ViT-B/32-shaped random one's 512")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    index = fabricated_index(args.binary, work, args.videos, args.captions)
+    model = random_vit_b32(work) if args.width == 512 else "sample/model"
+    index = fabricated_index(args.binary, work, args.videos, args.captions, model)
     owners = pq.read_table(index / "texts/captions/part-1-00000.parquet", columns=["video_id"])["video_id"]
     owners = np.array([int(v[2:]) for v in owners.to_pylist()])
     rng = np.random.default_rng(12)
@@ -208,11 +214,14 @@ def main():
         figures["explorer"] = {"startup_s": started, "rss_bytes": resident_bytes(proc.pid)}
         last = args.captions - 10
         paths = {"scores": ["/api/v1/scores"]}
+        _, body = timed_get(port, "/api/v1/scores")
+        counts = json.loads(body)["folders"][1]["outcomes"]
         for outcome in ["all", "r1", "r5", "r10", "beyond"]:
+            offsets = sorted({0, counts[outcome] // 12, counts[outcome] // 3})
             for sort in ["text", "rank", "-rank"]:
                 key = f"queries {outcome} {sort}"
                 paths[key] = [f"/api/v1/scores/queries?folder=1&outcome={outcome}&sort={sort}&offset={o}&limit=10"
-                              for o in (0, 5000, 60_000)]
+                              for o in offsets]
         first_changes, body = timed_get(port, "/api/v1/scores/changes?a=0&b=1&limit=20")
         figures["first_comparison_ms"] = 1e3 * first_changes
         summary = json.loads(body)
@@ -227,6 +236,8 @@ def main():
             for _ in range(args.repeats):
                 for url in urls:
                     seconds, body = timed_get(port, url)
+                    if "/queries?" in url:
+                        assert json.loads(body)["page"]["items"], url
                     times.append(seconds)
             latency[kind] = {"p50_ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times), "n": len(times)}
         figures["latency"] = latency

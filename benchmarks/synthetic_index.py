@@ -17,11 +17,11 @@ def embedding_array(matrix):
 
 
 def write_shard(index, rel, table):
-    """Writes one shard (in row groups of 65,536 rows, as the index's writer does) and returns
-    its manifest entry."""
+    """Writes one shard (in row groups of 65,536 rows, with a page index, as the index's writer
+    does) and returns its manifest entry."""
     path = index / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="snappy", row_group_size=64 * 1024)
+    pq.write_table(table, path, compression="snappy", row_group_size=64 * 1024, write_page_index=True)
     data = path.read_bytes()
     return {"path": rel, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::serve::Service;
 use crate::util::{Dir, TestCommand, fixtures, read_npy, read_parquet, sample};
-use vtr_index::store::segment::add_missing_segments;
+use vtr_index::store::segment::{F16_COSINE_ERROR, add_missing_segments};
 use vtr_index::store::{FrameRow, Manifest, ShardWriter, TextRow, VideoRow};
 
 /// The fixture's labelled case: its videos (file names), captions (text, video) and the
@@ -31,7 +31,8 @@ pub struct Labelled {
 }
 
 /// Writes the labelled index in `dir`: the fixture's first `videos` videos (their real files
-/// under `dir/videos`, one frame each at 0 s) with the fixture's embeddings, and the text set
+/// under `dir/videos`) with the fixture's embeddings and two frames each (the video's embedding
+/// at 0 s, its first caption's at 0.5 s), and the text set
 /// `labelled` of all its captions; then scores it both ways with the reference's scale.
 pub fn labelled_index(dir: &Dir, name: &str, videos: usize) -> Labelled {
     let reference = reference();
@@ -74,14 +75,15 @@ pub fn labelled_index(dir: &Dir, name: &str, videos: usize) -> Labelled {
                 width: 320,
                 height: 240,
                 fps: 25.0,
-                n_frames: 1,
+                n_frames: 2,
                 stream_index: Some(0),
                 embedding: row(&video_values, i),
             })
             .unwrap();
-        frame_writer
-            .push(FrameRow { video_id: file.clone(), frame_index: 0, pts_s: 0.0, embedding: row(&video_values, i) })
-            .unwrap();
+        // Two frames: the video's own embedding at 0 s, and its first caption's at 0.5 s.
+        for (frame_index, pts_s, embedding) in [(0, 0.0, row(&video_values, i)), (1, 0.5, row(&text_values, 4 * i))] {
+            frame_writer.push(FrameRow { video_id: file.clone(), frame_index, pts_s, embedding }).unwrap();
+        }
     }
     let mut text_writer = ShardWriter::<TextRow>::new(&index, "texts/labelled", "1", dim, 1000).unwrap();
     for (i, caption) in reference["captions"].as_array().unwrap().iter().enumerate() {
@@ -207,6 +209,14 @@ fn each_folder_shows_its_metrics_and_its_queries_paged_filtered_and_sorted() {
     }
     let (items, _) = all_pages(&service, "/api/v1/scores/queries?folder=1&sort=-rank", 100);
     assert_eq!(items.len(), 44);
+    let (videos, _) = read_npy(&fixtures().join("reference/explorer/videos.npy"));
+    let (texts, shape) = read_npy(&fixtures().join("reference/explorer/texts.npy"));
+    let dim = shape[1];
+    let dot = |a: &[f64], i: usize, b: &[f64], j: usize| {
+        a[i * dim..(i + 1) * dim].iter().zip(&b[j * dim..(j + 1) * dim]).map(|(x, y)| x * y).sum::<f64>()
+    };
+    let names: Vec<&str> = reference["videos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let mut half = 0;
     for query in &items {
         let top: Vec<(String, f64)> = query["top"]
             .as_array()
@@ -219,8 +229,20 @@ fn each_folder_shows_its_metrics_and_its_queries_paged_filtered_and_sorted() {
         assert_eq!(query["score"].as_f64(), own.map(|o| o.1), "{query}");
         let marked: Vec<bool> = query["top"].as_array().unwrap().iter().map(|e| e["true"].as_bool().unwrap()).collect();
         assert_eq!(marked.iter().filter(|&&m| m).count(), usize::from(own.is_some()));
-        assert!(query["top"].as_array().unwrap().iter().all(|e| e["best_frame_s"] == 0.0), "{query}");
+        // Each video's frame most like the caption, by f64 dot products of the fixture's vectors
+        // (the segment holds them in f16: frames closer than its error may go either way).
+        let t = query["text_id"].as_u64().unwrap() as usize;
+        for entry in query["top"].as_array().unwrap() {
+            let v = names.iter().position(|n| *n == entry["video_id"]).unwrap();
+            let (at_start, at_half) = (dot(&texts, t, &videos, v), dot(&texts, t, &texts, 4 * v));
+            let best = entry["best_frame_s"].as_f64().unwrap();
+            if (at_start - at_half).abs() > 2.0 * F16_COSINE_ERROR {
+                assert_eq!(best, if at_half > at_start { 0.5 } else { 0.0 }, "{query}");
+            }
+            half += usize::from(best == 0.5);
+        }
     }
+    assert!(half > 0 && half < 44 * 10, "both frames are somebody's best: {half} at 0.5 s");
     // The thumbnails the page shows for them.
     let first = &items[0]["top"][0]["video_id"];
     let response = service.get(&format!("/api/v1/thumbnail?id={}&t=0", crate::serve::encode(first.as_str().unwrap())));
@@ -262,7 +284,10 @@ fn a_comparison_of_none_and_dsl_equals_the_python_reference() {
             assert_eq!(item["rank_b"], ranks_of(&reference, "dsl")[t]);
             assert_eq!(item["text"], reference["captions"][t]["text"]);
         }
-        // The histogram's counts are the reference's changes binned.
+        // The histogram's bins are the contract's, and its counts the reference's changes binned.
+        let labels: Vec<&str> =
+            last["histogram"].as_array().unwrap().iter().map(|b| b["label"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["≤ −100", "−99…−10", "−9…−2", "−1", "+1", "+2…+9", "+10…+99", "≥ +100"]);
         for bin in last["histogram"].as_array().unwrap() {
             let low = bin["lowest"].as_i64().unwrap_or(i64::MIN);
             let high = bin["highest"].as_i64().unwrap_or(i64::MAX);

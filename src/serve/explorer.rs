@@ -4,17 +4,21 @@
 //! videos (`--revise none` against `--revise dsl`): the captions whose rank the second improved
 //! or worsened, by how much, and how the changes are spread.
 //!
-//! A folder keeps in memory only its ranks (text ids and ranks, and two orders by rank: 20 bytes
-//! a text) and where each text's rows start in `topk.parquet` (8 bytes a text): 5 MB at 180,000
-//! captions. A page reads its captions, true videos and top-k rows by position from the
-//! Parquet files (`store::read_rows_at`), so no request reads a whole table, and a comparison
-//! holds 12 bytes a changed caption.
+//! A folder is read once at start: its record (a mixed folder is refused), its metrics, and in
+//! memory only its ranks (text ids and ranks, and two orders by rank: 20 bytes a text) and where
+//! each text's rows start in `topk.parquet` (8 bytes a text): 5 MB at 180,000 captions. Its two
+//! Parquet files stay open, so a later `score` into the same folder does not mix another run
+//! into the pages: the explorer shows the runs as they were when it started. A page reads only
+//! the rows it shows, by position (`store::read_rows_at`), and captions from the index's text
+//! set while it is the one scored; a comparison holds 4 bytes a changed caption.
 
+use std::fs::File;
 use std::num::NonZeroUsize;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use arrow::array::RecordBatch;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
@@ -22,14 +26,17 @@ use serde_json::{Value, json};
 
 use super::App;
 use super::api::{ApiError, MAX_LISTED, Page, Params, blocking};
-use super::index::Snapshot;
+use super::index::{Snapshot, reopen};
 use crate::store::{
-    Manifest, ScoreRecord, ShardInfo, StoreError, embedding_values, f64_column, for_each_batch_of, read_rows_at,
-    read_score_folder, string_column, u32_column, u64_column,
+    Manifest, ScoreRecord, ShardInfo, StoreError, embedding_values, f64_column, for_each_batch_in, io_error,
+    read_rows_at, read_score_folder, run_id_in, string_column, u32_column, u64_column,
 };
 
-/// Comparisons kept once made (each 12 bytes a changed caption).
+/// Comparisons kept once made (each 4 bytes a changed caption).
 const CACHED_COMPARISONS: usize = 8;
+/// The most top-k entries a query lists (a folder scored with a larger `--top-k` shows its
+/// first ones): a page's work stays bounded whatever the run's k.
+pub const MAX_TOP_LISTED: usize = 50;
 
 /// The bins of the histogram of rank changes (`rank in the first − rank in the second`: above 0
 /// the second ranked the true video higher), each `(lowest, highest, label)`; unchanged
@@ -45,21 +52,41 @@ pub const CHANGE_BINS: [(i64, i64, &str); 8] = [
     (100, i64::MAX, "≥ +100"),
 ];
 
+/// Which queries a page lists, by the rank of their true video (as R@1, R@5 and R@10 count),
+/// by its name in the API.
+const OUTCOMES: [(&str, RangeInclusive<u32>); 5] =
+    [("all", 1..=u32::MAX), ("r1", 1..=1), ("r5", 1..=5), ("r10", 1..=10), ("beyond", 11..=u32::MAX)];
+
+fn outcome(name: &str) -> Result<RangeInclusive<u32>, ApiError> {
+    OUTCOMES.iter().find(|(n, _)| *n == name).map(|(_, ranks)| ranks.clone()).ok_or_else(|| {
+        let names: Vec<&str> = OUTCOMES.iter().map(|(n, _)| *n).collect();
+        ApiError::bad_request(format!("outcome is one of {}", names.join(", ")))
+    })
+}
+
 /// Why a score folder cannot be explored.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {message}", dir.display())]
-pub struct FolderError {
-    pub dir: PathBuf,
-    pub message: String,
+pub enum FolderError {
+    /// Unreadable, of another format, or mixed (the message names the folder or file).
+    #[error(transparent)]
+    Unreadable(#[from] StoreError),
+    #[error(
+        "{}: it scored the text set {texts:?}, which this index does not hold: serve the index it was scored from",
+        dir.display()
+    )]
+    OtherIndex { dir: PathBuf, texts: String },
 }
 
 /// The score folders `serve` was given, and the comparisons made of them.
 pub struct ScoreFolders {
     folders: Vec<ScoreFolder>,
+    /// For each folder, the folders that scored the same things (the ones it compares with).
+    comparable: Vec<Vec<usize>>,
     comparisons: Mutex<lru::LruCache<(usize, usize), Arc<Comparison>>>,
 }
 
-/// One score folder, read and checked once: its record, its metrics and its ranks.
+/// One score folder, read and checked once: its record, its metrics, its ranks and its two
+/// Parquet files, held open.
 pub struct ScoreFolder {
     pub dir: PathBuf,
     /// The folder's own name, which the page shows.
@@ -75,41 +102,8 @@ pub struct ScoreFolder {
     worst_first: Vec<u32>,
     /// Where each text's rows start in `topk.parquet`, and where the last one's end.
     topk_starts: Vec<u64>,
-}
-
-/// Which queries a page lists, by the rank of their true video (as R@1, R@5 and R@10 count).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    All,
-    AtOne,
-    WithinFive,
-    WithinTen,
-    BeyondTen,
-}
-
-impl Outcome {
-    pub const NAMES: &str = "all, r1, r5, r10, beyond";
-
-    fn parse(name: &str) -> Option<Outcome> {
-        Some(match name {
-            "all" => Outcome::All,
-            "r1" => Outcome::AtOne,
-            "r5" => Outcome::WithinFive,
-            "r10" => Outcome::WithinTen,
-            "beyond" => Outcome::BeyondTen,
-            _ => return None,
-        })
-    }
-
-    fn ranks(self) -> RangeInclusive<u32> {
-        match self {
-            Outcome::All => 1..=u32::MAX,
-            Outcome::AtOne => 1..=1,
-            Outcome::WithinFive => 1..=5,
-            Outcome::WithinTen => 1..=10,
-            Outcome::BeyondTen => 11..=u32::MAX,
-        }
-    }
+    t2v_ranks: File,
+    topk: File,
 }
 
 /// The order of a page of queries.
@@ -121,21 +115,21 @@ enum Order {
 }
 
 impl Order {
-    fn parse(name: &str) -> Option<Order> {
-        Some(match name {
-            "text" => Order::Text,
-            "rank" => Order::BestFirst,
-            "-rank" => Order::WorstFirst,
-            _ => return None,
-        })
+    fn parse(name: &str) -> Result<Order, ApiError> {
+        match name {
+            "text" => Ok(Order::Text),
+            "rank" => Ok(Order::BestFirst),
+            "-rank" => Ok(Order::WorstFirst),
+            _ => Err(ApiError::bad_request("sort is one of text, rank, -rank")),
+        }
     }
 }
 
 /// Two folders' ranks of the same queries, compared: the captions the second ranked better
 /// (most improved first), worse (most worsened first), and how many it left as they were.
 pub struct Comparison {
-    improved: Vec<(u32, i64)>,
-    worsened: Vec<(u32, i64)>,
+    improved: Vec<u32>,
+    worsened: Vec<u32>,
     pub unchanged: usize,
     /// Captions per bin of [`CHANGE_BINS`].
     pub histogram: [u64; CHANGE_BINS.len()],
@@ -145,19 +139,36 @@ fn corrupt(path: &Path) -> impl Fn(String) -> StoreError + '_ {
     move |message| StoreError::Corrupt { path: path.to_path_buf(), message }
 }
 
+/// `file` of the folder, opened and checked to be of run `run_id`.
+fn open_output(dir: &Path, file: &str, run_id: &str) -> Result<File, StoreError> {
+    let path = dir.join(file);
+    let opened = File::open(&path).map_err(io_error(&path))?;
+    let id = run_id_in(reopen(&opened).map_err(io_error(&path))?, &path)?;
+    if id.as_deref() != Some(run_id) {
+        return Err(corrupt(dir)(format!(
+            "mixed outputs: {file} is of run {}, where run.json is of run {run_id}",
+            id.as_deref().unwrap_or("none")
+        )));
+    }
+    Ok(opened)
+}
+
 impl ScoreFolder {
-    /// Reads the folder's record (refusing a mixed folder), metrics and ranks.
+    /// Reads the folder's record (refusing a mixed folder), metrics and ranks, and keeps its
+    /// ranks and top k open.
     pub fn open(dir: &Path) -> Result<ScoreFolder, StoreError> {
         let record = read_score_folder(dir)?;
+        let (t2v_ranks, topk) =
+            (open_output(dir, "t2v_ranks.parquet", &record.run_id)?, open_output(dir, "topk.parquet", &record.run_id)?);
         let metrics_path = dir.join("metrics.json");
         let metrics = match std::fs::read(&metrics_path) {
             Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(&metrics_path)(e.to_string()))?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(crate::store::io_error(&metrics_path)(e)),
+            Err(e) => return Err(io_error(&metrics_path)(e)),
         };
         let (mut text_ids, mut ranks) = (Vec::with_capacity(record.n_texts), Vec::with_capacity(record.n_texts));
         let t2v = dir.join("t2v_ranks.parquet");
-        for_each_batch_of(&t2v, &["text_id", "rank"], |batch| {
+        for_each_batch_in(reopen(&t2v_ranks).map_err(io_error(&t2v))?, &t2v, &["text_id", "rank"], |batch| {
             text_ids.extend(u64_column(batch, "text_id")?.values());
             ranks.extend(u32_column(batch, "rank")?.iter().map(|r| r.unwrap_or(0)));
             Ok(())
@@ -165,17 +176,18 @@ impl ScoreFolder {
         if !text_ids.windows(2).all(|w| w[0] < w[1]) {
             return Err(corrupt(&t2v)("its texts are not in ascending text_id order".into()));
         }
-        // Each text's rows in topk.parquet, which lists texts in the same order.
+        // Each text's rows in topk.parquet, which lists texts in the same order (contract §4).
         let mut counts = vec![0u64; text_ids.len()];
-        let (topk, mut next) = (dir.join("topk.parquet"), 0usize);
-        for_each_batch_of(&topk, &["text_id"], |batch| {
+        let (topk_path, mut next) = (dir.join("topk.parquet"), 0usize);
+        let opened = reopen(&topk).map_err(io_error(&topk_path))?;
+        for_each_batch_in(opened, &topk_path, &["text_id"], |batch| {
             for id in u64_column(batch, "text_id")?.values() {
                 while text_ids.get(next).is_some_and(|&t| t < *id) {
                     next += 1;
                 }
                 match text_ids.get(next) {
                     Some(t) if t == id => counts[next] += 1,
-                    _ => return Err(format!("text {id} is out of order, or not in t2v_ranks.parquet")),
+                    _ => return Err(format!("text {id} is out of text_id order, or not in t2v_ranks.parquet")),
                 }
             }
             Ok(())
@@ -200,12 +212,9 @@ impl ScoreFolder {
             best_first,
             worst_first,
             topk_starts,
+            t2v_ranks,
+            topk,
         })
-    }
-
-    /// How many texts the folder's score ranked, queries or not.
-    pub fn texts(&self) -> usize {
-        self.text_ids.len()
     }
 
     /// Whether the index still holds the texts, and the videos, this folder scored.
@@ -217,14 +226,14 @@ impl ScoreFolder {
         )
     }
 
-    /// The positions of one page of the queries of `outcome` in `order`, and how many there are.
-    fn select(&self, outcome: Outcome, order: Order, offset: usize, limit: usize) -> (usize, Vec<u32>) {
-        let wanted = outcome.ranks();
+    /// The positions of one page of the queries whose rank is in `wanted`, in `order`, and how
+    /// many there are.
+    fn select(&self, wanted: &RangeInclusive<u32>, order: Order, offset: usize, limit: usize) -> (usize, Vec<u32>) {
         let rank = |&row: &u32| self.ranks[row as usize];
         let within: &[u32] = match order {
             Order::Text => {
                 let matching = (0..self.ranks.len() as u32).filter(|row| wanted.contains(&rank(row)));
-                return (self.count(outcome), matching.skip(offset).take(limit).collect());
+                return (self.count(wanted), matching.skip(offset).take(limit).collect());
             }
             Order::BestFirst => {
                 let start = self.best_first.partition_point(|row| rank(row) < *wanted.start());
@@ -240,47 +249,54 @@ impl ScoreFolder {
         (within.len(), within.iter().skip(offset).take(limit).copied().collect())
     }
 
-    /// How many queries have the outcome.
-    fn count(&self, outcome: Outcome) -> usize {
-        let wanted = outcome.ranks();
+    /// How many queries have their rank in `wanted`.
+    fn count(&self, wanted: &RangeInclusive<u32>) -> usize {
         let rank = |&row: &u32| self.ranks[row as usize];
         self.best_first.partition_point(|row| rank(row) <= *wanted.end())
             - self.best_first.partition_point(|row| rank(row) < *wanted.start())
     }
 
+    /// The `columns` of the rows at `positions` (ascending) of one of the folder's held files.
+    fn read(
+        &self,
+        held: &File,
+        file: &str,
+        columns: &[&str],
+        positions: &[u64],
+    ) -> Result<Vec<RecordBatch>, StoreError> {
+        let path = self.dir.join(file);
+        read_rows_at(reopen(held).map_err(io_error(&path))?, &path, columns, positions)
+    }
+
     /// The true video of each text at `rows` (ascending), from `t2v_ranks.parquet`.
     fn true_videos(&self, rows: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
-        let path = self.dir.join("t2v_ranks.parquet");
         let mut videos = Vec::with_capacity(rows.len());
-        for batch in read_rows_at(&path, &["video_id"], rows)? {
-            let ids = string_column(&batch, "video_id").map_err(corrupt(&path))?;
+        for batch in self.read(&self.t2v_ranks, "t2v_ranks.parquet", &["video_id"], rows)? {
+            let ids = string_column(&batch, "video_id").map_err(corrupt(&self.dir))?;
             videos.extend(ids.iter().map(|id| id.map(str::to_string)));
         }
         Ok(videos)
     }
 
-    /// The top-k entries of each text at `rows` (ascending).
+    /// The first [`MAX_TOP_LISTED`] top-k entries of each text at `rows` (ascending).
     fn top(&self, rows: &[u64]) -> Result<Vec<Vec<TopEntry>>, StoreError> {
-        let path = self.dir.join("topk.parquet");
-        let positions: Vec<u64> =
-            rows.iter().flat_map(|&row| self.topk_starts[row as usize]..self.topk_starts[row as usize + 1]).collect();
+        let listed = |row: u64| {
+            let start = self.topk_starts[row as usize];
+            start..self.topk_starts[row as usize + 1].min(start + MAX_TOP_LISTED as u64)
+        };
+        let positions: Vec<u64> = rows.iter().flat_map(|&row| listed(row)).collect();
         let mut entries = Vec::with_capacity(positions.len());
-        for batch in read_rows_at(&path, &["rank", "video_id", "score"], &positions)? {
-            let ranks = u32_column(&batch, "rank").map_err(corrupt(&path))?;
-            let ids = string_column(&batch, "video_id").map_err(corrupt(&path))?;
-            let scores = f64_column(&batch, "score").map_err(corrupt(&path))?;
+        for batch in self.read(&self.topk, "topk.parquet", &["rank", "video_id", "score"], &positions)? {
+            let columns = (u32_column(&batch, "rank"), string_column(&batch, "video_id"), f64_column(&batch, "score"));
+            let (Ok(ranks), Ok(ids), Ok(scores)) = columns else {
+                return Err(corrupt(&self.dir.join("topk.parquet"))("not the columns of a top k".into()));
+            };
             for i in 0..batch.num_rows() {
                 entries.push((ranks.value(i), ids.value(i).to_string(), scores.value(i)));
             }
         }
         let mut entries = entries.into_iter();
-        Ok(rows
-            .iter()
-            .map(|&row| {
-                let n = self.topk_starts[row as usize + 1] - self.topk_starts[row as usize];
-                entries.by_ref().take(n as usize).collect()
-            })
-            .collect())
+        Ok(rows.iter().map(|&row| entries.by_ref().take(listed(row).count()).collect()).collect())
     }
 }
 
@@ -295,15 +311,15 @@ struct Caption {
 
 /// The captions of the texts at `rows` (ascending positions in text_id order) that `folder`
 /// scored, from the snapshot's text set while it is the one scored (a set encoded again under
-/// the same name may give other texts the same ids); none otherwise.
-fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Vec<Option<Caption>> {
+/// the same name may give other texts the same ids); none otherwise, or where a later commit
+/// has already collected the set's shard.
+fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Result<Vec<Option<Caption>>, StoreError> {
     let mut out: Vec<Option<Caption>> = (0..rows.len()).map(|_| None).collect();
     if !folder.current(&snapshot.manifest).0 {
-        return out;
+        return Ok(out);
     }
-    let (name, text_ids) = (&folder.record.texts, &folder.text_ids);
     let (mut first, mut next) = (0u64, 0usize);
-    for shard in snapshot.manifest.shards(&format!("texts/{name}")) {
+    for shard in snapshot.manifest.shards(&format!("texts/{}", folder.record.texts)) {
         let end = first + shard.rows;
         let start = next;
         while rows.get(next).is_some_and(|&row| row < end) {
@@ -314,18 +330,20 @@ fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Vec<Opti
         if local.is_empty() {
             continue;
         }
-        // A shard collected since this snapshot (a later commit rewrote the set) gives none.
         let path = snapshot.index.join(&shard.path);
-        let Ok(batches) = read_rows_at(&path, &["text_id", "text", "embedding"], &local) else { continue };
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&path)(e)),
+        };
         let mut slot = start;
-        for batch in batches {
-            let (Ok(ids), Ok(texts), Ok((values, dim))) =
-                (u64_column(&batch, "text_id"), string_column(&batch, "text"), embedding_values(&batch))
-            else {
-                break;
+        for batch in read_rows_at(file, &path, &["text_id", "text", "embedding"], &local)? {
+            let (ids, texts) = (u64_column(&batch, "text_id"), string_column(&batch, "text"));
+            let (Ok(ids), Ok(texts), Ok((values, dim))) = (ids, texts, embedding_values(&batch)) else {
+                return Err(corrupt(&path)("not the columns of a text set".into()));
             };
             for i in 0..batch.num_rows() {
-                if ids.value(i) == text_ids[rows[slot] as usize] {
+                if ids.value(i) == folder.text_ids[rows[slot] as usize] {
                     let embedding = values[i * dim..(i + 1) * dim].to_vec();
                     out[slot] = Some(Caption { text: texts.value(i).to_string(), embedding });
                 }
@@ -333,10 +351,11 @@ fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Vec<Opti
             }
         }
     }
-    out
+    Ok(out)
 }
 
-/// The time of `video_id`'s frame most like `caption`, if the index holds the video.
+/// The time of `video_id`'s frame most like `caption` (its first frame's without a caption), if
+/// the index holds the video.
 fn best_frame_s(snapshot: &Snapshot, caption: Option<&Caption>, video_id: &str) -> Option<f64> {
     let at = snapshot.engine.find(video_id)?;
     match caption {
@@ -345,9 +364,9 @@ fn best_frame_s(snapshot: &Snapshot, caption: Option<&Caption>, video_id: &str) 
     }
 }
 
-/// What differs between two runs' inputs: empty when they scored the same texts against the
+/// What differs between two folders' inputs: empty when they scored the same texts against the
 /// same videos.
-pub fn differences(a: &ScoreRecord, b: &ScoreRecord) -> Vec<String> {
+fn differences(a: &ScoreFolder, b: &ScoreFolder) -> Vec<String> {
     let shards = |shas: &[String]| {
         let mut names: Vec<String> = shas.iter().take(3).map(|s| s.chars().take(12).collect()).collect();
         if shas.len() > 3 {
@@ -355,115 +374,108 @@ pub fn differences(a: &ScoreRecord, b: &ScoreRecord) -> Vec<String> {
         }
         format!("{} shard{} ({})", shas.len(), if shas.len() == 1 { "" } else { "s" }, names.join(", "))
     };
+    let (r, s) = (&a.record, &b.record);
     let mut differ = Vec::new();
-    if a.texts != b.texts || a.texts_sha256 != b.texts_sha256 {
+    if r.texts != s.texts || r.texts_sha256 != s.texts_sha256 || a.text_ids != b.text_ids {
         differ.push(format!(
             "the texts: set {:?} of {} texts in {}, against set {:?} of {} texts in {}",
-            a.texts,
-            a.n_texts,
-            shards(&a.texts_sha256),
-            b.texts,
-            b.n_texts,
-            shards(&b.texts_sha256)
+            r.texts,
+            r.n_texts,
+            shards(&r.texts_sha256),
+            s.texts,
+            s.n_texts,
+            shards(&s.texts_sha256)
         ));
     }
-    if a.videos_sha256 != b.videos_sha256 {
+    if r.videos_sha256 != s.videos_sha256 {
         differ.push(format!(
             "the videos: {} videos in {}, against {} videos in {}",
-            a.n_videos,
-            shards(&a.videos_sha256),
-            b.n_videos,
-            shards(&b.videos_sha256)
+            r.n_videos,
+            shards(&r.videos_sha256),
+            s.n_videos,
+            shards(&s.videos_sha256)
         ));
     }
     differ
 }
 
 impl Comparison {
+    /// The rank changes from `a` to `b` of the texts that are queries in both.
     fn of(a: &ScoreFolder, b: &ScoreFolder) -> Comparison {
+        let change = |row: u32| i64::from(a.ranks[row as usize]) - i64::from(b.ranks[row as usize]);
         let (mut improved, mut worsened, mut unchanged) = (Vec::new(), Vec::new(), 0);
         let mut histogram = [0u64; CHANGE_BINS.len()];
-        for (row, (&rank_a, &rank_b)) in a.ranks.iter().zip(&b.ranks).enumerate() {
-            if rank_a == 0 || rank_b == 0 {
+        for row in 0..a.ranks.len().min(b.ranks.len()) as u32 {
+            if a.ranks[row as usize] == 0 || b.ranks[row as usize] == 0 {
                 continue;
             }
-            let change = i64::from(rank_a) - i64::from(rank_b);
-            match change.cmp(&0) {
-                std::cmp::Ordering::Greater => improved.push((row as u32, change)),
-                std::cmp::Ordering::Less => worsened.push((row as u32, change)),
+            match change(row).cmp(&0) {
+                std::cmp::Ordering::Greater => improved.push(row),
+                std::cmp::Ordering::Less => worsened.push(row),
                 std::cmp::Ordering::Equal => unchanged += 1,
             }
-            if let Some(bin) = CHANGE_BINS.iter().position(|&(low, high, _)| (low..=high).contains(&change)) {
+            if let Some(bin) = CHANGE_BINS.iter().position(|&(low, high, _)| (low..=high).contains(&change(row))) {
                 histogram[bin] += 1;
             }
         }
-        improved.sort_by_key(|&(row, change)| (std::cmp::Reverse(change), row));
-        worsened.sort_by_key(|&(row, change)| (change, row));
+        improved.sort_by_key(|&row| (std::cmp::Reverse(change(row)), row));
+        worsened.sort_by_key(|&row| (change(row), row));
         Comparison { improved, worsened, unchanged, histogram }
     }
 
-    pub fn improved(&self) -> usize {
-        self.improved.len()
-    }
-
-    pub fn worsened(&self) -> usize {
-        self.worsened.len()
+    /// The histogram as the API gives it: each bin's label, its ends (none where open) and count.
+    fn bins(&self) -> Vec<Value> {
+        let end = |value: i64| (value != i64::MIN && value != i64::MAX).then_some(value);
+        CHANGE_BINS
+            .iter()
+            .zip(self.histogram)
+            .map(|(&(low, high, label), captions)| {
+                json!({"label": label, "lowest": end(low), "highest": end(high), "captions": captions})
+            })
+            .collect()
     }
 }
 
 impl ScoreFolders {
-    /// Opens every folder of `dirs`, refusing a mixed one, or one whose text set `index` does
-    /// not hold (its captions could not be shown).
+    /// Opens every folder of `dirs`, refusing a mixed one, or one whose text set `manifest`'s
+    /// index does not hold (its captions could not be shown).
     pub fn open(dirs: &[PathBuf], manifest: &Manifest) -> Result<ScoreFolders, FolderError> {
         let mut folders = Vec::new();
         for dir in dirs {
-            let refused = |message: String| FolderError { dir: dir.clone(), message };
-            let folder = ScoreFolder::open(dir).map_err(|e| refused(e.to_string()))?;
+            let folder = ScoreFolder::open(dir)?;
             if !manifest.tables.contains_key(&format!("texts/{}", folder.record.texts)) {
-                return Err(refused(format!(
-                    "it scored the text set {:?}, which this index does not hold: serve the index it was scored from",
-                    folder.record.texts
-                )));
+                return Err(FolderError::OtherIndex { dir: dir.clone(), texts: folder.record.texts });
             }
             folders.push(folder);
         }
+        let comparable = (0..folders.len())
+            .map(|a| {
+                (0..folders.len()).filter(|&b| b != a && differences(&folders[a], &folders[b]).is_empty()).collect()
+            })
+            .collect();
         Ok(ScoreFolders {
             folders,
+            comparable,
             comparisons: Mutex::new(lru::LruCache::new(NonZeroUsize::new(CACHED_COMPARISONS).expect("positive"))),
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.folders.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.folders.is_empty()
-    }
-
     /// The folder at `position` in `--scores` order, or the 404 that says there is none.
-    fn folder(&self, position: &str) -> Result<&ScoreFolder, ApiError> {
-        self.folders.get(self.position(position)?).ok_or_else(|| self.no_such(position))
-    }
-
-    fn position(&self, text: &str) -> Result<usize, ApiError> {
-        text.parse::<usize>().map_err(|_| self.no_such(text))
-    }
-
-    fn no_such(&self, position: &str) -> ApiError {
-        ApiError::not_found(match self.folders.len() {
-            0 => format!("no score folder {position:?}: this service was given no --scores"),
-            n => format!("no score folder {position:?}: the folders are 0 to {} in --scores order", n - 1),
+    fn folder(&self, position: &str) -> Result<(usize, &ScoreFolder), ApiError> {
+        let found = position.parse::<usize>().ok().and_then(|p| Some((p, self.folders.get(p)?)));
+        found.ok_or_else(|| {
+            ApiError::not_found(match self.folders.len() {
+                0 => format!("no score folder {position:?}: this service was given no --scores"),
+                n => format!("no score folder {position:?}: the folders are 0 to {} in --scores order", n - 1),
+            })
         })
     }
 
     /// The comparison of the folders at `a` and `b`, made once; a 409 saying what differs if
     /// they did not score the same things.
     pub fn compare(&self, a: &str, b: &str) -> Result<Arc<Comparison>, ApiError> {
-        let (first, second) = (self.position(a)?, self.position(b)?);
-        let (folder_a, folder_b) = (self.folder(a)?, self.folder(b)?);
-        let differ = differences(&folder_a.record, &folder_b.record);
-        if !differ.is_empty() || folder_a.text_ids != folder_b.text_ids {
+        let ((first, folder_a), (second, folder_b)) = (self.folder(a)?, self.folder(b)?);
+        if first != second && !self.comparable[first].contains(&second) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "not_comparable",
@@ -471,7 +483,7 @@ impl ScoreFolders {
                     "{} and {} did not score the same things, so their ranks cannot be compared; they differ in {}",
                     folder_a.name,
                     folder_b.name,
-                    if differ.is_empty() { "their texts".to_string() } else { differ.join("; and in ") }
+                    differences(folder_a, folder_b).join("; and in ")
                 ),
             ));
         }
@@ -485,31 +497,26 @@ impl ScoreFolders {
     }
 }
 
+/// A score folder's failure to give a page: a 500 that names the folder, not the index.
+fn unreadable(folder: &ScoreFolder) -> impl Fn(StoreError) -> ApiError + '_ {
+    move |e| ApiError::internal(format!("the score folder {} cannot be read: {e}", folder.name))
+}
+
 /// `GET /api/v1/scores`: every folder with its run's settings, metrics and counts, whether the
 /// index still holds what it scored, and the folders it can be compared with.
 pub async fn list(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
     Params::of(&uri, &[])?;
     let snapshot = app.live.snapshot();
-    let folders = &app.scores.folders;
-    let items: Vec<Value> = folders
+    let scores = &app.scores;
+    let items: Vec<Value> = scores
+        .folders
         .iter()
         .enumerate()
         .map(|(position, folder)| {
             let r = &folder.record;
             let (texts_current, videos_current) = folder.current(&snapshot.manifest);
-            let comparable: Vec<usize> = (0..folders.len())
-                .filter(|&other| {
-                    other != position
-                        && differences(r, &folders[other].record).is_empty()
-                        && folders[other].text_ids == folder.text_ids
-                })
-                .collect();
             let outcomes: serde_json::Map<String, Value> =
-                [("all", Outcome::All), ("r1", Outcome::AtOne), ("r5", Outcome::WithinFive)]
-                    .into_iter()
-                    .chain([("r10", Outcome::WithinTen), ("beyond", Outcome::BeyondTen)])
-                    .map(|(name, outcome)| (name.to_string(), json!(folder.count(outcome))))
-                    .collect();
+                OUTCOMES.iter().map(|(name, ranks)| (name.to_string(), json!(folder.count(ranks)))).collect();
             json!({
                 "folder": position,
                 "name": folder.name,
@@ -527,11 +534,16 @@ pub async fn list(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, 
                 "outcomes": outcomes,
                 "texts_current": texts_current,
                 "videos_current": videos_current,
-                "comparable_with": comparable,
+                "comparable_with": scores.comparable[position],
             })
         })
         .collect();
     Ok(Json(json!({"folders": items})))
+}
+
+/// How an answer names a folder.
+fn named(position: usize, folder: &ScoreFolder) -> Value {
+    json!({"folder": position, "name": folder.name, "revise": folder.record.revise})
 }
 
 /// `GET /api/v1/scores/queries?folder=N&outcome=…&sort=…&offset=&limit=`: a page of one
@@ -541,32 +553,26 @@ pub async fn queries(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value
     let params = Params::of(&uri, &["folder", "outcome", "sort", "offset", "limit"])?;
     let position = params.required("folder")?.to_string();
     app.scores.folder(&position)?;
-    let outcome = Outcome::parse(params.get("outcome").unwrap_or("all"))
-        .ok_or_else(|| ApiError::bad_request(format!("outcome is one of {}", Outcome::NAMES)))?;
-    let sort = params.get("sort").unwrap_or("text").to_string();
-    let order = Order::parse(&sort).ok_or_else(|| ApiError::bad_request("sort is one of text, rank, -rank"))?;
+    let wanted = outcome(params.get("outcome").unwrap_or("all"))?;
+    let order = Order::parse(params.get("sort").unwrap_or("text"))?;
     let (offset, limit) = params.page(MAX_LISTED)?;
     let snapshot = app.live.snapshot();
     blocking(move || {
-        let folder = app.scores.folder(&position)?;
-        let (total, rows) = folder.select(outcome, order, offset, limit);
-        let items = query_items(&snapshot, folder, &rows)?;
-        Ok(Json(json!({"folder": folder_name(folder, &position), "page": Page::new(offset, limit, total, items)})))
+        let (position, folder) = app.scores.folder(&position)?;
+        let (total, rows) = folder.select(&wanted, order, offset, limit);
+        let items = query_items(&snapshot, folder, &rows).map_err(unreadable(folder))?;
+        Ok(Json(json!({"folder": named(position, folder), "page": Page::new(offset, limit, total, items)})))
     })
     .await
 }
 
-fn folder_name(folder: &ScoreFolder, position: &str) -> Value {
-    json!({"folder": position.parse::<usize>().ok(), "name": folder.name, "revise": folder.record.revise})
-}
-
 /// The items of a page of queries at `rows` (in the page's order).
-fn query_items(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u32]) -> Result<Vec<Value>, ApiError> {
+fn query_items(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u32]) -> Result<Vec<Value>, StoreError> {
     let mut sorted: Vec<u64> = rows.iter().map(|&r| u64::from(r)).collect();
     sorted.sort_unstable();
     let videos = folder.true_videos(&sorted)?;
     let tops = folder.top(&sorted)?;
-    let captions = captions(snapshot, folder, &sorted);
+    let captions = captions(snapshot, folder, &sorted)?;
     let at = |row: u32| sorted.binary_search(&u64::from(row)).expect("a row of the page");
     Ok(rows
         .iter()
@@ -614,41 +620,86 @@ pub async fn changes(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value
     let snapshot = app.live.snapshot();
     blocking(move || {
         let comparison = app.scores.compare(&a, &b)?;
-        let (folder_a, folder_b) = (app.scores.folder(&a)?, app.scores.folder(&b)?);
+        let ((first, folder_a), (second, folder_b)) = (app.scores.folder(&a)?, app.scores.folder(&b)?);
         let listed = if improved { &comparison.improved } else { &comparison.worsened };
-        let page: Vec<(u32, i64)> = listed.iter().skip(offset).take(limit).copied().collect();
-        let mut sorted: Vec<u64> = page.iter().map(|&(row, _)| u64::from(row)).collect();
+        let page: Vec<u32> = listed.iter().skip(offset).take(limit).copied().collect();
+        let mut sorted: Vec<u64> = page.iter().map(|&row| u64::from(row)).collect();
         sorted.sort_unstable();
-        let videos = folder_a.true_videos(&sorted)?;
-        let captions = captions(&snapshot, folder_a, &sorted);
+        let videos = folder_a.true_videos(&sorted).map_err(unreadable(folder_a))?;
+        let captions = captions(&snapshot, folder_a, &sorted).map_err(unreadable(folder_a))?;
         let items: Vec<Value> = page
             .iter()
-            .map(|&(row, change)| {
+            .map(|&row| {
                 let i = sorted.binary_search(&u64::from(row)).expect("a row of the page");
-                let caption = captions[i].as_ref();
-                let video_id = videos[i].as_deref();
+                let (caption, video_id) = (captions[i].as_ref(), videos[i].as_deref());
+                let (rank_a, rank_b) = (folder_a.ranks[row as usize], folder_b.ranks[row as usize]);
                 json!({
                     "text_id": folder_a.text_ids[row as usize],
                     "text": caption.map(|c| c.text.as_str()),
                     "video_id": video_id,
                     "best_frame_s": video_id.and_then(|id| best_frame_s(&snapshot, caption, id)),
-                    "rank_a": folder_a.ranks[row as usize],
-                    "rank_b": folder_b.ranks[row as usize],
-                    "change": change,
+                    "rank_a": rank_a,
+                    "rank_b": rank_b,
+                    "change": i64::from(rank_a) - i64::from(rank_b),
                 })
             })
             .collect();
         Ok(Json(json!({
-            "a": folder_name(folder_a, &a),
-            "b": folder_name(folder_b, &b),
-            "improved": comparison.improved(),
-            "worsened": comparison.worsened(),
+            "a": named(first, folder_a),
+            "b": named(second, folder_b),
+            "improved": comparison.improved.len(),
+            "worsened": comparison.worsened.len(),
             "unchanged": comparison.unchanged,
-            "histogram": CHANGE_BINS.iter().zip(comparison.histogram).map(|(&(low, high, label), count)| {
-                json!({"label": label, "lowest": (low != i64::MIN).then_some(low), "highest": (high != i64::MAX).then_some(high), "captions": count})
-            }).collect::<Vec<_>>(),
+            "histogram": comparison.bins(),
             "page": Page::new(offset, limit, listed.len(), items),
         })))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder of these ranks (0: not a query), with nothing on disk behind it.
+    fn ranked(ranks: &[u32]) -> ScoreFolder {
+        let null = || File::open("/dev/null").unwrap();
+        ScoreFolder {
+            dir: PathBuf::from("/nonexistent"),
+            name: "ranks".into(),
+            record: serde_json::from_value(json!({
+                "run_id": "r", "revise": "none", "temperature": 1.0, "beta": null, "scale": 100.0, "top_k": 10,
+                "texts": "t", "texts_sha256": [], "videos_sha256": [], "bank": null, "bank_sha256": [],
+                "n_texts": ranks.len(), "n_videos": 1000, "outputs": []
+            }))
+            .unwrap(),
+            metrics: None,
+            text_ids: (0..ranks.len() as u64).collect(),
+            ranks: ranks.to_vec(),
+            best_first: Vec::new(),
+            worst_first: Vec::new(),
+            topk_starts: vec![0; ranks.len() + 1],
+            t2v_ranks: null(),
+            topk: null(),
+        }
+    }
+
+    #[test]
+    fn changes_fall_in_the_contracts_bins_and_sort_most_changed_first() {
+        // Changes (a − b): 0, +1, −1, +2, −2, +9, −9, +10, −10, +99, −99, +100, −100, +500; and two
+        // texts that are not queries in one of the folders.
+        let a = [5, 2, 1, 3, 1, 10, 1, 11, 1, 100, 1, 101, 1, 501, 0, 4];
+        let b = [5, 1, 2, 1, 3, 1, 10, 1, 11, 1, 100, 1, 101, 1, 3, 0];
+        let made = Comparison::of(&ranked(&a), &ranked(&b));
+        assert_eq!(made.unchanged, 1);
+        // ≤ −100, −99…−10, −9…−2, −1, +1, +2…+9, +10…+99, ≥ +100
+        assert_eq!(made.histogram, [1, 2, 2, 1, 1, 2, 2, 2]);
+        assert_eq!(made.improved, vec![13, 11, 9, 7, 5, 3, 1], "by change, most first");
+        assert_eq!(made.worsened, vec![12, 10, 8, 6, 4, 2]);
+        let bins = made.bins();
+        let labels: Vec<&str> = bins.iter().map(|b| b["label"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["≤ −100", "−99…−10", "−9…−2", "−1", "+1", "+2…+9", "+10…+99", "≥ +100"]);
+        assert_eq!((&bins[0]["lowest"], &bins[0]["highest"]), (&Value::Null, &json!(-100)));
+        assert_eq!((&bins[7]["lowest"], &bins[7]["highest"]), (&json!(100), &Value::Null));
+    }
 }

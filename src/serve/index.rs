@@ -97,12 +97,15 @@ impl Snapshot {
     pub fn video(&self, at: VideoAt) -> Result<VideoRecord, StoreError> {
         let shard = &self.manifest.shards("videos")[at.segment];
         let path = self.index.join(&shard.path);
-        // A file of its own over the held descriptor: its own offset for this request, and the
-        // same file even if a later commit's collection has unlinked the name.
-        let held = format!("/proc/self/fd/{}", self.videos_shards[at.segment].as_raw_fd());
-        let file = File::open(held).map_err(io_error(&path))?;
+        let file = reopen(&self.videos_shards[at.segment]).map_err(io_error(&path))?;
         read_video_record(file, &path, at.row)
     }
+}
+
+/// The file `held` is open on, opened again: its own offset for this request, and the same file
+/// even if its name has since been unlinked or replaced (a writer's collection, a new score).
+pub fn reopen(held: &File) -> std::io::Result<File> {
+    File::open(format!("/proc/self/fd/{}", held.as_raw_fd()))
 }
 
 /// The snapshot requests read now, replaced when the manifest changes.

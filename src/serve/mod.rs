@@ -88,7 +88,7 @@ pub enum ServeError {
     Index(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("cannot explore the score folder {0}")]
+    #[error("--scores: {0}")]
     Scores(#[from] explorer::FolderError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },

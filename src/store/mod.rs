@@ -37,11 +37,12 @@ pub use merge::{MERGED_TABLES, MergeError, MergeReport, merge};
 pub use scores::{
     Embeddings, NotUnit, RUN_ID_KEY, SCORE_RECORD, SCORE_TABLES, ScoreRecord, T2vRankRow, TextSet, TopKRow,
     UNIT_NORM_TOLERANCE, V2tRankRow, read_frames_of, read_score_folder, read_text_embeddings, read_video_embeddings,
-    run_id_of, t2v_ranks_schema, topk_schema, v2t_ranks_schema, write_t2v_ranks, write_topk, write_v2t_ranks,
+    run_id_in, run_id_of, t2v_ranks_schema, topk_schema, v2t_ranks_schema, write_t2v_ranks, write_topk,
+    write_v2t_ranks,
 };
 pub use shard::{
-    ShardWriter, VideoRecord, for_each_batch, for_each_batch_of, read_rows_at, read_table, read_video_ids,
-    read_video_record, verify_shard,
+    ShardWriter, VideoRecord, for_each_batch, for_each_batch_in, for_each_batch_of, read_rows_at, read_table,
+    read_video_ids, read_video_record, verify_shard,
 };
 pub use stage_files::{StageFileError, StageFiles, StageHeader};
 pub use tables::{

@@ -302,7 +302,11 @@ fn write_output_to<R>(
 
 /// The run id a score's Parquet output records; none in one written before outputs had them.
 pub fn run_id_of(path: &Path) -> Result<Option<String>, StoreError> {
-    let file = File::open(path).map_err(io_error(path))?;
+    run_id_in(File::open(path).map_err(io_error(path))?, path)
+}
+
+/// [`run_id_of`] the open `file`, named `path` in errors.
+pub fn run_id_in(file: File, path: &Path) -> Result<Option<String>, StoreError> {
     let reader = parquet::file::reader::SerializedFileReader::new(file)
         .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: format!("not a Parquet file: {e}") })?;
     use parquet::file::reader::FileReader;

@@ -1,14 +1,16 @@
-//! Immutable Parquet shards: the rolling writer that makes them and the reader that checks
-//! them. Writer settings live in one place ([`writer_properties`]).
+//! Immutable Parquet shards: the rolling writer that makes them, the reader that checks them,
+//! and the readers of any of the index's Parquet files, whole, by columns, or by row position.
+//! Writer settings live in one place ([`writer_properties`]).
 
 use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{AsArray, RecordBatch};
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
+use parquet::file::metadata::PageIndexPolicy;
 use parquet::file::properties::WriterProperties;
 
 use super::tables::TableRows;
@@ -297,10 +299,19 @@ pub fn for_each_batch(
 pub fn for_each_batch_of(
     path: &Path,
     columns: &[&str],
+    f: impl FnMut(&RecordBatch) -> Result<(), String>,
+) -> Result<(), StoreError> {
+    for_each_batch_in(File::open(path).map_err(io_error(path))?, path, columns, f)
+}
+
+/// [`for_each_batch_of`] the open `file`, named `path` in errors.
+pub fn for_each_batch_in(
+    file: File,
+    path: &Path,
+    columns: &[&str],
     mut f: impl FnMut(&RecordBatch) -> Result<(), String>,
 ) -> Result<(), StoreError> {
     let corrupt = |message: String| StoreError::Corrupt { path: path.to_path_buf(), message };
-    let file = File::open(path).map_err(io_error(path))?;
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
     if !columns.is_empty() {
@@ -315,14 +326,21 @@ pub fn for_each_batch_of(
     Ok(())
 }
 
-/// The `columns` of the rows at `positions` (ascending, distinct, counted from the file's first
-/// row) of the Parquet file at `path`, in that order: only the row groups that hold them are
-/// read, so a page of a large table costs a few row groups, never the whole file.
-pub fn read_rows_at(path: &Path, columns: &[&str], positions: &[u64]) -> Result<Vec<RecordBatch>, StoreError> {
+/// The `columns` (every column when empty) of the rows at `positions` (ascending, distinct,
+/// counted from the file's first row) of the Parquet file `file`, named `path` in errors, in
+/// that order. Only the row groups that hold them are read, and within those, where the file
+/// has a page index (the index's writer writes one), only the pages that hold them: a page of a
+/// large table costs a few pages, never the whole file.
+pub fn read_rows_at(
+    file: File,
+    path: &Path,
+    columns: &[&str],
+    positions: &[u64],
+) -> Result<Vec<RecordBatch>, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt { path: path.to_path_buf(), message };
     debug_assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions ascend");
-    let file = File::open(path).map_err(io_error(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+    let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
         .map_err(|e| corrupt(format!("not a readable Parquet file: {e}")))?;
     let (mut groups, mut selectors) = (Vec::new(), Vec::new());
     let (mut group_start, mut next) = (0u64, 0usize);
@@ -351,7 +369,10 @@ pub fn read_rows_at(path: &Path, columns: &[&str], positions: &[u64]) -> Result<
     if groups.is_empty() {
         return Ok(Vec::new());
     }
-    let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let mask = match columns {
+        [] => ProjectionMask::all(),
+        named => ProjectionMask::columns(builder.parquet_schema(), named.iter().copied()),
+    };
     let reader = builder
         .with_projection(mask)
         .with_row_groups(groups)
@@ -393,4 +414,67 @@ pub fn verify_shard(index: &Path, shard: &ShardInfo) -> Result<(), String> {
         return Err(format!("{}: {rows} rows, the manifest records {}", shard.path, shard.rows));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{StringArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// 20 rows (`id` i, `text` "row i") in row groups of 3 and pages of 2, with a page index.
+    fn small_groups(path: &Path) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt64, false),
+            Field::new("text", DataType::Utf8, false),
+        ]));
+        let properties = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(3))
+            .set_data_page_row_count_limit(2)
+            .set_write_batch_size(1)
+            .build();
+        let mut writer = ArrowWriter::try_new(File::create(path).unwrap(), schema.clone(), Some(properties)).unwrap();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(UInt64Array::from_iter_values(0..20)),
+                Arc::new(StringArray::from_iter_values((0..20).map(|i| format!("row {i}")))),
+            ],
+        )
+        .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+
+    fn read(path: &Path, columns: &[&str], positions: &[u64]) -> Result<Vec<(u64, String)>, StoreError> {
+        let batches = read_rows_at(File::open(path).unwrap(), path, columns, positions)?;
+        Ok(batches
+            .iter()
+            .flat_map(|b| {
+                let ids = b.column_by_name("id").unwrap().as_primitive::<arrow::datatypes::UInt64Type>().clone();
+                let texts = b.column_by_name("text").map(|t| t.as_string::<i32>().clone());
+                (0..b.num_rows())
+                    .map(move |i| (ids.value(i), texts.as_ref().map_or(String::new(), |t| t.value(i).to_string())))
+            })
+            .collect())
+    }
+
+    #[test]
+    fn rows_are_read_by_position_across_row_groups_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.parquet");
+        small_groups(&path);
+        let wanted = [0u64, 2, 3, 7, 8, 10, 19];
+        let got = read(&path, &[], &wanted).unwrap();
+        let want: Vec<(u64, String)> = wanted.iter().map(|&i| (i, format!("row {i}"))).collect();
+        assert_eq!(got, want);
+        // Groups skipped whole, one column, one row.
+        assert_eq!(read(&path, &["id"], &[13]).unwrap(), vec![(13, String::new())]);
+        assert!(read(&path, &[], &[]).unwrap().is_empty());
+        let beyond = read(&path, &[], &[5, 20]).unwrap_err().to_string();
+        assert!(beyond.contains("has 20 rows, not a row 20"), "{beyond}");
+    }
 }

@@ -1,4 +1,5 @@
-// The page of `vtr-index serve`: search, results, player, the score explorer, the index's state. Every element is
+// The page of `vtr-index serve`: search, results, player, the score explorer, the index's
+// state. Every element is
 // built with textContent and attributes, never from markup, so names and messages from the
 // index are shown as text. Every URL is relative, so the page works behind a path prefix.
 "use strict";
@@ -256,6 +257,9 @@ async function loadFailures(offset) {
 let scoreFolders = [];
 let queriesAsked = 0;
 let changesAsked = 0;
+// The comparison on screen: its folders and which changes it lists, as chosen when Compare was
+// pressed (its pages keep them, whatever the selects show since).
+let comparing = null;
 
 function fixed(x, digits) {
   return x === null || x === undefined ? "-" : Number(x).toFixed(digits);
@@ -285,7 +289,8 @@ async function loadScores() {
   if (!scoreFolders.length) return;
   const body = $("score-folders").tBodies[0];
   body.replaceChildren();
-  const metrics = (m) => (m ? [fixed(m.r1, 1), fixed(m.r5, 1), fixed(m.r10, 1), fixed(m.mdr, 1), fixed(m.mnr, 2)] : ["-", "-", "-", "-", "-"]);
+  const metrics = (m) =>
+    m ? [fixed(m.r1, 1), fixed(m.r5, 1), fixed(m.r10, 1), fixed(m.mdr, 1), fixed(m.mnr, 2)] : ["-", "-", "-", "-", "-"];
   for (const f of scoreFolders) {
     const notes = [];
     if (!f.texts_current) notes.push("the index's text set " + f.texts + " has changed since this score");
@@ -297,7 +302,8 @@ async function loadScores() {
     body.append(el("tr", { "data-folder": String(f.folder) }, cells));
   }
   for (const select of [$("queries-folder"), $("compare-a"), $("compare-b")]) {
-    select.replaceChildren(...scoreFolders.map((f) => el("option", { value: String(f.folder), text: f.name + " (" + f.revise + ")" })));
+    const options = scoreFolders.map((f) => el("option", { value: String(f.folder), text: f.name + " (" + f.revise + ")" }));
+    select.replaceChildren(...options);
   }
   const pair = scoreFolders.find((f) => f.comparable_with.length);
   if (scoreFolders.length > 1) {
@@ -305,20 +311,24 @@ async function loadScores() {
     if (pair) {
       $("compare-a").value = String(pair.folder);
       $("compare-b").value = String(pair.comparable_with[0]);
-      showComparison(0);
+      compareChosen();
     }
   }
   $("explorer").hidden = false;
   loadQueries(0);
 }
 
+function compareChosen() {
+  comparing = { a: $("compare-a").value, b: $("compare-b").value, change: $("change-kind").value };
+  showComparison(0);
+}
+
 async function showComparison(offset) {
-  const a = $("compare-a").value;
-  const b = $("compare-b").value;
+  const { a, b, change } = comparing;
   const asked = ++changesAsked;
   $("compare-note").textContent = "";
   try {
-    const data = await getJSON(api("scores/changes", { a, b, change: $("change-kind").value, offset, limit: TABLE_PAGE }));
+    const data = await getJSON(api("scores/changes", { a, b, change, offset, limit: TABLE_PAGE }));
     if (asked !== changesAsked) return;
     $("comparison-summary").textContent =
       data.b.name + " (" + data.b.revise + ") against " + data.a.name + " (" + data.a.revise + "): " + data.improved +
@@ -334,7 +344,10 @@ async function showComparison(offset) {
           el("td", { class: "caption", text: captionText(item) }),
           el("td", { text: String(item.rank_a) }),
           el("td", { text: String(item.rank_b) }),
-          el("td", { class: "change " + (item.change > 0 ? "up" : "down"), text: (item.change > 0 ? "+" : "") + item.change }),
+          el("td", {
+            class: "change " + (item.change > 0 ? "up" : "down"),
+            text: (item.change > 0 ? "+" : "") + item.change,
+          }),
         ]),
       );
     }
@@ -355,7 +368,11 @@ function topFigure(id, time, label, isTrue) {
 }
 
 async function loadQueries(offset) {
-  const params = { folder: $("queries-folder").value, outcome: $("queries-outcome").value, sort: $("queries-sort").value };
+  const params = {
+    folder: $("queries-folder").value,
+    outcome: $("queries-outcome").value,
+    sort: $("queries-sort").value,
+  };
   const asked = ++queriesAsked;
   try {
     const data = await getJSON(api("scores/queries", Object.assign(params, { offset, limit: QUERY_PAGE })));
@@ -363,11 +380,15 @@ async function loadQueries(offset) {
     const list = $("queries");
     list.replaceChildren();
     for (const q of data.page.items) {
-      const figures = q.top.map((e) => topFigure(e.video_id, e.best_frame_s, "#" + e.rank + " · " + e.score.toFixed(2), e.true));
+      const figures = q.top.map((e) =>
+        topFigure(e.video_id, e.best_frame_s, "#" + e.rank + " · " + e.score.toFixed(2), e.true),
+      );
       if (q.video_id !== null && !q.top.some((e) => e.true)) {
         figures.push(topFigure(q.video_id, q.best_frame_s, "true video, #" + q.rank, true));
       }
-      const numbers = "text " + q.text_id + " · its video " + q.video_id + " at rank " + q.rank + (q.score === null ? "" : " · score " + q.score.toFixed(2));
+      const numbers =
+        "text " + q.text_id + " · its video " + q.video_id + " at rank " + q.rank +
+        (q.score === null ? "" : " · score " + q.score.toFixed(2));
       list.append(
         el("article", { class: "query", "data-text-id": String(q.text_id) }, [
           el("div", { class: "caption", text: captionText(q) }),
@@ -401,9 +422,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("queries-form").addEventListener("change", () => loadQueries(0));
   $("compare-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    showComparison(0);
+    compareChosen();
   });
-  $("change-kind").addEventListener("change", () => showComparison(0));
+  $("change-kind").addEventListener("change", compareChosen);
   loadScores();
   loadState();
 });
