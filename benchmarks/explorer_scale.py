@@ -19,7 +19,7 @@ captions against a fabricated index of 1,000,000 videos, beside what a notebook 
    comparison) and a deep page; the histogram. Per kind: median and worst, in ms.
 5. Side by side: pyarrow reading what a notebook reads for the same answers (both folders'
    `t2v_ranks.parquet` whole, joined and sorted by change; `topk.parquet` whole filtered to one
-   caption), its time and the growth of its peak resident memory.
+   caption), its time and the growth of its resident memory while it holds what it read.
 
 Writes the figures as JSON (`--json`) and prints them; RESULTS.md records a run.
 """
@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,13 +145,9 @@ def timed_get(port, path):
     return time.perf_counter() - start, body
 
 
-def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def notebook(none, dsl, text_id):
     """The same answers as a notebook gets them with pyarrow; prints its figures as JSON."""
-    before = peak_rss()
+    before = resident_bytes(os.getpid())
     start = time.perf_counter()
     a = pq.read_table(none / "t2v_ranks.parquet")
     b = pq.read_table(dsl / "t2v_ranks.parquet")
@@ -167,7 +162,7 @@ def notebook(none, dsl, text_id):
     topk_s = time.perf_counter() - start
     assert len(one) == TOP_K and first_improved
     print(json.dumps({"changes_first_page_ms": 1e3 * changes_s, "one_caption_top_k_ms": 1e3 * topk_s,
-                      "peak_rss_growth_bytes": peak_rss() - before, "improved": improved.num_rows,
+                      "rss_growth_bytes": resident_bytes(os.getpid()) - before, "improved": improved.num_rows,
                       "pyarrow": pa.__version__}))
 
 

@@ -62,7 +62,7 @@ def sample_files():
 
 def model_identity(binary, work, model):
     """The identity an index records of `model`: that of a one-video index made with it once."""
-    one = work / "one-video"
+    one = work / f"one-video-{Path(model).name}"
     if not (one / "manifest.json").exists():
         src = work / "one-video-root"
         src.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ fn all_pages(service: &Service, path: &str, limit: usize) -> (Vec<Value>, Value)
     }
 }
 
-fn ranks_of(reference: &Value, revise: &str) -> Vec<u64> {
+fn ranks_of_reference(reference: &Value, revise: &str) -> Vec<u64> {
     reference["ranks"][revise].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect()
 }
 
@@ -166,7 +166,7 @@ fn each_folder_shows_its_metrics_and_its_queries_paged_filtered_and_sorted() {
             assert!((got - want).abs() < 1e-9, "{revise} {key}: {got} against the reference's {want}");
         }
 
-        let ranks = ranks_of(&reference, revise);
+        let ranks = ranks_of_reference(&reference, revise);
         let captions = reference["captions"].as_array().unwrap();
         for (outcome, wanted) in
             [("all", 1..=u64::MAX), ("r1", 1..=1), ("r5", 1..=5), ("r10", 1..=10), ("beyond", 11..=u64::MAX)]
@@ -280,8 +280,8 @@ fn a_comparison_of_none_and_dsl_equals_the_python_reference() {
         assert_eq!(last["unchanged"], changes.iter().filter(|&&c| c == 0).count());
         for item in &items {
             let t = item["text_id"].as_u64().unwrap() as usize;
-            assert_eq!(item["rank_a"], ranks_of(&reference, "none")[t]);
-            assert_eq!(item["rank_b"], ranks_of(&reference, "dsl")[t]);
+            assert_eq!(item["rank_a"], ranks_of_reference(&reference, "none")[t]);
+            assert_eq!(item["rank_b"], ranks_of_reference(&reference, "dsl")[t]);
             assert_eq!(item["text"], reference["captions"][t]["text"]);
         }
         // The histogram's bins are the contract's, and its counts the reference's changes binned.
@@ -302,6 +302,25 @@ fn a_comparison_of_none_and_dsl_equals_the_python_reference() {
     assert_eq!(plot.status, 200, "{}", plot.text());
     assert_eq!(plot.headers["content-type"], "image/svg+xml");
     assert!(plot.text().contains(&format!("({} unchanged)", changes.iter().filter(|&&c| c == 0).count())));
+
+    // A later score into the first folder (now dsl's) does not mix into its pages: they show the
+    // run the service started with, its ranks and its top k.
+    let ranks_of_page = |service: &Service| -> Vec<(u64, u64, String)> {
+        let (items, _) = all_pages(service, "/api/v1/scores/queries?folder=0", 100);
+        items
+            .iter()
+            .map(|q| (q["text_id"].as_u64().unwrap(), q["rank"].as_u64().unwrap(), q["top"][0]["video_id"].to_string()))
+            .collect()
+    };
+    let before = ranks_of_page(&service);
+    TestCommand::new(&["score", "--index"])
+        .arg(&labelled.index)
+        .args(&["--texts", "labelled", "--revise", "dsl", "--scale", "20", "--top-k", "3", "--out"])
+        .arg(&labelled.none)
+        .expect_code(0);
+    assert_eq!(ranks_of_page(&service), before);
+    let none = ranks_of_reference(&reference, "none");
+    assert!(before.iter().all(|(t, rank, _)| *rank == none[*t as usize]));
 }
 
 /// Folders that did not score the same things are not compared, and say what differs; a mixed
