@@ -157,6 +157,7 @@ fn draw_changes(title: &str, counts: &[u64; CHANGE_BINS.len()]) -> Result<String
                 .style_func(|x, _| {
                     let bin = match x {
                         SegmentValue::Exact(bin) | SegmentValue::CenterOf(bin) => *bin as usize,
+                        // A histogram's bars are drawn at exact bins; the range's end holds none.
                         SegmentValue::Last => 0,
                     };
                     if CHANGE_BINS[bin].0 > 0 { improved.filled() } else { worsened.filled() }
