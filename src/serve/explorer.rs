@@ -18,7 +18,6 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use arrow::array::RecordBatch;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
@@ -28,8 +27,8 @@ use super::App;
 use super::api::{ApiError, MAX_LISTED, Page, Params, blocking};
 use super::index::{Snapshot, reopen};
 use crate::store::{
-    Manifest, ScoreRecord, ShardInfo, StoreError, embedding_values, f64_column, for_each_batch_in, io_error,
-    read_rows_at, read_score_folder, run_id_in, string_column, u32_column, u64_column,
+    Manifest, ScoreRecord, ShardInfo, StoreError, TextAt, TopKEntry, for_each_topk_text_id, io_error,
+    read_score_folder, read_t2v_ranks, read_texts_at, read_topk_at, read_true_videos_at, run_id_in,
 };
 
 /// Comparisons kept once made (each 4 bytes a changed caption).
@@ -166,29 +165,22 @@ impl ScoreFolder {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_error(&metrics_path)(e)),
         };
-        let (mut text_ids, mut ranks) = (Vec::with_capacity(record.n_texts), Vec::with_capacity(record.n_texts));
         let t2v = dir.join("t2v_ranks.parquet");
-        for_each_batch_in(reopen(&t2v_ranks).map_err(io_error(&t2v))?, &t2v, &["text_id", "rank"], |batch| {
-            text_ids.extend(u64_column(batch, "text_id")?.values());
-            ranks.extend(u32_column(batch, "rank")?.iter().map(|r| r.unwrap_or(0)));
-            Ok(())
-        })?;
+        let (text_ids, ranks) = read_t2v_ranks(reopen(&t2v_ranks).map_err(io_error(&t2v))?, &t2v)?;
+        let ranks: Vec<u32> = ranks.into_iter().map(|r| r.unwrap_or(0)).collect();
         if !text_ids.windows(2).all(|w| w[0] < w[1]) {
             return Err(corrupt(&t2v)("its texts are not in ascending text_id order".into()));
         }
         // Each text's rows in topk.parquet, which lists texts in the same order (contract §4).
         let mut counts = vec![0u64; text_ids.len()];
         let (topk_path, mut next) = (dir.join("topk.parquet"), 0usize);
-        let opened = reopen(&topk).map_err(io_error(&topk_path))?;
-        for_each_batch_in(opened, &topk_path, &["text_id"], |batch| {
-            for id in u64_column(batch, "text_id")?.values() {
-                while text_ids.get(next).is_some_and(|&t| t < *id) {
-                    next += 1;
-                }
-                match text_ids.get(next) {
-                    Some(t) if t == id => counts[next] += 1,
-                    _ => return Err(format!("text {id} is out of text_id order, or not in t2v_ranks.parquet")),
-                }
+        for_each_topk_text_id(reopen(&topk).map_err(io_error(&topk_path))?, &topk_path, |id| {
+            while text_ids.get(next).is_some_and(|&t| t < id) {
+                next += 1;
+            }
+            match text_ids.get(next) {
+                Some(&t) if t == id => counts[next] += 1,
+                _ => return Err(format!("text {id} is out of text_id order, or not in t2v_ranks.parquet")),
             }
             Ok(())
         })?;
@@ -256,65 +248,31 @@ impl ScoreFolder {
             - self.best_first.partition_point(|row| rank(row) < *wanted.start())
     }
 
-    /// The `columns` of the rows at `positions` (ascending) of one of the folder's held files.
-    fn read(
-        &self,
-        held: &File,
-        file: &str,
-        columns: &[&str],
-        positions: &[u64],
-    ) -> Result<Vec<RecordBatch>, StoreError> {
-        let path = self.dir.join(file);
-        read_rows_at(reopen(held).map_err(io_error(&path))?, &path, columns, positions)
-    }
-
     /// The true video of each text at `rows` (ascending), from `t2v_ranks.parquet`.
     fn true_videos(&self, rows: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
-        let mut videos = Vec::with_capacity(rows.len());
-        for batch in self.read(&self.t2v_ranks, "t2v_ranks.parquet", &["video_id"], rows)? {
-            let ids = string_column(&batch, "video_id").map_err(corrupt(&self.dir))?;
-            videos.extend(ids.iter().map(|id| id.map(str::to_string)));
-        }
-        Ok(videos)
+        let path = self.dir.join("t2v_ranks.parquet");
+        read_true_videos_at(reopen(&self.t2v_ranks).map_err(io_error(&path))?, &path, rows)
     }
 
     /// The first [`MAX_TOP_LISTED`] top-k entries of each text at `rows` (ascending).
-    fn top(&self, rows: &[u64]) -> Result<Vec<Vec<TopEntry>>, StoreError> {
+    fn top(&self, rows: &[u64]) -> Result<Vec<Vec<TopKEntry>>, StoreError> {
         let listed = |row: u64| {
             let start = self.topk_starts[row as usize];
             start..self.topk_starts[row as usize + 1].min(start + MAX_TOP_LISTED as u64)
         };
         let positions: Vec<u64> = rows.iter().flat_map(|&row| listed(row)).collect();
-        let mut entries = Vec::with_capacity(positions.len());
-        for batch in self.read(&self.topk, "topk.parquet", &["rank", "video_id", "score"], &positions)? {
-            let columns = (u32_column(&batch, "rank"), string_column(&batch, "video_id"), f64_column(&batch, "score"));
-            let (Ok(ranks), Ok(ids), Ok(scores)) = columns else {
-                return Err(corrupt(&self.dir.join("topk.parquet"))("not the columns of a top k".into()));
-            };
-            for i in 0..batch.num_rows() {
-                entries.push((ranks.value(i), ids.value(i).to_string(), scores.value(i)));
-            }
-        }
-        let mut entries = entries.into_iter();
+        let path = self.dir.join("topk.parquet");
+        let mut entries = read_topk_at(reopen(&self.topk).map_err(io_error(&path))?, &path, &positions)?.into_iter();
         Ok(rows.iter().map(|&row| entries.by_ref().take(listed(row).count()).collect()).collect())
     }
-}
-
-/// One of a text's top k: its rank, video and score, as `topk.parquet` holds them.
-type TopEntry = (u32, String, f64);
-
-/// A caption as the index's text set holds it: its text and its embedding.
-struct Caption {
-    text: String,
-    embedding: Vec<f32>,
 }
 
 /// The captions of the texts at `rows` (ascending positions in text_id order) that `folder`
 /// scored, from the snapshot's text set while it is the one scored (a set encoded again under
 /// the same name may give other texts the same ids); none otherwise, or where a later commit
 /// has already collected the set's shard.
-fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Result<Vec<Option<Caption>>, StoreError> {
-    let mut out: Vec<Option<Caption>> = (0..rows.len()).map(|_| None).collect();
+fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Result<Vec<Option<TextAt>>, StoreError> {
+    let mut out: Vec<Option<TextAt>> = (0..rows.len()).map(|_| None).collect();
     if !folder.current(&snapshot.manifest).0 {
         return Ok(out);
     }
@@ -336,18 +294,9 @@ fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Result<V
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_error(&path)(e)),
         };
-        let mut slot = start;
-        for batch in read_rows_at(file, &path, &["text_id", "text", "embedding"], &local)? {
-            let (ids, texts) = (u64_column(&batch, "text_id"), string_column(&batch, "text"));
-            let (Ok(ids), Ok(texts), Ok((values, dim))) = (ids, texts, embedding_values(&batch)) else {
-                return Err(corrupt(&path)("not the columns of a text set".into()));
-            };
-            for i in 0..batch.num_rows() {
-                if ids.value(i) == folder.text_ids[rows[slot] as usize] {
-                    let embedding = values[i * dim..(i + 1) * dim].to_vec();
-                    out[slot] = Some(Caption { text: texts.value(i).to_string(), embedding });
-                }
-                slot += 1;
+        for (slot, text) in (start..next).zip(read_texts_at(file, &path, &local)?) {
+            if text.text_id == folder.text_ids[rows[slot] as usize] {
+                out[slot] = Some(text);
             }
         }
     }
@@ -356,7 +305,7 @@ fn captions(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u64]) -> Result<V
 
 /// The time of `video_id`'s frame most like `caption` (its first frame's without a caption), if
 /// the index holds the video.
-fn best_frame_s(snapshot: &Snapshot, caption: Option<&Caption>, video_id: &str) -> Option<f64> {
+fn best_frame_s(snapshot: &Snapshot, caption: Option<&TextAt>, video_id: &str) -> Option<f64> {
     let at = snapshot.engine.find(video_id)?;
     match caption {
         Some(caption) => snapshot.engine.best_frame(&caption.embedding, at).ok().flatten().map(|b| b.time_s),
@@ -582,17 +531,17 @@ fn query_items(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u32]) -> Resul
             let video_id = videos[i].as_deref();
             let top: Vec<Value> = tops[i]
                 .iter()
-                .map(|(rank, id, score)| {
+                .map(|entry| {
                     json!({
-                        "rank": rank,
-                        "video_id": id,
-                        "score": score,
-                        "best_frame_s": best_frame_s(snapshot, caption, id),
-                        "true": Some(id.as_str()) == video_id,
+                        "rank": entry.rank,
+                        "video_id": entry.video_id,
+                        "score": entry.score,
+                        "best_frame_s": best_frame_s(snapshot, caption, &entry.video_id),
+                        "true": Some(entry.video_id.as_str()) == video_id,
                     })
                 })
                 .collect();
-            let score = tops[i].iter().find(|(_, id, _)| Some(id.as_str()) == video_id).map(|&(_, _, s)| s);
+            let score = tops[i].iter().find(|e| Some(e.video_id.as_str()) == video_id).map(|e| e.score);
             json!({
                 "text_id": folder.text_ids[row as usize],
                 "text": caption.map(|c| c.text.as_str()),

@@ -1,8 +1,9 @@
 //! What scoring reads from an index (video and text embeddings, only the columns it needs)
 //! and the outputs it writes (contract §4): `topk.parquet` (`text_id`, `rank`, `video_id`,
 //! `score`), the ranks of every query (`t2v_ranks.parquet`, `v2t_ranks.parquet`) and the record
-//! of the run (`run.json`), all carrying one run id, and the reading of such a folder, which a
-//! left-over output of another run makes mixed.
+//! of the run (`run.json`), all carrying one run id; and the reading of such a folder, which a
+//! left-over output of another run makes mixed, whole or by row position (the explorer's pages,
+//! with the texts of a text set).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 
-use super::shard::for_each_batch;
-use super::tables::{FrameRow, TableRows, embedding_values, string_column, u64_column};
+use super::shard::{for_each_batch, for_each_batch_in, read_rows_at};
+use super::tables::{FrameRow, TableRows, embedding_values, f64_column, string_column, u32_column, u64_column};
 use super::{ShardInfo, StoreError, io_error};
 
 /// Embeddings of one table, row-major, in manifest order.
@@ -312,6 +313,95 @@ pub fn run_id_in(file: File, path: &Path) -> Result<Option<String>, StoreError> 
     use parquet::file::reader::FileReader;
     let metadata = reader.metadata().file_metadata().key_value_metadata();
     Ok(metadata.and_then(|kv| kv.iter().find(|k| k.key == RUN_ID_KEY).and_then(|k| k.value.clone())))
+}
+
+/// The `text_id` and `rank` (none for a text that is not a query) of every row of a
+/// `t2v_ranks.parquet` open as `file` (named `path` in errors), in its order.
+pub fn read_t2v_ranks(file: File, path: &Path) -> Result<(Vec<u64>, Vec<Option<u32>>), StoreError> {
+    let (mut text_ids, mut ranks) = (Vec::new(), Vec::new());
+    for_each_batch_in(file, path, &["text_id", "rank"], |batch| {
+        text_ids.extend(u64_column(batch, "text_id")?.values());
+        ranks.extend(u32_column(batch, "rank")?.iter());
+        Ok(())
+    })?;
+    Ok((text_ids, ranks))
+}
+
+/// Calls `f` with the `text_id` of every row of a `topk.parquet` open as `file`, in its order.
+pub fn for_each_topk_text_id(
+    file: File,
+    path: &Path,
+    mut f: impl FnMut(u64) -> Result<(), String>,
+) -> Result<(), StoreError> {
+    for_each_batch_in(file, path, &["text_id"], |batch| {
+        u64_column(batch, "text_id")?.values().iter().try_for_each(|&id| f(id))
+    })
+}
+
+/// The `video_id` (none where the text has none) of the rows at `positions` (ascending) of a
+/// `t2v_ranks.parquet` open as `file`.
+pub fn read_true_videos_at(file: File, path: &Path, positions: &[u64]) -> Result<Vec<Option<String>>, StoreError> {
+    let mut videos = Vec::with_capacity(positions.len());
+    for batch in read_rows_at(file, path, &["video_id"], positions)? {
+        let ids = string_column(&batch, "video_id").map_err(corrupt(path))?;
+        videos.extend(ids.iter().map(|id| id.map(str::to_string)));
+    }
+    Ok(videos)
+}
+
+/// One row of `topk.parquet` as read back: a text's `rank`-th video and its score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKEntry {
+    pub rank: u32,
+    pub video_id: String,
+    pub score: f64,
+}
+
+/// The rows at `positions` (ascending) of a `topk.parquet` open as `file`.
+pub fn read_topk_at(file: File, path: &Path, positions: &[u64]) -> Result<Vec<TopKEntry>, StoreError> {
+    let mut entries = Vec::with_capacity(positions.len());
+    for batch in read_rows_at(file, path, &["rank", "video_id", "score"], positions)? {
+        let (ranks, ids, scores) =
+            (u32_column(&batch, "rank"), string_column(&batch, "video_id"), f64_column(&batch, "score"));
+        let (Ok(ranks), Ok(ids), Ok(scores)) = (ranks, ids, scores) else {
+            return Err(corrupt(path)("not the columns of a top k".into()));
+        };
+        entries.extend((0..batch.num_rows()).map(|i| TopKEntry {
+            rank: ranks.value(i),
+            video_id: ids.value(i).to_string(),
+            score: scores.value(i),
+        }));
+    }
+    Ok(entries)
+}
+
+/// A text of a text set as read back by position: its id, text and embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextAt {
+    pub text_id: u64,
+    pub text: String,
+    pub embedding: Vec<f32>,
+}
+
+/// The rows at `positions` (ascending) of a text set's shard open as `file`.
+pub fn read_texts_at(file: File, path: &Path, positions: &[u64]) -> Result<Vec<TextAt>, StoreError> {
+    let mut texts = Vec::with_capacity(positions.len());
+    for batch in read_rows_at(file, path, &["text_id", "text", "embedding"], positions)? {
+        let (ids, text) = (u64_column(&batch, "text_id"), string_column(&batch, "text"));
+        let (Ok(ids), Ok(text), Ok((values, dim))) = (ids, text, embedding_values(&batch)) else {
+            return Err(corrupt(path)("not the columns of a text set".into()));
+        };
+        texts.extend((0..batch.num_rows()).map(|i| TextAt {
+            text_id: ids.value(i),
+            text: text.value(i).to_string(),
+            embedding: values[i * dim..(i + 1) * dim].to_vec(),
+        }));
+    }
+    Ok(texts)
+}
+
+fn corrupt(path: &Path) -> impl Fn(String) -> StoreError + '_ {
+    move |message| StoreError::Corrupt { path: path.to_path_buf(), message }
 }
 
 /// The record every score writes beside its outputs.

@@ -291,20 +291,13 @@ pub fn for_each_batch(
     shard: &ShardInfo,
     f: impl FnMut(&RecordBatch) -> Result<(), String>,
 ) -> Result<(), StoreError> {
-    for_each_batch_of(&index.join(&shard.path), &[], f)
+    let path = index.join(&shard.path);
+    for_each_batch_in(File::open(&path).map_err(io_error(&path))?, &path, &[], f)
 }
 
-/// Reads the Parquet file at `path` batch by batch, only its `columns` (every column when
-/// `columns` is empty), handing each batch to `f`; an error of `f` names the file.
-pub fn for_each_batch_of(
-    path: &Path,
-    columns: &[&str],
-    f: impl FnMut(&RecordBatch) -> Result<(), String>,
-) -> Result<(), StoreError> {
-    for_each_batch_in(File::open(path).map_err(io_error(path))?, path, columns, f)
-}
-
-/// [`for_each_batch_of`] the open `file`, named `path` in errors.
+/// Reads the Parquet file open as `file` (named `path` in errors) batch by batch, only its
+/// `columns` (every column when `columns` is empty), handing each batch to `f`; an error of `f`
+/// names the file.
 pub fn for_each_batch_in(
     file: File,
     path: &Path,

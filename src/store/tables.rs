@@ -147,13 +147,13 @@ pub(super) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a Array
     batch.column_by_name(name).ok_or_else(|| format!("column {name} is missing"))
 }
 
-pub fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
+pub(super) fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, String> {
     column(batch, name)?.as_string_opt::<i32>().ok_or_else(|| format!("column {name} is not utf8"))
 }
 
 macro_rules! primitive_column {
     ($fn_name:ident, $arrow_type:ty, $array:ty) => {
-        pub fn $fn_name<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a $array, String> {
+        pub(super) fn $fn_name<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a $array, String> {
             column(batch, name)?
                 .as_primitive_opt::<$arrow_type>()
                 .ok_or_else(|| format!("column {name} has type {}", column(batch, name).unwrap().data_type()))
