@@ -27,7 +27,7 @@ use super::App;
 use super::api::{ApiError, MAX_LISTED, Page, Params, blocking};
 use super::index::{Snapshot, reopen};
 use crate::store::{
-    Manifest, ScoreRecord, ShardInfo, StoreError, TextAt, TopKEntry, for_each_topk_text_id, io_error,
+    Manifest, ScoreRecord, ShardInfo, StoreError, TextAt, TopKEntry, corrupt, for_each_topk_text_id, io_error,
     read_score_folder, read_t2v_ranks, read_texts_at, read_topk_at, read_true_videos_at, run_id_in,
 };
 
@@ -132,10 +132,6 @@ pub struct Comparison {
     pub unchanged: usize,
     /// Captions per bin of [`CHANGE_BINS`].
     pub histogram: [u64; CHANGE_BINS.len()],
-}
-
-fn corrupt(path: &Path) -> impl Fn(String) -> StoreError + '_ {
-    move |message| StoreError::Corrupt { path: path.to_path_buf(), message }
 }
 
 /// `file` of the folder, opened and checked to be of run `run_id`.

@@ -65,6 +65,11 @@ pub fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
+/// The error that says the file at `path` is not what it should be, and why.
+pub fn corrupt(path: &Path) -> impl Fn(String) -> StoreError + '_ {
+    move |message| StoreError::Corrupt { path: path.to_path_buf(), message }
+}
+
 /// Writes `bytes` to `path` atomically: temporary file in the same folder, synced, renamed,
 /// and the folder synced so the rename itself survives a power cut.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {

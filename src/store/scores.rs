@@ -16,7 +16,7 @@ use parquet::file::metadata::KeyValue;
 
 use super::shard::{for_each_batch, for_each_batch_in, read_rows_at};
 use super::tables::{FrameRow, TableRows, embedding_values, f64_column, string_column, u32_column, u64_column};
-use super::{ShardInfo, StoreError, io_error};
+use super::{ShardInfo, StoreError, corrupt, io_error};
 
 /// Embeddings of one table, row-major, in manifest order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -398,10 +398,6 @@ pub fn read_texts_at(file: File, path: &Path, positions: &[u64]) -> Result<Vec<T
         }));
     }
     Ok(texts)
-}
-
-fn corrupt(path: &Path) -> impl Fn(String) -> StoreError + '_ {
-    move |message| StoreError::Corrupt { path: path.to_path_buf(), message }
 }
 
 /// The record every score writes beside its outputs.
