@@ -28,7 +28,7 @@ use super::api::{ApiError, MAX_LISTED, Page, Params, blocking};
 use super::index::{Snapshot, reopen};
 use crate::store::{
     Manifest, ScoreRecord, ShardInfo, StoreError, TextAt, TopKEntry, corrupt, for_each_topk_text_id, io_error,
-    read_score_folder, read_t2v_ranks, read_texts_at, read_topk_at, read_true_videos_at, run_id_in,
+    open_score_folder, read_t2v_ranks, read_texts_at, read_topk_at, read_true_videos_at,
 };
 
 /// Comparisons kept once made (each 4 bytes a changed caption).
@@ -134,33 +134,14 @@ pub struct Comparison {
     pub histogram: [u64; CHANGE_BINS.len()],
 }
 
-/// `file` of the folder, opened and checked to be of run `run_id`.
-fn open_output(dir: &Path, file: &str, run_id: &str) -> Result<File, StoreError> {
-    let path = dir.join(file);
-    let opened = File::open(&path).map_err(io_error(&path))?;
-    let id = run_id_in(reopen(&opened).map_err(io_error(&path))?, &path)?;
-    if id.as_deref() != Some(run_id) {
-        return Err(corrupt(dir)(format!(
-            "mixed outputs: {file} is of run {}, where run.json is of run {run_id}",
-            id.as_deref().unwrap_or("none")
-        )));
-    }
-    Ok(opened)
-}
-
 impl ScoreFolder {
     /// Reads the folder's record (refusing a mixed folder), metrics and ranks, and keeps its
     /// ranks and top k open.
     pub fn open(dir: &Path) -> Result<ScoreFolder, StoreError> {
-        let record = read_score_folder(dir)?;
-        let (t2v_ranks, topk) =
-            (open_output(dir, "t2v_ranks.parquet", &record.run_id)?, open_output(dir, "topk.parquet", &record.run_id)?);
-        let metrics_path = dir.join("metrics.json");
-        let metrics = match std::fs::read(&metrics_path) {
-            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(&metrics_path)(e.to_string()))?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_error(&metrics_path)(e)),
-        };
+        let mut files = open_score_folder(dir)?;
+        let mut held = |name: &str| files.take(name).ok_or_else(|| corrupt(dir)(format!("{name} is missing")));
+        let (t2v_ranks, topk) = (held("t2v_ranks.parquet")?, held("topk.parquet")?);
+        let (record, metrics) = (files.record, files.metrics);
         let t2v = dir.join("t2v_ranks.parquet");
         let (text_ids, ranks) = read_t2v_ranks(reopen(&t2v_ranks).map_err(io_error(&t2v))?, &t2v)?;
         let ranks: Vec<u32> = ranks.into_iter().map(|r| r.unwrap_or(0)).collect();
@@ -537,14 +518,19 @@ fn query_items(snapshot: &Snapshot, folder: &ScoreFolder, rows: &[u32]) -> Resul
                     })
                 })
                 .collect();
-            let score = tops[i].iter().find(|e| Some(e.video_id.as_str()) == video_id).map(|e| e.score);
+            // The true video's score and frame: its top-k entry's where it has one.
+            let own = top.iter().find(|entry| entry["true"] == true);
+            let best_frame = match own {
+                Some(entry) => entry["best_frame_s"].clone(),
+                None => json!(video_id.and_then(|id| best_frame_s(snapshot, caption, id))),
+            };
             json!({
                 "text_id": folder.text_ids[row as usize],
                 "text": caption.map(|c| c.text.as_str()),
                 "video_id": video_id,
                 "rank": folder.ranks[row as usize],
-                "score": score,
-                "best_frame_s": video_id.and_then(|id| best_frame_s(snapshot, caption, id)),
+                "score": own.map(|entry| entry["score"].clone()),
+                "best_frame_s": best_frame,
                 "top": top,
             })
         })

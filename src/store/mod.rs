@@ -35,10 +35,11 @@ pub use manifest::{
 };
 pub use merge::{MERGED_TABLES, MergeError, MergeReport, merge};
 pub use scores::{
-    Embeddings, NotUnit, RUN_ID_KEY, SCORE_RECORD, SCORE_TABLES, ScoreRecord, T2vRankRow, TextAt, TextSet, TopKEntry,
-    TopKRow, UNIT_NORM_TOLERANCE, V2tRankRow, for_each_topk_text_id, read_frames_of, read_score_folder, read_t2v_ranks,
-    read_text_embeddings, read_texts_at, read_topk_at, read_true_videos_at, read_video_embeddings, run_id_in,
-    run_id_of, t2v_ranks_schema, topk_schema, v2t_ranks_schema, write_t2v_ranks, write_topk, write_v2t_ranks,
+    Embeddings, NotUnit, RUN_ID_KEY, SCORE_RECORD, SCORE_TABLES, ScoreFolderFiles, ScoreRecord, T2vRankRow, TextAt,
+    TextSet, TopKEntry, TopKRow, UNIT_NORM_TOLERANCE, V2tRankRow, for_each_topk_text_id, open_score_folder,
+    read_frames_of, read_score_folder, read_t2v_ranks, read_text_embeddings, read_texts_at, read_topk_at,
+    read_true_videos_at, read_video_embeddings, t2v_ranks_schema, topk_schema, v2t_ranks_schema, write_t2v_ranks,
+    write_topk, write_v2t_ranks,
 };
 pub use shard::{
     ShardWriter, VideoRecord, for_each_batch, read_rows_at, read_table, read_video_ids, read_video_record, verify_shard,

@@ -301,13 +301,9 @@ fn write_output_to<R>(
     super::sync_temporary(&file).map_err(io_error(tmp))
 }
 
-/// The run id a score's Parquet output records; none in one written before outputs had them.
-pub fn run_id_of(path: &Path) -> Result<Option<String>, StoreError> {
-    run_id_in(File::open(path).map_err(io_error(path))?, path)
-}
-
-/// [`run_id_of`] the open `file`, named `path` in errors.
-pub fn run_id_in(file: File, path: &Path) -> Result<Option<String>, StoreError> {
+/// The run id a score's Parquet output, open as `file` (named `path` in errors), records; none
+/// in one written before outputs had them.
+fn run_id_in(file: File, path: &Path) -> Result<Option<String>, StoreError> {
     let reader = parquet::file::reader::SerializedFileReader::new(file)
         .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: format!("not a Parquet file: {e}") })?;
     use parquet::file::reader::FileReader;
@@ -441,10 +437,35 @@ impl ScoreRecord {
     }
 }
 
-/// The record of the score in `dir`, once every output there is checked to be of its run: a
-/// file of another run (an earlier score's `metrics.json` left beside a later one that had no
-/// queries), or a listed output that is missing, makes the folder mixed, an error.
+/// The record of the score in `dir`, once every output there is checked to be of its run (see
+/// [`open_score_folder`]).
 pub fn read_score_folder(dir: &Path) -> Result<ScoreRecord, StoreError> {
+    Ok(open_score_folder(dir)?.record)
+}
+
+/// A score folder checked to be one run's outputs: its record, its metrics (none where the run
+/// wrote none) and its Parquet outputs, each open on the file that was checked, so that a later
+/// score into the folder does not change what is read through them.
+#[derive(Debug)]
+pub struct ScoreFolderFiles {
+    pub record: ScoreRecord,
+    pub metrics: Option<serde_json::Value>,
+    /// The [`SCORE_TABLES`] the folder holds, by name.
+    pub tables: Vec<(&'static str, File)>,
+}
+
+impl ScoreFolderFiles {
+    /// Takes the open output `name` (one of [`SCORE_TABLES`]), if the run wrote it.
+    pub fn take(&mut self, name: &str) -> Option<File> {
+        let at = self.tables.iter().position(|(n, _)| *n == name)?;
+        Some(self.tables.swap_remove(at).1)
+    }
+}
+
+/// Opens the score in `dir` and checks every output there to be of the run `run.json` records:
+/// a file of another run (an earlier score's `metrics.json` left beside a later one that had no
+/// queries), or a listed output that is missing, makes the folder mixed, an error.
+pub fn open_score_folder(dir: &Path) -> Result<ScoreFolderFiles, StoreError> {
     let path = dir.join(SCORE_RECORD);
     let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
     let record: ScoreRecord = serde_json::from_str(&text)
@@ -458,25 +479,33 @@ pub fn read_score_folder(dir: &Path) -> Result<ScoreRecord, StoreError> {
             return Err(mixed(name, "is missing".into()));
         }
     }
+    let mut tables = Vec::new();
     for name in SCORE_TABLES {
         let table = dir.join(name);
-        if table.exists() {
-            let id = run_id_of(&table)?;
-            if id.as_deref() != Some(record.run_id.as_str()) {
-                return Err(mixed(name, format!("is of run {}", id.as_deref().unwrap_or("none"))));
+        let file = match File::open(&table) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&table)(e)),
+        };
+        let id = run_id_in(file.try_clone().map_err(io_error(&table))?, &table)?;
+        if id.as_deref() != Some(record.run_id.as_str()) {
+            return Err(mixed(name, format!("is of run {}", id.as_deref().unwrap_or("none"))));
+        }
+        tables.push((name, file));
+    }
+    let metrics_path = dir.join("metrics.json");
+    let metrics = match std::fs::read(&metrics_path) {
+        Ok(bytes) => {
+            let value: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(&metrics_path)(e.to_string()))?;
+            let id = value.get("run_id").and_then(serde_json::Value::as_str);
+            if id != Some(record.run_id.as_str()) {
+                return Err(mixed("metrics.json", format!("is of run {}", id.unwrap_or("none"))));
             }
+            Some(value)
         }
-    }
-    let metrics = dir.join("metrics.json");
-    if metrics.exists() {
-        let value: serde_json::Value = std::fs::read(&metrics).map_err(io_error(&metrics)).and_then(|b| {
-            serde_json::from_slice(&b)
-                .map_err(|e| StoreError::Corrupt { path: metrics.clone(), message: e.to_string() })
-        })?;
-        let id = value.get("run_id").and_then(serde_json::Value::as_str);
-        if id != Some(record.run_id.as_str()) {
-            return Err(mixed("metrics.json", format!("is of run {}", id.unwrap_or("none"))));
-        }
-    }
-    Ok(record)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error(&metrics_path)(e)),
+    };
+    Ok(ScoreFolderFiles { record, metrics, tables })
 }
