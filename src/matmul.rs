@@ -13,6 +13,7 @@
 //! oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels on CPUs newer
 //! than the library.
 
+pub mod bf16;
 pub mod fma_chain;
 
 /// The OpenBLAS kernels a CPU's features allow, best first: what [`choose_blas_kernels`] asks

@@ -139,6 +139,12 @@ impl Encoder {
         self.forward_keeping(x, causal, x.dim(1)?)
     }
 
+    fn dense_layers_mut(&mut self) -> impl Iterator<Item = &mut Dense> {
+        self.layers.iter_mut().flat_map(|l| {
+            [&mut l.self_attn.qkv_proj, &mut l.self_attn.out_proj, &mut l.mlp.fc1, &mut l.mlp.fc2]
+        })
+    }
+
     /// [batch, tokens, width] → [batch, kept, width]. Only the last layer's outputs for the
     /// first `kept` tokens are computed: its other rows feed nothing. For the vision tower,
     /// which reads the class token alone, that skips 49 of 50 rows of the last layer's output
@@ -280,6 +286,20 @@ impl ClipModel {
             text_projection: projection(vb.pp("text_projection"), c.text.hidden_size, c.projection_dim)?,
             config: c.clone(),
         })
+    }
+
+    /// Has every dense layer of both towers and their projections multiply with bf16 inputs
+    /// on AVX-512 BF16 ([`crate::matmul::bf16`]): the `--dtype bf16` path of a model built in
+    /// f32 on such a CPU. The layers are packed in parallel.
+    pub fn use_bf16_products(&mut self) -> Result<()> {
+        let mut layers: Vec<&mut Dense> = self.vision_model.encoder.dense_layers_mut().collect();
+        layers.extend(self.text_model.encoder.dense_layers_mut());
+        layers.extend([
+            &mut self.vision_model.patch_embedding,
+            &mut self.visual_projection,
+            &mut self.text_projection,
+        ]);
+        layers.into_par_iter().try_for_each(Dense::pack_weight_bf16)
     }
 
     /// f32 image embeddings, [batch, projection_dim], L2-normalised or as projected.

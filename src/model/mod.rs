@@ -30,6 +30,7 @@ pub use head::{Head, HeadConfig, mean_pool};
 pub use layout::Layout;
 
 use crate::preprocess::PreprocessConfig;
+use crate::matmul::bf16::Bf16Products;
 use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,9 @@ pub enum ModelError {
     Compute(String),
     #[error("{0}")]
     Mismatch(String),
+    /// A setting of the environment the model cannot run under.
+    #[error("{0}")]
+    Environment(String),
 }
 
 /// Tells glibc's allocator to keep freed memory for reuse instead of handing it back to the
@@ -342,7 +346,10 @@ fn candle_device(choice: DeviceChoice) -> Result<Device, ModelError> {
 pub struct Clip<T = clip::ClipModel> {
     model: T,
     device: Device,
+    /// The dtype the towers' tensors hold: the precision's, except on the AVX-512 BF16 path,
+    /// where the towers hold f32 and their products take bf16 ([`Clip::bf16_products`]).
     dtype: DType,
+    bf16_products: Option<Bf16Products>,
     head: Head,
     pub checkpoint: Checkpoint,
     pub identity: ModelIdentity,
@@ -357,7 +364,14 @@ impl Clip<Unbuilt> {
     /// before the build (most of a second of both cores for a ViT-B/32).
     pub fn unbuilt(checkpoint: Checkpoint, device: DeviceChoice) -> Result<Self, ModelError> {
         let device = candle_device(device)?;
-        let dtype = layout::candle_dtype(checkpoint.precision);
+        let bf16_products = match (checkpoint.precision, &device) {
+            (Precision::Bf16, Device::Cpu) => Some(Bf16Products::for_this_cpu().map_err(ModelError::Environment)?),
+            _ => None,
+        };
+        let dtype = match bf16_products {
+            Some(Bf16Products::Avx512Bf16) => DType::F32,
+            _ => layout::candle_dtype(checkpoint.precision),
+        };
         // Read as f32 whatever the dtype, so `exp(logit_scale)` stays exact.
         let logit_scale = checkpoint
             .tensors
@@ -369,19 +383,22 @@ impl Clip<Unbuilt> {
                 message: "no scalar logit_scale".into(),
             })?;
         let identity = checkpoint.identity(logit_scale);
-        Ok(Clip { model: Unbuilt, device, dtype, head: Head::MeanP, checkpoint, identity })
+        Ok(Clip { model: Unbuilt, device, dtype, bf16_products, head: Head::MeanP, checkpoint, identity })
     }
 
     /// Builds both towers from the checkpoint's weights.
     pub fn build(self) -> Result<Clip, ModelError> {
-        let Clip { model: Unbuilt, device, dtype, head, mut checkpoint, identity } = self;
+        let Clip { model: Unbuilt, device, dtype, bf16_products, head, mut checkpoint, identity } = self;
         // The VarBuilder converts each tensor to `dtype` as the towers read it.
         let vb = VarBuilder::from_tensors(std::mem::take(&mut checkpoint.tensors), dtype, &device);
-        let model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
+        let mut model = clip::ClipModel::new(vb, &checkpoint.config).map_err(|e| ModelError::Weights {
             path: checkpoint.weights.clone(),
             message: format!("not a usable CLIP checkpoint: {e}"),
         })?;
-        Ok(Clip { model, device, dtype, head, checkpoint, identity })
+        if bf16_products == Some(Bf16Products::Avx512Bf16) {
+            model.use_bf16_products().map_err(|e| ModelError::Compute(format!("packing the weights as bf16: {e}")))?;
+        }
+        Ok(Clip { model, device, dtype, bf16_products, head, checkpoint, identity })
     }
 }
 
@@ -395,6 +412,12 @@ impl<T> Clip<T> {
 
     pub fn embed_dim(&self) -> usize {
         self.checkpoint.config.projection_dim
+    }
+
+    /// How the model multiplies under `--dtype bf16` on the CPU; `None` for other dtypes and
+    /// devices.
+    pub fn bf16_products(&self) -> Option<Bf16Products> {
+        self.bf16_products
     }
 }
 
