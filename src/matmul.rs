@@ -46,6 +46,51 @@ pub fn choose_blas_kernels() -> Option<&'static str> {
     }
 }
 
+/// What multiplies the towers' f32 dense layers here: OpenBLAS with the kernels it runs, or the
+/// `gemm` crate (the build without OpenBLAS). For `info --cpu`.
+pub fn f32_products() -> String {
+    #[cfg(feature = "openblas")]
+    {
+        format!("OpenBLAS, {} kernels", blas::kernels_in_use())
+    }
+    #[cfg(not(feature = "openblas"))]
+    {
+        "the gemm crate (this build has no OpenBLAS)".to_string()
+    }
+}
+
+/// The CPU's vector features that choose the products' kernels, as the CPU reports them (not
+/// turned off by `VTR_INDEX_CPU_WITHOUT`, which changes the choice only).
+pub fn vector_features() -> Vec<&'static str> {
+    let mut features = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        for (name, present) in [
+            ("AVX2", has!("avx2")),
+            ("FMA", has!("fma")),
+            ("F16C", has!("f16c")),
+            ("AVX-512F", has!("avx512f")),
+            ("AVX-512 BF16", has!("avx512bf16")),
+        ] {
+            if present {
+                features.push(name);
+            }
+        }
+    }
+    if features.is_empty() {
+        features.push("none of AVX2, FMA, F16C, AVX-512F, AVX-512 BF16");
+    }
+    features
+}
+
+/// The CPU's model name, from `/proc/cpuinfo` (Linux).
+pub fn cpu_model_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
 /// A matrix in memory for [`fma_chain::product`]: its first element and the distances, in elements,
 /// from one row to the next and from one column to the next.
 #[derive(Clone, Copy)]
@@ -190,9 +235,7 @@ mod blas {
         if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
             return None; // the user's choice
         }
-        // SAFETY: returns a pointer to a static, NUL-terminated name.
-        let current = unsafe { std::ffi::CStr::from_ptr(openblas_get_corename()) }.to_string_lossy().to_lowercase();
-        if current != "prescott" {
+        if kernels_in_use().to_lowercase() != "prescott" {
             return None;
         }
         let wanted = super::blas_kernels_for(
@@ -213,6 +256,12 @@ mod blas {
             std::env::remove_var("OPENBLAS_CORETYPE");
         }
         Some(wanted)
+    }
+
+    /// The name of the kernels OpenBLAS runs (`Haswell`, `SkylakeX`, …).
+    pub(super) fn kernels_in_use() -> String {
+        // SAFETY: returns a pointer to a static, NUL-terminated name.
+        unsafe { std::ffi::CStr::from_ptr(openblas_get_corename()) }.to_string_lossy().into_owned()
     }
 
     /// `dst[m × n] += x[m × k] · w[k × n]`, row-major, each dimension within a C `int`.

@@ -426,3 +426,61 @@ fn unknown_tensors_beside_clip4clips_are_refused() {
     let message = open_error(&path);
     assert!(message.contains("unexpected tensors: loss_head.weight"), "{message}");
 }
+
+/// `--dtype bf16` multiplies on AVX-512 BF16 where the CPU has it, and through candle's bf16
+/// ops elsewhere or where `VTR_INDEX_CPU_WITHOUT=avx512bf16` pretends it is missing:
+/// `info --cpu` names the path each gets, and each path's index is within the contract's bf16
+/// tolerance of the f32 index of the same clips (§6). On the hardware path a frame's bits do not
+/// depend on its batch, and the two paths differ (the switch did change the arithmetic). A
+/// feature the switch does not know is refused, by `info` and by `ingest`.
+#[test]
+fn bf16_takes_the_hardware_path_where_the_cpu_has_it_and_the_switch_turns_it_off() {
+    const SWITCH: &str = "VTR_INDEX_CPU_WITHOUT";
+    let hardware = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16");
+    let dir = Dir::new();
+    let root = corpus(&dir, "videos", &["short_h264.mp4", "mandelbrot_vp9.webm"]);
+    let bf16_line = |switch: Option<&str>| {
+        let command = TestCommand::new(&["info", "--cpu"]);
+        let command = match switch {
+            Some(value) => command.env(SWITCH, value),
+            None => command.env_remove(SWITCH),
+        };
+        let (stdout, _) = command.expect_code(0);
+        stdout.lines().find(|l| l.starts_with("bf16 products:")).unwrap_or_else(|| panic!("{stdout}")).to_string()
+    };
+    let ingest = |name: &str, dtype: &str, switch: Option<&str>, extra: &[&str]| {
+        let index = dir.join(name);
+        let command = ingest_command(&index, &root, &[&["--dtype", dtype], extra].concat());
+        let command = match switch {
+            Some(value) => command.env(SWITCH, value),
+            None => command.env_remove(SWITCH),
+        };
+        let out = command.output();
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", stderr_text(&out));
+        snapshot(&index).unwrap()
+    };
+
+    let default_path = bf16_line(None);
+    assert_eq!(default_path.contains("AVX-512 BF16 (vdpbf16ps)"), hardware, "{default_path}");
+    assert!(bf16_line(Some("avx512bf16")).contains("candle's bf16 ops"));
+
+    let f32_index = ingest("f32", "f32", None, &[]);
+    let default = ingest("bf16", "bf16", None, &[]);
+    let switched = ingest("bf16-switched", "bf16", Some("avx512bf16"), &[]);
+    assert_same_index_within(&default, &f32_index, "bf16 on this CPU's path", Some(BF16_RUN_COSINE));
+    assert_same_index_within(&switched, &f32_index, "bf16 through candle", Some(BF16_RUN_COSINE));
+    let differ = default.frames.iter().any(|(key, (_, e))| {
+        e.iter().zip(&switched.frames[key].1).any(|(a, b)| a.to_bits() != b.to_bits())
+    });
+    assert_eq!(differ, hardware, "the two paths differ exactly where the CPU has the hardware path");
+    if hardware {
+        let one_at_a_time = ingest("bf16-batch-1", "bf16", None, &["--batch", "1"]);
+        assert_same_index(&one_at_a_time, &default, "bf16 products in batches of 1");
+    }
+
+    let (_, stderr) = TestCommand::new(&["info", "--cpu"]).env(SWITCH, "amx").expect_code(1);
+    assert!(stderr.contains("VTR_INDEX_CPU_WITHOUT names \"amx\""), "{stderr}");
+    let out = ingest_command(&dir.join("refused"), &root, &["--dtype", "bf16"]).env(SWITCH, "avx512bf16,amx").output();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr_text(&out).contains("VTR_INDEX_CPU_WITHOUT names \"amx\""), "{}", stderr_text(&out));
+}

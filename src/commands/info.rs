@@ -1,5 +1,6 @@
-//! `vtr-index info`: what an index holds (`--index`), what a checkpoint is (`--model`), or
-//! whether this build and machine can score on CUDA (`--gpu`).
+//! `vtr-index info`: what an index holds (`--index`), what a checkpoint is (`--model`),
+//! whether this build and machine can score on CUDA (`--gpu`), or which products the towers
+//! run on this CPU (`--cpu`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,15 +20,34 @@ pub struct InfoArgs {
     /// Whether this build and machine can score on CUDA, and with which devices.
     #[arg(long)]
     pub gpu: bool,
+    /// The CPU's vector features and the products the towers run on it, in f32 and under
+    /// `--dtype bf16` (`VTR_INDEX_CPU_WITHOUT` turns features off).
+    #[arg(long)]
+    pub cpu: bool,
 }
 
 pub fn run(args: InfoArgs) -> Result<u8> {
-    match (args.index, args.model, args.gpu) {
-        (Some(index), None, false) => print_index_info(&index),
-        (None, Some(model), false) => print_model_info(&model),
-        (None, None, true) => print_gpu_info(),
-        _ => bail!("give exactly one of --index INDEX, --model M or --gpu"),
+    match (args.index, args.model, args.gpu, args.cpu) {
+        (Some(index), None, false, false) => print_index_info(&index),
+        (None, Some(model), false, false) => print_model_info(&model),
+        (None, None, true, false) => print_gpu_info(),
+        (None, None, false, true) => print_cpu_info(),
+        _ => bail!("give exactly one of --index INDEX, --model M, --gpu or --cpu"),
     }
+}
+
+fn print_cpu_info() -> Result<u8> {
+    use crate::matmul::bf16::{Bf16Products, features_turned_off};
+    let turned_off = features_turned_off().map_err(anyhow::Error::msg)?;
+    println!("cpu:           {}", crate::matmul::cpu_model_name().unwrap_or_else(|| "unknown".into()));
+    println!("features:      {}", crate::matmul::vector_features().join(", "));
+    if !turned_off.is_empty() {
+        println!("turned off:    {} ({})", turned_off.join(", "), crate::matmul::bf16::CPU_WITHOUT_VARIABLE);
+    }
+    println!("f32 products:  {}", crate::matmul::f32_products());
+    let bf16 = Bf16Products::for_this_cpu().map_err(anyhow::Error::msg)?;
+    println!("bf16 products: {}", bf16.describe());
+    Ok(0)
 }
 
 #[cfg(feature = "cuda")]
