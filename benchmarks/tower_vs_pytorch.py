@@ -8,6 +8,17 @@ batch each. The two sides take turns for a few rounds (a slow spell on a shared 
 hits both); each round prints frames/s of each side, their ratio and the lowest cosine between
 the two sides' embeddings, and the median ratio closes the table.
 
+PyTorch is pinned to `torch.set_float32_matmul_precision("highest")` and to as many threads as
+ours (one per core), so it cannot switch f32 products to bf16 behind the comparison. With
+--dtype bf16 on the CPU it runs the f32 model under `torch.autocast("cpu", dtype=torch.bfloat16)`,
+which is how its users run bf16 there; ours runs `--dtype bf16` (the AVX-512 BF16 products where
+the CPU has them: `vtr-index info --cpu`).
+
+Each side's share of the machine's peak is printed beside its speed: the peak is measured by
+`examples/fma_peak.rs` (FMA chains on every core, f32 or, for bf16, `vdpbf16ps`), and the work
+a frame is the whole forward pass's multiply-adds counted from the config (2 FLOPs each), the
+same for both sides (ours skips the last layer's rows other than the class token, ~6 %).
+
 Usage: benchmarks/.venv/bin/python benchmarks/tower_vs_pytorch.py [--frames 128] [--batch 32] [--dtype f32] [--rounds 3]
 On a GPU: --device cuda --dtype f16 runs both sides there, PyTorch in the same dtype; give
 --bin with a `tower_throughput` built with `--features cuda-encoder` where Rust is (the GPU
@@ -51,6 +62,8 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bin", help="a prebuilt tower_throughput example")
     parser.add_argument("--json", help="also write the rounds and the median ratio here (the device check reads it)")
+    parser.add_argument("--profile", action="store_true", help="after the rounds, PyTorch's time by operation "
+                        "(torch.profiler, one pass over the frames); ours: `perf record` of the same binary")
     parser.add_argument("--baseline-bin", help="another build's tower_throughput (an earlier commit's), timed in "
                         "every round beside this one's: the cost or gain of a change, on the same machine")
     args = parser.parse_args()
@@ -58,6 +71,8 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = random_vit_b32(work)
+    torch.set_float32_matmul_precision("highest")
+    torch.set_num_threads(os.cpu_count())
     model = CLIPModel.from_pretrained(model_dir).eval()
     if args.device == "cuda":
         model = model.to("cuda", torch_dtype)
@@ -83,8 +98,13 @@ def main():
         if args.device == "cuda":
             torch.cuda.synchronize()
 
+    def autocast():
+        if args.device == "cpu" and args.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(args.device, enabled=False)
+
     def pytorch_round():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model.get_image_features(pixel_values=batch_of(0))
             synchronize()
             start = time.perf_counter()
@@ -104,6 +124,15 @@ def main():
         fps = float(re.search(r"frames_per_s=([\d.]+)", proc.stdout).group(1))
         return fps, np.frombuffer((work / out).read_bytes(), dtype=np.float32).reshape(args.frames, -1)
 
+    gflop_a_frame = vision_gflop(model.config.vision_config)
+    peak = measured_peak(binary, args.dtype) if args.device == "cpu" else None
+    if peak:
+        print(f"work: {gflop_a_frame:.2f} GFLOP a frame; the machine's {args.dtype} peak: {peak:.1f} GFLOP/s "
+              f"(examples/fma_peak.rs, {os.cpu_count()} threads)")
+
+    def share(fps):
+        return f" ({100 * fps * gflop_a_frame / peak:.0f} % of peak)" if peak else ""
+
     # Rounds alternate between the sides so that a slow spell of a shared machine hits each.
     baseline = ""
     if args.baseline_bin:
@@ -118,7 +147,8 @@ def main():
         lowest = float(np.min(np.sum(ours * reference, axis=1)))
         ratios.append(ours_fps / torch_fps)
         rounds.append({"pytorch_frames_per_s": torch_fps, "vtr_index_frames_per_s": ours_fps, "lowest_cosine": lowest})
-        row = f"| {round_no} | {torch_fps:.2f} frames/s | {ours_fps:.2f} frames/s | {ratios[-1]:.2f}× | {lowest:.6f} |"
+        row = (f"| {round_no} | {torch_fps:.2f} frames/s{share(torch_fps)} | {ours_fps:.2f} frames/s{share(ours_fps)} | "
+               f"{ratios[-1]:.2f}× | {lowest:.6f} |")
         if args.baseline_bin:
             base_fps, base = rust_round(args.baseline_bin, "baseline.f32")
             baseline_ratios.append(ours_fps / base_fps)
@@ -128,10 +158,42 @@ def main():
     print(f"median ratio: {statistics.median(ratios):.2f}×")
     if baseline_ratios:
         print(f"median ratio to the baseline: {statistics.median(baseline_ratios):.3f}×")
+    if args.profile:
+        with torch.inference_mode(), autocast(), torch.profiler.profile() as profiler:
+            for i in range(0, args.frames, args.batch):
+                model.get_image_features(pixel_values=batch_of(i))
+        events = profiler.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        print("PyTorch by operation (self CPU time, all threads' share):")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+            print(f"  {e.key:40s} {100 * e.self_cpu_time_total / total:5.1f} %  ({e.count} calls)")
     if args.json:
         summary = {"device": args.device, "dtype": args.dtype, "frames": args.frames, "batch": args.batch,
                    "rounds": rounds, "median_ratio": statistics.median(ratios)}
         Path(args.json).write_text(json.dumps(summary, indent=1))
+
+def vision_gflop(c):
+    """GFLOP of one frame through the vision tower: the patch embedding, the layers' dense
+    products and attention's two products (2 FLOPs a multiply-add)."""
+    tokens = (c.image_size // c.patch_size) ** 2 + 1
+    width, hidden = c.hidden_size, c.intermediate_size
+    patch = (tokens - 1) * 3 * c.patch_size ** 2 * width
+    layer = tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width
+    return 2 * (patch + c.num_hidden_layers * layer) / 1e9
+
+
+def measured_peak(binary, dtype):
+    """The machine's peak in GFLOP/s for `dtype` (f32, or bf16 where the CPU has AVX-512 BF16),
+    from examples/fma_peak.rs built beside the tower binary; None where it cannot be had."""
+    peak_binary = Path(binary).with_name("fma_peak")
+    if not peak_binary.exists():
+        subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "fma_peak"], check=True)
+        peak_binary = Path("target/release/examples/fma_peak")
+    out = subprocess.run([str(peak_binary)], capture_output=True, text=True, check=True).stdout
+    key = "bf16_peak_gflops" if dtype == "bf16" else "peak_gflops"
+    found = re.search(rf"^{key}=([\d.]+)", out, re.M)
+    return float(found.group(1)) if found else None
+
 
 if __name__ == "__main__":
     main()
