@@ -291,14 +291,14 @@ def stages(args, binary, model_dir, root, label):
         return wall, cpu
 
     def side_b():
-        wall, cpu, out = child_run([stage_bin, "tower", str(model_dir), str(pixels), str(args.batch)])
+        wall, cpu, out = child_run([stage_bin, "tower", str(model_dir), str(pixels), str(args.batch), args.dtype])
         frames["b"] = int(re.search(r"frames=(\d+)", out).group(1))
         return wall, cpu
 
     def whole_ingest(build, side):
         shutil.rmtree(index, ignore_errors=True)
         wall, cpu, _ = child_run([build, "ingest", str(root), "--index", str(index), "--model", str(model_dir),
-                                  "--batch", str(args.batch)])
+                                  "--batch", str(args.batch), "--dtype", args.dtype])
         report = json.loads(max((index / "runs").glob("*.json")).read_text())
         frames[side] = report["frames"]
         frames[f"{side}-stages"] = report["stage_seconds"]
@@ -394,6 +394,9 @@ def main():
     parser.add_argument("--steps", nargs="+", default=steps, choices=steps)
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the stages step")
     parser.add_argument("--batch", type=int, default=32, help="ingest's batch size (its default)")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                        help="the dtype of vtr-index's tower and ingest in the stages step (bf16: the AVX-512 BF16 "
+                        "products where the CPU has them); the Python pipeline stays f32")
     parser.add_argument("--baseline-bin", help="another build's vtr-index, whose whole ingest is run as side (e)")
     parser.add_argument("--long-runs", type=int, default=3)
     parser.add_argument("--tiny-model", default="tests/fixtures/tiny-clip")

@@ -21,9 +21,10 @@ const STEPS: u64 = 1 << 22;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let threads: usize = args.get(1).map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| {
-        t.parse().expect("THREADS must be a whole number")
-    });
+    let threads: usize = args.get(1).map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |t| t.parse().expect("THREADS must be a whole number"),
+    );
     let seconds: f64 = args.get(2).map_or(2.0, |s| s.parse().expect("SECONDS must be a number"));
     let (lanes, name) = widest_fma();
     println!("vectors: {name} ({lanes} f32 lanes), {CHAINS} chains a thread, {threads} threads");

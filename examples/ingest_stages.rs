@@ -5,8 +5,8 @@
 //! ingest's decode workers' work (decode, sample, preprocess, hash) on WORKERS threads of one process, with no model
 //! (MODEL's `config.json` gives the image size);
 //! it writes the pixels of every frame, in the walk's order, and prints `frames=N`.
-//! `ingest_stages tower MODEL PIXELS.f32 BATCH` runs the image tower on those frames in batches
-//! of BATCH as ingest packs them (full batches across videos, one partial batch at the end),
+//! `ingest_stages tower MODEL PIXELS.f32 BATCH [DTYPE]` runs the image tower (in DTYPE, default
+//! f32) on those frames in batches of BATCH as ingest packs them (full batches across videos, one partial batch at the end),
 //! with no warm-up, and prints `frames=N seconds=S`.
 
 use std::io::Write;
@@ -20,7 +20,7 @@ use vtr_index::ingest::worker::{Prepared, prepare};
 use vtr_index::model::{Checkpoint, Clip, ClipConfig};
 use vtr_index::preprocess::PreprocessConfig;
 use vtr_index::sampling::SamplingConfig;
-use vtr_index::types::DeviceChoice;
+use vtr_index::types::{DeviceChoice, Precision};
 use vtr_index::walk::{Root, walk_roots};
 
 fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
@@ -79,9 +79,10 @@ fn decode(root: &str, model: &str, workers: usize, out: &str) -> Result<()> {
     Ok(())
 }
 
-fn tower(model: &str, pixels: &str, batch: usize) -> Result<()> {
+fn tower(model: &str, pixels: &str, batch: usize, dtype: &str) -> Result<()> {
     vtr_index::model::keep_freed_activation_memory();
-    let clip = Clip::load(Checkpoint::open(Path::new(model))?, DeviceChoice::Cpu)?;
+    let precision = Precision::parse(dtype).map_err(anyhow::Error::msg)?;
+    let clip = Clip::load(Checkpoint::open(Path::new(model))?.with_precision(precision), DeviceChoice::Cpu)?;
     let bytes = std::fs::read(pixels).with_context(|| pixels.to_string())?;
     let pixels: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let size = clip.checkpoint.config.vision.image_size;
@@ -101,7 +102,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["decode", root, model, workers, out] => decode(root, model, workers.parse()?, out),
-        ["tower", model, pixels, batch] => tower(model, pixels, batch.parse()?),
-        _ => bail!("usage: ingest_stages decode ROOT MODEL WORKERS PIXELS.f32 | tower MODEL PIXELS.f32 BATCH"),
+        ["tower", model, pixels, batch] => tower(model, pixels, batch.parse()?, "f32"),
+        ["tower", model, pixels, batch, dtype] => tower(model, pixels, batch.parse()?, dtype),
+        _ => bail!("usage: ingest_stages decode ROOT MODEL WORKERS PIXELS.f32 | tower MODEL PIXELS.f32 BATCH [DTYPE]"),
     }
 }

@@ -469,9 +469,10 @@ fn bf16_takes_the_hardware_path_where_the_cpu_has_it_and_the_switch_turns_it_off
     let switched = ingest("bf16-switched", "bf16", Some("avx512bf16"), &[]);
     assert_same_index_within(&default, &f32_index, "bf16 on this CPU's path", Some(BF16_RUN_COSINE));
     assert_same_index_within(&switched, &f32_index, "bf16 through candle", Some(BF16_RUN_COSINE));
-    let differ = default.frames.iter().any(|(key, (_, e))| {
-        e.iter().zip(&switched.frames[key].1).any(|(a, b)| a.to_bits() != b.to_bits())
-    });
+    let differ = default
+        .frames
+        .iter()
+        .any(|(key, (_, e))| e.iter().zip(&switched.frames[key].1).any(|(a, b)| a.to_bits() != b.to_bits()));
     assert_eq!(differ, hardware, "the two paths differ exactly where the CPU has the hardware path");
     if hardware {
         let one_at_a_time = ingest("bf16-batch-1", "bf16", None, &["--batch", "1"]);

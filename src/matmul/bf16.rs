@@ -129,11 +129,6 @@ impl PackedBf16 {
     pub fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.words.len() * 4
-    }
 }
 
 /// `dst[m × n] += bf16(x)[m × k] · w[k × n]`, row-major, accumulated in f32, over rayon's pool.
@@ -323,7 +318,10 @@ mod tests {
     /// rounds once). Shapes with an odd `k`, columns that end inside a panel and inside a
     /// vector, and rows that end inside a kernel's group, on one and several tasks.
     #[test]
-    #[cfg_attr(not(host_has_avx512bf16), ignore = "needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake or later)")]
+    #[cfg_attr(
+        not(host_has_avx512bf16),
+        ignore = "needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake or later)"
+    )]
     fn products_equal_the_exact_sums_of_the_rounded_inputs_within_f32_accumulation() {
         for (m, k, n) in [(1, 1, 1), (3, 5, 7), (9, 33, 17), (17, 64, 32), (50, 768, 80), (803, 129, 45)] {
             let (x, w, start) = (random(m * k, 1), random(k * n, 2), random(m * n, 3));
@@ -345,7 +343,10 @@ mod tests {
 
     /// A row's bits do not depend on the rows beside it or the tasks they are cut into.
     #[test]
-    #[cfg_attr(not(host_has_avx512bf16), ignore = "needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake or later)")]
+    #[cfg_attr(
+        not(host_has_avx512bf16),
+        ignore = "needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake or later)"
+    )]
     fn a_row_has_the_same_bits_in_any_batch() {
         let (k, n) = (96, 40);
         let (x, w) = (random(300 * k, 4), random(k * n, 5));

@@ -140,9 +140,9 @@ impl Encoder {
     }
 
     fn dense_layers_mut(&mut self) -> impl Iterator<Item = &mut Dense> {
-        self.layers.iter_mut().flat_map(|l| {
-            [&mut l.self_attn.qkv_proj, &mut l.self_attn.out_proj, &mut l.mlp.fc1, &mut l.mlp.fc2]
-        })
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.self_attn.qkv_proj, &mut l.self_attn.out_proj, &mut l.mlp.fc1, &mut l.mlp.fc2])
     }
 
     /// [batch, tokens, width] → [batch, kept, width]. Only the last layer's outputs for the
@@ -294,11 +294,7 @@ impl ClipModel {
     pub fn use_bf16_products(&mut self) -> Result<()> {
         let mut layers: Vec<&mut Dense> = self.vision_model.encoder.dense_layers_mut().collect();
         layers.extend(self.text_model.encoder.dense_layers_mut());
-        layers.extend([
-            &mut self.vision_model.patch_embedding,
-            &mut self.visual_projection,
-            &mut self.text_projection,
-        ]);
+        layers.extend([&mut self.vision_model.patch_embedding, &mut self.visual_projection, &mut self.text_projection]);
         layers.into_par_iter().try_for_each(Dense::pack_weight_bf16)
     }
 

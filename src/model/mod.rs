@@ -29,8 +29,8 @@ pub use config::ClipConfig;
 pub use head::{Head, HeadConfig, mean_pool};
 pub use layout::Layout;
 
-use crate::preprocess::PreprocessConfig;
 use crate::matmul::bf16::Bf16Products;
+use crate::preprocess::PreprocessConfig;
 use crate::types::{DeviceChoice, HeadKind, ModelIdentity, Precision};
 
 #[derive(Debug, thiserror::Error)]
