@@ -11,51 +11,30 @@
 //! runs on the calling thread only (its own pool is set to one thread once); spreading products
 //! over cores is done with rayon, so the process has one pool working and no core is
 //! oversubscribed. [`choose_blas_kernels`] corrects OpenBLAS's choice of kernels on CPUs newer
-//! than the library, and on Zen 4.
+//! than the library.
 
 pub mod bf16;
 pub mod fma_chain;
 
-/// What the choice of OpenBLAS kernels looks at in a CPU.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuForBlas {
-    pub avx512_bf16: bool,
-    /// AVX-512 F, BW, DQ and VL, which OpenBLAS's SkylakeX kernels need.
-    pub avx512: bool,
-    pub avx2_fma: bool,
-    /// The CPU family where the vendor is AMD (`0x19`: Zen 3 and Zen 4; `0x1a`: Zen 5).
-    pub amd_family: Option<u32>,
-}
-
-/// The OpenBLAS kernels [`choose_blas_kernels`] asks for on `cpu` where OpenBLAS chose
-/// `current`, or `None` to keep its choice:
-/// - where it fell back to its generic `Prescott` kernels, the best the features allow;
-/// - on AMD's family 0x19 with AVX-512 (Zen 4), its AVX2 `Zen` kernels instead of the AVX-512
-///   ones it picks there: Zen 4 runs 512-bit vectors as two 256-bit halves, and the AVX2 kernel
-///   gave the ViT-B/32 tower 4.8 % more frames a second (23.9 against 22.8, 2 cores,
-///   `benchmarks/RESULTS.md`). Zen 5 (0x1a) multiplies 512 bits at once and keeps AVX-512.
-pub fn blas_kernels_for(cpu: CpuForBlas, current: &str) -> Option<&'static str> {
-    let current = current.to_ascii_lowercase();
-    if current == "prescott" {
-        return match (cpu.avx512_bf16, cpu.avx512, cpu.avx2_fma) {
-            (true, true, _) => Some("Cooperlake"),
-            (_, true, _) => Some("SkylakeX"),
-            (_, _, true) => Some("Haswell"),
-            _ => None,
-        };
+/// The OpenBLAS kernels a CPU's features allow, best first: what [`choose_blas_kernels`] asks
+/// for where OpenBLAS itself fell back to its generic ones. `None` below AVX2 + FMA, where the
+/// generic kernels are what there is.
+pub fn blas_kernels_for(avx512_bf16: bool, avx512: bool, avx2_fma: bool) -> Option<&'static str> {
+    match (avx512_bf16, avx512, avx2_fma) {
+        (true, true, _) => Some("Cooperlake"),
+        (_, true, _) => Some("SkylakeX"),
+        (_, _, true) => Some("Haswell"),
+        _ => None,
     }
-    let avx512_kernels = current == "skylakex" || current == "cooperlake";
-    (cpu.amd_family == Some(0x19) && avx512_kernels && cpu.avx2_fma).then_some("Zen")
 }
 
 /// Debian 12's OpenBLAS (0.3.21) chooses its kernels when the process starts, from the CPU's
 /// model number, and on a CPU it does not know (Intel's Sapphire Rapids, for one) falls back to
 /// its generic `Prescott` kernels: the image tower then runs 4.6 frames/s where the right ones
-/// give 20.9 (`benchmarks/RESULTS.md`); on Zen 4 it takes AVX-512 kernels slower there than its
-/// AVX2 ones. Where [`blas_kernels_for`] names better kernels and the user set no
-/// `OPENBLAS_CORETYPE`, this asks OpenBLAS to choose again with them, and returns their name.
-/// Call it first thing in `main`, before any other thread reads the environment and before any
-/// product. A no-op without the `openblas` feature.
+/// give 20.9 (`benchmarks/RESULTS.md`). Where that happened and the user set no
+/// `OPENBLAS_CORETYPE`, this asks OpenBLAS to choose again with the kernels the CPU's features
+/// allow, and returns their name. Call it first thing in `main`, before any other thread reads
+/// the environment and before any product. A no-op without the `openblas` feature.
 pub fn choose_blas_kernels() -> Option<&'static str> {
     #[cfg(all(feature = "openblas", target_arch = "x86_64"))]
     {
@@ -256,7 +235,17 @@ mod blas {
         if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
             return None; // the user's choice
         }
-        let wanted = super::blas_kernels_for(this_cpu(), &kernels_in_use())?;
+        if kernels_in_use().to_lowercase() != "prescott" {
+            return None;
+        }
+        let wanted = super::blas_kernels_for(
+            std::arch::is_x86_feature_detected!("avx512bf16"),
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl"),
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        )?;
         // SAFETY: the caller runs this before any other thread of the program reads the
         // environment; OpenBLAS has run no product yet, so no buffer was sized for the old
         // kernels, and its own threads only wait for work.
@@ -267,22 +256,6 @@ mod blas {
             std::env::remove_var("OPENBLAS_CORETYPE");
         }
         Some(wanted)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn this_cpu() -> super::CpuForBlas {
-        use std::arch::is_x86_feature_detected as has;
-        // CPUID leaves 0 (the vendor) and 1 (the family) exist on every x86-64 CPU.
-        let (vendor, signature) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
-        let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "AuthenticAMD"
-        let family = (signature.eax >> 8) & 0xf;
-        let family = if family == 0xf { family + ((signature.eax >> 20) & 0xff) } else { family };
-        super::CpuForBlas {
-            avx512_bf16: has!("avx512bf16"),
-            avx512: has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl"),
-            avx2_fma: has!("avx2") && has!("fma"),
-            amd_family: amd.then_some(family),
-        }
     }
 
     /// The name of the kernels OpenBLAS runs (`Haswell`, `SkylakeX`, …).
@@ -326,19 +299,11 @@ mod blas {
 mod tests {
     #[test]
     fn blas_kernels_follow_the_cpu_features() {
-        use super::{CpuForBlas, blas_kernels_for};
-        let cpu = |avx512_bf16, avx512, avx2_fma, amd_family| CpuForBlas { avx512_bf16, avx512, avx2_fma, amd_family };
-        // Where OpenBLAS fell back to its generic kernels: the best the features allow.
-        assert_eq!(blas_kernels_for(cpu(true, true, true, None), "Prescott"), Some("Cooperlake"));
-        assert_eq!(blas_kernels_for(cpu(false, true, true, None), "Prescott"), Some("SkylakeX"));
-        assert_eq!(blas_kernels_for(cpu(false, false, true, None), "Prescott"), Some("Haswell"));
-        assert_eq!(blas_kernels_for(cpu(false, false, false, None), "Prescott"), None);
-        // Zen 4 takes the AVX2 kernels; Zen 3 and Zen 5, and Intel, keep OpenBLAS's choice.
-        assert_eq!(blas_kernels_for(cpu(true, true, true, Some(0x19)), "Cooperlake"), Some("Zen"));
-        assert_eq!(blas_kernels_for(cpu(false, true, true, Some(0x19)), "SkylakeX"), Some("Zen"));
-        assert_eq!(blas_kernels_for(cpu(false, false, true, Some(0x19)), "Zen"), None);
-        assert_eq!(blas_kernels_for(cpu(true, true, true, Some(0x1a)), "Cooperlake"), None);
-        assert_eq!(blas_kernels_for(cpu(true, true, true, None), "Cooperlake"), None);
+        use super::blas_kernels_for;
+        assert_eq!(blas_kernels_for(true, true, true), Some("Cooperlake"));
+        assert_eq!(blas_kernels_for(false, true, true), Some("SkylakeX"));
+        assert_eq!(blas_kernels_for(false, false, true), Some("Haswell"));
+        assert_eq!(blas_kernels_for(false, false, false), None);
     }
 
     use super::*;
