@@ -281,10 +281,11 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn values(count: usize, seed: u64) -> Vec<f32> {
+    /// `count` values in [−0.5, 0.5) from a seeded LCG (also the bf16 products' tests' inputs).
+    pub(in crate::matmul) fn values(count: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;
         (0..count)
             .map(|_| {
