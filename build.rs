@@ -22,7 +22,8 @@ fn main() {
 
 /// `cfg(host_has_avx512bf16)` where the machine that builds has AVX-512 BF16 and builds for
 /// itself: the tests of the bf16 kernels run there and are reported as ignored elsewhere (a
-/// test binary runs where `cargo test` built it).
+/// test binary runs where `cargo test` built it; a target folder carried to another machine
+/// keeps the building machine's answer until `build.rs` runs again).
 fn host_cpu_features() {
     println!("cargo:rustc-check-cfg=cfg(host_has_avx512bf16)");
     #[cfg(target_arch = "x86_64")]

@@ -9,7 +9,7 @@ hits both); each round prints frames/s of each side, their ratio and the lowest 
 the two sides' embeddings, and the median ratio closes the table.
 
 PyTorch is pinned to `torch.set_float32_matmul_precision("highest")` and to as many threads as
-ours (one per core), so it cannot switch f32 products to bf16 behind the comparison. With
+ours (one per CPU this process may run on), so it cannot switch f32 products to bf16 behind the comparison. With
 --dtype bf16 on the CPU it runs the f32 model under `torch.autocast("cpu", dtype=torch.bfloat16)`,
 which is how its users run bf16 there; ours runs `--dtype bf16` (the AVX-512 BF16 products where
 the CPU has them: `vtr-index info --cpu`).
@@ -72,7 +72,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     model_dir = random_vit_b32(work)
     torch.set_float32_matmul_precision("highest")
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = CLIPModel.from_pretrained(model_dir).eval()
     if args.device == "cuda":
         model = model.to("cuda", torch_dtype)

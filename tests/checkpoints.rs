@@ -436,7 +436,7 @@ fn unknown_tensors_beside_clip4clips_are_refused() {
 #[test]
 fn bf16_takes_the_hardware_path_where_the_cpu_has_it_and_the_switch_turns_it_off() {
     const SWITCH: &str = "VTR_INDEX_CPU_WITHOUT";
-    let hardware = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16");
+    let hardware = vtr_index::matmul::bf16::cpu_has_avx512_bf16();
     let dir = Dir::new();
     let root = corpus(&dir, "videos", &["short_h264.mp4", "mandelbrot_vp9.webm"]);
     let bf16_line = |switch: Option<&str>| {

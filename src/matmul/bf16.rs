@@ -10,16 +10,18 @@
 //! kept between the layers where autocast keeps bf16, so it is at least as close to f32.
 //!
 //! Each output element is one chain of `vdpbf16ps` over the input pairs in order, from the
-//! value it started with: no blocking of the inner dimension and no tail kernels, so a row's
-//! bits depend on its own values only, whatever its batch, its place in a block, or the
-//! thread count (contract §6).
+//! value it started with (each instruction adds its pair's two products, as the CPU defines;
+//! it treats subnormal bf16 inputs and f32 results as zero whatever MXCSR says): no blocking of
+//! the inner dimension and no tail kernels, so a row's bits depend on its own values only,
+//! whatever its batch, its place in a block, or the thread count (contract §6).
 
 use half::bf16;
 use rayon::prelude::*;
 
-/// The environment variable that makes the program treat CPU features as missing, to choose
-/// (and test) the path a CPU without them gets: a comma-separated list of feature names, of
-/// which [`FEATURES_THAT_CAN_BE_TURNED_OFF`] are known.
+/// The environment variable that makes the choice of `--dtype bf16`'s path treat CPU features
+/// as missing, to take (and test) the path a CPU without them gets: a comma-separated list of
+/// feature names, of which [`FEATURES_THAT_CAN_BE_TURNED_OFF`] are known. Nothing else reads
+/// it: OpenBLAS's f32 kernels are chosen from the CPU as it is.
 pub const CPU_WITHOUT_VARIABLE: &str = "VTR_INDEX_CPU_WITHOUT";
 
 /// The features [`CPU_WITHOUT_VARIABLE`] may name.
@@ -53,7 +55,7 @@ impl Bf16Products {
         Ok(if has { Bf16Products::Avx512Bf16 } else { Bf16Products::CandleBf16 })
     }
 
-    /// One line for `info --cpu` and the run report.
+    /// One line for `info --cpu`.
     pub fn describe(self) -> &'static str {
         match self {
             Bf16Products::Avx512Bf16 => {
@@ -209,6 +211,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn sweep(packed_rows: &[u32], rows: usize, w: &PackedBf16, dst: &mut [f32]) {
         let pairs = w.k.div_ceil(2);
+        assert!(packed_rows.len() >= rows.next_multiple_of(KERNEL_ROWS) * pairs && dst.len() == rows * w.n);
         for (panel, panel_words) in w.words.chunks(pairs * PANEL_COLUMNS).enumerate() {
             let col = panel * PANEL_COLUMNS;
             let cols = (w.n - col).min(PANEL_COLUMNS);
@@ -247,8 +250,11 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; KERNEL_ROWS];
         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
             for (half, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: row r < rows of the block, lanes masked to its columns.
-                *acc = unsafe { _mm512_maskz_loadu_ps(masks[half], c.add(r * ldc + 16 * half)) };
+                if masks[half] != 0 {
+                    // SAFETY: row r < rows of the block, lanes masked to its columns (a half
+                    // with no column is skipped, so the address is inside the output).
+                    *acc = unsafe { _mm512_maskz_loadu_ps(masks[half], c.add(r * ldc + 16 * half)) };
+                }
             }
         }
         for p in 0..pairs {
@@ -266,8 +272,10 @@ mod x86 {
         }
         for (r, acc) in acc.iter().enumerate().take(rows) {
             for (half, &acc) in acc.iter().enumerate() {
-                // SAFETY: as for the loads.
-                unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + 16 * half), masks[half], acc) };
+                if masks[half] != 0 {
+                    // SAFETY: as for the loads.
+                    unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + 16 * half), masks[half], acc) };
+                }
             }
         }
     }
