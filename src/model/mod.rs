@@ -347,8 +347,10 @@ pub struct Clip<T = clip::ClipModel> {
     model: T,
     device: Device,
     /// The dtype the towers' tensors hold: the precision's, except on the AVX-512 BF16 path,
-    /// where the towers hold f32 and their products take bf16 ([`Clip::bf16_products`]).
+    /// where the towers hold f32 and their products take bf16.
     dtype: DType,
+    /// How the model multiplies under `--dtype bf16` on the CPU (`info --cpu` names it); `None`
+    /// for other dtypes and devices.
     bf16_products: Option<Bf16Products>,
     head: Head,
     pub checkpoint: Checkpoint,
@@ -412,12 +414,6 @@ impl<T> Clip<T> {
 
     pub fn embed_dim(&self) -> usize {
         self.checkpoint.config.projection_dim
-    }
-
-    /// How the model multiplies under `--dtype bf16` on the CPU; `None` for other dtypes and
-    /// devices.
-    pub fn bf16_products(&self) -> Option<Bf16Products> {
-        self.bf16_products
     }
 }
 

@@ -11,6 +11,26 @@ const QUERY_PAGE = 10;
 
 const $ = (id) => document.getElementById(id);
 
+// How many times a frame's thumbnail is asked for before it is left broken. The service
+// refuses a thumbnail at once (503) while its decoders' queue is full, and a page of results or
+// queries asks for dozens at once: a refused one is asked for again after a growing, jittered
+// pause (0.4 s, then 0.8, 1.6, 3.2, 6.4).
+const THUMBNAIL_TRIES = 6;
+
+// The thumbnail of video `id` at `t` seconds, as an <img> with `attrs`.
+function frameImage(id, t, attrs) {
+  const src = api("thumbnail", { id, t: t.toFixed(3) });
+  const img = el("img", { ...attrs, src });
+  let failures = 0;
+  img.addEventListener("error", () => {
+    failures += 1;
+    if (failures < THUMBNAIL_TRIES) {
+      setTimeout(() => { img.src = src; }, 200 * 2 ** failures + Math.random() * 200);
+    }
+  });
+  return img;
+}
+
 function el(tag, props, children) {
   const e = document.createElement(tag);
   for (const [key, value] of Object.entries(props || {})) {
@@ -77,12 +97,7 @@ function renderResults(page) {
   grid.replaceChildren();
   for (const hit of page.items) {
     const time = hit.best_frame_s === null ? 0 : hit.best_frame_s;
-    const thumb = el("img", {
-      class: "thumb",
-      alt: hit.video_id,
-      loading: "lazy",
-      src: api("thumbnail", { id: hit.video_id, t: time.toFixed(3) }),
-    });
+    const thumb = frameImage(hit.video_id, time, { class: "thumb", alt: hit.video_id, loading: "lazy" });
     thumb.addEventListener("click", () => openPlayer(hit.video_id, time));
     const more = el("button", { type: "button", class: "similar", text: "More like this" });
     more.addEventListener("click", () => showRanking({ id: hit.video_id }, 0));
@@ -162,7 +177,7 @@ function showStrip(info, note) {
   strip.replaceChildren();
   $("player-note").textContent = note;
   for (const t of info.frame_times.slice(0, MAX_STRIP)) {
-    const img = el("img", { alt: info.video_id + " at " + seconds(t), src: api("thumbnail", { id: info.video_id, t: t.toFixed(3) }) });
+    const img = frameImage(info.video_id, t, { alt: info.video_id + " at " + seconds(t) });
     strip.append(el("figure", {}, [img, el("figcaption", { text: seconds(t) })]));
   }
   strip.hidden = false;
@@ -268,7 +283,7 @@ function fixed(x, digits) {
 // A video's thumbnail at `time`, which opens the player there.
 function thumbnail(id, time) {
   const t = time === null || time === undefined ? 0 : time;
-  const img = el("img", { alt: id, title: id, loading: "lazy", src: api("thumbnail", { id, t: t.toFixed(3) }) });
+  const img = frameImage(id, t, { alt: id, title: id, loading: "lazy" });
   img.addEventListener("click", () => openPlayer(id, t));
   return img;
 }
