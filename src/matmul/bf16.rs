@@ -184,26 +184,25 @@ mod x86 {
     /// `row` rounded to bf16 (to nearest even) into `out`, two to a word, the first low.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn round_row(row: &[f32], out: &mut [u32]) {
-        let whole = row.len() / 16 * 16;
-        for (values, words) in row[..whole].chunks_exact(16).zip(out.chunks_exact_mut(8)) {
-            // SAFETY: 16 values read, 8 words (32 bytes) written.
-            unsafe {
-                let rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(values.as_ptr()));
-                _mm256_storeu_si256(words.as_mut_ptr().cast(), std::mem::transmute::<__m256bh, __m256i>(rounded));
-            }
+        let mut values = row.chunks(16);
+        let last = values.next_back().unwrap_or_default();
+        for (values, words) in values.zip(out.chunks_exact_mut(8)) {
+            words.copy_from_slice(&round_16(values.try_into().expect("chunks before the last hold 16")));
         }
-        let rest = &row[whole..];
-        if !rest.is_empty() {
-            let mut last = [0f32; 16];
-            last[..rest.len()].copy_from_slice(rest);
-            let mut words = [0u32; 8];
-            // SAFETY: as above, on local arrays.
-            unsafe {
-                let rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(last.as_ptr()));
-                _mm256_storeu_si256(words.as_mut_ptr().cast(), std::mem::transmute::<__m256bh, __m256i>(rounded));
-            }
-            let tail = rest.len().div_ceil(2);
-            out[whole / 2..whole / 2 + tail].copy_from_slice(&words[..tail]);
+        let mut padded = [0f32; 16];
+        padded[..last.len()].copy_from_slice(last);
+        let start = (row.len() - last.len()) / 2;
+        let tail = last.len().div_ceil(2);
+        out[start..start + tail].copy_from_slice(&round_16(&padded)[..tail]);
+    }
+
+    /// 16 values rounded to bf16 (to nearest even), two to a word, the first low.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn round_16(values: &[f32; 16]) -> [u32; 8] {
+        // SAFETY: 16 values read; the 256 bits written back are plain data.
+        unsafe {
+            let rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(values.as_ptr()));
+            std::mem::transmute::<__m256bh, [u32; 8]>(rounded)
         }
     }
 
