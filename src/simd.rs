@@ -1,5 +1,6 @@
 //! What the CPU hot loops of scoring and of the model share: running a loop compiled for AVX2/FMA
-//! when the CPU has them, and branch-free `exp` that vectorises inside such loops. (Their matrix
+//! when the CPU has them, and a branch-free `exp` and a fixed-order reduction
+//! ([`fold_in_lanes`]) that vectorise inside such loops. (Their matrix
 //! products go through [`crate::matmul`].)
 
 /// Runs `f` compiled for AVX2 and FMA when the CPU has them, as it is otherwise.
@@ -23,6 +24,38 @@ pub fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// Lanes of [`fold_in_lanes`]: two AVX-512 or four AVX2 vectors' worth, enough independent
+/// chains to hide an add's latency.
+const FOLD_LANES: usize = 16;
+
+/// Folds `term(v)` of each of `values` with `combine` in 16 lanes (value i into lane i mod 16,
+/// each lane from `start`), then the lanes pairwise with `combine` (lane j with lane j + 8, then
+/// j + 4, j + 2, j + 1). The order is
+/// fixed by this definition, so the result has the same bits on every CPU, SIMD width and thread
+/// count; and the loop vectorises, which one running sum cannot (the compiler may not reorder
+/// float additions, so a plain `sum()` waits out an add's latency at every value).
+#[inline(always)]
+pub fn fold_in_lanes(values: &[f32], start: f32, term: impl Fn(f32) -> f32, combine: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [start; FOLD_LANES];
+    let mut chunks = values.chunks_exact(FOLD_LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = combine(*lane, term(v));
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane = combine(*lane, term(v));
+    }
+    let mut live = FOLD_LANES;
+    while live > 1 {
+        live /= 2;
+        for j in 0..live {
+            lanes[j] = combine(lanes[j], lanes[j + live]);
+        }
+    }
+    lanes[0]
 }
 
 /// Defines a branch-free `e^x` for one float type, so loops over it vectorise (libm's `exp` is a
@@ -135,6 +168,29 @@ branch_free_exp! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fold_in_lanes_takes_the_documented_order_and_sums_accurately() {
+        // The order written out (a sum of squares): lane sums by index mod 16, then halves folded
+        // onto the front, the terms squared once each.
+        for len in [0, 1, 5, 15, 16, 17, 50, 77, 768, 3073] {
+            let values: Vec<f32> = (0..len).map(|i| ((i * 7919 % 1000) as f32 - 499.5) * 1.37e-3).collect();
+            let mut lanes = [0f32; 16];
+            for (i, &v) in values.iter().enumerate() {
+                lanes[i % 16] += v * v;
+            }
+            let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = lanes;
+            let halves = [a + i, b + j, c + k, d + l, e + m, f + n, g + o, h + p];
+            let quarters = [halves[0] + halves[4], halves[1] + halves[5], halves[2] + halves[6], halves[3] + halves[7]];
+            let want = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
+            let sum = fold_in_lanes(&values, 0.0, |v| v * v, |a, b| a + b);
+            assert_eq!(sum.to_bits(), want.to_bits(), "{len} values");
+            let exact: f64 = values.iter().map(|&v| v as f64 * v as f64).sum();
+            assert!((sum as f64 - exact).abs() <= 1e-6 * exact.max(1e-30), "{len} values");
+            let max = fold_in_lanes(&values, f32::NEG_INFINITY, |v| v, f32::max);
+            assert_eq!(max, values.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{len} values");
+        }
+    }
 
     #[test]
     fn exp_f64_is_accurate_over_the_range_used() {

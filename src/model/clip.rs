@@ -6,12 +6,12 @@
 //! first end-of-text token, projections without bias. A missing or misshapen weight is an
 //! error naming the tensor: nothing here ever invents a value.
 
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder, layer_norm};
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
-use super::fused::{self, Dense, Epilogue};
+use super::fused::{self, Dense, Epilogue, LayerNorm, layer_norm};
 use super::tokenizer::END_OF_TEXT;
 
 /// `self_attn.*`. The checkpoint's `q_proj`, `k_proj` and `v_proj` are read by their names and

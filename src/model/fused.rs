@@ -1,6 +1,6 @@
-//! The transformer layer's two hot operations, fused on the CPU in f32: a dense layer with its
-//! bias and what follows it (quick_gelu, or the residual add), and multi-head attention read
-//! straight from the packed q|k|v rows.
+//! The transformer layer's operations, fused on the CPU in f32: a dense layer with its bias and
+//! what follows it (quick_gelu, or the residual add), multi-head attention read straight from
+//! the packed q|k|v rows, and the layer norm.
 //!
 //! Built from candle's separate ops, one encoder layer allocates and sweeps its activations a
 //! dozen times (bias add, three passes for quick_gelu, head transposes and copies back, the
@@ -10,7 +10,9 @@
 //! per (image, head) on strided views, writing each head's output where the next layer reads it.
 //! Neither depends on the batch (contract §6): the dense product runs as calls of whole row
 //! blocks ([`crate::matmul::accumulate_in_row_blocks`]), and attention's products, whose shapes
-//! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]).
+//! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]). Their
+//! row reductions (softmax, layer norm) run in sixteen lanes in a fixed order
+//! ([`crate::simd::fold_in_lanes`]), which vectorises where one running sum cannot.
 //! They are candle custom ops, so the towers keep one code path: on other devices and dtypes
 //! the same functions fall back to plain candle ops. Under `--dtype bf16` on AVX-512 BF16 the
 //! model stays f32 and a dense layer's weight is packed as bf16 ([`Dense::pack_weight_bf16`]),
@@ -22,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::matmul::bf16::PackedBf16;
 use crate::matmul::{Strided, fma_chain};
-use crate::simd::exp_f32;
+use crate::simd::{exp_f32, fold_in_lanes, with_wide_vectors};
 
 /// What a [`Dense`] layer does after `x · Wᵀ + b`.
 pub enum Epilogue<'a> {
@@ -111,6 +113,84 @@ impl Dense {
             Epilogue::QuickGelu => &h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?,
             Epilogue::Residual(r) => r + h,
         }
+    }
+}
+
+/// A layer norm over the last dimension with its weight and bias, as `nn.LayerNorm`:
+/// `(x − mean) / √(var + ε) · w + b`, the variance about the mean (two passes over the row: the
+/// one-pass `E[x²] − mean²` loses digits on the residual stream's rows, whose mean can be large
+/// beside their spread).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+/// The layer norm stored under `vb` as `weight` and `bias` of `size` values.
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+        eps,
+    })
+}
+
+impl LayerNorm {
+    /// `x`: [.., size] → the same shape, each row normalised.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if on_cpu_f32(&[&x, &self.weight, &self.bias]) {
+            return x.apply_op1_no_bwd(&FusedLayerNorm { norm: self });
+        }
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
+    }
+}
+
+struct FusedLayerNorm<'a> {
+    norm: &'a LayerNorm,
+}
+
+impl CustomOp1 for FusedLayerNorm<'_> {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input_f32(storage, layout)?;
+        let size = self.norm.weight.dim(0)?;
+        if layout.dims().last() != Some(&size) {
+            candle_core::bail!("layer norm: input {:?} does not end in {size}", layout.dims());
+        }
+        let eps = self.norm.eps as f32;
+        // Every value is written below, in parallel (as in `FusedDense`).
+        let mut dst: Vec<f32> = Vec::with_capacity(x.len());
+        let spare = &mut dst.spare_capacity_mut()[..x.len()];
+        with_f32_slice(&self.norm.weight, |weight| {
+            with_f32_slice(&self.norm.bias, |bias| {
+                if bias.len() != size {
+                    candle_core::bail!("layer norm: a bias of {} values for {size}", bias.len());
+                }
+                spare.par_chunks_mut(size * ROWS_PER_TASK).zip(x.par_chunks(size * ROWS_PER_TASK)).for_each(
+                    |(d, x)| {
+                        with_wide_vectors(|| {
+                            for (d_row, x_row) in d.chunks_mut(size).zip(x.chunks(size)) {
+                                let mean = fold_in_lanes(x_row, 0.0, |v| v, |a, b| a + b) / size as f32;
+                                let squares = fold_in_lanes(x_row, 0.0, |v| (v - mean) * (v - mean), |a, b| a + b);
+                                let inverse_std = 1.0 / (squares / size as f32 + eps).sqrt();
+                                for (((d, &v), &w), &b) in d_row.iter_mut().zip(x_row).zip(weight).zip(bias) {
+                                    d.write((v - mean) * inverse_std * w + b);
+                                }
+                            }
+                        })
+                    },
+                );
+                Ok(())
+            })
+        })?;
+        // SAFETY: the loop above wrote every value: `x` and `spare` have the same length and are
+        // cut alike, into whole rows of `size` (checked above).
+        unsafe { dst.set_len(x.len()) };
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 
@@ -265,7 +345,7 @@ impl CustomOp1 for FusedDense<'_> {
         }
         if let Epilogue::QuickGelu = self.epilogue {
             dst.par_chunks_mut(out_dim * ROWS_PER_TASK)
-                .for_each(|chunk| crate::simd::with_wide_vectors(|| quick_gelu_in_place(chunk)));
+                .for_each(|chunk| with_wide_vectors(|| quick_gelu_in_place(chunk)));
         }
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
     }
@@ -327,7 +407,7 @@ impl CustomOp1 for FusedAttention {
                         self.scale,
                     );
                 }
-                crate::simd::with_wide_vectors(|| softmax_rows(scores, tokens, self.causal));
+                with_wide_vectors(|| softmax_rows(scores, tokens, self.causal));
                 // SAFETY: as above; the weights in `scores` times `v` land in this task's block.
                 unsafe {
                     fma_chain::product(
@@ -352,13 +432,11 @@ fn softmax_rows(scores: &mut [f32], tokens: usize, causal: bool) {
         let seen = if causal { i + 1 } else { tokens };
         let (kept, masked) = row.split_at_mut(seen);
         masked.fill(0.0);
-        let max = kept.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0.0;
+        let max = fold_in_lanes(kept, f32::NEG_INFINITY, |s| s, f32::max);
         for s in kept.iter_mut() {
             *s = exp_f32(*s - max);
-            sum += *s;
         }
-        let inverse = 1.0 / sum;
+        let inverse = 1.0 / fold_in_lanes(kept, 0.0, |s| s, |a, b| a + b);
         for s in kept.iter_mut() {
             *s *= inverse;
         }
@@ -424,6 +502,37 @@ mod tests {
         }
         assert!(attention(&qkv, 4, false, 0).is_err());
         assert!(attention(&qkv, 4, false, 12).is_err());
+    }
+
+    #[test]
+    fn the_layer_norm_matches_the_f64_formula_even_far_from_zero() {
+        // Rows of 77, 512 and 768 values (a remainder past the lanes, the text width, the image
+        // width), some centred and some at 300 with a spread of 1: there `E[x²] − mean²` in f32
+        // keeps about two digits of the variance.
+        for (size, offset) in [(77, 0.0), (512, 0.0), (768, 0.0), (768, 300.0)] {
+            let x = (random(&[2, 19, size], 11) + offset).unwrap();
+            let norm = LayerNorm { weight: random(&[size], 12), bias: random(&[size], 13), eps: 1e-5 };
+            let ours = norm.forward(&x).unwrap();
+            let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let mean = f64s(&x).mean_keepdim(2).unwrap();
+            let centred = f64s(&x).broadcast_sub(&mean).unwrap();
+            let var = centred.sqr().unwrap().mean_keepdim(2).unwrap();
+            let exact = centred
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&f64s(&norm.weight))
+                .unwrap()
+                .broadcast_add(&f64s(&norm.bias))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert_eq!(ours.dims(), x.dims());
+            let worst = max_abs_diff(&ours, &exact);
+            assert!(worst < 2e-5 * (1.0 + offset as f32 / 10.0), "{size} values at {offset}: off by {worst}");
+            // A row alone gives the same bits as inside the batch.
+            let alone = norm.forward(&x.narrow(1, 7, 1).unwrap()).unwrap();
+            assert_eq!(max_abs_diff(&alone, &ours.narrow(1, 7, 1).unwrap()), 0.0);
+        }
     }
 
     #[test]

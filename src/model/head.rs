@@ -14,11 +14,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use candle_nn::rnn::{LSTM, LSTMConfig, RNN};
-use candle_nn::{LayerNorm, VarBuilder, layer_norm};
 
-use super::fused::{self, Dense, Epilogue};
+use super::fused::{self, Dense, Epilogue, LayerNorm, layer_norm};
 use crate::types::HeadKind;
 
 /// CLIP4Clip's `LayerNorm` (TF style, ε inside the square root) uses ε = 1e-12.
