@@ -26,8 +26,9 @@ pub fn with_wide_vectors<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Lanes of [`fold_in_lanes`]: two AVX-512 or four AVX2 vectors' worth, enough independent
-/// chains to hide an add's latency.
+/// Lanes of [`fold_in_lanes`]: two AVX2 vectors, so a row waits on a sixteenth of the dependent
+/// adds of one running sum; more lanes would leave attention's short rows (50 values for a
+/// ViT-B/32) mostly to the remainder.
 const FOLD_LANES: usize = 16;
 
 /// Folds `term(v)` of each of `values` with `combine` in 16 lanes (value i into lane i mod 16,

@@ -8,13 +8,13 @@
 //! matrix products. Here each dense layer is one matrix product that accumulates onto its bias
 //! (and residual) with the activation applied in one pass after it, and attention runs one task
 //! per (image, head) on strided views, writing each head's output where the next layer reads it.
-//! Neither depends on the batch (contract §6): the dense product runs as calls of whole row
-//! blocks ([`crate::matmul::accumulate_in_row_blocks`]), and attention's products, whose shapes
-//! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]). Their
-//! row reductions (softmax, layer norm) run in sixteen lanes in a fixed order
+//! The layer norm and attention's softmax reduce each row in sixteen lanes in a fixed order
 //! ([`crate::simd::fold_in_lanes`]), which vectorises where one running sum cannot.
-//! They are candle custom ops, so the towers keep one code path: on other devices and dtypes
-//! the same functions fall back to plain candle ops. Under `--dtype bf16` on AVX-512 BF16 the
+//! None of them depends on the batch (contract §6): the dense product runs as calls of whole row
+//! blocks ([`crate::matmul::accumulate_in_row_blocks`]), attention's products, whose shapes
+//! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]), and the
+//! reductions see one row each. They are candle custom ops, so the towers keep one code path:
+//! on other devices and dtypes the same functions fall back to candle's ops. Under `--dtype bf16` on AVX-512 BF16 the
 //! model stays f32 and a dense layer's weight is packed as bf16 ([`Dense::pack_weight_bf16`]),
 //! its product taken by [`crate::matmul::bf16::accumulate`] in the same fused op.
 
@@ -117,9 +117,10 @@ impl Dense {
 }
 
 /// A layer norm over the last dimension with its weight and bias, as `nn.LayerNorm`:
-/// `(x − mean) / √(var + ε) · w + b`, the variance about the mean (two passes over the row: the
-/// one-pass `E[x²] − mean²` loses digits on the residual stream's rows, whose mean can be large
-/// beside their spread).
+/// `(x − mean) / √(var + ε) · w + b`. On the CPU in f32 the variance is taken about the mean
+/// (two passes over the row: the one-pass `E[x²] − mean²` loses digits on the residual stream's
+/// rows, whose mean can be large beside their spread); elsewhere candle's `layer_norm` computes
+/// it, in one pass.
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -157,9 +158,9 @@ impl CustomOp1 for FusedLayerNorm<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = input_f32(storage, layout)?;
-        let size = self.norm.weight.dim(0)?;
-        if layout.dims().last() != Some(&size) {
-            candle_core::bail!("layer norm: input {:?} does not end in {size}", layout.dims());
+        let size = self.norm.weight.dims1()?;
+        if size == 0 || layout.dims().last() != Some(&size) {
+            candle_core::bail!("a layer norm of {size} values given an input of shape {:?}", layout.dims());
         }
         let eps = self.norm.eps as f32;
         // Every value is written below, in parallel (as in `FusedDense`).
@@ -167,8 +168,8 @@ impl CustomOp1 for FusedLayerNorm<'_> {
         let spare = &mut dst.spare_capacity_mut()[..x.len()];
         with_f32_slice(&self.norm.weight, |weight| {
             with_f32_slice(&self.norm.bias, |bias| {
-                if bias.len() != size {
-                    candle_core::bail!("layer norm: a bias of {} values for {size}", bias.len());
+                if weight.len() != size || bias.len() != size {
+                    candle_core::bail!("layer norm: {} weights and {} biases for {size}", weight.len(), bias.len());
                 }
                 spare.par_chunks_mut(size * ROWS_PER_TASK).zip(x.par_chunks(size * ROWS_PER_TASK)).for_each(
                     |(d, x)| {
@@ -188,7 +189,8 @@ impl CustomOp1 for FusedLayerNorm<'_> {
             })
         })?;
         // SAFETY: the loop above wrote every value: `x` and `spare` have the same length and are
-        // cut alike, into whole rows of `size` (checked above).
+        // cut alike, into whole rows of `size`, and each row's loop runs over all `size` values
+        // (the weight and the bias hold `size` each, checked above).
         unsafe { dst.set_len(x.len()) };
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
@@ -533,6 +535,15 @@ mod tests {
             let alone = norm.forward(&x.narrow(1, 7, 1).unwrap()).unwrap();
             assert_eq!(max_abs_diff(&alone, &ours.narrow(1, 7, 1).unwrap()), 0.0);
         }
+    }
+
+    #[test]
+    fn a_layer_norm_refuses_an_input_or_a_bias_of_another_width() {
+        let norm = LayerNorm { weight: random(&[8], 14), bias: random(&[8], 15), eps: 1e-5 };
+        assert!(norm.forward(&random(&[3, 8], 16)).is_ok());
+        assert!(norm.forward(&random(&[3, 9], 16)).is_err());
+        let short_bias = LayerNorm { weight: random(&[8], 14), bias: random(&[7], 15), eps: 1e-5 };
+        assert!(short_bias.forward(&random(&[3, 8], 16)).is_err());
     }
 
     #[test]
