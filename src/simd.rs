@@ -33,10 +33,10 @@ const FOLD_LANES: usize = 16;
 
 /// Folds `term(v)` of each of `values` with `combine` in 16 lanes (value i into lane i mod 16,
 /// each lane from `start`), then the lanes pairwise with `combine` (lane j with lane j + 8, then
-/// j + 4, j + 2, j + 1). The order is
-/// fixed by this definition, so the result has the same bits on every CPU, SIMD width and thread
-/// count; and the loop vectorises, which one running sum cannot (the compiler may not reorder
-/// float additions, so a plain `sum()` waits out an add's latency at every value).
+/// j + 4, j + 2, j + 1). The order is fixed by this definition, so the result has the same bits
+/// on every CPU, SIMD width and thread count; and the loop vectorises, which one running sum
+/// cannot (the compiler may not reorder float additions, so a plain `sum()` waits out an add's
+/// latency at every value).
 #[inline(always)]
 pub fn fold_in_lanes(values: &[f32], start: f32, term: impl Fn(f32) -> f32, combine: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [start; FOLD_LANES];

@@ -14,9 +14,10 @@
 //! blocks ([`crate::matmul::accumulate_in_row_blocks`]), attention's products, whose shapes
 //! follow the batch's longest caption, are FMA chains ([`crate::matmul::fma_chain`]), and the
 //! reductions see one row each. They are candle custom ops, so the towers keep one code path:
-//! on other devices and dtypes the same functions fall back to candle's ops. Under `--dtype bf16` on AVX-512 BF16 the
-//! model stays f32 and a dense layer's weight is packed as bf16 ([`Dense::pack_weight_bf16`]),
-//! its product taken by [`crate::matmul::bf16::accumulate`] in the same fused op.
+//! on other devices and dtypes the same functions fall back to candle's ops. Under
+//! `--dtype bf16` on AVX-512 BF16 the model stays f32 and a dense layer's weight is packed as
+//! bf16 ([`Dense::pack_weight_bf16`]), its product taken by
+//! [`crate::matmul::bf16::accumulate`] in the same fused op.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
