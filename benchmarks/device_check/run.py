@@ -125,6 +125,21 @@ class Check:
         return summary
 
 
+def host_cpu():
+    """The host CPU's model and the features that decide the towers' CPU paths and the rows
+    benchmarks/RESULTS.md waits for (a Sapphire Rapids host has AMX-BF16): from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError as error:
+        return {"model": f"an unknown CPU ({error})", "features": {}}
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    flags = set(flags.group(1).split()) if flags else set()
+    names = {"AVX2": "avx2", "AVX-512F": "avx512f", "AVX-512 BF16": "avx512_bf16", "AMX-BF16": "amx_bf16"}
+    return {"model": model.group(1).strip() if model else "an unnamed CPU",
+            "features": {name: flag in flags for name, flag in names.items()}}
+
+
 def tests_summary(output):
     """The libtest summaries of a test run: passed, failed and ignored, added up."""
     totals = {"passed": 0, "failed": 0, "ignored": 0}
@@ -205,7 +220,9 @@ def main():
                   results=lambda output: output.strip().splitlines())
     else:
         check.record("machine", "skipped", reason="nvidia-smi is not on PATH")
-    check.record("cores", "passed", summary=f"{os.cpu_count()} cores")
+    cpu = host_cpu()
+    check.record("cores", "passed", summary=f"{os.cpu_count()} cores of {cpu['model']}: " + ", ".join(
+        f"{name} {'yes' if has else 'no'}" for name, has in cpu["features"].items()), cpu=cpu)
 
     started = time.monotonic()
     binaries = unpack(package, check.work / "bin")
